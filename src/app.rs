@@ -1,0 +1,169 @@
+//! Builds every component from the configuration, serves HTTP, shuts down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
+
+use crate::auth::Authenticator;
+use crate::auth::grpc::{self, GrpcAuth};
+use crate::auth::standalone::Standalone;
+use crate::config::{AuthMode, Config, GrpcTls};
+use crate::http::{self, AppState};
+use crate::service::twins::TwinsService;
+use crate::store::Store;
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("auth: {0}")]
+    Auth(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A built service, listening but not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    store: Store,
+    config: Config,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let store = Store::connect(&config.db_url).await?;
+        let auth = authenticator(&config.auth)?;
+        let state = AppState {
+            twins: TwinsService::new(store.clone()),
+            auth,
+            store: store.clone(),
+            metrics: http::metrics::handle(),
+            instance_id: config.instance_id.as_str().into(),
+        };
+        let addr = format!("{}:{}", config.http_host, config.http_port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        Ok(Self {
+            listener,
+            router: http::router(state),
+            store,
+            config,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], self.config.http_port)))
+    }
+
+    /// The store the service writes to, for tests and tools running in-process.
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections and lets
+    /// in-flight requests finish for at most `MG_TWINS_SHUTDOWN_TIMEOUT`.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "twins service listening");
+        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stopping_tx.send(true);
+        });
+        let grace = self.config.shutdown_timeout;
+        let deadline = async move {
+            while !*stopping_rx.borrow() {
+                if stopping_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server => served?,
+            () = deadline => tracing::warn!(?grace, "shutdown timeout: dropping in-flight requests"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> {
+    Ok(match mode {
+        AuthMode::Standalone { id, token } => Arc::new(Standalone::new(id, token)),
+        AuthMode::Grpc { url, timeout, tls } => {
+            let mut endpoint = grpc::endpoint(url).map_err(StartError::Auth)?;
+            if tls.enabled {
+                endpoint = endpoint
+                    .tls_config(client_tls(tls)?)
+                    .map_err(|e| StartError::Auth(format!("TLS: {e}")))?;
+            }
+            Arc::new(GrpcAuth::with_endpoint(endpoint, *timeout).map_err(StartError::Auth)?)
+        }
+        AuthMode::Development => {
+            let dev = Standalone::development();
+            tracing::warn!(
+                token = %dev.token(),
+                "development mode: no MG_TWINS_STANDALONE_ID/_TOKEN and no MG_AUTH_GRPC_URL; \
+                 requests must carry this bearer token, valid until restart"
+            );
+            Arc::new(dev)
+        }
+    })
+}
+
+fn client_tls(tls: &GrpcTls) -> Result<ClientTlsConfig, StartError> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|e| StartError::Auth(format!("cannot read {path}: {e}")))
+    };
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &tls.ca_certs {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let Some(client) = &tls.client {
+        config = config.identity(TlsIdentity::from_pem(
+            read(&client.cert)?,
+            read(&client.key)?,
+        ));
+    }
+    Ok(config)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

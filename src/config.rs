@@ -1,0 +1,521 @@
+//! The one place that reads the environment (SPEC section 9).
+//!
+//! Variables are read with envy into [`RawEnv`], then turned into the typed [`Config`];
+//! any bad value is reported as one line naming the variable. An empty variable counts
+//! as unset, as it does for the Go service.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default HTTP port of the twins service.
+pub const DEFAULT_HTTP_PORT: u16 = 9018;
+/// Embedded store used when no database is configured.
+pub const DEFAULT_DB_URL: &str = "sqlite://./data/twins.db";
+/// Broker used when none is configured.
+pub const DEFAULT_BROKER_URL: &str = "nats://localhost:4222";
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn invalid(var: &str, value: &str, why: impl std::fmt::Display) -> Self {
+        Self(format!("{var}: invalid value {value:?}: {why}"))
+    }
+}
+
+/// Every variable as found in the environment (field name = variable name, lowercase).
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    mg_twins_log_level: Option<String>,
+    mg_twins_log_format: Option<String>,
+    mg_twins_http_host: Option<String>,
+    mg_twins_http_port: Option<String>,
+    mg_twins_http_server_cert: Option<String>,
+    mg_twins_http_server_key: Option<String>,
+    mg_twins_server_cert: Option<String>,
+    mg_twins_server_key: Option<String>,
+    mg_jaeger_url: Option<String>,
+    mg_jaeger_trace_ratio: Option<String>,
+    mg_twins_db_url: Option<String>,
+    mg_twins_db_host: Option<String>,
+    mg_twins_db_port: Option<String>,
+    mg_twins_db_name: Option<String>,
+    mg_twins_db: Option<String>,
+    mg_twins_standalone_id: Option<String>,
+    mg_twins_standalone_token: Option<String>,
+    mg_things_standalone_id: Option<String>,
+    mg_things_standalone_token: Option<String>,
+    mg_twins_channel_id: Option<String>,
+    mg_message_broker_url: Option<String>,
+    mg_auth_grpc_url: Option<String>,
+    mg_auth_grpc_timeout: Option<String>,
+    mg_auth_grpc_client_cert: Option<String>,
+    mg_auth_grpc_client_key: Option<String>,
+    mg_auth_grpc_server_ca_certs: Option<String>,
+    mg_twins_ca_certs: Option<String>,
+    mg_twins_client_tls: Option<String>,
+    mg_twins_cache_url: Option<String>,
+    mg_twins_instance_id: Option<String>,
+    mg_twins_instance_group: Option<String>,
+    mg_send_telemetry: Option<String>,
+    mg_twins_shutdown_timeout: Option<String>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Certificate and key files in PEM format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+}
+
+/// TLS settings of the connection to the auth service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpcTls {
+    /// Turn TLS on even without a CA file (system roots are not bundled: give a CA).
+    pub enabled: bool,
+    pub ca_certs: Option<String>,
+    pub client: Option<TlsFiles>,
+}
+
+/// How bearer tokens are turned into identities (SPEC section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// One fixed token for one fixed id.
+    Standalone { id: String, token: String },
+    /// The Magistrala auth service over gRPC.
+    Grpc {
+        url: String,
+        timeout: Duration,
+        tls: GrpcTls,
+    },
+    /// Nothing configured: a random token, printed at start-up.
+    Development,
+}
+
+/// The whole typed configuration of the service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub http_host: String,
+    pub http_port: u16,
+    pub http_tls: Option<TlsFiles>,
+    pub jaeger_url: Option<String>,
+    pub jaeger_trace_ratio: f64,
+    pub db_url: String,
+    pub auth: AuthMode,
+    pub channel_id: Option<String>,
+    pub broker_url: String,
+    pub cache_url: Option<String>,
+    pub instance_id: String,
+    pub instance_group: String,
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables as if they were the environment.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, v)| k.starts_with("MG_") && !v.is_empty())
+            .collect();
+        let raw: RawEnv = envy::from_iter(vars).map_err(|e| ConfigError(e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let log_format = match raw.mg_twins_log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "MG_TWINS_LOG_FORMAT",
+                    other,
+                    "expected text or json",
+                ));
+            }
+        };
+        let http_port = match raw.mg_twins_http_port {
+            None => DEFAULT_HTTP_PORT,
+            Some(p) => p
+                .parse()
+                .map_err(|e| ConfigError::invalid("MG_TWINS_HTTP_PORT", &p, e))?,
+        };
+        let http_tls = tls_pair(
+            (
+                "MG_TWINS_HTTP_SERVER_CERT",
+                raw.mg_twins_http_server_cert.or(raw.mg_twins_server_cert),
+            ),
+            (
+                "MG_TWINS_HTTP_SERVER_KEY",
+                raw.mg_twins_http_server_key.or(raw.mg_twins_server_key),
+            ),
+        )?;
+        let jaeger_trace_ratio = match raw.mg_jaeger_trace_ratio {
+            None => 1.0,
+            Some(r) => match r.parse::<f64>() {
+                Ok(v) if (0.0..=1.0).contains(&v) => v,
+                Ok(_) => {
+                    return Err(ConfigError::invalid(
+                        "MG_JAEGER_TRACE_RATIO",
+                        &r,
+                        "must be between 0 and 1",
+                    ));
+                }
+                Err(e) => return Err(ConfigError::invalid("MG_JAEGER_TRACE_RATIO", &r, e)),
+            },
+        };
+        let db_url = match (raw.mg_twins_db_url, raw.mg_twins_db_host) {
+            (Some(url), _) => url,
+            (None, Some(host)) => {
+                let port = match raw.mg_twins_db_port {
+                    None => 27017,
+                    Some(p) => p
+                        .parse::<u16>()
+                        .map_err(|e| ConfigError::invalid("MG_TWINS_DB_PORT", &p, e))?,
+                };
+                let name = raw
+                    .mg_twins_db_name
+                    .or(raw.mg_twins_db)
+                    .unwrap_or_else(|| "magistrala".into());
+                format!("mongodb://{host}:{port}/{name}")
+            }
+            (None, None) => DEFAULT_DB_URL.into(),
+        };
+        let auth = auth_mode(
+            raw.mg_twins_standalone_id.or(raw.mg_things_standalone_id),
+            raw.mg_twins_standalone_token
+                .or(raw.mg_things_standalone_token),
+            raw.mg_auth_grpc_url,
+            raw.mg_auth_grpc_timeout,
+            GrpcTlsRaw {
+                enabled: raw.mg_twins_client_tls,
+                ca: raw.mg_auth_grpc_server_ca_certs.or(raw.mg_twins_ca_certs),
+                cert: raw.mg_auth_grpc_client_cert,
+                key: raw.mg_auth_grpc_client_key,
+            },
+        )?;
+        if let Some(v) = raw.mg_send_telemetry {
+            parse_bool("MG_SEND_TELEMETRY", &v)?;
+        }
+        let shutdown_timeout = match raw.mg_twins_shutdown_timeout {
+            None => Duration::from_secs(10),
+            Some(v) => parse_duration(&v)
+                .map_err(|e| ConfigError::invalid("MG_TWINS_SHUTDOWN_TIMEOUT", &v, e))?,
+        };
+        Ok(Self {
+            log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
+            log_format,
+            http_host: raw.mg_twins_http_host.unwrap_or_else(|| "0.0.0.0".into()),
+            http_port,
+            http_tls,
+            jaeger_url: raw.mg_jaeger_url,
+            jaeger_trace_ratio,
+            db_url,
+            auth,
+            channel_id: raw.mg_twins_channel_id,
+            broker_url: raw
+                .mg_message_broker_url
+                .unwrap_or_else(|| DEFAULT_BROKER_URL.into()),
+            cache_url: raw.mg_twins_cache_url,
+            instance_id: raw
+                .mg_twins_instance_id
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            instance_group: raw
+                .mg_twins_instance_group
+                .unwrap_or_else(|| "twins".into()),
+            shutdown_timeout,
+        })
+    }
+}
+
+struct GrpcTlsRaw {
+    enabled: Option<String>,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+fn auth_mode(
+    id: Option<String>,
+    token: Option<String>,
+    url: Option<String>,
+    timeout: Option<String>,
+    tls: GrpcTlsRaw,
+) -> Result<AuthMode, ConfigError> {
+    match (id, token) {
+        (Some(id), Some(token)) => return Ok(AuthMode::Standalone { id, token }),
+        (Some(_), None) => {
+            return Err(ConfigError(
+                "MG_TWINS_STANDALONE_TOKEN: must be set together with MG_TWINS_STANDALONE_ID"
+                    .into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError(
+                "MG_TWINS_STANDALONE_ID: must be set together with MG_TWINS_STANDALONE_TOKEN"
+                    .into(),
+            ));
+        }
+        (None, None) => {}
+    }
+    let Some(url) = url else {
+        return Ok(AuthMode::Development);
+    };
+    crate::auth::grpc::endpoint(&url)
+        .map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_URL", &url, e))?;
+    let timeout = match timeout {
+        None => Duration::from_secs(1),
+        Some(t) => {
+            parse_duration(&t).map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_TIMEOUT", &t, e))?
+        }
+    };
+    let enabled = match tls.enabled {
+        None => false,
+        Some(v) => parse_bool("MG_TWINS_CLIENT_TLS", &v)?,
+    };
+    let client = tls_pair(
+        ("MG_AUTH_GRPC_CLIENT_CERT", tls.cert),
+        ("MG_AUTH_GRPC_CLIENT_KEY", tls.key),
+    )?;
+    Ok(AuthMode::Grpc {
+        url,
+        timeout,
+        tls: GrpcTls {
+            enabled: enabled || tls.ca.is_some() || client.is_some(),
+            ca_certs: tls.ca,
+            client,
+        },
+    })
+}
+
+fn tls_pair(
+    cert: (&str, Option<String>),
+    key: (&str, Option<String>),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert.1, key.1) {
+        (Some(c), Some(k)) => Ok(Some(TlsFiles { cert: c, key: k })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError(format!(
+            "{}: must be set together with {}",
+            key.0, cert.0
+        ))),
+        (None, Some(_)) => Err(ConfigError(format!(
+            "{}: must be set together with {}",
+            cert.0, key.0
+        ))),
+    }
+}
+
+fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "t" | "yes" => Ok(true),
+        "false" | "0" | "f" | "no" => Ok(false),
+        _ => Err(ConfigError::invalid(var, v, "expected true or false")),
+    }
+}
+
+/// Parses a Go duration such as `1s`, `500ms`, `1m30s` or `1.5h`; a bare number is
+/// taken as seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs_to_duration(secs);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("missing unit in duration {s:?}"))?;
+        let (num, tail) = rest.split_at(num_len);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid number in duration {s:?}"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    secs_to_duration(total)
+}
+
+fn secs_to_duration(secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.http_port, 9018);
+        assert_eq!(c.http_host, "0.0.0.0");
+        assert_eq!(c.db_url, DEFAULT_DB_URL);
+        assert_eq!(c.broker_url, DEFAULT_BROKER_URL);
+        assert_eq!(c.auth, AuthMode::Development);
+        assert_eq!(c.cache_url, None);
+        assert_eq!(c.instance_group, "twins");
+        assert_eq!(c.jaeger_trace_ratio, 1.0);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            ("MG_TWINS_HTTP_PORT", "abc"),
+            ("MG_TWINS_HTTP_PORT", "70000"),
+            ("MG_AUTH_GRPC_TIMEOUT", "soon"),
+            ("MG_JAEGER_TRACE_RATIO", "2"),
+            ("MG_TWINS_CLIENT_TLS", "maybe"),
+            ("MG_TWINS_LOG_FORMAT", "xml"),
+            ("MG_TWINS_DB_PORT", "x"),
+            ("MG_SEND_TELEMETRY", "perhaps"),
+            ("MG_TWINS_SHUTDOWN_TIMEOUT", "-1s"),
+        ];
+        for (var, value) in cases {
+            let mut vars = vec![(var, value)];
+            if var.starts_with("MG_AUTH") || var == "MG_TWINS_CLIENT_TLS" {
+                vars.push(("MG_AUTH_GRPC_URL", "localhost:7001"));
+            }
+            if var == "MG_TWINS_DB_PORT" {
+                vars.push(("MG_TWINS_DB_HOST", "mongo"));
+            }
+            let err = cfg(&vars).expect_err(var).to_string();
+            assert!(err.starts_with(var), "{var}={value}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        assert_eq!(cfg(&[("MG_TWINS_HTTP_PORT", "")]).unwrap().http_port, 9018);
+    }
+
+    #[test]
+    fn auth_precedence_is_standalone_then_grpc_then_development() {
+        let both = cfg(&[
+            ("MG_TWINS_STANDALONE_ID", "u"),
+            ("MG_TWINS_STANDALONE_TOKEN", "t"),
+            ("MG_AUTH_GRPC_URL", "auth:7001"),
+        ])
+        .unwrap();
+        assert_eq!(
+            both.auth,
+            AuthMode::Standalone {
+                id: "u".into(),
+                token: "t".into()
+            }
+        );
+        let alias = cfg(&[
+            ("MG_THINGS_STANDALONE_ID", "u"),
+            ("MG_THINGS_STANDALONE_TOKEN", "t"),
+        ])
+        .unwrap();
+        assert_eq!(
+            alias.auth,
+            AuthMode::Standalone {
+                id: "u".into(),
+                token: "t".into()
+            }
+        );
+        let grpc = cfg(&[
+            ("MG_AUTH_GRPC_URL", "auth:7001"),
+            ("MG_AUTH_GRPC_TIMEOUT", "250ms"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            grpc.auth,
+            AuthMode::Grpc { ref url, timeout, .. } if url == "auth:7001" && timeout == Duration::from_millis(250)
+        ));
+        assert!(cfg(&[("MG_TWINS_STANDALONE_ID", "u")]).is_err());
+    }
+
+    #[test]
+    fn mongodb_from_host_port_and_name_aliases() {
+        let c = cfg(&[("MG_TWINS_DB_HOST", "mongo"), ("MG_TWINS_DB", "legacy")]).unwrap();
+        assert_eq!(c.db_url, "mongodb://mongo:27017/legacy");
+        let c = cfg(&[
+            ("MG_TWINS_DB_HOST", "m"),
+            ("MG_TWINS_DB_PORT", "1"),
+            ("MG_TWINS_DB_NAME", "n"),
+        ])
+        .unwrap();
+        assert_eq!(c.db_url, "mongodb://m:1/n");
+        let c = cfg(&[
+            ("MG_TWINS_DB_URL", "sqlite:///tmp/x.db"),
+            ("MG_TWINS_DB_HOST", "m"),
+        ])
+        .unwrap();
+        assert_eq!(c.db_url, "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn server_cert_aliases() {
+        let c = cfg(&[
+            ("MG_TWINS_SERVER_CERT", "c.pem"),
+            ("MG_TWINS_SERVER_KEY", "k.pem"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.http_tls,
+            Some(TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        assert!(cfg(&[("MG_TWINS_HTTP_SERVER_CERT", "c.pem")]).is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        for (s, ms) in [
+            ("1s", 1000),
+            ("500ms", 500),
+            ("1m30s", 90_000),
+            ("1.5s", 1500),
+            ("2", 2000),
+        ] {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in ["", "s", "1x", "abc", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

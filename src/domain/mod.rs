@@ -1,0 +1,105 @@
+//! Pure types and rules of the service: no I/O lives here.
+
+pub mod sampling;
+pub mod senml;
+pub mod state;
+pub mod time;
+pub mod twin;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Why a client's input was refused; always shown to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(String);
+
+impl ValidationError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// Largest page size a client may ask for.
+pub const MAX_LIMIT: u64 = 100;
+/// Page size when a client gives none.
+pub const DEFAULT_LIMIT: u64 = 10;
+
+/// Where a page starts and how long it is, already validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub offset: u64,
+    pub limit: u64,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self {
+            offset: 0,
+            limit: DEFAULT_LIMIT,
+        }
+    }
+}
+
+impl PageRequest {
+    pub fn new(offset: u64, limit: u64) -> Result<Self, ValidationError> {
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(ValidationError::new(format!(
+                "limit must be between 1 and {MAX_LIMIT}"
+            )));
+        }
+        if offset > i64::MAX as u64 {
+            return Err(ValidationError::new("offset is too large"));
+        }
+        Ok(Self { offset, limit })
+    }
+}
+
+/// One page of a listing with the total number of items that match.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page<T> {
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    pub items: Vec<T>,
+}
+
+/// Page of twins as served by `GET /twins`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TwinsPage {
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    pub twins: Vec<twin::Twin>,
+}
+
+/// Page of states as served by `GET /states/{id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatesPage {
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    pub states: Vec<state::State>,
+}
+
+impl From<Page<twin::Twin>> for TwinsPage {
+    fn from(p: Page<twin::Twin>) -> Self {
+        Self {
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            twins: p.items,
+        }
+    }
+}
+
+impl From<Page<state::State>> for StatesPage {
+    fn from(p: Page<state::State>) -> Self {
+        Self {
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            states: p.items,
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The one place where errors become HTTP statuses and JSON error bodies.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::AuthError;
+use crate::domain::ValidationError;
+use crate::service::ServiceError;
+
+/// Body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unsupported content type: expected {0}")]
+    UnsupportedMediaType(&'static str),
+    #[error("request body is larger than the limit")]
+    PayloadTooLarge,
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        Self::Service(ServiceError::Invalid(e))
+    }
+}
+
+impl ApiError {
+    /// The status for this error and the message safe to show to the client.
+    fn status_and_message(&self) -> (StatusCode, String) {
+        match self {
+            Self::Service(ServiceError::Invalid(e)) => (StatusCode::BAD_REQUEST, e.to_string()),
+            Self::Service(ServiceError::NotFound) => {
+                (StatusCode::NOT_FOUND, "entity not found".into())
+            }
+            Self::Service(ServiceError::Unavailable(cause)) => {
+                tracing::warn!(%cause, "dependency unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service temporarily unavailable".into(),
+                )
+            }
+            Self::Service(ServiceError::Internal(cause)) => {
+                tracing::error!(%cause, "request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error".into(),
+                )
+            }
+            Self::Auth(AuthError::Unauthenticated) => (
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid bearer token".into(),
+            ),
+            Self::Auth(AuthError::Unavailable(cause)) => {
+                tracing::warn!(%cause, "authentication service unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "authentication service unavailable".into(),
+                )
+            }
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, self.to_string()),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, self.to_string()),
+            Self::RouteNotFound => (StatusCode::NOT_FOUND, self.to_string()),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, self.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error) = self.status_and_message();
+        (status, Json(ErrorBody { error })).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

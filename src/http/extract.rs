@@ -1,0 +1,102 @@
+//! Request extractors that turn malformed requests into the right 4xx JSON error.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{AuthError, Identity};
+use crate::domain::{DEFAULT_LIMIT, PageRequest};
+
+/// The authenticated caller, from `Authorization: Bearer <token>`.
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Unauthenticated)?;
+        Ok(Self(state.auth.identify(token).await?))
+    }
+}
+
+/// A JSON request body: 415 unless the content type is JSON, 413 over the body limit,
+/// 400 when empty or not the expected shape.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("application/json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType("application/json"));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("cannot read request body: {e}"))
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::BadRequest("request body is empty".into()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Self)
+            .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+    }
+}
+
+/// Query parameters as plain strings; an undecodable query string is a 400.
+pub struct QueryMap(pub HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Self(q))
+            .map_err(|e| ApiError::BadRequest(format!("malformed query: {e}")))
+    }
+}
+
+impl QueryMap {
+    /// `offset` (>= 0, default 0) and `limit` (1..=100, default 10).
+    pub fn page(&self) -> Result<PageRequest, ApiError> {
+        let offset = self.number("offset", 0)?;
+        let limit = self.number("limit", DEFAULT_LIMIT)?;
+        Ok(PageRequest::new(offset, limit)?)
+    }
+
+    fn number(&self, key: &str, default: u64) -> Result<u64, ApiError> {
+        match self.0.get(key) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                ApiError::BadRequest(format!("{key} must be a non-negative integer, got {v:?}"))
+            }),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}

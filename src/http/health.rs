@@ -1,0 +1,66 @@
+//! `GET /health`, in the format of Magistrala services plus the state of dependencies.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+
+/// Build information of the running binary.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("TWINS_COMMIT");
+pub const BUILD_TIME: &str = env!("TWINS_BUILD_TIME");
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `pass` when every dependency answers, `fail` otherwise.
+    pub status: &'static str,
+    pub version: &'static str,
+    pub commit: &'static str,
+    pub description: &'static str,
+    pub build_time: &'static str,
+    pub instance_id: String,
+    /// `pass` or the failure, per dependency.
+    pub checks: BTreeMap<&'static str, String>,
+}
+
+/// Service health.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, body = Health, content_type = "application/health+json"),
+        (status = 503, body = Health, content_type = "application/health+json")))]
+pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
+    let mut checks = BTreeMap::new();
+    checks.insert(
+        "store",
+        match app.store.ping().await {
+            Ok(()) => "pass".to_owned(),
+            Err(e) => e.to_string(),
+        },
+    );
+    let ok = checks.values().all(|v| v == "pass");
+    let body = Health {
+        status: if ok { "pass" } else { "fail" },
+        version: VERSION,
+        commit: COMMIT,
+        description: "twins service",
+        build_time: BUILD_TIME,
+        instance_id: app.instance_id.to_string(),
+        checks,
+    };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(CONTENT_TYPE, "application/health+json")],
+        Json(body),
+    )
+}

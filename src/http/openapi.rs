@@ -1,0 +1,43 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::ErrorBody;
+use super::{health, states, twins};
+use crate::domain::state::State;
+use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
+use crate::domain::{StatesPage, TwinsPage};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "twins", description = "Digital twins: definitions, states and documents"),
+    paths(
+        twins::create, twins::list, twins::view, twins::update, twins::remove,
+        states::list, health::health
+    ),
+    components(schemas(
+        Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
+        twins::TwinRequest, ErrorBody, health::Health
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

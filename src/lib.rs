@@ -1,0 +1,11 @@
+//! twins: digital twins service, a drop-in replacement for the Magistrala twins service.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod proto;
+pub mod service;
+pub mod store;
+pub mod telemetry;

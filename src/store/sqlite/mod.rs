@@ -1,0 +1,430 @@
+//! Embedded SQLite backend (the default): one file, WAL mode, no server to run.
+//!
+//! Writes go through a single-connection pool so they queue in the process instead of
+//! failing on SQLite's single-writer lock; reads use a separate pool and proceed in
+//! parallel with writes thanks to WAL.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository};
+use crate::domain::state::State;
+use crate::domain::time::{from_nanos, to_nanos};
+use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
+use crate::domain::{Page, PageRequest};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS twins (
+        id TEXT PRIMARY KEY NOT NULL,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        definitions TEXT NOT NULL,
+        metadata TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS twins_owner ON twins (owner)",
+    "CREATE INDEX IF NOT EXISTS twins_owner_name ON twins (owner, name)",
+    // The attributes of each twin's current definition, for ingestion's lookup by
+    // channel and subtopic.
+    "CREATE TABLE IF NOT EXISTS twin_attributes (
+        twin_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        subtopic TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS twin_attributes_channel ON twin_attributes (channel, subtopic)",
+    "CREATE INDEX IF NOT EXISTS twin_attributes_twin ON twin_attributes (twin_id)",
+    "CREATE TABLE IF NOT EXISTS states (
+        twin_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        definition INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (twin_id, id)
+    ) WITHOUT ROWID",
+];
+
+/// Both pools over one database file.
+pub struct SqliteStore {
+    reader: SqlitePool,
+    writer: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and its schema.
+    pub async fn open(path: &str) -> StoreResult<Self> {
+        if path.is_empty() {
+            return Err(StoreError::Internal("empty SQLite path".into()));
+        }
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(map_err)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("cache_size", "-16384");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(map_err)?;
+        for stmt in SCHEMA {
+            sqlx::query(*stmt).execute(&writer).await.map_err(map_err)?;
+        }
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(map_err)?;
+        Ok(Self { reader, writer })
+    }
+
+    async fn replace_attributes(tx: &mut Transaction<'_, Sqlite>, twin: &Twin) -> StoreResult<()> {
+        sqlx::query("DELETE FROM twin_attributes WHERE twin_id = ?")
+            .bind(&twin.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let Some(def) = twin.current_definition() else {
+            return Ok(());
+        };
+        for attr in &def.attributes {
+            sqlx::query(
+                "INSERT INTO twin_attributes (twin_id, channel, subtopic) VALUES (?, ?, ?)",
+            )
+            .bind(&twin.id)
+            .bind(&attr.channel)
+            .bind(&attr.subtopic)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps sqlx errors onto the store's error kinds.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(db.message().to_owned())
+        }
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6): another writer holds the database.
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6")) => {
+            StoreError::Unavailable(db.message().to_owned())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(raw: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Internal(format!("corrupt {what}: {e}")))
+}
+
+fn twin_from_row(row: &SqliteRow) -> StoreResult<Twin> {
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    Ok(Twin {
+        id: row.try_get("id").map_err(get_err)?,
+        owner: row.try_get("owner").map_err(get_err)?,
+        name: row.try_get("name").map_err(get_err)?,
+        revision: row.try_get("revision").map_err(get_err)?,
+        created: from_nanos(row.try_get("created").map_err(get_err)?),
+        updated: from_nanos(row.try_get("updated").map_err(get_err)?),
+        definitions: from_json(
+            &row.try_get::<String, _>("definitions").map_err(get_err)?,
+            "definitions",
+        )?,
+        metadata: from_json(
+            &row.try_get::<String, _>("metadata").map_err(get_err)?,
+            "metadata",
+        )?,
+    })
+}
+
+fn state_from_row(row: &SqliteRow) -> StoreResult<State> {
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    Ok(State {
+        twin_id: row.try_get("twin_id").map_err(get_err)?,
+        id: row.try_get("id").map_err(get_err)?,
+        definition: row.try_get("definition").map_err(get_err)?,
+        created: from_nanos(row.try_get("created").map_err(get_err)?),
+        payload: from_json(
+            &row.try_get::<String, _>("payload").map_err(get_err)?,
+            "payload",
+        )?,
+    })
+}
+
+const TWIN_COLUMNS: &str = "id, owner, name, revision, created, updated, definitions, metadata";
+
+// Owner, optional exact name (?2) and optional metadata object (?3) whose top-level keys
+// must all be present with equal values (integers and reals compare numerically).
+const LIST_FILTER: &str = "owner = ?1
+    AND (?2 IS NULL OR name = ?2)
+    AND (?3 IS NULL OR NOT EXISTS (
+        SELECT 1 FROM json_each(?3) AS f WHERE NOT EXISTS (
+            SELECT 1 FROM json_each(twins.metadata) AS m
+            WHERE m.key = f.key AND m.value IS f.value
+              AND (m.type = f.type OR (m.type IN ('integer', 'real') AND f.type IN ('integer', 'real')))
+        )
+    ))";
+
+#[async_trait]
+impl TwinRepository for SqliteStore {
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        sqlx::query(
+            "INSERT INTO twins (id, owner, name, revision, created, updated, definitions, metadata)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&twin.id)
+        .bind(&twin.owner)
+        .bind(&twin.name)
+        .bind(twin.revision)
+        .bind(to_nanos(&twin.created))
+        .bind(to_nanos(&twin.updated))
+        .bind(to_json(&twin.definitions)?)
+        .bind(to_json(&twin.metadata)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        Self::replace_attributes(&mut tx, twin).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let done = sqlx::query(
+            "UPDATE twins SET name = ?, revision = ?, updated = ?, definitions = ?, metadata = ?
+             WHERE id = ? AND owner = ? AND revision = ?",
+        )
+        .bind(&twin.name)
+        .bind(twin.revision)
+        .bind(to_nanos(&twin.updated))
+        .bind(to_json(&twin.definitions)?)
+        .bind(to_json(&twin.metadata)?)
+        .bind(&twin.id)
+        .bind(&twin.owner)
+        .bind(expected_revision)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        Self::replace_attributes(&mut tx, twin).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
+        let row = sqlx::query(
+            "SELECT id, owner, name, revision, created, updated, definitions, metadata
+             FROM twins WHERE id = ? AND owner = ?",
+        )
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(twin_from_row).transpose()
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Twin>> {
+        let metadata = filter.metadata.as_ref().map(to_json).transpose()?;
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM twins WHERE {LIST_FILTER}"
+        )))
+        .bind(owner)
+        .bind(filter.name.as_deref())
+        .bind(metadata.as_deref())
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TWIN_COLUMNS} FROM twins WHERE {LIST_FILTER} ORDER BY rowid LIMIT ?4 OFFSET ?5"
+        )))
+        .bind(owner)
+        .bind(filter.name.as_deref())
+        .bind(metadata.as_deref())
+        .bind(page.limit as i64)
+        .bind(page.offset as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(Page {
+            total: total.max(0) as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows.iter().map(twin_from_row).collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let done = sqlx::query("DELETE FROM twins WHERE id = ? AND owner = ?")
+            .bind(id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for stmt in [
+            "DELETE FROM twin_attributes WHERE twin_id = ?",
+            "DELETE FROM states WHERE twin_id = ?",
+        ] {
+            sqlx::query(stmt)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT twin_id FROM twin_attributes
+             WHERE channel = ? AND (subtopic = ? OR subtopic = ?)",
+        )
+        .bind(channel)
+        .bind(subtopic)
+        .bind(WILDCARD_SUBTOPIC)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)
+    }
+
+    async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
+        let row = sqlx::query(
+            "SELECT id, owner, name, revision, created, updated, definitions, metadata
+             FROM twins WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(twin_from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl StateRepository for SqliteStore {
+    async fn save(&self, state: &State) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO states (twin_id, id, definition, created, payload) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&state.twin_id)
+        .bind(state.id)
+        .bind(state.definition)
+        .bind(to_nanos(&state.created))
+        .bind(to_json(&state.payload)?)
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update(&self, state: &State) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE states SET definition = ?, created = ?, payload = ? WHERE twin_id = ? AND id = ?",
+        )
+        .bind(state.definition)
+        .bind(to_nanos(&state.created))
+        .bind(to_json(&state.payload)?)
+        .bind(&state.twin_id)
+        .bind(state.id)
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
+        let row = sqlx::query(
+            "SELECT twin_id, id, definition, created, payload FROM states
+             WHERE twin_id = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(twin_id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(state_from_row).transpose()
+    }
+
+    async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
+        // State ids are a gap-free sequence from 0, so the total is the latest id + 1 and
+        // a page starts at id = offset: both come straight from the primary key, however
+        // deep the offset.
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM states WHERE twin_id = ? ORDER BY id DESC LIMIT 1")
+                .bind(twin_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+        let total = last.map_or(0, |id| id.max(-1) + 1) as u64;
+        let rows = sqlx::query(
+            "SELECT twin_id, id, definition, created, payload FROM states
+             WHERE twin_id = ? AND id >= ? ORDER BY id LIMIT ?",
+        )
+        .bind(twin_id)
+        .bind(page.offset as i64)
+        .bind(page.limit as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(state_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+}
+
+#[async_trait]
+impl HealthCheck for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
