@@ -10,8 +10,15 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 use crate::auth::Authenticator;
 use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
+use crate::broker::consumer;
+use crate::broker::notifier::Notifier;
+use crate::cache::TwinCache;
+use crate::cache::memory::MemoryCache;
+use crate::cache::redis::RedisCache;
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::{self, AppState};
+use crate::service::ingest::IngestService;
+use crate::service::lookup::TwinLookup;
 use crate::service::twins::TwinsService;
 use crate::store::Store;
 
@@ -22,6 +29,10 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("auth: {0}")]
     Auth(String),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("cache: {0}")]
+    Cache(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -34,6 +45,8 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     store: Store,
+    broker: async_nats::Client,
+    ingest: Arc<IngestService>,
     config: Config,
 }
 
@@ -41,9 +54,28 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let store = Store::connect(&config.db_url).await?;
         let auth = authenticator(&config.auth)?;
+        let broker = crate::broker::connect(&config.broker_url)
+            .await
+            .map_err(StartError::Broker)?;
+        let cache: Arc<dyn TwinCache> = match &config.cache_url {
+            Some(url) => Arc::new(
+                RedisCache::connect(url, &config.cache_prefix)
+                    .await
+                    .map_err(|e| StartError::Cache(e.to_string()))?,
+            ),
+            None => Arc::new(MemoryCache::default()),
+        };
+        let lookup = TwinLookup::new(store.clone(), cache);
+        let notifier = Notifier::new(broker.clone(), config.channel_id.clone());
+        let ingest = Arc::new(IngestService::new(
+            store.clone(),
+            lookup.clone(),
+            notifier.clone(),
+        ));
         let state = AppState {
-            twins: TwinsService::new(store.clone()),
+            twins: TwinsService::new(store.clone(), lookup, notifier),
             auth,
+            broker: broker.clone(),
             store: store.clone(),
             metrics: http::metrics::handle(),
             instance_id: config.instance_id.as_str().into(),
@@ -56,6 +88,8 @@ impl Application {
             listener,
             router: http::router(state),
             store,
+            broker,
+            ingest,
             config,
         })
     }
@@ -80,6 +114,12 @@ impl Application {
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "twins service listening");
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        let consumer = tokio::spawn(consumer::run(
+            self.broker.clone(),
+            self.config.instance_group.clone(),
+            self.ingest.clone(),
+            stopping_rx.clone(),
+        ));
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
@@ -94,9 +134,18 @@ impl Application {
             }
             tokio::time::sleep(grace).await;
         };
+        tokio::pin!(deadline);
         tokio::select! {
             served = server => served?,
-            () = deadline => tracing::warn!(?grace, "shutdown timeout: dropping in-flight requests"),
+            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: dropping in-flight requests"),
+        }
+        // The consumer got the same signal; let it finish its batch and acks.
+        tokio::select! {
+            _ = consumer => {}
+            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: leaving unacked messages for redelivery"),
+        }
+        if let Err(e) = self.broker.flush().await {
+            tracing::debug!(error = %e, "broker flush at shutdown failed");
         }
         tracing::info!("stopped");
         Ok(())

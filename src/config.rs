@@ -59,6 +59,7 @@ struct RawEnv {
     mg_twins_ca_certs: Option<String>,
     mg_twins_client_tls: Option<String>,
     mg_twins_cache_url: Option<String>,
+    mg_twins_cache_prefix: Option<String>,
     mg_twins_instance_id: Option<String>,
     mg_twins_instance_group: Option<String>,
     mg_send_telemetry: Option<String>,
@@ -118,6 +119,8 @@ pub struct Config {
     pub channel_id: Option<String>,
     pub broker_url: String,
     pub cache_url: Option<String>,
+    /// Prepended to every Redis key, so deployments can share one Redis.
+    pub cache_prefix: String,
     pub instance_id: String,
     pub instance_group: String,
     pub shutdown_timeout: Duration,
@@ -236,6 +239,7 @@ impl Config {
                 .mg_message_broker_url
                 .unwrap_or_else(|| DEFAULT_BROKER_URL.into()),
             cache_url: raw.mg_twins_cache_url,
+            cache_prefix: raw.mg_twins_cache_prefix.unwrap_or_default(),
             instance_id: raw
                 .mg_twins_instance_id
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),

@@ -2,6 +2,8 @@
 
 pub mod app;
 pub mod auth;
+pub mod broker;
+pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod http;

@@ -19,7 +19,8 @@ pub const BUILD_TIME: &str = env!("TWINS_BUILD_TIME");
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `pass` when every dependency answers, `fail` otherwise.
+    /// `pass` when every dependency answers, `warn` when only the broker is away,
+    /// `fail` (with 503) when the store is.
     pub status: &'static str,
     pub version: &'static str,
     pub commit: &'static str,
@@ -44,8 +45,23 @@ pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
         },
     );
     let ok = checks.values().all(|v| v == "pass");
+    // The API keeps serving while the broker is away (the consumer reconnects by
+    // itself), so a broker outage is a warning, not a failure.
+    let broker_ok = crate::broker::is_connected(&app.broker);
+    checks.insert(
+        "broker",
+        if broker_ok {
+            "pass".into()
+        } else {
+            "disconnected".into()
+        },
+    );
     let body = Health {
-        status: if ok { "pass" } else { "fail" },
+        status: match (ok, broker_ok) {
+            (false, _) => "fail",
+            (true, false) => "warn",
+            (true, true) => "pass",
+        },
         version: VERSION,
         commit: COMMIT,
         description: "twins service",

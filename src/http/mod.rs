@@ -30,6 +30,7 @@ pub const BODY_LIMIT: usize = 1 << 20;
 pub struct AppState {
     pub twins: TwinsService,
     pub auth: Arc<dyn Authenticator>,
+    pub broker: async_nats::Client,
     pub store: Store,
     pub metrics: PrometheusHandle,
     pub instance_id: Arc<str>,

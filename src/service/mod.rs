@@ -1,5 +1,7 @@
 //! Use cases of the service over the store, cache, auth and broker abstractions.
 
+pub mod ingest;
+pub mod lookup;
 pub mod twins;
 
 use crate::domain::ValidationError;

@@ -1,11 +1,13 @@
 //! Twin and state use cases: create, view, list, update, remove, list states.
 
+use crate::broker::notifier::Notifier;
 use crate::domain::state::State;
 use crate::domain::time::now_millis;
 use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinName};
 use crate::domain::{Page, PageRequest};
 use crate::store::{Store, TwinFilter};
 
+use super::lookup::TwinLookup;
 use super::{ServiceError, ServiceResult};
 
 /// How many times an update is retried when another update to the same twin landed
@@ -40,15 +42,35 @@ impl TwinUpdate {
     }
 }
 
-/// The twins use cases.
+/// The twins use cases. Each keeps the channel/subtopic cache exact and publishes its
+/// outcome on the notification channel.
 #[derive(Clone)]
 pub struct TwinsService {
     store: Store,
+    lookup: TwinLookup,
+    notifier: Notifier,
 }
 
 impl TwinsService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, lookup: TwinLookup, notifier: Notifier) -> Self {
+        Self {
+            store,
+            lookup,
+            notifier,
+        }
+    }
+
+    /// Publishes `<op>.success` with the JSON of the result or `<op>.failure`.
+    async fn report<T: serde::Serialize>(
+        &self,
+        twin_id: &str,
+        op: &str,
+        result: &ServiceResult<T>,
+    ) {
+        match result {
+            Ok(v) => self.notifier.notify_json(twin_id, op, v).await,
+            Err(e) => self.notifier.notify(twin_id, op, Err(e.to_string())).await,
+        }
     }
 
     pub async fn create(
@@ -60,9 +82,10 @@ impl TwinsService {
     ) -> ServiceResult<Twin> {
         let now = now_millis();
         let definition = definition.unwrap_or_else(NewDefinition::empty);
+        let id = uuid::Uuid::new_v4().to_string();
         let twin = Twin {
             owner: owner.to_owned(),
-            id: uuid::Uuid::new_v4().to_string(),
+            id: id.clone(),
             name: name.into_inner(),
             revision: 0,
             created: now,
@@ -70,15 +93,33 @@ impl TwinsService {
             definitions: vec![definition.into_definition(0, now)],
             metadata: metadata.unwrap_or_default(),
         };
-        self.store.twins.save(&twin).await?;
-        Ok(twin)
+        let result = self
+            .store
+            .twins
+            .save(&twin)
+            .await
+            .map(|()| twin)
+            .map_err(Into::into);
+        if let Ok(twin) = &result
+            && let Err(e) = self.lookup.cache().save(twin).await
+        {
+            tracing::warn!(twin = %twin.id, error = %e, "cache not updated on create");
+        }
+        self.report(&id, "create", &result).await;
+        result
     }
 
     pub async fn view(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
         let id = parse_twin_id(id)?;
+        let result = self.retrieve(owner, &id).await;
+        self.report(&id, "get", &result).await;
+        result
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
         self.store
             .twins
-            .retrieve(owner, &id)
+            .retrieve(owner, id)
             .await?
             .ok_or(ServiceError::NotFound)
     }
@@ -97,6 +138,18 @@ impl TwinsService {
     /// revision that was read, and retried on a fresh read when it changed.
     pub async fn update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
         let id = parse_twin_id(id)?;
+        let result = self.apply_update(owner, &id, update).await;
+        if let Ok(twin) = &result {
+            self.lookup.invalidate(&twin.id);
+            if let Err(e) = self.lookup.cache().update(twin).await {
+                tracing::warn!(twin = %twin.id, error = %e, "cache not updated on update");
+            }
+        }
+        self.report(&id, "update", &result).await;
+        result
+    }
+
+    async fn apply_update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
         let update = update
             .effective()
             .ok_or_else(|| crate::domain::ValidationError::new("nothing to update"))?;
@@ -104,7 +157,7 @@ impl TwinsService {
             let mut twin = self
                 .store
                 .twins
-                .retrieve(owner, &id)
+                .retrieve(owner, id)
                 .await?
                 .ok_or(ServiceError::NotFound)?;
             let read_revision = twin.revision;
@@ -137,7 +190,25 @@ impl TwinsService {
         let Ok(id) = parse_twin_id(id) else {
             return Ok(None);
         };
-        Ok(self.store.twins.remove(owner, &id).await?.then_some(id))
+        let result = self.store.twins.remove(owner, &id).await;
+        match &result {
+            Ok(true) => {
+                self.lookup.invalidate(&id);
+                if let Err(e) = self.lookup.cache().remove(&id).await {
+                    tracing::warn!(twin = %id, error = %e, "cache not updated on remove");
+                }
+                self.notifier
+                    .notify_json(&id, "remove", &serde_json::json!({ "deleted": id }))
+                    .await;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.notifier
+                    .notify(&id, "remove", Err(e.to_string()))
+                    .await
+            }
+        }
+        Ok(result?.then_some(id))
     }
 
     pub async fn list_states(
@@ -146,7 +217,8 @@ impl TwinsService {
         twin_id: &str,
         page: PageRequest,
     ) -> ServiceResult<Page<State>> {
-        let twin = self.view(owner, twin_id).await?;
+        let twin_id = parse_twin_id(twin_id)?;
+        let twin = self.retrieve(owner, &twin_id).await?;
         Ok(self.store.states.list(&twin.id, page).await?)
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::twin::{Metadata, Twin};
 use crate::domain::{Page, PageRequest};
@@ -76,6 +77,32 @@ pub trait StateRepository: Send + Sync {
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>>;
     /// A page of the twin's states ordered by id ascending.
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>>;
+    /// The twin's latest state with the stream sequence of the last message applied
+    /// to it: where ingestion resumes.
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor>;
+    /// Applies the state writes of several twins in one durable step. A twin whose
+    /// stored sequence is no longer `expected_seq` (another instance got there first)
+    /// is left untouched and its id returned, for the caller to redo from a fresh
+    /// cursor.
+    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>>;
+}
+
+/// Where ingestion stands for one twin.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestCursor {
+    pub last: Option<State>,
+    /// Stream sequence of the last message applied; 0 before the first.
+    pub seq: u64,
+}
+
+/// State writes of one twin from a run of messages, with the sequence guard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinWrites {
+    pub twin_id: String,
+    pub expected_seq: u64,
+    pub new_seq: u64,
+    /// At most one write per state id, in id order.
+    pub writes: Vec<Write>,
 }
 
 /// The repositories of one backend, shared by the services.

@@ -15,7 +15,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository};
+use super::{
+    HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult, TwinFilter,
+    TwinRepository, TwinWrites,
+};
+use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::time::{from_nanos, to_nanos};
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
@@ -50,6 +54,12 @@ const SCHEMA: &[&str] = &[
         created INTEGER NOT NULL,
         payload TEXT NOT NULL,
         PRIMARY KEY (twin_id, id)
+    ) WITHOUT ROWID",
+    // Stream sequence of the last message applied per twin, so redelivered messages
+    // never create a second state.
+    "CREATE TABLE IF NOT EXISTS ingest_cursors (
+        twin_id TEXT PRIMARY KEY NOT NULL,
+        seq INTEGER NOT NULL
     ) WITHOUT ROWID",
 ];
 
@@ -304,6 +314,7 @@ impl TwinRepository for SqliteStore {
         for stmt in [
             "DELETE FROM twin_attributes WHERE twin_id = ?",
             "DELETE FROM states WHERE twin_id = ?",
+            "DELETE FROM ingest_cursors WHERE twin_id = ?",
         ] {
             sqlx::query(stmt)
                 .bind(id)
@@ -344,33 +355,61 @@ impl TwinRepository for SqliteStore {
 #[async_trait]
 impl StateRepository for SqliteStore {
     async fn save(&self, state: &State) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO states (twin_id, id, definition, created, payload) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&state.twin_id)
-        .bind(state.id)
-        .bind(state.definition)
-        .bind(to_nanos(&state.created))
-        .bind(to_json(&state.payload)?)
-        .execute(&self.writer)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        write_state(&mut tx, &Write::Insert(state.clone())).await?;
+        tx.commit().await.map_err(map_err)
     }
 
     async fn update(&self, state: &State) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE states SET definition = ?, created = ?, payload = ? WHERE twin_id = ? AND id = ?",
-        )
-        .bind(state.definition)
-        .bind(to_nanos(&state.created))
-        .bind(to_json(&state.payload)?)
-        .bind(&state.twin_id)
-        .bind(state.id)
-        .execute(&self.writer)
-        .await
-        .map_err(map_err)?;
-        Ok(())
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        write_state(&mut tx, &Write::Update(state.clone())).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM ingest_cursors WHERE twin_id = ?")
+                .bind(twin_id)
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+        Ok(IngestCursor {
+            last: self.latest(twin_id).await?,
+            seq: seq.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
+        let mut conflicts = Vec::new();
+        // The single writer connection serialises this with every other write of the
+        // process, and the transaction holds SQLite's write lock against other processes.
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        for tw in batch {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT seq FROM ingest_cursors WHERE twin_id = ?")
+                    .bind(&tw.twin_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            if stored.unwrap_or(0).max(0) as u64 != tw.expected_seq {
+                conflicts.push(tw.twin_id.clone());
+                continue;
+            }
+            for w in &tw.writes {
+                write_state(&mut tx, w).await?;
+            }
+            sqlx::query(
+                "INSERT INTO ingest_cursors (twin_id, seq) VALUES (?, ?)
+                 ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
+            )
+            .bind(&tw.twin_id)
+            .bind(i64::try_from(tw.new_seq).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(conflicts)
     }
 
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
@@ -416,6 +455,29 @@ impl StateRepository for SqliteStore {
                 .collect::<StoreResult<_>>()?,
         })
     }
+}
+
+async fn write_state(tx: &mut Transaction<'_, Sqlite>, write: &Write) -> StoreResult<()> {
+    let (sql, state) = match write {
+        Write::Insert(s) => (
+            "INSERT INTO states (definition, created, payload, twin_id, id) VALUES (?, ?, ?, ?, ?)",
+            s,
+        ),
+        Write::Update(s) => (
+            "UPDATE states SET definition = ?, created = ?, payload = ? WHERE twin_id = ? AND id = ?",
+            s,
+        ),
+    };
+    sqlx::query(sql)
+        .bind(state.definition)
+        .bind(to_nanos(&state.created))
+        .bind(to_json(&state.payload)?)
+        .bind(&state.twin_id)
+        .bind(state.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
 }
 
 #[async_trait]

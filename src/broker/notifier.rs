@@ -1,0 +1,75 @@
+//! Publishes the outcome of every operation on the notification channel (SPEC section 6).
+//!
+//! Publishing is fire-and-forget into the client's buffer: a broker outage is logged
+//! and never fails the operation that is being reported.
+
+use std::sync::Arc;
+
+use super::{Envelope, encode};
+
+/// Where notifications go; disabled when no `MG_TWINS_CHANNEL_ID` is configured.
+#[derive(Clone, Default)]
+pub struct Notifier {
+    target: Option<Arc<Target>>,
+}
+
+struct Target {
+    client: async_nats::Client,
+    channel: String,
+}
+
+impl Notifier {
+    pub fn new(client: async_nats::Client, channel: Option<String>) -> Self {
+        Self {
+            target: channel.map(|channel| Arc::new(Target { client, channel })),
+        }
+    }
+
+    /// A notifier that publishes nothing.
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// The channel notifications are published on, which ingestion must skip.
+    pub fn channel(&self) -> Option<&str> {
+        self.target.as_ref().map(|t| t.channel.as_str())
+    }
+
+    /// Publishes `<op>.success` with `payload`, or `<op>.failure` with the error text,
+    /// on `channels.<channel>.messages.<twin_id>.<op>.<outcome>`.
+    pub async fn notify(&self, twin_id: &str, op: &str, outcome: Result<Vec<u8>, String>) {
+        let Some(t) = &self.target else {
+            return;
+        };
+        let (suffix, payload) = match outcome {
+            Ok(p) => ("success", p),
+            Err(e) => ("failure", e.into_bytes()),
+        };
+        let subtopic = format!("messages.{twin_id}.{op}.{suffix}");
+        let subject = format!("channels.{}.{subtopic}", t.channel);
+        let envelope = Envelope {
+            channel: t.channel.clone(),
+            subtopic,
+            publisher: "twins".into(),
+            protocol: "nats".into(),
+            payload,
+            created: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        };
+        if let Err(e) = t
+            .client
+            .publish(subject.clone(), encode(&envelope).into())
+            .await
+        {
+            tracing::warn!(%subject, error = %e, "notification not published");
+        }
+    }
+
+    /// Serialises `value` for a success notification.
+    pub async fn notify_json<T: serde::Serialize>(&self, twin_id: &str, op: &str, value: &T) {
+        if self.target.is_none() {
+            return;
+        }
+        let outcome = serde_json::to_vec(value).map_err(|e| e.to_string());
+        self.notify(twin_id, op, outcome).await;
+    }
+}

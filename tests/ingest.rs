@@ -1,0 +1,622 @@
+//! End-to-end ingestion over the real NATS JetStream (and Redis where named): messages
+//! published to `channels.<ch>[.<subtopic>]` become states visible through the HTTP API.
+//!
+//! Each test has its own SQLite file, durable consumer name, channels and notification
+//! channel, so tests run in parallel on the shared broker and leave nothing behind.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use twins::app::Application;
+use twins::broker::{self, Envelope};
+use twins::config::Config;
+use twins::service::ingest::{Incoming, IngestService};
+use twins::service::lookup::TwinLookup;
+
+const NATS: &str = "nats://127.0.0.1:4222";
+const TOKEN: &str = "ingest-secret";
+const T0: f64 = 1_700_000_000.0;
+
+fn id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A running service with its own database and consumer.
+struct Svc {
+    base: String,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    store: twins::store::Store,
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    group: String,
+    notif: String,
+    js: jetstream::Context,
+    nats: async_nats::Client,
+    extra: Vec<(String, String)>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let nats = async_nats::connect(NATS)
+            .await
+            .expect("NATS with JetStream must run on 127.0.0.1:4222 (see .ci/run)");
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            group: format!("test-{}", id()),
+            notif: id(),
+            js: jetstream::new(nats.clone()),
+            nats,
+            extra: Vec::new(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut vars = vec![
+            ("MG_TWINS_HTTP_HOST".into(), "127.0.0.1".into()),
+            ("MG_TWINS_HTTP_PORT".into(), "0".into()),
+            (
+                "MG_TWINS_DB_URL".into(),
+                format!("sqlite://{}/twins.db", self.dir.path().display()),
+            ),
+            ("MG_TWINS_STANDALONE_ID".into(), "alice".into()),
+            ("MG_TWINS_STANDALONE_TOKEN".into(), TOKEN.into()),
+            ("MG_MESSAGE_BROKER_URL".into(), NATS.into()),
+            ("MG_TWINS_INSTANCE_GROUP".into(), self.group.clone()),
+            ("MG_TWINS_CHANNEL_ID".into(), self.notif.clone()),
+            ("MG_TWINS_SHUTDOWN_TIMEOUT".into(), "5s".into()),
+        ];
+        vars.extend(self.extra.iter().cloned());
+        Config::from_vars(vars).expect("test config")
+    }
+
+    /// Starts the service and waits until its durable consumer exists.
+    async fn start(&self) -> Svc {
+        let app = Application::build(self.config())
+            .await
+            .expect("service starts");
+        let base = format!("http://{}", app.local_addr());
+        let store = app.store();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("service runs");
+        });
+        for _ in 0..100 {
+            let ready = match self.js.get_stream(broker::STREAM).await {
+                Ok(s) => s
+                    .consumer_info(&self.group)
+                    .await
+                    .is_ok_and(|i| i.num_waiting > 0),
+                Err(_) => false,
+            };
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Svc {
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+            store,
+        }
+    }
+
+    /// Publishes a SenML payload to JetStream; returns the stream sequence.
+    async fn publish(&self, channel: &str, subtopic: &str, senml: Value) -> u64 {
+        self.publish_raw(
+            channel,
+            subtopic,
+            envelope(channel, subtopic, senml.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    async fn publish_raw(&self, channel: &str, subtopic: &str, data: Vec<u8>) -> u64 {
+        self.js
+            .publish(broker::subject(channel, subtopic), data.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack")
+            .sequence
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let group = self.group.clone();
+        // Leave no consumer behind on the shared broker. The test's runtime is blocked
+        // here, so the deletion uses a connection of its own on a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok(c) = async_nats::connect(NATS).await {
+                        let js = jetstream::new(c);
+                        let _ = js.delete_consumer_from_stream(&group, broker::STREAM).await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+impl Svc {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("service stops cleanly");
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+    }
+
+    async fn create_twin(&self, body: Value) -> Value {
+        let res = self
+            .req(reqwest::Method::POST, "/twins")
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(res.status(), 201, "create twin");
+        res.json().await.expect("twin JSON")
+    }
+
+    async fn update_twin(&self, id: &str, body: Value) -> Value {
+        let res = self
+            .req(reqwest::Method::PUT, &format!("/twins/{id}"))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(res.status(), 200, "update twin");
+        res.json().await.expect("twin JSON")
+    }
+
+    async fn states(&self, twin: &str) -> Vec<Value> {
+        let res = self
+            .req(reqwest::Method::GET, &format!("/states/{twin}?limit=100"))
+            .send()
+            .await
+            .expect("GET states");
+        assert_eq!(res.status(), 200);
+        let page: Value = res.json().await.expect("page JSON");
+        page["states"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls the states until `done` holds (or 10 s pass) and returns them.
+    async fn states_until(&self, twin: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        for _ in 0..200 {
+            let s = self.states(twin).await;
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.states(twin).await
+    }
+
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Vec<u8> {
+    broker::encode(&Envelope {
+        channel: channel.into(),
+        subtopic: subtopic.into(),
+        publisher: "device".into(),
+        protocol: "mqtt".into(),
+        payload,
+        created: 0,
+    })
+}
+
+fn attr(name: &str, channel: &str, subtopic: &str, persist: bool) -> Value {
+    json!({"name": name, "channel": channel, "subtopic": subtopic, "persist_state": persist})
+}
+
+/// A twin with the given attributes and a one-second delta.
+fn twin_body(attrs: Vec<Value>) -> Value {
+    json!({"name": "machine", "definition": {"attributes": attrs, "delta": 1_000_000_000}})
+}
+
+fn rfc3339(t: f64) -> String {
+    twins::domain::time::format(&twins::domain::time::from_nanos((t * 1e9).round() as i64))
+}
+
+#[tokio::test]
+async fn first_state_then_update_within_delta_then_new_state_beyond_delta() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("temp", &ch, "engine", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+
+    env.publish(&ch, "engine", json!([{"n": "temp", "v": 20.0, "t": T0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() == 1).await;
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["id"], 0);
+    assert_eq!(s[0]["definition"], 0);
+    assert_eq!(s[0]["payload"], json!({"temp": 20}));
+    assert_eq!(s[0]["created"], rfc3339(T0), "record time honoured");
+
+    env.publish(
+        &ch,
+        "engine",
+        json!([{"n": "temp", "v": 21.5, "t": T0 + 0.5}]),
+    )
+    .await;
+    let s = svc
+        .states_until(&tid, |s| {
+            s.first().is_some_and(|x| x["payload"]["temp"] == 21.5)
+        })
+        .await;
+    assert_eq!(s.len(), 1, "within delta updates the last state");
+    assert_eq!(s[0]["payload"], json!({"temp": 21.5}));
+    assert_eq!(s[0]["created"], rfc3339(T0));
+
+    env.publish(
+        &ch,
+        "engine",
+        json!([{"n": "temp", "v": 23.0, "t": T0 + 2.0}]),
+    )
+    .await;
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    assert_eq!(s.len(), 2, "beyond delta adds a state");
+    assert_eq!(s[1]["id"], 1);
+    assert_eq!(s[1]["payload"], json!({"temp": 23}));
+    assert_eq!(s[1]["created"], rfc3339(T0 + 2.0));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn payload_is_carried_over_and_unpersisted_attributes_never_stored() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![
+            attr("engine", &ch, "engine", true),
+            attr("chassis", &ch, "chassis", true),
+            attr("rpm", &ch, "rpm", false),
+        ]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+
+    env.publish(&ch, "rpm", json!([{"v": 3000, "t": T0 - 10.0}]))
+        .await;
+    env.publish(&ch, "engine", json!([{"v": 80, "t": T0}]))
+        .await;
+    env.publish(&ch, "chassis", json!([{"v": 30, "t": T0 + 5.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[0]["payload"], json!({"engine": 80}));
+    assert_eq!(
+        s[1]["payload"],
+        json!({"engine": 80, "chassis": 30}),
+        "carried over"
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn wildcard_subtopic_matches_and_other_channels_are_ignored() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let (ch, other) = (id(), id());
+    let twin = svc
+        .create_twin(twin_body(vec![attr("any", &ch, ">", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+
+    env.publish(&other, "x", json!([{"v": 1, "t": T0}])).await;
+    env.publish(&ch, "", json!([{"v": 2, "t": T0 + 10.0}]))
+        .await;
+    env.publish(&ch, "deep.sub", json!([{"v": 3, "t": T0 + 20.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    let values: Vec<&Value> = s.iter().map(|x| &x["payload"]["any"]).collect();
+    assert_eq!(values, [&json!(2), &json!(3)]);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn every_senml_value_type_is_stored() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    let records = [
+        json!({"v": 1.5}),
+        json!({"vs": "on"}),
+        json!({"vb": true}),
+        json!({"vd": "aGVsbG8"}),
+        json!({"s": 7.25}),
+    ];
+    for (i, r) in records.iter().enumerate() {
+        let mut r = r.clone();
+        r["t"] = json!(T0 + 10.0 * i as f64);
+        env.publish(&ch, "", json!([r])).await;
+    }
+    let s = svc.states_until(&tid, |s| s.len() == 5).await;
+    let values: Vec<Value> = s.iter().map(|x| x["payload"]["x"].clone()).collect();
+    assert_eq!(
+        values,
+        [
+            json!(1.5),
+            json!("on"),
+            json!(true),
+            json!("aGVsbG8"),
+            json!(7.25)
+        ]
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_is_rejected_counted_and_the_next_good_message_lands() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+
+    env.publish_raw(&ch, "", b"\xff\xfe not protobuf".to_vec())
+        .await;
+    env.publish_raw(&ch, "", envelope(&ch, "", b"{\"not\":\"senml\"}".to_vec()))
+        .await;
+    env.publish_raw(
+        &ch,
+        "",
+        envelope(&ch, "", b"[{\"n\":\"novalue\"}]".to_vec()),
+    )
+    .await;
+    env.publish(&ch, "", json!([{"v": 42, "t": T0}])).await;
+    let s = svc.states_until(&tid, |s| s.len() == 1).await;
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["payload"], json!({"x": 42}));
+    let m = svc.metrics().await;
+    for reason in ["envelope", "not_array", "no_value"] {
+        assert!(
+            m.contains(&format!(
+                "twins_ingest_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "rejection {reason} counted in:\n{m}"
+        );
+    }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn own_notification_channel_and_inband_subtopics_never_become_states() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    // A twin bound to the notification channel and to an ordinary channel.
+    let twin = svc
+        .create_twin(twin_body(vec![
+            attr("n", &env.notif, ">", true),
+            attr("x", &ch, ">", true),
+        ]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    env.publish(&env.notif, "anything", json!([{"v": 1, "t": T0}]))
+        .await;
+    env.publish(
+        &ch,
+        &format!("twins.{tid}.desired.get"),
+        json!([{"v": 2, "t": T0 + 10.0}]),
+    )
+    .await;
+    env.publish(&ch, "plain", json!([{"v": 3, "t": T0 + 20.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| !s.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s2 = svc.states(&tid).await;
+    assert_eq!(s, s2);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0]["payload"], json!({"x": 3}));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn definition_moved_to_a_new_channel_follows_it() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let (old, new) = (id(), id());
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &old, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    env.publish(&old, "", json!([{"v": 1, "t": T0}])).await;
+    svc.states_until(&tid, |s| s.len() == 1).await;
+
+    let updated = svc
+        .update_twin(&tid, json!({"definition": {"attributes": [attr("x", &new, "", true)], "delta": 1_000_000_000}}))
+        .await;
+    assert_eq!(updated["definitions"][1]["id"], 1);
+    env.publish(&old, "", json!([{"v": 2, "t": T0 + 10.0}]))
+        .await;
+    env.publish(&new, "", json!([{"v": 3, "t": T0 + 20.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        svc.states(&tid).await.len(),
+        2,
+        "old channel no longer lands"
+    );
+    assert_eq!(s[1]["payload"], json!({"x": 3}));
+    assert_eq!(s[1]["definition"], 1);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn messages_published_while_stopped_are_applied_exactly_once_after_restart() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    svc.stop().await;
+
+    env.publish(&ch, "", json!([{"v": 1, "t": T0}])).await;
+    env.publish(&ch, "", json!([{"v": 2, "t": T0 + 10.0}]))
+        .await;
+
+    let svc = env.start().await;
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(svc.states(&tid).await, s);
+    assert_eq!(s.len(), 2);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_message_never_adds_a_second_state() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    let store = svc.store.clone();
+    svc.stop().await;
+
+    // The message is applied but its ack never reaches the broker (a crash between the
+    // two): the broker delivers it again after the restart.
+    let payload = envelope(&ch, "", json!([{"v": 1, "t": T0}]).to_string().into_bytes());
+    let seq = env.publish_raw(&ch, "", payload.clone()).await;
+    let lookup = TwinLookup::new(
+        store.clone(),
+        std::sync::Arc::new(twins::cache::memory::MemoryCache::default()),
+    );
+    let ingest = IngestService::new(
+        store.clone(),
+        lookup,
+        twins::broker::notifier::Notifier::disabled(),
+    );
+    let report = ingest
+        .handle(&[Incoming {
+            seq,
+            data: payload.into(),
+        }])
+        .await
+        .expect("applied");
+    assert_eq!(report.inserted, 1);
+
+    let svc = env.start().await;
+    env.publish(&ch, "", json!([{"v": 2, "t": T0 + 10.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s2 = svc.states(&tid).await;
+    assert_eq!(s, s2);
+    assert_eq!(s.len(), 2, "the redelivered message was skipped: {s:?}");
+    assert_eq!(s[0]["payload"], json!({"x": 1}));
+    assert_eq!(s[1]["payload"], json!({"x": 2}));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn notifications_report_every_operation() {
+    let env = Env::new().await;
+    let mut sub = env
+        .nats
+        .subscribe(format!("channels.{}.>", env.notif))
+        .await
+        .expect("subscribe");
+    env.nats.flush().await.expect("flush");
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    svc.req(reqwest::Method::GET, &format!("/twins/{tid}"))
+        .send()
+        .await
+        .expect("GET");
+    svc.update_twin(&tid, json!({"name": "renamed"})).await;
+    env.publish(&ch, "", json!([{"v": 5, "t": T0}])).await;
+    svc.states_until(&tid, |s| s.len() == 1).await;
+    let res = svc
+        .req(reqwest::Method::DELETE, &format!("/twins/{tid}"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(res.status(), 204);
+
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("notification within 5 s")
+            .expect("subscription open");
+        let env_msg = broker::decode(&msg.payload).expect("protobuf envelope");
+        let payload: Value = serde_json::from_slice(&env_msg.payload).expect("JSON payload");
+        assert_eq!(env_msg.publisher, "twins");
+        assert_eq!(
+            format!("channels.{}.{}", env_msg.channel, env_msg.subtopic),
+            msg.subject.as_str()
+        );
+        got.push((msg.subject.to_string(), payload));
+    }
+    let prefix = format!("channels.{}.messages.{tid}", env.notif);
+    let subjects: Vec<&str> = got.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        subjects,
+        [
+            format!("{prefix}.create.success"),
+            format!("{prefix}.get.success"),
+            format!("{prefix}.update.success"),
+            format!("{prefix}.save.success"),
+            format!("{prefix}.remove.success"),
+        ]
+    );
+    assert_eq!(got[0].1["id"], tid.as_str());
+    assert_eq!(got[2].1["name"], "renamed");
+    assert_eq!(got[3].1["payload"], json!({"x": 5}));
+    assert_eq!(got[4].1, json!({"deleted": tid}));
+    svc.stop().await;
+}
