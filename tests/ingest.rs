@@ -33,6 +33,7 @@ struct Svc {
 }
 
 struct Env {
+    nats_url: String,
     dir: tempfile::TempDir,
     group: String,
     notif: String,
@@ -43,10 +44,15 @@ struct Env {
 
 impl Env {
     async fn new() -> Self {
-        let nats = async_nats::connect(NATS)
+        Self::on(NATS).await
+    }
+
+    async fn on(nats_url: &str) -> Self {
+        let nats = async_nats::connect(nats_url)
             .await
             .expect("NATS with JetStream must run on 127.0.0.1:4222 (see .ci/run)");
         Self {
+            nats_url: nats_url.to_owned(),
             dir: tempfile::tempdir().expect("temp dir"),
             group: format!("test-{}", id()),
             notif: id(),
@@ -66,7 +72,7 @@ impl Env {
             ),
             ("MG_TWINS_STANDALONE_ID".into(), "alice".into()),
             ("MG_TWINS_STANDALONE_TOKEN".into(), TOKEN.into()),
-            ("MG_MESSAGE_BROKER_URL".into(), NATS.into()),
+            ("MG_MESSAGE_BROKER_URL".into(), self.nats_url.clone()),
             ("MG_TWINS_INSTANCE_GROUP".into(), self.group.clone()),
             ("MG_TWINS_CHANNEL_ID".into(), self.notif.clone()),
             ("MG_TWINS_SHUTDOWN_TIMEOUT".into(), "5s".into()),
@@ -136,6 +142,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         let group = self.group.clone();
+        let url = self.nats_url.clone();
         // Leave no consumer behind on the shared broker. The test's runtime is blocked
         // here, so the deletion uses a connection of its own on a runtime of its own.
         let _ = std::thread::spawn(move || {
@@ -144,7 +151,10 @@ impl Drop for Env {
                 .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
-                    if let Ok(c) = async_nats::connect(NATS).await {
+                    let connected =
+                        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url))
+                            .await;
+                    if let Ok(Ok(c)) = connected {
                         let js = jetstream::new(c);
                         let _ = js.delete_consumer_from_stream(&group, broker::STREAM).await;
                     }
@@ -618,5 +628,239 @@ async fn notifications_report_every_operation() {
     assert_eq!(got[2].1["name"], "renamed");
     assert_eq!(got[3].1["payload"], json!({"x": 5}));
     assert_eq!(got[4].1, json!({"deleted": tid}));
+    svc.stop().await;
+}
+
+/// A server process of the test's own (Redis or NATS on a free port), killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server on port {port} did not start");
+}
+
+async fn own_redis(port: u16) -> Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (Debian package redis-server)");
+    wait_port(port).await;
+    Child(child)
+}
+
+async fn own_nats(port: u16, dir: &std::path::Path) -> Child {
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (Debian package nats-server)");
+    wait_port(port).await;
+    Child(child)
+}
+
+async fn smembers(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut m: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .expect("SMEMBERS");
+    m.sort();
+    m
+}
+
+#[tokio::test]
+async fn redis_keys_stay_exact_through_create_update_and_delete() {
+    let mut env = Env::new().await;
+    let prefix = format!("twins-test-{}:", id());
+    env.extra = vec![
+        ("MG_TWINS_CACHE_URL".into(), "redis://127.0.0.1:6379".into()),
+        ("MG_TWINS_CACHE_PREFIX".into(), prefix.clone()),
+    ];
+    let client = redis::Client::open("redis://127.0.0.1:6379").expect("redis URL");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must run on 127.0.0.1:6379 (see .ci/run)");
+    let svc = env.start().await;
+    let (a, b) = (id(), id());
+    let twin = svc
+        .create_twin(twin_body(vec![
+            attr("x", &a, "s", true),
+            attr("y", &a, ">", false),
+        ]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    let key = |ch: &str, sub: &str| format!("{prefix}twin:{ch}-{sub}");
+    assert_eq!(smembers(&mut redis, &key(&a, "s")).await, [tid.clone()]);
+    assert_eq!(smembers(&mut redis, &key(&a, ">")).await, [tid.clone()]);
+    let mut reverse = vec![key(&a, ">"), key(&a, "s")];
+    reverse.sort();
+    assert_eq!(
+        smembers(&mut redis, &format!("{prefix}twin:{tid}")).await,
+        reverse
+    );
+
+    // The update the Go service gets wrong: the twin must move to its new channel.
+    svc.update_twin(
+        &tid,
+        json!({"definition": {"attributes": [attr("x", &b, "", true)]}}),
+    )
+    .await;
+    assert!(smembers(&mut redis, &key(&a, "s")).await.is_empty());
+    assert!(smembers(&mut redis, &key(&a, ">")).await.is_empty());
+    assert_eq!(smembers(&mut redis, &key(&b, "")).await, [tid.clone()]);
+    assert_eq!(
+        smembers(&mut redis, &format!("{prefix}twin:{tid}")).await,
+        [key(&b, "")]
+    );
+
+    env.publish(&b, "", json!([{"v": 1, "t": T0}])).await;
+    assert_eq!(svc.states_until(&tid, |s| s.len() == 1).await.len(), 1);
+
+    let res = svc
+        .req(reqwest::Method::DELETE, &format!("/twins/{tid}"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(res.status(), 204);
+    assert!(smembers(&mut redis, &key(&b, "")).await.is_empty());
+    assert!(
+        smembers(&mut redis, &format!("{prefix}twin:{tid}"))
+            .await
+            .is_empty()
+    );
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn ingestion_falls_back_to_the_store_when_redis_stops() {
+    let mut env = Env::new().await;
+    let port = free_port();
+    let redis_server = own_redis(port).await;
+    env.extra = vec![(
+        "MG_TWINS_CACHE_URL".into(),
+        format!("redis://127.0.0.1:{port}"),
+    )];
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    env.publish(&ch, "", json!([{"v": 1, "t": T0}])).await;
+    svc.states_until(&tid, |s| s.len() == 1).await;
+
+    drop(redis_server);
+    env.publish(&ch, "", json!([{"v": 2, "t": T0 + 10.0}]))
+        .await;
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    assert_eq!(s.len(), 2, "ingested through the store while Redis is down");
+    assert_eq!(s[1]["payload"], json!({"x": 2}));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart() {
+    let port = free_port();
+    let nats_dir = tempfile::tempdir().expect("temp dir");
+    let nats = own_nats(port, nats_dir.path()).await;
+    let env = Env::on(&format!("nats://127.0.0.1:{port}")).await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    env.publish(&ch, "", json!([{"v": 1, "t": T0}])).await;
+    svc.states_until(&tid, |s| s.len() == 1).await;
+
+    drop(nats);
+    let mut health = Value::Null;
+    for _ in 0..100 {
+        health = svc
+            .http
+            .get(format!("{}/health", svc.base))
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("JSON");
+        if health["checks"]["broker"] != "pass" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health["checks"]["broker"], "disconnected", "{health}");
+    assert_eq!(health["status"], "warn");
+    let created = svc.create_twin(twin_body(vec![])).await;
+    assert!(
+        created["id"].is_string(),
+        "API keeps serving without the broker"
+    );
+
+    let _nats = own_nats(port, nats_dir.path()).await;
+    let mut published = false;
+    for _ in 0..100 {
+        let sent = env
+            .js
+            .publish(
+                broker::subject(&ch, ""),
+                envelope(
+                    &ch,
+                    "",
+                    json!([{"v": 2, "t": T0 + 10.0}]).to_string().into_bytes(),
+                )
+                .into(),
+            )
+            .await;
+        if let Ok(ack) = sent
+            && tokio::time::timeout(Duration::from_secs(1), ack)
+                .await
+                .is_ok_and(|a| a.is_ok())
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "broker back");
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    assert_eq!(s.len(), 2, "consumer reconnected by itself: {s:?}");
+    assert_eq!(s[1]["payload"], json!({"x": 2}));
     svc.stop().await;
 }
