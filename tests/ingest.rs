@@ -725,8 +725,8 @@ async fn redis_keys_stay_exact_through_create_update_and_delete() {
         .await;
     let tid = twin["id"].as_str().unwrap().to_owned();
     let key = |ch: &str, sub: &str| format!("{prefix}twin:{ch}-{sub}");
-    assert_eq!(smembers(&mut redis, &key(&a, "s")).await, [tid.clone()]);
-    assert_eq!(smembers(&mut redis, &key(&a, ">")).await, [tid.clone()]);
+    assert_eq!(smembers(&mut redis, &key(&a, "s")).await, vec![tid.clone()]);
+    assert_eq!(smembers(&mut redis, &key(&a, ">")).await, vec![tid.clone()]);
     let mut reverse = vec![key(&a, ">"), key(&a, "s")];
     reverse.sort();
     assert_eq!(
@@ -742,7 +742,7 @@ async fn redis_keys_stay_exact_through_create_update_and_delete() {
     .await;
     assert!(smembers(&mut redis, &key(&a, "s")).await.is_empty());
     assert!(smembers(&mut redis, &key(&a, ">")).await.is_empty());
-    assert_eq!(smembers(&mut redis, &key(&b, "")).await, [tid.clone()]);
+    assert_eq!(smembers(&mut redis, &key(&b, "")).await, vec![tid.clone()]);
     assert_eq!(
         smembers(&mut redis, &format!("{prefix}twin:{tid}")).await,
         [key(&b, "")]
