@@ -1,5 +1,6 @@
 //! Pure types and rules of the service: no I/O lives here.
 
+pub mod document;
 pub mod sampling;
 pub mod senml;
 pub mod state;

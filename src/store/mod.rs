@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::twin::{Metadata, Twin};
@@ -87,6 +88,35 @@ pub trait StateRepository: Send + Sync {
     async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>>;
 }
 
+/// Outcome of a version-checked document write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Versioned {
+    /// The write happened.
+    Done,
+    /// The stored version was not the expected one: this is what it is (None when the
+    /// document does not exist).
+    Stale { actual: Option<i64> },
+}
+
+/// Named, versioned documents of a twin. Each write is one atomic compare-and-set on the
+/// version, so concurrent conditional writes never both succeed.
+#[async_trait]
+pub trait DocumentRepository: Send + Sync {
+    /// The twin's documents by name.
+    async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>>;
+    async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>>;
+    /// Stores `doc` if the stored version is `expected` (None: the document must not
+    /// exist yet). `doc.version` is the new version.
+    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned>;
+    /// Deletes the document if its version is `expected` (any version when None).
+    async fn delete(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<Versioned>;
+}
+
 /// Where ingestion stands for one twin.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IngestCursor {
@@ -110,6 +140,7 @@ pub struct TwinWrites {
 pub struct Store {
     pub twins: Arc<dyn TwinRepository>,
     pub states: Arc<dyn StateRepository>,
+    pub documents: Arc<dyn DocumentRepository>,
     health: Arc<dyn HealthCheck>,
 }
 
@@ -123,11 +154,13 @@ impl Store {
     pub fn new(
         twins: Arc<dyn TwinRepository>,
         states: Arc<dyn StateRepository>,
+        documents: Arc<dyn DocumentRepository>,
         health: Arc<dyn HealthCheck>,
     ) -> Self {
         Self {
             twins,
             states,
+            documents,
             health,
         }
     }
@@ -140,7 +173,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s));
+            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s));
         }
         Err(StoreError::Internal(format!(
             "unsupported database URL scheme in {url:?} (expected sqlite://)"

@@ -16,9 +16,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult, TwinFilter,
-    TwinRepository, TwinWrites,
+    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, TwinWrites, Versioned,
 };
+use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::time::{from_nanos, to_nanos};
@@ -57,6 +58,14 @@ const SCHEMA: &[&str] = &[
     ) WITHOUT ROWID",
     // Stream sequence of the last message applied per twin, so redelivered messages
     // never create a second state.
+    "CREATE TABLE IF NOT EXISTS documents (
+        twin_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (twin_id, name)
+    ) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS ingest_cursors (
         twin_id TEXT PRIMARY KEY NOT NULL,
         seq INTEGER NOT NULL
@@ -315,6 +324,7 @@ impl TwinRepository for SqliteStore {
             "DELETE FROM twin_attributes WHERE twin_id = ?",
             "DELETE FROM states WHERE twin_id = ?",
             "DELETE FROM ingest_cursors WHERE twin_id = ?",
+            "DELETE FROM documents WHERE twin_id = ?",
         ] {
             sqlx::query(stmt)
                 .bind(id)
@@ -478,6 +488,132 @@ async fn write_state(tx: &mut Transaction<'_, Sqlite>, write: &Write) -> StoreRe
         .await
         .map_err(map_err)?;
     Ok(())
+}
+
+fn document_from_row(row: &SqliteRow) -> StoreResult<Document> {
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    Ok(Document {
+        twin_id: row.try_get("twin_id").map_err(get_err)?,
+        document_name: row.try_get("name").map_err(get_err)?,
+        version: row.try_get("version").map_err(get_err)?,
+        updated: from_nanos(row.try_get("updated").map_err(get_err)?),
+        data: from_json(
+            &row.try_get::<String, _>("data").map_err(get_err)?,
+            "document",
+        )?,
+    })
+}
+
+impl SqliteStore {
+    /// The stored version, read inside the transaction that failed to write.
+    async fn document_version(
+        tx: &mut Transaction<'_, Sqlite>,
+        twin_id: &str,
+        name: &str,
+    ) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar("SELECT version FROM documents WHERE twin_id = ? AND name = ?")
+            .bind(twin_id)
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)
+    }
+}
+
+#[async_trait]
+impl DocumentRepository for SqliteStore {
+    async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>> {
+        let rows = sqlx::query(
+            "SELECT name, version, updated FROM documents WHERE twin_id = ? ORDER BY name",
+        )
+        .bind(twin_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+        rows.iter()
+            .map(|r| {
+                Ok(DocumentSummary {
+                    document_name: r.try_get("name").map_err(get_err)?,
+                    version: r.try_get("version").map_err(get_err)?,
+                    updated: from_nanos(r.try_get("updated").map_err(get_err)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(
+            "SELECT twin_id, name, version, updated, data FROM documents WHERE twin_id = ? AND name = ?",
+        )
+        .bind(twin_id)
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(document_from_row).transpose()
+    }
+
+    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+        let data = to_json(&doc.data)?;
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let done = match expected {
+            None => sqlx::query(
+                "INSERT INTO documents (twin_id, name, version, updated, data) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (twin_id, name) DO NOTHING",
+            )
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(doc.version)
+            .bind(to_nanos(&doc.updated))
+            .bind(&data)
+            .execute(&mut *tx)
+            .await,
+            Some(v) => sqlx::query(
+                "UPDATE documents SET version = ?, updated = ?, data = ?
+                 WHERE twin_id = ? AND name = ? AND version = ?",
+            )
+            .bind(doc.version)
+            .bind(to_nanos(&doc.updated))
+            .bind(&data)
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(v)
+            .execute(&mut *tx)
+            .await,
+        }
+        .map_err(map_err)?;
+        if done.rows_affected() == 1 {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(Versioned::Done);
+        }
+        let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
+        Ok(Versioned::Stale { actual })
+    }
+
+    async fn delete(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<Versioned> {
+        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let done = sqlx::query(
+            "DELETE FROM documents WHERE twin_id = ? AND name = ? AND (?3 IS NULL OR version = ?3)",
+        )
+        .bind(twin_id)
+        .bind(name)
+        .bind(expected)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if done.rows_affected() == 1 {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(Versioned::Done);
+        }
+        let actual = Self::document_version(&mut tx, twin_id, name).await?;
+        Ok(Versioned::Stale { actual })
+    }
 }
 
 #[async_trait]
