@@ -101,11 +101,47 @@ impl TwinName {
 /// A definition as a client sends it, before validation.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct DefinitionInput {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "json_object::list")]
     pub attributes: Vec<Attribute>,
     /// Sampling window in nanoseconds; 0 or absent means 1 ms.
     #[serde(default)]
     pub delta: i64,
+}
+
+/// serde adapters for client input that take a struct only from a JSON object: derived
+/// `Deserialize` implementations also accept an array of the field values in order,
+/// which a client's `[]` must never be taken for.
+pub mod json_object {
+    use serde::Deserialize;
+    use serde::de::{DeserializeOwned, Deserializer, Error};
+    use serde_json::{Map, Value};
+
+    fn from_map<T: DeserializeOwned, E: Error>(map: Map<String, Value>) -> Result<T, E> {
+        serde_json::from_value(Value::Object(map)).map_err(E::custom)
+    }
+
+    /// An optional struct; `null` is `None`.
+    pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        Option::<Map<String, Value>>::deserialize(d)?
+            .map(from_map)
+            .transpose()
+    }
+
+    /// A list of structs.
+    pub fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: DeserializeOwned,
+    {
+        Vec::<Map<String, Value>>::deserialize(d)?
+            .into_iter()
+            .map(from_map)
+            .collect()
+    }
 }
 
 /// A validated definition that has not yet been given its id and creation time.

@@ -34,7 +34,7 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// A JSON request body: 415 unless the content type is JSON, 413 over the body limit,
-/// 400 when empty or not the expected shape.
+/// 400 when empty, not a JSON object or not the expected shape.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
@@ -56,8 +56,15 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 ApiError::BadRequest(format!("cannot read request body: {e}"))
             }
         })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::BadRequest("request body is empty".into()));
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Err(ApiError::BadRequest("request body is empty".into())),
+            // Derived struct deserializers also accept arrays; every body is an object.
+            Some(b'{') => {}
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "request body must be a JSON object".into(),
+                ));
+            }
         }
         serde_json::from_slice(&bytes)
             .map(Self)

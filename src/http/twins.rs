@@ -20,7 +20,10 @@ use crate::store::TwinFilter;
 pub struct TwinRequest {
     #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "crate::domain::twin::json_object::optional"
+    )]
     pub definition: Option<DefinitionInput>,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
