@@ -4,6 +4,8 @@
 //! Each test has its own SQLite file, durable consumer name, channels and notification
 //! channel, so tests run in parallel on the shared broker and leave nothing behind.
 
+mod common;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -141,27 +143,8 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let group = self.group.clone();
-        let url = self.nats_url.clone();
-        // Leave no consumer behind on the shared broker. The test's runtime is blocked
-        // here, so the deletion uses a connection of its own on a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            if let Ok(rt) = rt {
-                rt.block_on(async {
-                    let connected =
-                        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url))
-                            .await;
-                    if let Ok(Ok(c)) = connected {
-                        let js = jetstream::new(c);
-                        let _ = js.delete_consumer_from_stream(&group, broker::STREAM).await;
-                    }
-                });
-            }
-        })
-        .join();
+        // Leave no consumer behind on the broker.
+        common::delete_consumer_at(&self.nats_url, &self.group);
     }
 }
 

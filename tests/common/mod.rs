@@ -142,30 +142,36 @@ pub fn unique_group() -> String {
     format!("test-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Deletes a test's durable consumer from the shared broker. Runs on a thread and
+/// Deletes a test's durable consumer from the broker at `url`. Runs on a thread and
 /// connection of its own, since it is called from `Drop` while the test's runtime is
-/// blocked.
-pub fn delete_consumer(group: &str) {
-    let group = group.to_owned();
+/// blocked; deletes twice, because a creation request of the stopping app may still be
+/// on its way to the server.
+pub fn delete_consumer_at(url: &str, group: &str) {
+    let (url, group) = (url.to_owned(), group.to_owned());
     let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
             return;
         };
         rt.block_on(async {
             let connected =
-                tokio::time::timeout(Duration::from_secs(2), async_nats::connect(NATS_URL)).await;
+                tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await;
             if let Ok(Ok(c)) = connected {
                 let js = async_nats::jetstream::new(c);
-                let _ = js
-                    .delete_consumer_from_stream(&group, twins::broker::STREAM)
-                    .await;
+                for pause in [Duration::ZERO, Duration::from_millis(300)] {
+                    tokio::time::sleep(pause).await;
+                    let _ = js
+                        .delete_consumer_from_stream(&group, twins::broker::STREAM)
+                        .await;
+                }
             }
         });
     })
     .join();
+}
+
+/// [`delete_consumer_at`] on the shared broker.
+pub fn delete_consumer(group: &str) {
+    delete_consumer_at(NATS_URL, group);
 }
 
 /// Starts the application backed by a fresh in-test auth service. `extra` variables
