@@ -17,6 +17,8 @@ use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::{self, AppState};
+use crate::service::documents::DocumentsService;
+use crate::service::inband::Inband;
 use crate::service::ingest::IngestService;
 use crate::service::lookup::TwinLookup;
 use crate::service::twins::TwinsService;
@@ -47,6 +49,7 @@ pub struct Application {
     store: Store,
     broker: async_nats::Client,
     ingest: Arc<IngestService>,
+    inband: Inband,
     config: Config,
 }
 
@@ -67,12 +70,14 @@ impl Application {
         };
         let lookup = TwinLookup::new(store.clone(), cache);
         let notifier = Notifier::new(broker.clone(), config.channel_id.clone());
-        let ingest = Arc::new(IngestService::new(
-            store.clone(),
-            lookup.clone(),
-            notifier.clone(),
-        ));
+        let documents = DocumentsService::new(store.clone(), notifier.clone());
+        let inband = Inband::new(documents.clone(), broker.clone());
+        let ingest = Arc::new(
+            IngestService::new(store.clone(), lookup.clone(), notifier.clone())
+                .with_inband(inband.clone()),
+        );
         let state = AppState {
+            documents,
             twins: TwinsService::new(store.clone(), lookup, notifier),
             auth,
             broker: broker.clone(),
@@ -90,6 +95,7 @@ impl Application {
             store,
             broker,
             ingest,
+            inband,
             config,
         })
     }
@@ -120,6 +126,11 @@ impl Application {
             self.ingest.clone(),
             stopping_rx.clone(),
         ));
+        let inband = tokio::spawn(
+            self.inband
+                .clone()
+                .serve(self.config.instance_group.clone(), stopping_rx.clone()),
+        );
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
@@ -141,7 +152,7 @@ impl Application {
         }
         // The consumer got the same signal; let it finish its batch and acks.
         tokio::select! {
-            _ = consumer => {}
+            _ = futures::future::join(consumer, inband) => {}
             () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: leaving unacked messages for redelivery"),
         }
         if let Err(e) = self.broker.flush().await {

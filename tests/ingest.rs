@@ -614,67 +614,6 @@ async fn notifications_report_every_operation() {
     svc.stop().await;
 }
 
-/// A server process of the test's own (Redis or NATS on a free port), killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server on port {port} did not start");
-}
-
-async fn own_redis(port: u16) -> Child {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (Debian package redis-server)");
-    wait_port(port).await;
-    Child(child)
-}
-
-async fn own_nats(port: u16, dir: &std::path::Path) -> Child {
-    let child = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nats-server must be installed (Debian package nats-server)");
-    wait_port(port).await;
-    Child(child)
-}
-
 async fn smembers(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
     let mut m: Vec<String> = redis::cmd("SMEMBERS")
         .arg(key)
@@ -752,8 +691,8 @@ async fn redis_keys_stay_exact_through_create_update_and_delete() {
 #[tokio::test]
 async fn ingestion_falls_back_to_the_store_when_redis_stops() {
     let mut env = Env::new().await;
-    let port = free_port();
-    let redis_server = own_redis(port).await;
+    let port = common::free_port();
+    let redis_server = common::own_redis(port).await;
     env.extra = vec![(
         "MG_TWINS_CACHE_URL".into(),
         format!("redis://127.0.0.1:{port}"),
@@ -778,9 +717,9 @@ async fn ingestion_falls_back_to_the_store_when_redis_stops() {
 
 #[tokio::test]
 async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart() {
-    let port = free_port();
+    let port = common::free_port();
     let nats_dir = tempfile::tempdir().expect("temp dir");
-    let nats = own_nats(port, nats_dir.path()).await;
+    let nats = common::own_nats(port, nats_dir.path()).await;
     let env = Env::on(&format!("nats://127.0.0.1:{port}")).await;
     let svc = env.start().await;
     let ch = id();
@@ -816,7 +755,7 @@ async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart
         "API keeps serving without the broker"
     );
 
-    let _nats = own_nats(port, nats_dir.path()).await;
+    let _nats = common::own_nats(port, nats_dir.path()).await;
     let mut published = false;
     for _ in 0..100 {
         let sent = env

@@ -130,6 +130,7 @@ async fn apply(
             })
         })
         .collect();
+    ingest.answer_inband(&incoming).await;
     let mut backoff = Duration::from_millis(200);
     loop {
         match ingest.handle(&incoming).await {

@@ -26,7 +26,7 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("unsupported content type: expected {0}")]
-    UnsupportedMediaType(&'static str),
+    UnsupportedMediaType(String),
     #[error("request body is larger than the limit")]
     PayloadTooLarge,
     #[error("no such route")]
@@ -46,6 +46,10 @@ impl ApiError {
     fn status_and_message(&self) -> (StatusCode, String) {
         match self {
             Self::Service(ServiceError::Invalid(e)) => (StatusCode::BAD_REQUEST, e.to_string()),
+            Self::Service(ServiceError::VersionMismatch(_)) => {
+                (StatusCode::CONFLICT, "document version mismatch".into())
+            }
+            Self::Service(ServiceError::TooLarge(m)) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
             Self::Service(ServiceError::NotFound) => {
                 (StatusCode::NOT_FOUND, "entity not found".into())
             }
@@ -86,6 +90,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error) = self.status_and_message();
+        if let Self::Service(ServiceError::VersionMismatch(m)) = &self {
+            return (status, Json(m.as_ref().clone())).into_response();
+        }
         (status, Json(ErrorBody { error })).into_response()
     }
 }

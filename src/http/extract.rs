@@ -41,35 +41,64 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let is_json = req
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.to_ascii_lowercase().contains("application/json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType("application/json"));
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest(format!("cannot read request body: {e}"))
-            }
-        })?;
-        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            None => return Err(ApiError::BadRequest("request body is empty".into())),
-            // Derived struct deserializers also accept arrays; every body is an object.
-            Some(b'{') => {}
-            Some(_) => {
-                return Err(ApiError::BadRequest(
-                    "request body must be a JSON object".into(),
-                ));
-            }
-        }
-        serde_json::from_slice(&bytes)
+        read_object(req, state, &["application/json"])
+            .await
             .map(Self)
-            .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
     }
+}
+
+/// A JSON merge patch body (RFC 7396): like [`JsonBody`], also accepting
+/// `application/merge-patch+json`.
+pub struct PatchBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for PatchBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        read_object(
+            req,
+            state,
+            &["application/json", "application/merge-patch+json"],
+        )
+        .await
+        .map(Self)
+    }
+}
+
+/// Reads a body that must be a JSON object of one of the `accepted` media types.
+async fn read_object<T: DeserializeOwned>(
+    req: Request,
+    state: &AppState,
+    accepted: &'static [&'static str],
+) -> Result<T, ApiError> {
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if !accepted.iter().any(|a| content_type.contains(a)) {
+        return Err(ApiError::UnsupportedMediaType(accepted.join(" or ")));
+    }
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest(format!("cannot read request body: {e}"))
+        }
+    })?;
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(ApiError::BadRequest("request body is empty".into())),
+        // Derived struct deserializers also accept arrays; every body is an object.
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "request body must be a JSON object".into(),
+            ));
+        }
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
 /// Query parameters as plain strings; an undecodable query string is a 400.

@@ -1,5 +1,6 @@
 //! HTTP transport: routing, extraction, responses. Business rules live in `service`.
 
+pub mod documents;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -18,6 +19,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
+use crate::service::documents::DocumentsService;
 use crate::service::twins::TwinsService;
 use crate::store::Store;
 use error::ApiError;
@@ -29,6 +31,7 @@ pub const BODY_LIMIT: usize = 1 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub twins: TwinsService,
+    pub documents: DocumentsService,
     pub auth: Arc<dyn Authenticator>,
     pub broker: async_nats::Client,
     pub store: Store,
@@ -44,6 +47,15 @@ pub fn router(state: AppState) -> Router {
             "/twins/{id}",
             get(twins::view).put(twins::update).delete(twins::remove),
         )
+        .route("/twins/{id}/documents", get(documents::list))
+        .route(
+            "/twins/{id}/documents/{name}",
+            get(documents::get)
+                .put(documents::put)
+                .patch(documents::patch)
+                .delete(documents::delete),
+        )
+        .route("/twins/{id}/documents/{name}/delta", get(documents::delta))
         .route("/states/{id}", get(states::list))
         .route("/health", get(health::health))
         .route("/metrics", get(metrics::render))

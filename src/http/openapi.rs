@@ -5,21 +5,26 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::{health, states, twins};
+use super::{documents, health, states, twins};
+use crate::domain::document::{Difference, Document, DocumentSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
 use crate::domain::{StatesPage, TwinsPage};
+use crate::service::VersionMismatch;
+use crate::service::documents::DeltaView;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "twins", description = "Digital twins: definitions, states and documents"),
     paths(
         twins::create, twins::list, twins::view, twins::update, twins::remove,
-        states::list, health::health
+        states::list, documents::list, documents::get, documents::put, documents::patch,
+        documents::delete, documents::delta, health::health
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
-        twins::TwinRequest, ErrorBody, health::Health
+        twins::TwinRequest, ErrorBody, health::Health, Document, DocumentSummary, Difference,
+        DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList
     )),
     modifiers(&BearerAuth)
 )]

@@ -11,6 +11,7 @@ use std::sync::{Mutex, PoisonError};
 use bytes::Bytes;
 use chrono::Utc;
 
+use super::inband::{self, Inband};
 use super::lookup::TwinLookup;
 use super::{ServiceError, ServiceResult};
 use crate::broker::notifier::Notifier;
@@ -67,6 +68,7 @@ pub struct IngestService {
     store: Store,
     lookup: TwinLookup,
     notifier: Notifier,
+    inband: Option<Inband>,
     cursors: Mutex<HashMap<String, IngestCursor>>,
 }
 
@@ -102,7 +104,33 @@ impl IngestService {
             store,
             lookup,
             notifier,
+            inband: None,
             cursors: Mutex::default(),
+        }
+    }
+
+    /// Also answers the inband document requests found among the messages.
+    pub fn with_inband(mut self, inband: Inband) -> Self {
+        self.inband = Some(inband);
+        self
+    }
+
+    /// Executes the inband document requests of a batch, once each, in stream order;
+    /// each is answered on its channel whatever the outcome, so none is retried.
+    pub async fn answer_inband(&self, batch: &[Incoming]) {
+        let Some(inband) = &self.inband else {
+            return;
+        };
+        for inc in batch {
+            let Ok(env) = broker::decode(&inc.data) else {
+                continue;
+            };
+            if Some(env.channel.as_str()) == self.notifier.channel() {
+                continue;
+            }
+            if let Some(target) = inband::parse(&env.subtopic) {
+                inband.on_channel_message(&env, target).await;
+            }
         }
     }
 

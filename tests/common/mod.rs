@@ -149,7 +149,10 @@ pub fn unique_group() -> String {
 pub fn delete_consumer_at(url: &str, group: &str) {
     let (url, group) = (url.to_owned(), group.to_owned());
     let _ = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {
@@ -429,4 +432,65 @@ pub fn assert_timestamp(v: &Value) {
         fraction.len() >= 3 && fraction.bytes().all(|b| b.is_ascii_digit()),
         "{s} has less than millisecond precision"
     );
+}
+
+/// A server process of the test's own (Redis or NATS on a free port), killed on drop.
+pub struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub async fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server on port {port} did not start");
+}
+
+pub async fn own_redis(port: u16) -> Child {
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (Debian package redis-server)");
+    wait_port(port).await;
+    Child(child)
+}
+
+pub async fn own_nats(port: u16, dir: &std::path::Path) -> Child {
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server must be installed (Debian package nats-server)");
+    wait_port(port).await;
+    Child(child)
 }

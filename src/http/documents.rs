@@ -1,0 +1,239 @@
+//! `/twins/{id}/documents` endpoints (SPEC section 7).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::header::{ETAG, IF_MATCH};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult, ErrorBody};
+use super::extract::{Caller, JsonBody, PatchBody, QueryMap};
+use crate::domain::document::{Document, DocumentSummary};
+use crate::service::VersionMismatch;
+use crate::service::documents::{Access, Change, DeltaView};
+
+/// Body of `PUT` and `PATCH`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct DocumentRequest {
+    /// Write only if this is the stored version (0: only if the document is absent).
+    #[serde(default)]
+    pub version: Option<i64>,
+    /// New data (`PUT`) or a JSON merge patch (`PATCH`).
+    #[schema(value_type = Object)]
+    pub data: Map<String, Value>,
+}
+
+/// Body of `GET /twins/{id}/documents`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DocumentList {
+    pub documents: Vec<DocumentSummary>,
+}
+
+/// The version of an `If-Match` header (`"3"`, `W/"3"` or `3`).
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<i64>> {
+    let Some(raw) = headers.get(IF_MATCH) else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::BadRequest("If-Match must be a document version, e.g. \"3\"".into())
+        })
+}
+
+/// The version a write is conditional on, from the body or `If-Match` (which must agree).
+fn expected_version(headers: &HeaderMap, body: Option<i64>) -> ApiResult<Option<i64>> {
+    match (if_match(headers)?, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::BadRequest(format!(
+            "If-Match version {h} disagrees with body version {b}"
+        ))),
+        (h, b) => Ok(h.or(b)),
+    }
+}
+
+fn with_etag(doc: &Document) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", doc.version)) {
+        headers.insert(ETAG, v);
+    }
+    headers
+}
+
+/// List a twin's documents.
+#[utoipa::path(get, path = "/twins/{id}/documents", tag = "documents",
+    params(("id" = String, Path, description = "Twin id (UUID)")),
+    responses((status = 200, body = DocumentList), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DocumentList>> {
+    let documents = app.documents.list(Access::Owner(&who.id), &id).await?;
+    Ok(Json(DocumentList { documents }))
+}
+
+/// Read a document; `ETag` carries its version.
+#[utoipa::path(get, path = "/twins/{id}/documents/{name}", tag = "documents",
+    params(("id" = String, Path, description = "Twin id (UUID)"),
+        ("name" = String, Path, description = "Document name, [A-Za-z0-9_-]{1,64}")),
+    responses((status = 200, body = Document, headers(("ETag" = String))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult<(HeaderMap, Json<Document>)> {
+    let doc = app
+        .documents
+        .get(Access::Owner(&who.id), &id, &name)
+        .await?;
+    Ok((with_etag(&doc), Json(doc)))
+}
+
+async fn write(
+    app: &AppState,
+    owner: &str,
+    (id, name): (String, String),
+    headers: &HeaderMap,
+    change: Change,
+    body_version: Option<i64>,
+) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
+    let version = expected_version(headers, body_version)?;
+    let (doc, created) = app
+        .documents
+        .write(Access::Owner(owner), &id, &name, change, version)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, with_etag(&doc), Json(doc)))
+}
+
+/// Replace a document's data (creating it with version 1 when absent).
+#[utoipa::path(put, path = "/twins/{id}/documents/{name}", tag = "documents",
+    request_body = DocumentRequest,
+    params(("id" = String, Path, description = "Twin id (UUID)"),
+        ("name" = String, Path, description = "Document name"),
+        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    responses((status = 200, body = Document), (status = 201, body = Document),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = VersionMismatch),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path(path): Path<(String, String)>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<DocumentRequest>,
+) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
+    write(
+        &app,
+        &who.id,
+        path,
+        &headers,
+        Change::Put(req.data),
+        req.version,
+    )
+    .await
+}
+
+/// Merge-patch a document's data (RFC 7396; creating it from `{}` when absent).
+#[utoipa::path(patch, path = "/twins/{id}/documents/{name}", tag = "documents",
+    request_body(content = DocumentRequest,
+        content_type = "application/merge-patch+json"),
+    params(("id" = String, Path, description = "Twin id (UUID)"),
+        ("name" = String, Path, description = "Document name"),
+        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    responses((status = 200, body = Document), (status = 201, body = Document),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = VersionMismatch),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn patch(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path(path): Path<(String, String)>,
+    headers: HeaderMap,
+    PatchBody(req): PatchBody<DocumentRequest>,
+) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
+    write(
+        &app,
+        &who.id,
+        path,
+        &headers,
+        Change::Patch(req.data),
+        req.version,
+    )
+    .await
+}
+
+/// Delete a document, optionally only at a given version (`?version=` or `If-Match`).
+#[utoipa::path(delete, path = "/twins/{id}/documents/{name}", tag = "documents",
+    params(("id" = String, Path, description = "Twin id (UUID)"),
+        ("name" = String, Path, description = "Document name"),
+        ("version" = Option<i64>, Query, description = "Delete only at this version"),
+        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = VersionMismatch), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    query: QueryMap,
+) -> ApiResult<StatusCode> {
+    let query_version = query
+        .get("version")
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| ApiError::BadRequest(format!("version must be an integer, got {v:?}")))
+        })
+        .transpose()?;
+    let version = expected_version(&headers, query_version)?;
+    app.documents
+        .delete(Access::Owner(&who.id), &id, &name, version)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// What differs between this document and another of the same twin, key by key.
+#[utoipa::path(get, path = "/twins/{id}/documents/{name}/delta", tag = "documents",
+    params(("id" = String, Path, description = "Twin id (UUID)"),
+        ("name" = String, Path, description = "Document name"),
+        ("against" = String, Query, description = "Name of the document to compare with")),
+    responses((status = 200, body = DeltaView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delta(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path((id, name)): Path<(String, String)>,
+    query: QueryMap,
+) -> ApiResult<Json<DeltaView>> {
+    let against = query
+        .get("against")
+        .ok_or_else(|| ApiError::BadRequest("query parameter against is required".into()))?;
+    Ok(Json(
+        app.documents
+            .delta(Access::Owner(&who.id), &id, &name, against)
+            .await?,
+    ))
+}

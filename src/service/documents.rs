@@ -1,0 +1,282 @@
+//! Twin documents (SPEC section 7): read, replace, merge-patch and delete named
+//! documents with optimistic locking, for owners over HTTP and devices over the broker.
+//!
+//! Every write is read-compute-compare-and-set: a conditional write (the client gave
+//! a version) answers a version mismatch when the compare fails; an unconditional one
+//! re-reads and tries again, so concurrent unconditional patches never lose a key.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::twins::parse_twin_id;
+use super::{ServiceError, ServiceResult, VersionMismatch};
+use crate::broker::notifier::Notifier;
+use crate::domain::document::{self, Difference, Document, DocumentName, DocumentSummary};
+use crate::domain::time::now_millis;
+use crate::domain::twin::Twin;
+use crate::store::{Store, Versioned};
+
+/// How often an unconditional write is retried when other writes keep winning.
+const WRITE_ATTEMPTS: usize = 32;
+
+/// On whose behalf a document is accessed.
+#[derive(Debug, Clone, Copy)]
+pub enum Access<'a> {
+    /// An authenticated user: only their own twins.
+    Owner(&'a str),
+    /// A device publishing on a Magistrala channel: only twins whose current
+    /// definition binds that channel.
+    Channel(&'a str),
+    /// A trusted back-end caller on the broker's request/reply subject.
+    Trusted,
+}
+
+/// What a write does with the stored data.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Replace the data.
+    Put(Map<String, Value>),
+    /// Apply an RFC 7396 merge patch to the data (an absent document starts from `{}`).
+    Patch(Map<String, Value>),
+}
+
+/// A document compared with another (`GET .../delta?against=`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct DeltaView {
+    pub twin_id: String,
+    pub document_name: String,
+    pub version: i64,
+    pub against: String,
+    /// Absent when the other document does not exist (compared as `{}`).
+    pub against_version: Option<i64>,
+    pub differences: Vec<Difference>,
+}
+
+/// The documents use cases.
+#[derive(Clone)]
+pub struct DocumentsService {
+    store: Store,
+    notifier: Notifier,
+}
+
+impl DocumentsService {
+    pub fn new(store: Store, notifier: Notifier) -> Self {
+        Self { store, notifier }
+    }
+
+    /// The twin if `access` may use its documents; NotFound otherwise, so that a
+    /// foreign twin is indistinguishable from a missing one.
+    async fn twin(&self, access: Access<'_>, twin_id: &str) -> ServiceResult<Twin> {
+        let id = parse_twin_id(twin_id)?;
+        let twin = match access {
+            Access::Owner(owner) => self.store.twins.retrieve(owner, &id).await?,
+            Access::Channel(channel) => self.store.twins.retrieve_any(&id).await?.filter(|t| {
+                t.current_definition()
+                    .is_some_and(|d| d.attributes.iter().any(|a| a.channel == channel))
+            }),
+            Access::Trusted => self.store.twins.retrieve_any(&id).await?,
+        };
+        twin.ok_or(ServiceError::NotFound)
+    }
+
+    pub async fn list(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+    ) -> ServiceResult<Vec<DocumentSummary>> {
+        let twin = self.twin(access, twin_id).await?;
+        Ok(self.store.documents.list(&twin.id).await?)
+    }
+
+    pub async fn get(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+    ) -> ServiceResult<Document> {
+        let name = DocumentName::parse(name)?;
+        let twin = self.twin(access, twin_id).await?;
+        self.store
+            .documents
+            .get(&twin.id, name.as_str())
+            .await?
+            .ok_or(ServiceError::NotFound)
+    }
+
+    /// Writes the document; returns it and whether it was created. With `version`, the
+    /// write only happens if that is the stored version (0: the document must not exist).
+    pub async fn write(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        change: Change,
+        version: Option<i64>,
+    ) -> ServiceResult<(Document, bool)> {
+        let op = match change {
+            Change::Put(_) => "document.put",
+            Change::Patch(_) => "document.patch",
+        };
+        let result = self.try_write(access, twin_id, name, change, version).await;
+        self.report(twin_id, op, result.as_ref().map(|(d, _)| d))
+            .await;
+        result
+    }
+
+    async fn try_write(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        change: Change,
+        version: Option<i64>,
+    ) -> ServiceResult<(Document, bool)> {
+        let name = DocumentName::parse(name)?;
+        if let Change::Put(data) = &change {
+            check_size(data)?;
+        }
+        let twin = self.twin(access, twin_id).await?;
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self.store.documents.get(&twin.id, name.as_str()).await?;
+            let stored = current.as_ref().map(|d| d.version);
+            check_version(&twin.id, &name, version, stored)?;
+            let data = match &change {
+                Change::Put(data) => data.clone(),
+                Change::Patch(patch) => {
+                    let mut target = Value::Object(current.map(|d| d.data).unwrap_or_default());
+                    document::merge_patch(&mut target, &Value::Object(patch.clone()));
+                    match target {
+                        Value::Object(m) => m,
+                        _ => Map::new(),
+                    }
+                }
+            };
+            check_size(&data)?;
+            let doc = Document {
+                twin_id: twin.id.clone(),
+                document_name: name.as_str().to_owned(),
+                version: stored.unwrap_or(0) + 1,
+                updated: now_millis(),
+                data,
+            };
+            match self.store.documents.write(&doc, stored).await? {
+                Versioned::Done => return Ok((doc, stored.is_none())),
+                Versioned::Stale { actual } => check_version(&twin.id, &name, version, actual)?,
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "document kept changing; retry".into(),
+        ))
+    }
+
+    /// Deletes the document (only at `version` when given) and returns what was deleted.
+    pub async fn delete(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> ServiceResult<Document> {
+        let result = self.try_delete(access, twin_id, name, version).await;
+        self.report(twin_id, "document.delete", result.as_ref())
+            .await;
+        result
+    }
+
+    async fn try_delete(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> ServiceResult<Document> {
+        let name = DocumentName::parse(name)?;
+        let twin = self.twin(access, twin_id).await?;
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self
+                .store
+                .documents
+                .get(&twin.id, name.as_str())
+                .await?
+                .ok_or(ServiceError::NotFound)?;
+            check_version(&twin.id, &name, version, Some(current.version))?;
+            match self
+                .store
+                .documents
+                .delete(&twin.id, name.as_str(), Some(current.version))
+                .await?
+            {
+                Versioned::Done => return Ok(current),
+                Versioned::Stale { actual: None } => return Err(ServiceError::NotFound),
+                Versioned::Stale { actual } => check_version(&twin.id, &name, version, actual)?,
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "document kept changing; retry".into(),
+        ))
+    }
+
+    /// What differs between document `name` and document `against` of the same twin.
+    pub async fn delta(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        against: &str,
+    ) -> ServiceResult<DeltaView> {
+        let against_name = DocumentName::parse(against)?;
+        let doc = self.get(access, twin_id, name).await?;
+        let other = self
+            .store
+            .documents
+            .get(&doc.twin_id, against_name.as_str())
+            .await?;
+        let empty = Map::new();
+        Ok(DeltaView {
+            differences: document::delta(&doc.data, other.as_ref().map_or(&empty, |o| &o.data)),
+            against_version: other.as_ref().map(|o| o.version),
+            against: against_name.as_str().to_owned(),
+            twin_id: doc.twin_id,
+            document_name: doc.document_name,
+            version: doc.version,
+        })
+    }
+
+    async fn report(&self, twin_id: &str, op: &str, result: Result<&Document, &ServiceError>) {
+        // Ids that are no twin id never reach a broker subject.
+        let Ok(id) = parse_twin_id(twin_id) else {
+            return;
+        };
+        match result {
+            Ok(doc) => self.notifier.notify_json(&id, op, doc).await,
+            Err(e) => self.notifier.notify(&id, op, Err(e.public_message())).await,
+        }
+    }
+}
+
+fn check_size(data: &Map<String, Value>) -> ServiceResult<()> {
+    document::check_size(data).map_err(|e| ServiceError::TooLarge(e.to_string()))
+}
+
+/// A version mismatch when the client asked for `expected` and `stored` is there
+/// (0 stands for "no document").
+fn check_version(
+    twin_id: &str,
+    name: &DocumentName,
+    expected: Option<i64>,
+    stored: Option<i64>,
+) -> ServiceResult<()> {
+    match expected {
+        Some(v) if v != stored.unwrap_or(0) => {
+            Err(ServiceError::VersionMismatch(Box::new(VersionMismatch {
+                error: "document version mismatch",
+                twin_id: twin_id.to_owned(),
+                document_name: name.as_str().to_owned(),
+                expected_version: v,
+                actual_version: stored,
+            })))
+        }
+        _ => Ok(()),
+    }
+}
