@@ -390,30 +390,87 @@ impl StateRepository for SqliteStore {
     }
 
     async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
-        let mut conflicts = Vec::new();
-        // The single writer connection serialises this with every other write of the
-        // process, and the transaction holds SQLite's write lock against other processes.
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A batch is a handful of statements whatever its size: the rows travel as one
+        // JSON array per statement and are unpacked by json_each. The single writer
+        // connection serialises this with every other write of the process, and the
+        // transaction holds SQLite's write lock against other processes.
+        let ids: Vec<&str> = batch.iter().map(|t| t.twin_id.as_str()).collect();
         let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let rows = sqlx::query(
+            "SELECT twin_id, seq FROM ingest_cursors
+             WHERE twin_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(to_json(&ids)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let mut stored = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get("twin_id").map_err(|e| StoreError::Internal(e.to_string()))?;
+            let seq: i64 = r.try_get("seq").map_err(|e| StoreError::Internal(e.to_string()))?;
+            stored.insert(id, seq.max(0) as u64);
+        }
+        let mut conflicts = Vec::new();
+        let (mut inserts, mut updates, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
         for tw in batch {
-            let stored: Option<i64> =
-                sqlx::query_scalar("SELECT seq FROM ingest_cursors WHERE twin_id = ?")
-                    .bind(&tw.twin_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-            if stored.unwrap_or(0).max(0) as u64 != tw.expected_seq {
+            let seq = stored.get(&tw.twin_id).copied().unwrap_or(0);
+            if seq != tw.expected_seq {
                 conflicts.push(tw.twin_id.clone());
                 continue;
             }
+            stored.insert(tw.twin_id.clone(), tw.new_seq);
             for w in &tw.writes {
-                write_state(&mut tx, w).await?;
+                let (rows, s) = match w {
+                    Write::Insert(s) => (&mut inserts, s),
+                    Write::Update(s) => (&mut updates, s),
+                };
+                rows.push(serde_json::json!([
+                    s.twin_id,
+                    s.id,
+                    s.definition,
+                    to_nanos(&s.created),
+                    to_json(&s.payload)?
+                ]));
             }
+            cursors.push(serde_json::json!([
+                tw.twin_id,
+                i64::try_from(tw.new_seq).unwrap_or(i64::MAX)
+            ]));
+        }
+        const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
+            json_extract(value, '$[2]') AS d, json_extract(value, '$[3]') AS c,
+            json_extract(value, '$[4]') AS p FROM json_each(?)";
+        if !inserts.is_empty() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO states (twin_id, id, definition, created, payload)
+                 SELECT t, i, d, c, p FROM ({ROWS})"
+            )))
+            .bind(to_json(&inserts)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if !updates.is_empty() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE states SET definition = u.d, created = u.c, payload = u.p
+                 FROM ({ROWS}) AS u WHERE states.twin_id = u.t AND states.id = u.i"
+            )))
+            .bind(to_json(&updates)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if !cursors.is_empty() {
             sqlx::query(
-                "INSERT INTO ingest_cursors (twin_id, seq) VALUES (?, ?)
+                "INSERT INTO ingest_cursors (twin_id, seq)
+                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)
+                 WHERE true
                  ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
             )
-            .bind(&tw.twin_id)
-            .bind(i64::try_from(tw.new_seq).unwrap_or(i64::MAX))
+            .bind(to_json(&cursors)?)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
