@@ -2,8 +2,10 @@
 //!
 //! Every twin query made on behalf of a client takes the owner, so a foreign twin is
 //! indistinguishable from a missing one at this level already. Backends: `sqlite`
-//! (embedded default); MongoDB and PostgreSQL implement the same traits.
+//! (embedded default) and `mongo` (the Go service's database); PostgreSQL will implement
+//! the same traits. `tests/store_conformance.rs` runs one suite against each.
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -175,8 +177,12 @@ impl Store {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
             return Ok(Self::new(s.clone(), s.clone(), s.clone(), s));
         }
+        if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+            let s = Arc::new(mongo::MongoStore::connect(url).await?);
+            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s));
+        }
         Err(StoreError::Internal(format!(
-            "unsupported database URL scheme in {url:?} (expected sqlite://)"
+            "unsupported database URL scheme in {url:?} (expected sqlite:// or mongodb://)"
         )))
     }
 }

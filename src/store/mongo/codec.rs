@@ -1,0 +1,594 @@
+//! Twins, states and documents as BSON, in the shape the Go service stores them.
+//!
+//! A deployment switching from the Go service keeps its data, and the Go service could
+//! read ours back, so the layout follows the Go driver's defaults rather than our JSON:
+//! field names are the lower-cased Go field names (`persiststate`, `twinid`), Go `int`
+//! fields (revision, definition ids, a state's definition) are Int32 when they fit and
+//! Int64 otherwise, `int64` fields (delta, state id) are Int64, and times are BSON dates,
+//! which hold milliseconds. Decoding is as lenient as the Go driver: a missing or null
+//! field reads as its zero value (Go writes a nil map or slice as null) and any numeric
+//! type is accepted for an integer. The `_id` ObjectId the drivers add is ignored.
+//!
+//! Free-form JSON (metadata, payloads, document data) maps type by type: integers to
+//! Int64, other numbers to Double, objects to embedded documents. Reading back maps
+//! Int32/Int64 to integers and Double to floats, so our own values round-trip exactly;
+//! BSON types JSON lacks (dates, ObjectIds, ...) read as relaxed extended JSON.
+
+use bson::{Bson, Document, doc};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Number, Value};
+
+use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::state::State;
+use crate::domain::twin::{Attribute, Definition, Twin};
+use crate::store::{StoreError, StoreResult};
+
+/// A Go `int`: the Go driver writes Int32 when the value fits.
+fn go_int(v: i64) -> Bson {
+    i32::try_from(v).map_or(Bson::Int64(v), Bson::Int32)
+}
+
+fn date(t: &DateTime<Utc>) -> Bson {
+    Bson::DateTime(bson::DateTime::from_millis(t.timestamp_millis()))
+}
+
+pub fn json_to_bson(v: &Value) -> Bson {
+    match v {
+        Value::Null => Bson::Null,
+        Value::Bool(b) => Bson::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Bson::Int64(i),
+            // Integers above i64::MAX have no BSON integer type.
+            None => n.as_f64().map_or(Bson::Null, Bson::Double),
+        },
+        Value::String(s) => Bson::String(s.clone()),
+        Value::Array(a) => Bson::Array(a.iter().map(json_to_bson).collect()),
+        Value::Object(m) => Bson::Document(object_to_bson(m)),
+    }
+}
+
+pub fn object_to_bson(m: &Map<String, Value>) -> Document {
+    m.iter()
+        .map(|(k, v)| (k.clone(), json_to_bson(v)))
+        .collect()
+}
+
+pub fn bson_to_json(b: &Bson) -> Value {
+    match b {
+        Bson::Null => Value::Null,
+        Bson::Boolean(v) => Value::Bool(*v),
+        Bson::Int32(i) => Value::from(*i),
+        Bson::Int64(i) => Value::from(*i),
+        // NaN and infinities have no JSON form.
+        Bson::Double(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Bson::String(s) => Value::String(s.clone()),
+        Bson::Array(a) => Value::Array(a.iter().map(bson_to_json).collect()),
+        Bson::Document(d) => Value::Object(bson_to_object(d)),
+        other => other.clone().into_relaxed_extjson(),
+    }
+}
+
+fn bson_to_object(d: &Document) -> Map<String, Value> {
+    d.iter()
+        .map(|(k, v)| (k.clone(), bson_to_json(v)))
+        .collect()
+}
+
+pub fn twin_to_bson(t: &Twin) -> Document {
+    doc! {
+        "owner": &t.owner,
+        "id": &t.id,
+        "name": &t.name,
+        "created": date(&t.created),
+        "updated": date(&t.updated),
+        "revision": go_int(t.revision),
+        "definitions": definitions_to_bson(&t.definitions),
+        "metadata": object_to_bson(&t.metadata),
+    }
+}
+
+pub fn definitions_to_bson(defs: &[Definition]) -> Vec<Bson> {
+    defs.iter()
+        .map(|d| {
+            Bson::Document(doc! {
+                "id": go_int(d.id),
+                "created": date(&d.created),
+                "attributes": d.attributes.iter().map(|a| Bson::Document(doc! {
+                    "name": &a.name,
+                    "channel": &a.channel,
+                    "subtopic": &a.subtopic,
+                    "persiststate": a.persist_state,
+                })).collect::<Vec<_>>(),
+                "delta": Bson::Int64(d.delta),
+            })
+        })
+        .collect()
+}
+
+pub fn state_to_bson(s: &State) -> Document {
+    doc! {
+        "twinid": &s.twin_id,
+        "id": Bson::Int64(s.id),
+        "definition": go_int(s.definition),
+        "created": date(&s.created),
+        "payload": object_to_bson(&s.payload),
+    }
+}
+
+pub fn document_to_bson(d: &TwinDocument) -> Document {
+    doc! {
+        "twinid": &d.twin_id,
+        "name": &d.document_name,
+        "version": Bson::Int64(d.version),
+        "updated": date(&d.updated),
+        "data": object_to_bson(&d.data),
+    }
+}
+
+/// Typed reads of one stored document, naming the field in every error.
+struct Fields<'a> {
+    doc: &'a Document,
+    what: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    fn new(doc: &'a Document, what: &'static str) -> Self {
+        Self { doc, what }
+    }
+
+    /// The field's value; None when it is missing or null.
+    fn get(&self, key: &str) -> Option<&'a Bson> {
+        self.doc.get(key).filter(|b| !matches!(b, Bson::Null))
+    }
+
+    fn corrupt(&self, key: &str, found: &Bson) -> StoreError {
+        StoreError::Internal(format!(
+            "corrupt {}: field {key:?} is a {:?}",
+            self.what,
+            found.element_type()
+        ))
+    }
+
+    fn str(&self, key: &str) -> StoreResult<String> {
+        match self.get(key) {
+            None => Ok(String::new()),
+            Some(Bson::String(s)) => Ok(s.clone()),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+
+    fn int(&self, key: &str) -> StoreResult<i64> {
+        match self.get(key) {
+            None => Ok(0),
+            Some(Bson::Int32(i)) => Ok(i64::from(*i)),
+            Some(Bson::Int64(i)) => Ok(*i),
+            // Written by hand in a shell, where every number is a double.
+            Some(Bson::Double(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(*f as i64),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> StoreResult<bool> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(Bson::Boolean(b)) => Ok(*b),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+
+    /// A BSON date; a missing one reads as the Unix epoch.
+    fn date(&self, key: &str) -> StoreResult<DateTime<Utc>> {
+        match self.get(key) {
+            None => Ok(DateTime::UNIX_EPOCH),
+            Some(Bson::DateTime(d)) => DateTime::from_timestamp_millis(d.timestamp_millis())
+                .ok_or_else(|| self.corrupt(key, &Bson::DateTime(*d))),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+
+    fn object(&self, key: &str) -> StoreResult<Map<String, Value>> {
+        match self.get(key) {
+            None => Ok(Map::new()),
+            Some(Bson::Document(d)) => Ok(bson_to_object(d)),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+
+    /// The embedded documents of an array field.
+    fn documents(&self, key: &str) -> StoreResult<Vec<&'a Document>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Bson::Array(items)) => items
+                .iter()
+                .map(|b| match b {
+                    Bson::Document(d) => Ok(d),
+                    other => Err(self.corrupt(key, other)),
+                })
+                .collect(),
+            Some(other) => Err(self.corrupt(key, other)),
+        }
+    }
+}
+
+pub fn twin_from_bson(doc: &Document) -> StoreResult<Twin> {
+    let f = Fields::new(doc, "twin");
+    Ok(Twin {
+        owner: f.str("owner")?,
+        id: f.str("id")?,
+        name: f.str("name")?,
+        revision: f.int("revision")?,
+        created: f.date("created")?,
+        updated: f.date("updated")?,
+        definitions: definitions_from_bson(doc)?,
+        metadata: f.object("metadata")?,
+    })
+}
+
+/// The `definitions` of a twin document (also of one projected to its attributes).
+pub fn definitions_from_bson(twin: &Document) -> StoreResult<Vec<Definition>> {
+    Fields::new(twin, "twin")
+        .documents("definitions")?
+        .into_iter()
+        .map(|d| {
+            let f = Fields::new(d, "definition");
+            Ok(Definition {
+                id: f.int("id")?,
+                created: f.date("created")?,
+                attributes: f
+                    .documents("attributes")?
+                    .into_iter()
+                    .map(|a| {
+                        let f = Fields::new(a, "attribute");
+                        Ok(Attribute {
+                            name: f.str("name")?,
+                            channel: f.str("channel")?,
+                            subtopic: f.str("subtopic")?,
+                            persist_state: f.bool("persiststate")?,
+                        })
+                    })
+                    .collect::<StoreResult<_>>()?,
+                delta: f.int("delta")?,
+            })
+        })
+        .collect()
+}
+
+pub fn state_from_bson(doc: &Document) -> StoreResult<State> {
+    let f = Fields::new(doc, "state");
+    Ok(State {
+        twin_id: f.str("twinid")?,
+        id: f.int("id")?,
+        definition: f.int("definition")?,
+        created: f.date("created")?,
+        payload: f.object("payload")?,
+    })
+}
+
+pub fn document_from_bson(doc: &Document) -> StoreResult<TwinDocument> {
+    let f = Fields::new(doc, "document");
+    Ok(TwinDocument {
+        twin_id: f.str("twinid")?,
+        document_name: f.str("name")?,
+        version: f.int("version")?,
+        updated: f.date("updated")?,
+        data: f.object("data")?,
+    })
+}
+
+pub fn summary_from_bson(doc: &Document) -> StoreResult<DocumentSummary> {
+    let f = Fields::new(doc, "document");
+    Ok(DocumentSummary {
+        document_name: f.str("name")?,
+        version: f.int("version")?,
+        updated: f.date("updated")?,
+    })
+}
+
+/// The stored version of a document (projected or whole).
+pub fn version_from_bson(doc: &Document) -> StoreResult<i64> {
+    Fields::new(doc, "document").int("version")
+}
+
+/// The stream sequence of an ingest cursor document.
+pub fn seq_from_bson(doc: &Document) -> StoreResult<u64> {
+    Ok(Fields::new(doc, "ingest cursor").int("seq")?.max(0) as u64)
+}
+
+/// The id of a twin document (projected or whole).
+pub fn id_from_bson(doc: &Document, what: &'static str) -> StoreResult<String> {
+    Fields::new(doc, what).str("id")
+}
+
+/// The id of a state document (projected or whole).
+pub fn state_id_from_bson(doc: &Document) -> StoreResult<i64> {
+    Fields::new(doc, "state").int("id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::from_nanos;
+    use bson::oid::ObjectId;
+    use bson::spec::ElementType;
+    use serde_json::json;
+
+    /// 2020-05-05T08:41:39.142Z and 2020-05-05T08:49:12.638Z, as in the Go service's docs.
+    const CREATED_MS: i64 = 1_588_668_099_142;
+    const UPDATED_MS: i64 = 1_588_668_552_638;
+
+    fn ms(millis: i64) -> DateTime<Utc> {
+        from_nanos(millis * 1_000_000)
+    }
+
+    /// A twin exactly as the Go service stores it: `_id` added by the Go driver, Go
+    /// `int` fields as Int32, `delta` as Int64, dates in milliseconds, metadata numbers
+    /// as doubles (Go decodes JSON numbers into float64).
+    fn go_twin() -> Document {
+        doc! {
+            "_id": ObjectId::parse_str("5eb127830f5d3b6a7ef9c1a2").unwrap(),
+            "owner": "john.doe@email.net",
+            "id": "a838e608-1c1b-4fea-9c34-def877473a89",
+            "name": "grinding machine 2",
+            "created": bson::DateTime::from_millis(CREATED_MS),
+            "updated": bson::DateTime::from_millis(UPDATED_MS),
+            "revision": 1_i32,
+            "definitions": [
+                {
+                    "id": 0_i32,
+                    "created": bson::DateTime::from_millis(CREATED_MS),
+                    "attributes": [],
+                    "delta": 1_000_000_i64,
+                },
+                {
+                    "id": 1_i32,
+                    "created": bson::DateTime::from_millis(UPDATED_MS),
+                    "attributes": [
+                        {
+                            "name": "engine temperature",
+                            "channel": "7ef6c61c-f514-402f-af4b-2401b588bfec",
+                            "subtopic": "engine",
+                            "persiststate": true,
+                        },
+                        {
+                            "name": "rotations per sec",
+                            "channel": "7ef6c61c-f514-402f-af4b-2401b588bfec",
+                            "subtopic": "engine",
+                            "persiststate": false,
+                        },
+                    ],
+                    "delta": 10_000_000_000_i64,
+                },
+            ],
+            "metadata": { "floor": 2.5, "site": "plant-1" },
+        }
+    }
+
+    fn go_state() -> Document {
+        doc! {
+            "_id": ObjectId::parse_str("5eb127830f5d3b6a7ef9c1a3").unwrap(),
+            "twinid": "a838e608-1c1b-4fea-9c34-def877473a89",
+            "id": 12_i64,
+            "definition": 1_i32,
+            "created": bson::DateTime::from_millis(UPDATED_MS),
+            "payload": { "engine temperature": 81.5, "on": true, "status": "ok" },
+        }
+    }
+
+    fn expected_twin() -> Twin {
+        let attr = |name: &str, persist_state| Attribute {
+            name: name.into(),
+            channel: "7ef6c61c-f514-402f-af4b-2401b588bfec".into(),
+            subtopic: "engine".into(),
+            persist_state,
+        };
+        Twin {
+            owner: "john.doe@email.net".into(),
+            id: "a838e608-1c1b-4fea-9c34-def877473a89".into(),
+            name: "grinding machine 2".into(),
+            revision: 1,
+            created: ms(CREATED_MS),
+            updated: ms(UPDATED_MS),
+            definitions: vec![
+                Definition {
+                    id: 0,
+                    created: ms(CREATED_MS),
+                    attributes: vec![],
+                    delta: 1_000_000,
+                },
+                Definition {
+                    id: 1,
+                    created: ms(UPDATED_MS),
+                    attributes: vec![
+                        attr("engine temperature", true),
+                        attr("rotations per sec", false),
+                    ],
+                    delta: 10_000_000_000,
+                },
+            ],
+            metadata: json!({"site": "plant-1", "floor": 2.5})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        }
+    }
+
+    /// Field names and BSON types of a document, recursively, ignoring `_id`.
+    fn shape(doc: &Document) -> Vec<(String, ElementType)> {
+        fn walk(prefix: &str, b: &Bson, out: &mut Vec<(String, ElementType)>) {
+            out.push((prefix.to_owned(), b.element_type()));
+            match b {
+                Bson::Document(d) => {
+                    for (k, v) in d {
+                        walk(&format!("{prefix}.{k}"), v, out);
+                    }
+                }
+                Bson::Array(a) => {
+                    for (i, v) in a.iter().enumerate() {
+                        walk(&format!("{prefix}.{i}"), v, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        for (k, v) in doc.iter().filter(|(k, _)| *k != "_id") {
+            walk(k, v, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn go_twin_decodes_into_our_twin() {
+        assert_eq!(twin_from_bson(&go_twin()).unwrap(), expected_twin());
+    }
+
+    #[test]
+    fn our_twin_encodes_to_the_go_field_names_and_types() {
+        let mut go = go_twin();
+        go.remove("_id");
+        let ours = twin_to_bson(&expected_twin());
+        assert_eq!(shape(&ours), shape(&go));
+        assert_eq!(ours, go);
+    }
+
+    #[test]
+    fn go_state_decodes_into_our_state() {
+        let s = state_from_bson(&go_state()).unwrap();
+        assert_eq!(
+            s,
+            State {
+                twin_id: "a838e608-1c1b-4fea-9c34-def877473a89".into(),
+                id: 12,
+                definition: 1,
+                created: ms(UPDATED_MS),
+                payload: json!({"engine temperature": 81.5, "status": "ok", "on": true})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            }
+        );
+    }
+
+    #[test]
+    fn our_state_encodes_to_the_go_field_names_and_types() {
+        let mut go = go_state();
+        go.remove("_id");
+        let ours = state_to_bson(&state_from_bson(&go_state()).unwrap());
+        assert_eq!(shape(&ours), shape(&go));
+        assert_eq!(ours, go);
+    }
+
+    #[test]
+    fn times_are_bson_dates_in_milliseconds() {
+        let mut t = expected_twin();
+        // Sub-millisecond precision is what a BSON date cannot hold.
+        t.created = from_nanos(CREATED_MS * 1_000_000 + 999_999);
+        let d = twin_to_bson(&t);
+        assert_eq!(
+            d.get("created"),
+            Some(&Bson::DateTime(bson::DateTime::from_millis(CREATED_MS)))
+        );
+        assert_eq!(twin_from_bson(&d).unwrap().created, ms(CREATED_MS));
+    }
+
+    #[test]
+    fn go_ints_beyond_i32_become_int64() {
+        assert_eq!(go_int(7), Bson::Int32(7));
+        assert_eq!(go_int(i64::from(i32::MAX) + 1), Bson::Int64(2_147_483_648));
+        let mut t = expected_twin();
+        t.revision = 5_000_000_000;
+        assert_eq!(
+            twin_from_bson(&twin_to_bson(&t)).unwrap().revision,
+            t.revision
+        );
+    }
+
+    /// The Go driver writes a nil map or slice as null; a twin created before a field
+    /// existed lacks it.
+    #[test]
+    fn null_and_missing_fields_read_as_zero_values() {
+        let go = doc! {
+            "owner": "o",
+            "id": "i",
+            "created": bson::DateTime::from_millis(CREATED_MS),
+            "updated": bson::DateTime::from_millis(CREATED_MS),
+            "revision": 0_i32,
+            "definitions": [ { "id": 0_i32, "created": bson::DateTime::from_millis(CREATED_MS), "attributes": null } ],
+            "metadata": null,
+        };
+        let t = twin_from_bson(&go).unwrap();
+        assert_eq!(t.name, "");
+        assert!(t.metadata.is_empty());
+        assert!(t.definitions[0].attributes.is_empty());
+        assert_eq!(t.definitions[0].delta, 0);
+        let s = state_from_bson(&doc! { "twinid": "i", "id": 0_i64, "payload": null }).unwrap();
+        assert!(s.payload.is_empty());
+        assert_eq!(s.created, DateTime::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn wrong_field_types_are_corrupt_data_naming_the_field() {
+        let mut d = go_twin();
+        d.insert("revision", "one");
+        let err = twin_from_bson(&d).unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt twin") && err.contains("revision"),
+            "{err}"
+        );
+        let err = state_from_bson(&doc! { "id": "x" })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("corrupt state") && err.contains("\"id\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_values_round_trip_through_bson() {
+        let v = json!({
+            "int": 5, "neg": -3, "float": 2.5, "whole float": 3.0, "s": "x", "b": false,
+            "null": null, "arr": [1, "two", [3.5], {"k": true}], "obj": {"nested": {"deep": 1}},
+        });
+        let b = json_to_bson(&v);
+        assert_eq!(b.as_document().unwrap().get("int"), Some(&Bson::Int64(5)));
+        assert_eq!(
+            b.as_document().unwrap().get("whole float"),
+            Some(&Bson::Double(3.0))
+        );
+        assert_eq!(bson_to_json(&b), v);
+    }
+
+    #[test]
+    fn bson_types_without_json_form_read_as_extended_json() {
+        assert_eq!(bson_to_json(&Bson::Int32(4)), json!(4));
+        assert_eq!(bson_to_json(&Bson::Double(f64::NAN)), Value::Null);
+        let oid = ObjectId::parse_str("5eb127830f5d3b6a7ef9c1a2").unwrap();
+        assert_eq!(
+            bson_to_json(&Bson::ObjectId(oid)),
+            json!({"$oid": "5eb127830f5d3b6a7ef9c1a2"})
+        );
+    }
+
+    #[test]
+    fn documents_encode_and_decode() {
+        let d = TwinDocument {
+            twin_id: "t".into(),
+            document_name: "desired".into(),
+            version: 3,
+            updated: ms(UPDATED_MS),
+            data: json!({"armed": true}).as_object().cloned().unwrap(),
+        };
+        let b = document_to_bson(&d);
+        assert_eq!(
+            b,
+            doc! {
+                "twinid": "t", "name": "desired", "version": 3_i64,
+                "updated": bson::DateTime::from_millis(UPDATED_MS), "data": { "armed": true },
+            }
+        );
+        assert_eq!(document_from_bson(&b).unwrap(), d);
+        assert_eq!(summary_from_bson(&b).unwrap(), DocumentSummary::from(&d));
+        assert_eq!(version_from_bson(&b).unwrap(), 3);
+    }
+}

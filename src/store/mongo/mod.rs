@@ -1,0 +1,575 @@
+//! MongoDB backend, reading and writing the collections of the Go twins service.
+//!
+//! Operators switching from the Go service keep their database: `twins` and `states`
+//! hold documents in the Go service's shape ([`codec`]), so either service can read what
+//! the other wrote. Our additions live beside them (`documents`, `ingest_cursors`) and
+//! the Go service never looks at them. Every query is one of the plain filters of
+//! [`filters`]; the conformance suite in `tests/store_conformance.rs` runs the same cases
+//! here and on SQLite.
+//!
+//! Standalone MongoDB has no multi-document transactions, so each method is a short
+//! sequence of single-document atomic operations, ordered so that a failure half-way
+//! leaves nothing a client could see as wrong (see `remove` and `apply`).
+
+mod codec;
+mod filters;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::{Document, doc};
+use futures::TryStreamExt;
+use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use super::{
+    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, TwinWrites, Versioned,
+};
+use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::sampling::Write;
+use crate::domain::state::State;
+use crate::domain::twin::Twin;
+use crate::domain::{Page, PageRequest};
+
+/// Database used when the URL names none, as in the Go service.
+pub const DEFAULT_DATABASE: &str = "magistrala";
+/// How long an operation waits for a reachable server before failing as unavailable,
+/// unless the URL sets `serverSelectionTimeoutMS`. The driver's 30 s would hold API
+/// requests and `/health` far longer than a client waits.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Duplicate key on a unique index.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Server error codes that mean "not now" rather than "never": the node is stepping
+/// down, shutting down, or timed out.
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
+
+/// The collections of one database.
+pub struct MongoStore {
+    db: Database,
+    twins: Collection<Document>,
+    states: Collection<Document>,
+    documents: Collection<Document>,
+    cursors: Collection<Document>,
+}
+
+impl MongoStore {
+    /// Connects to the deployment at `url` (database from the URL path, default
+    /// `magistrala`) and creates the indexes that are missing.
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let mut options = ClientOptions::parse(url).await.map_err(map_err)?;
+        options
+            .server_selection_timeout
+            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.app_name.get_or_insert_with(|| "twins".into());
+        let name = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATABASE.into());
+        let db = Client::with_options(options)
+            .map_err(map_err)?
+            .database(&name);
+        let store = Self {
+            twins: db.collection(filters::TWINS),
+            states: db.collection(filters::STATES),
+            documents: db.collection(filters::DOCUMENTS),
+            cursors: db.collection(filters::CURSORS),
+            db,
+        };
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    async fn create_indexes(&self) -> StoreResult<()> {
+        for (collection, keys, unique) in filters::indexes() {
+            let index = IndexModel::builder()
+                .keys(keys)
+                .options(unique.then(|| IndexOptions::builder().unique(true).build()))
+                .build();
+            self.db
+                .collection::<Document>(collection)
+                .create_index(index)
+                .await
+                .map_err(|e| match map_err(e) {
+                    // E.g. duplicate twin ids or states already stored: say where.
+                    StoreError::Internal(m) | StoreError::Conflict(m) => {
+                        StoreError::Internal(format!("cannot create an index on {collection}: {m}"))
+                    }
+                    unavailable => unavailable,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The stored version of a document, read after a conditional write missed.
+    async fn document_version(&self, twin_id: &str, name: &str) -> StoreResult<Option<i64>> {
+        self.documents
+            .find_one(filters::document(twin_id, name))
+            .projection(filters::only(&["version"]))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::version_from_bson)
+            .transpose()
+    }
+
+    async fn write_state(&self, write: &Write) -> StoreResult<()> {
+        match write {
+            Write::Insert(s) => {
+                self.states
+                    .insert_one(codec::state_to_bson(s))
+                    .await
+                    .map_err(map_err)?;
+            }
+            Write::Update(s) => {
+                self.states
+                    .update_one(filters::state(&s.twin_id, s.id), filters::state_update(s))
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the twin's cursor from `expected_seq` to `new_seq`; false when it was
+    /// somewhere else (another instance applied messages meanwhile).
+    async fn claim(&self, tw: &TwinWrites) -> StoreResult<bool> {
+        let (filter, update, upsert) =
+            filters::cursor_claim(&tw.twin_id, tw.expected_seq, tw.new_seq);
+        match self
+            .cursors
+            .update_one(filter, update)
+            .upsert(upsert)
+            .await
+            .map_err(map_err)
+        {
+            Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
+            Err(StoreError::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Maps driver errors onto the store's error kinds: a duplicate key is a conflict;
+/// anything that says the server cannot be reached or cannot answer now is unavailable.
+fn map_err(e: mongodb::error::Error) -> StoreError {
+    let unavailable = match e.kind.as_ref() {
+        ErrorKind::Command(c) if c.code == DUPLICATE_KEY => {
+            return StoreError::Conflict(e.to_string());
+        }
+        ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY => {
+            return StoreError::Conflict(e.to_string());
+        }
+        ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(_))
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Authentication { .. }
+        | ErrorKind::Shutdown => true,
+        _ => false,
+    };
+    if unavailable || e.contains_label(RETRYABLE_WRITE_ERROR) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Internal(e.to_string())
+    }
+}
+
+async fn collect(cursor: mongodb::Cursor<Document>) -> StoreResult<Vec<Document>> {
+    cursor.try_collect().await.map_err(map_err)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl TwinRepository for MongoStore {
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        self.twins
+            .insert_one(codec::twin_to_bson(twin))
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        let r = self
+            .twins
+            .update_one(
+                filters::twin_at_revision(twin, expected_revision),
+                filters::twin_update(twin),
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
+        self.twins
+            .find_one(filters::twin(owner, id))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::twin_from_bson)
+            .transpose()
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Twin>> {
+        let query = filters::twin_list(owner, filter);
+        let total = self
+            .twins
+            .count_documents(query.clone())
+            .await
+            .map_err(map_err)?;
+        let docs = collect(
+            self.twins
+                .find(query)
+                .sort(filters::creation_order())
+                .skip(page.offset)
+                .limit(to_i64(page.limit))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: docs
+                .iter()
+                .map(codec::twin_from_bson)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        // Ownership first, then the twin's data, the twin last: a failure half-way leaves
+        // a twin that still exists and can be removed again, never data nobody owns.
+        let owned = self
+            .twins
+            .find_one(filters::twin(owner, id))
+            .projection(filters::only(&["id"]))
+            .await
+            .map_err(map_err)?
+            .is_some();
+        if !owned {
+            return Ok(false);
+        }
+        self.states
+            .delete_many(filters::states_of(id))
+            .await
+            .map_err(map_err)?;
+        self.documents
+            .delete_many(filters::documents_of(id))
+            .await
+            .map_err(map_err)?;
+        self.cursors
+            .delete_many(filters::cursor_of(id))
+            .await
+            .map_err(map_err)?;
+        let r = self
+            .twins
+            .delete_one(filters::twin(owner, id))
+            .await
+            .map_err(map_err)?;
+        Ok(r.deleted_count == 1)
+    }
+
+    async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
+        let docs = collect(
+            self.twins
+                .find(filters::twins_on_channel(channel, subtopic))
+                .projection(filters::twin_attributes_projection())
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        let mut ids = Vec::new();
+        for d in &docs {
+            let current = codec::definitions_from_bson(d)?.pop();
+            if current
+                .is_some_and(|def| def.attributes.iter().any(|a| a.matches(channel, subtopic)))
+            {
+                ids.push(codec::id_from_bson(d, "twin")?);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
+        self.twins
+            .find_one(filters::twin_any_owner(id))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::twin_from_bson)
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl StateRepository for MongoStore {
+    async fn save(&self, state: &State) -> StoreResult<()> {
+        self.write_state(&Write::Insert(state.clone())).await
+    }
+
+    async fn update(&self, state: &State) -> StoreResult<()> {
+        self.write_state(&Write::Update(state.clone())).await
+    }
+
+    async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
+        self.states
+            .find_one(filters::states_of(twin_id))
+            .sort(filters::by("id", -1))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::state_from_bson)
+            .transpose()
+    }
+
+    async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
+        // As in SQLite: state ids are a gap-free sequence from 0, so the total is the
+        // latest id + 1 and a page starts at id = offset, both straight from the index.
+        let last = self
+            .states
+            .find_one(filters::states_of(twin_id))
+            .sort(filters::by("id", -1))
+            .projection(filters::only(&["id"]))
+            .await
+            .map_err(map_err)?;
+        let total = match &last {
+            Some(d) => codec::state_id_from_bson(d)?.max(-1) + 1,
+            None => 0,
+        } as u64;
+        let docs = collect(
+            self.states
+                .find(filters::states_from(twin_id, page.offset))
+                .sort(filters::by("id", 1))
+                .limit(to_i64(page.limit))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: docs
+                .iter()
+                .map(codec::state_from_bson)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        let seq = self
+            .cursors
+            .find_one(filters::cursor_of(twin_id))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::seq_from_bson)
+            .transpose()?
+            .unwrap_or(0);
+        Ok(IngestCursor {
+            last: self.latest(twin_id).await?,
+            seq,
+        })
+    }
+
+    /// Per twin: first the cursor moves from `expected_seq` to `new_seq` in one
+    /// conditional update, then the state writes follow.
+    ///
+    /// Without a transaction across the two collections, the cursor update is what
+    /// makes this safe enough. It is a compare-and-set, so of several instances that
+    /// computed writes for one twin from the same cursor exactly one goes on to write;
+    /// the others get the twin back as a conflict and recompute from what it wrote. And
+    /// once it has moved, a redelivery of the same messages is skipped, so no message
+    /// ever adds a second state. The price of that order is at-most-once in one narrow
+    /// case: if the process dies or the server becomes unreachable between the cursor
+    /// update and the last state write, the rest of that twin's writes of this batch
+    /// are lost rather than duplicated (the batch is not acked, but its redelivery is
+    /// skipped). Writing states first would instead let two instances interleave their
+    /// writes to one twin and let a redelivery add states twice.
+    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
+        let mut conflicts = Vec::new();
+        for tw in batch {
+            if !self.claim(tw).await? {
+                conflicts.push(tw.twin_id.clone());
+                continue;
+            }
+            for w in &tw.writes {
+                self.write_state(w).await?;
+            }
+        }
+        Ok(conflicts)
+    }
+}
+
+#[async_trait]
+impl DocumentRepository for MongoStore {
+    async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>> {
+        let docs = collect(
+            self.documents
+                .find(filters::documents_of(twin_id))
+                .sort(filters::by("name", 1))
+                .projection(filters::only(&["name", "version", "updated"]))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        docs.iter().map(codec::summary_from_bson).collect()
+    }
+
+    async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<TwinDocument>> {
+        self.documents
+            .find_one(filters::document(twin_id, name))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::document_from_bson)
+            .transpose()
+    }
+
+    async fn write(&self, doc: &TwinDocument, expected: Option<i64>) -> StoreResult<Versioned> {
+        // One atomic operation either way: an insert the unique (twinid, name) index
+        // refuses when the document exists, or an update conditional on the version.
+        let done = match expected {
+            None => match self
+                .documents
+                .insert_one(codec::document_to_bson(doc))
+                .await
+                .map_err(map_err)
+            {
+                Ok(_) => true,
+                Err(StoreError::Conflict(_)) => false,
+                Err(e) => return Err(e),
+            },
+            Some(v) => {
+                self.documents
+                    .update_one(
+                        filters::document_at_version(&doc.twin_id, &doc.document_name, Some(v)),
+                        filters::document_update(doc),
+                    )
+                    .await
+                    .map_err(map_err)?
+                    .matched_count
+                    == 1
+            }
+        };
+        if done {
+            return Ok(Versioned::Done);
+        }
+        let actual = self
+            .document_version(&doc.twin_id, &doc.document_name)
+            .await?;
+        Ok(Versioned::Stale { actual })
+    }
+
+    async fn delete(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<Versioned> {
+        let r = self
+            .documents
+            .delete_one(filters::document_at_version(twin_id, name, expected))
+            .await
+            .map_err(map_err)?;
+        if r.deleted_count == 1 {
+            return Ok(Versioned::Done);
+        }
+        let actual = self.document_version(twin_id, name).await?;
+        Ok(Versioned::Stale { actual })
+    }
+}
+
+#[async_trait]
+impl HealthCheck for MongoStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.db
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::error::{CommandError, Error, WriteError};
+
+    fn command_error(code: i32) -> Error {
+        let e: CommandError =
+            bson::deserialize_from_document(doc! { "code": code, "codeName": "X", "errmsg": "m" })
+                .unwrap();
+        Error::from(ErrorKind::Command(e))
+    }
+
+    fn write_error(code: i32) -> Error {
+        let e: WriteError =
+            bson::deserialize_from_document(doc! { "code": code, "errmsg": "m" }).unwrap();
+        Error::from(ErrorKind::Write(WriteFailure::WriteError(e)))
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let url = "mongodb://127.0.0.1:1/twins?serverSelectionTimeoutMS=200";
+        match crate::store::Store::connect(url).await {
+            Err(StoreError::Unavailable(_)) => {}
+            Err(e) => panic!("want unavailable, got {e}"),
+            Ok(_) => panic!("connected to port 1"),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_conflicts() {
+        assert!(matches!(
+            map_err(write_error(11000)),
+            StoreError::Conflict(_)
+        ));
+        assert!(matches!(
+            map_err(command_error(11000)),
+            StoreError::Conflict(_)
+        ));
+    }
+
+    #[test]
+    fn unreachable_or_stepping_down_servers_are_unavailable() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(
+            map_err(Error::from(io)),
+            StoreError::Unavailable(_)
+        ));
+        // NotWritablePrimary, ShutdownInProgress, MaxTimeMSExpired.
+        for code in [10107, 91, 50] {
+            assert!(
+                matches!(map_err(command_error(code)), StoreError::Unavailable(_)),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_server_errors_are_internal() {
+        // BadValue, and a write refused by document validation.
+        assert!(matches!(map_err(command_error(2)), StoreError::Internal(_)));
+        assert!(matches!(map_err(write_error(121)), StoreError::Internal(_)));
+    }
+}
