@@ -1,0 +1,1054 @@
+//! Behaviour every store backend must show, written once and run against each.
+//!
+//! Each `async fn` below is one case taking a fresh, empty [`Store`]. The SQLite run
+//! gets one test per case, each on its own database file, and always runs. The MongoDB
+//! run needs a server, which CI does not have: with `TWINS_TEST_MONGODB_URL` set (e.g.
+//! `mongodb://localhost:27017`) the single test `mongodb_conformance_run` runs every case
+//! on its own database, dropped afterwards, and fails naming the cases that failed;
+//! without it, that test prints one line saying the run was skipped, so a green run
+//! never hides that MongoDB was not exercised.
+//!
+//! Times are whole milliseconds because that is what a BSON date holds.
+
+use std::io::Write as _;
+use std::panic::AssertUnwindSafe;
+
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use futures::future::join_all;
+use serde_json::{Map, Value, json};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+use twins::domain::PageRequest;
+use twins::domain::document::Document;
+use twins::domain::sampling::Write;
+use twins::domain::state::State;
+use twins::domain::time::from_nanos;
+use twins::domain::twin::{Attribute, Definition, Twin};
+use twins::store::{IngestCursor, Store, StoreError, TwinFilter, TwinWrites, Versioned};
+
+/// Calls `$then!` with every case, so both backends run the same list.
+macro_rules! conformance_cases {
+    ($then:ident) => {
+        $then!(
+            store_answers_ping,
+            saved_twin_is_retrieved_unchanged,
+            twins_are_scoped_to_their_owner,
+            saving_an_existing_twin_id_is_a_conflict,
+            list_pages_in_creation_order_with_the_total,
+            list_filters_by_exact_name,
+            list_filters_by_top_level_metadata_values,
+            update_needs_the_expected_revision_and_owner,
+            remove_deletes_the_twin_with_its_states_documents_and_cursor,
+            remove_by_another_owner_deletes_nothing,
+            ids_by_attribute_only_sees_the_current_definition,
+            ids_by_attribute_matches_exact_and_wildcard_subtopics,
+            ids_by_attribute_needs_channel_and_subtopic_on_one_attribute,
+            ids_by_attribute_follows_updates,
+            states_save_update_and_latest,
+            saving_an_existing_state_id_is_a_conflict,
+            states_list_pages_by_id_with_total_from_latest,
+            cursor_of_an_unknown_twin_is_empty,
+            apply_writes_states_and_moves_the_cursor,
+            apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing,
+            apply_from_zero_conflicts_once_a_cursor_exists,
+            apply_keeps_going_past_a_conflicting_twin,
+            concurrent_applies_from_one_cursor_let_exactly_one_win,
+            document_write_without_version_creates_only,
+            document_write_with_version_is_conditional,
+            concurrent_conditional_document_writes_let_exactly_one_win,
+            document_delete_with_and_without_version,
+            documents_list_by_name_per_twin,
+        );
+    };
+}
+
+macro_rules! sqlite_tests {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = super::sqlite_store(&dir).await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! mongodb_run {
+    ($($case:ident),* $(,)?) => {
+        #[tokio::test]
+        async fn mongodb_conformance_run() {
+            let Ok(base) = std::env::var("TWINS_TEST_MONGODB_URL") else {
+                // Straight to stderr: the test harness would swallow `println!` of a
+                // passing test, and this line must show in every run.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "MongoDB conformance run skipped: TWINS_TEST_MONGODB_URL is not set"
+                );
+                return;
+            };
+            let mut failed: Vec<&str> = Vec::new();
+            $(
+                if !run_on_mongodb(&base, stringify!($case), |s| Box::pin($case(s))).await {
+                    failed.push(stringify!($case));
+                }
+            )*
+            assert!(failed.is_empty(), "MongoDB conformance cases failed: {failed:?}");
+        }
+    };
+}
+
+conformance_cases!(sqlite_tests);
+conformance_cases!(mongodb_run);
+
+async fn sqlite_store(dir: &TempDir) -> Store {
+    Store::connect(&format!("sqlite://{}/twins.db", dir.path().display()))
+        .await
+        .unwrap()
+}
+
+/// `url` with its database (the path) replaced by `name`, options kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a mongodb:// URL");
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let hosts = before_query.split('/').next().unwrap_or(before_query);
+    format!("{scheme}://{hosts}/{name}{query}")
+}
+
+type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>;
+
+/// Runs one case on a fresh database, drops it whatever happens, and says whether the
+/// case passed (its panic message is already printed by the panic hook).
+async fn run_on_mongodb<F>(base: &str, case: &str, f: F) -> bool
+where
+    F: for<'a> FnOnce(&'a Store) -> CaseFuture<'a>,
+{
+    let url = with_database(base, &format!("twins_test_{}", Uuid::new_v4().simple()));
+    let store = Store::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the MongoDB store at {base}: {e}"));
+    let passed = AssertUnwindSafe(f(&store)).catch_unwind().await.is_ok();
+    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+    if let Some(db) = client.default_database() {
+        db.drop().await.unwrap();
+    }
+    println!(
+        "mongodb {case} ... {}",
+        if passed { "ok" } else { "FAILED" }
+    );
+    passed
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+
+const ALICE: &str = "alice";
+const BOB: &str = "bob";
+/// 2020-05-05T08:41:39.142Z.
+const T0_MS: i64 = 1_588_668_099_142;
+
+fn at(ms: i64) -> DateTime<Utc> {
+    from_nanos(ms * 1_000_000)
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn attr(name: &str, channel: &str, subtopic: &str, persist_state: bool) -> Attribute {
+    Attribute {
+        name: name.into(),
+        channel: channel.into(),
+        subtopic: subtopic.into(),
+        persist_state,
+    }
+}
+
+/// A twin of `owner` whose definitions have these attributes, oldest first.
+fn twin(owner: &str, name: &str, definitions: Vec<Vec<Attribute>>) -> Twin {
+    Twin {
+        owner: owner.into(),
+        id: Uuid::new_v4().to_string(),
+        name: name.into(),
+        revision: definitions.len().saturating_sub(1) as i64,
+        created: at(T0_MS),
+        updated: at(T0_MS + 1),
+        definitions: definitions
+            .into_iter()
+            .enumerate()
+            .map(|(i, attributes)| Definition {
+                id: i as i64,
+                created: at(T0_MS + i as i64),
+                attributes,
+                delta: 1_000_000,
+            })
+            .collect(),
+        metadata: Map::new(),
+    }
+}
+
+fn plain_twin(owner: &str, name: &str) -> Twin {
+    twin(owner, name, vec![vec![]])
+}
+
+fn state(twin_id: &str, id: i64, payload: Value) -> State {
+    State {
+        twin_id: twin_id.into(),
+        id,
+        definition: 0,
+        created: at(T0_MS + id * 1000),
+        payload: object(payload),
+    }
+}
+
+fn document(twin_id: &str, name: &str, version: i64, data: Value) -> Document {
+    Document {
+        twin_id: twin_id.into(),
+        document_name: name.into(),
+        version,
+        updated: at(T0_MS + version),
+        data: object(data),
+    }
+}
+
+fn page(offset: u64, limit: u64) -> PageRequest {
+    PageRequest::new(offset, limit).unwrap()
+}
+
+async fn names(store: &Store, owner: &str, filter: TwinFilter) -> Vec<String> {
+    let mut names: Vec<String> = store
+        .twins
+        .list(owner, &filter, page(0, 100))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn metadata_filter(v: Value) -> TwinFilter {
+    TwinFilter {
+        name: None,
+        metadata: Some(object(v)),
+    }
+}
+
+async fn ids_by_attribute(store: &Store, channel: &str, subtopic: &str) -> Vec<String> {
+    let mut ids = store
+        .twins
+        .ids_by_attribute(channel, subtopic)
+        .await
+        .unwrap();
+    ids.sort();
+    ids
+}
+
+fn sorted(ids: &[&Twin]) -> Vec<String> {
+    let mut ids: Vec<String> = ids.iter().map(|t| t.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+async fn cursor(store: &Store, twin_id: &str) -> IngestCursor {
+    store.states.cursor(twin_id).await.unwrap()
+}
+
+fn writes(twin_id: &str, expected_seq: u64, new_seq: u64, writes: Vec<Write>) -> TwinWrites {
+    TwinWrites {
+        twin_id: twin_id.into(),
+        expected_seq,
+        new_seq,
+        writes,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Twins
+
+async fn store_answers_ping(store: &Store) {
+    store.ping().await.unwrap();
+}
+
+async fn saved_twin_is_retrieved_unchanged(store: &Store) {
+    let mut t = twin(
+        ALICE,
+        "grinding machine 2",
+        vec![
+            vec![],
+            vec![
+                attr("engine temperature", "ch-1", "engine", true),
+                attr("rpm", "ch-1", ">", false),
+            ],
+        ],
+    );
+    t.metadata = object(json!({
+        "site": "plant-1", "floor": 2, "ratio": 0.5, "on": true, "none": null,
+        "tags": ["a", 1], "nested": {"deep": {"x": "y"}},
+    }));
+    store.twins.save(&t).await.unwrap();
+    assert_eq!(store.twins.retrieve(ALICE, &t.id).await.unwrap(), Some(t));
+}
+
+async fn twins_are_scoped_to_their_owner(store: &Store) {
+    let t = plain_twin(ALICE, "mine");
+    store.twins.save(&t).await.unwrap();
+    assert_eq!(store.twins.retrieve(BOB, &t.id).await.unwrap(), None);
+    assert_eq!(
+        store.twins.retrieve(ALICE, "no-such-twin").await.unwrap(),
+        None
+    );
+    let any = store.twins.retrieve_any(&t.id).await.unwrap();
+    assert_eq!(any, Some(t));
+    assert_eq!(
+        store.twins.retrieve_any("no-such-twin").await.unwrap(),
+        None
+    );
+    let bobs = store
+        .twins
+        .list(BOB, &TwinFilter::default(), page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!((bobs.total, bobs.items.len()), (0, 0));
+}
+
+async fn saving_an_existing_twin_id_is_a_conflict(store: &Store) {
+    let t = plain_twin(ALICE, "first");
+    store.twins.save(&t).await.unwrap();
+    let mut again = plain_twin(BOB, "second");
+    again.id = t.id.clone();
+    let err = store.twins.save(&again).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(store.twins.retrieve_any(&t.id).await.unwrap(), Some(t));
+}
+
+async fn list_pages_in_creation_order_with_the_total(store: &Store) {
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let t = plain_twin(ALICE, &format!("twin {i}"));
+        store.twins.save(&t).await.unwrap();
+        store
+            .twins
+            .save(&plain_twin(BOB, &format!("other {i}")))
+            .await
+            .unwrap();
+        created.push(t);
+    }
+    let p = store
+        .twins
+        .list(ALICE, &TwinFilter::default(), page(1, 2))
+        .await
+        .unwrap();
+    assert_eq!((p.total, p.offset, p.limit), (5, 1, 2));
+    assert_eq!(p.items, created[1..3].to_vec());
+    let last = store
+        .twins
+        .list(ALICE, &TwinFilter::default(), page(4, 10))
+        .await
+        .unwrap();
+    assert_eq!(last.items, created[4..].to_vec());
+    let beyond = store
+        .twins
+        .list(ALICE, &TwinFilter::default(), page(5, 10))
+        .await
+        .unwrap();
+    assert_eq!((beyond.total, beyond.items.len()), (5, 0));
+}
+
+async fn list_filters_by_exact_name(store: &Store) {
+    for (owner, name) in [
+        (ALICE, "pump"),
+        (ALICE, "pump"),
+        (ALICE, "pump 2"),
+        (ALICE, "Pump"),
+        (BOB, "pump"),
+    ] {
+        store.twins.save(&plain_twin(owner, name)).await.unwrap();
+    }
+    let filter = TwinFilter {
+        name: Some("pump".into()),
+        metadata: None,
+    };
+    let p = store.twins.list(ALICE, &filter, page(0, 1)).await.unwrap();
+    assert_eq!(p.total, 2);
+    assert_eq!(p.items.len(), 1);
+    assert_eq!(names(store, ALICE, filter).await, ["pump", "pump"]);
+}
+
+async fn list_filters_by_top_level_metadata_values(store: &Store) {
+    for (name, metadata) in [
+        (
+            "a",
+            json!({"site": "p1", "floor": 2, "tags": ["x", "y"], "opt": null, "nested": {"k": 1}}),
+        ),
+        ("b", json!({"site": "p1", "floor": 2.0})),
+        ("c", json!({"site": "p2", "tags": "x"})),
+        ("d", json!({})),
+    ] {
+        let mut t = plain_twin(ALICE, name);
+        t.metadata = object(metadata);
+        store.twins.save(&t).await.unwrap();
+    }
+    let cases: Vec<(Value, Vec<&str>)> = vec![
+        (json!({}), vec!["a", "b", "c", "d"]),
+        (json!({"site": "p1"}), vec!["a", "b"]),
+        // Integers and reals compare as numbers.
+        (json!({"site": "p1", "floor": 2}), vec!["a", "b"]),
+        (json!({"floor": 2.0}), vec!["a", "b"]),
+        (json!({"floor": 2.5}), vec![]),
+        // Values compare whole: an array holding "x" is not "x".
+        (json!({"tags": "x"}), vec!["c"]),
+        (json!({"tags": ["x", "y"]}), vec!["a"]),
+        // null matches a null value, not a missing key.
+        (json!({"opt": null}), vec!["a"]),
+        (json!({"nested": {"k": 1}}), vec!["a"]),
+        (json!({"site": "p1", "missing": 1}), vec![]),
+        (json!({"site": 1}), vec![]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(
+            names(store, ALICE, metadata_filter(filter.clone())).await,
+            want,
+            "metadata filter {filter}"
+        );
+    }
+    let both = TwinFilter {
+        name: Some("b".into()),
+        metadata: Some(object(json!({"site": "p1"}))),
+    };
+    assert_eq!(names(store, ALICE, both).await, ["b"]);
+    assert!(
+        names(store, BOB, metadata_filter(json!({"site": "p1"})))
+            .await
+            .is_empty()
+    );
+}
+
+async fn update_needs_the_expected_revision_and_owner(store: &Store) {
+    let t = twin(ALICE, "before", vec![vec![attr("a", "ch", "x", true)]]);
+    store.twins.save(&t).await.unwrap();
+    let mut changed = t.clone();
+    changed.name = "after".into();
+    changed.revision = 1;
+    changed.updated = at(T0_MS + 5000);
+    changed.metadata = object(json!({"k": "v"}));
+    changed.definitions.push(Definition {
+        id: 1,
+        created: at(T0_MS + 5000),
+        attributes: vec![attr("b", "ch2", ">", false)],
+        delta: 7,
+    });
+
+    assert!(!store.twins.update(&changed, 3).await.unwrap());
+    let mut foreign = changed.clone();
+    foreign.owner = BOB.into();
+    assert!(!store.twins.update(&foreign, 0).await.unwrap());
+    let mut missing = changed.clone();
+    missing.id = Uuid::new_v4().to_string();
+    assert!(!store.twins.update(&missing, 0).await.unwrap());
+    assert_eq!(
+        store.twins.retrieve(ALICE, &t.id).await.unwrap(),
+        Some(t.clone())
+    );
+
+    assert!(store.twins.update(&changed, 0).await.unwrap());
+    assert_eq!(
+        store.twins.retrieve(ALICE, &t.id).await.unwrap(),
+        Some(changed.clone())
+    );
+    // The revision moved on: the same expectation now fails.
+    assert!(!store.twins.update(&changed, 0).await.unwrap());
+}
+
+async fn remove_deletes_the_twin_with_its_states_documents_and_cursor(store: &Store) {
+    let t = plain_twin(ALICE, "doomed");
+    let kept = plain_twin(ALICE, "kept");
+    for tw in [&t, &kept] {
+        store.twins.save(tw).await.unwrap();
+        let conflicts = store
+            .states
+            .apply(&[writes(
+                &tw.id,
+                0,
+                5,
+                vec![Write::Insert(state(&tw.id, 0, json!({"a": 1})))],
+            )])
+            .await
+            .unwrap();
+        assert!(conflicts.is_empty());
+        store
+            .states
+            .save(&state(&tw.id, 1, json!({"a": 2})))
+            .await
+            .unwrap();
+        store
+            .documents
+            .write(&document(&tw.id, "desired", 1, json!({"on": true})), None)
+            .await
+            .unwrap();
+    }
+
+    assert!(store.twins.remove(ALICE, &t.id).await.unwrap());
+    assert_eq!(store.twins.retrieve(ALICE, &t.id).await.unwrap(), None);
+    assert_eq!(cursor(store, &t.id).await, IngestCursor::default());
+    let states = store.states.list(&t.id, page(0, 10)).await.unwrap();
+    assert_eq!((states.total, states.items.len()), (0, 0));
+    assert!(store.documents.list(&t.id).await.unwrap().is_empty());
+    assert_eq!(store.documents.get(&t.id, "desired").await.unwrap(), None);
+    assert!(!store.twins.remove(ALICE, &t.id).await.unwrap());
+
+    // The other twin keeps everything.
+    let c = cursor(store, &kept.id).await;
+    assert_eq!(c.seq, 5);
+    assert_eq!(c.last.map(|s| s.id), Some(1));
+    assert_eq!(store.documents.list(&kept.id).await.unwrap().len(), 1);
+}
+
+async fn remove_by_another_owner_deletes_nothing(store: &Store) {
+    let t = plain_twin(ALICE, "mine");
+    store.twins.save(&t).await.unwrap();
+    store
+        .states
+        .save(&state(&t.id, 0, json!({})))
+        .await
+        .unwrap();
+    assert!(!store.twins.remove(BOB, &t.id).await.unwrap());
+    assert!(!store.twins.remove(ALICE, "no-such-twin").await.unwrap());
+    assert_eq!(
+        store.twins.retrieve(ALICE, &t.id).await.unwrap(),
+        Some(t.clone())
+    );
+    assert!(store.states.latest(&t.id).await.unwrap().is_some());
+}
+
+async fn ids_by_attribute_only_sees_the_current_definition(store: &Store) {
+    let moved = twin(
+        ALICE,
+        "moved",
+        vec![
+            vec![attr("a", "old", "x", true)],
+            vec![attr("a", "new", "x", true)],
+        ],
+    );
+    let emptied = twin(
+        ALICE,
+        "emptied",
+        vec![vec![attr("a", "old", "x", true)], vec![]],
+    );
+    for t in [&moved, &emptied] {
+        store.twins.save(t).await.unwrap();
+    }
+    assert!(ids_by_attribute(store, "old", "x").await.is_empty());
+    assert_eq!(ids_by_attribute(store, "new", "x").await, sorted(&[&moved]));
+}
+
+async fn ids_by_attribute_matches_exact_and_wildcard_subtopics(store: &Store) {
+    let exact = twin(ALICE, "exact", vec![vec![attr("a", "ch", "engine", true)]]);
+    let wild = twin(BOB, "wild", vec![vec![attr("a", "ch", ">", false)]]);
+    let bare = twin(ALICE, "bare", vec![vec![attr("a", "ch", "", true)]]);
+    let elsewhere = twin(
+        ALICE,
+        "elsewhere",
+        vec![vec![attr("a", "other", ">", true)]],
+    );
+    for t in [&exact, &wild, &bare, &elsewhere] {
+        store.twins.save(t).await.unwrap();
+    }
+    assert_eq!(
+        ids_by_attribute(store, "ch", "engine").await,
+        sorted(&[&exact, &wild])
+    );
+    assert_eq!(
+        ids_by_attribute(store, "ch", "chassis").await,
+        sorted(&[&wild])
+    );
+    assert_eq!(
+        ids_by_attribute(store, "ch", "").await,
+        sorted(&[&wild, &bare])
+    );
+    assert!(
+        ids_by_attribute(store, "nothing", "engine")
+            .await
+            .is_empty()
+    );
+}
+
+async fn ids_by_attribute_needs_channel_and_subtopic_on_one_attribute(store: &Store) {
+    // The channel matches one attribute and the subtopic another: not a match.
+    let split = twin(
+        ALICE,
+        "split",
+        vec![vec![
+            attr("a", "ch", "chassis", true),
+            attr("b", "other", "engine", true),
+        ]],
+    );
+    let twice = twin(
+        ALICE,
+        "twice",
+        vec![vec![
+            attr("a", "ch", "engine", true),
+            attr("b", "ch", ">", true),
+        ]],
+    );
+    for t in [&split, &twice] {
+        store.twins.save(t).await.unwrap();
+    }
+    assert_eq!(
+        ids_by_attribute(store, "ch", "engine").await,
+        sorted(&[&twice])
+    );
+}
+
+async fn ids_by_attribute_follows_updates(store: &Store) {
+    let t = twin(ALICE, "t", vec![vec![attr("a", "before", "x", true)]]);
+    store.twins.save(&t).await.unwrap();
+    assert_eq!(ids_by_attribute(store, "before", "x").await, sorted(&[&t]));
+    let mut changed = t.clone();
+    changed.revision = 1;
+    changed.definitions.push(Definition {
+        id: 1,
+        created: at(T0_MS + 10),
+        attributes: vec![attr("a", "after", "x", true)],
+        delta: 1_000_000,
+    });
+    assert!(store.twins.update(&changed, 0).await.unwrap());
+    assert!(ids_by_attribute(store, "before", "x").await.is_empty());
+    assert_eq!(ids_by_attribute(store, "after", "x").await, sorted(&[&t]));
+    assert!(store.twins.remove(ALICE, &t.id).await.unwrap());
+    assert!(ids_by_attribute(store, "after", "x").await.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// States
+
+async fn states_save_update_and_latest(store: &Store) {
+    assert_eq!(store.states.latest("t").await.unwrap(), None);
+    let s0 = state("t", 0, json!({"temp": 20.5, "status": "ok"}));
+    let s1 = state("t", 1, json!({"temp": 21.0, "on": true, "n": 3}));
+    store.states.save(&s0).await.unwrap();
+    store.states.save(&s1).await.unwrap();
+    store
+        .states
+        .save(&state("other", 7, json!({})))
+        .await
+        .unwrap();
+    assert_eq!(store.states.latest("t").await.unwrap(), Some(s1.clone()));
+
+    let mut s1b = s1.clone();
+    s1b.definition = 2;
+    s1b.payload = object(json!({"temp": 22.25, "list": [1, 2]}));
+    store.states.update(&s1b).await.unwrap();
+    assert_eq!(store.states.latest("t").await.unwrap(), Some(s1b.clone()));
+    let all = store.states.list("t", page(0, 10)).await.unwrap();
+    assert_eq!(all.items, vec![s0, s1b]);
+}
+
+async fn saving_an_existing_state_id_is_a_conflict(store: &Store) {
+    let s = state("t", 0, json!({"a": 1}));
+    store.states.save(&s).await.unwrap();
+    let err = store
+        .states
+        .save(&state("t", 0, json!({"a": 2})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(store.states.latest("t").await.unwrap(), Some(s));
+}
+
+async fn states_list_pages_by_id_with_total_from_latest(store: &Store) {
+    let all: Vec<State> = (0..25).map(|i| state("t", i, json!({"i": i}))).collect();
+    for s in &all {
+        store.states.save(s).await.unwrap();
+    }
+    for i in 0..3 {
+        store
+            .states
+            .save(&state("other", i, json!({})))
+            .await
+            .unwrap();
+    }
+    let p = store.states.list("t", page(10, 5)).await.unwrap();
+    assert_eq!((p.total, p.offset, p.limit), (25, 10, 5));
+    assert_eq!(p.items, all[10..15].to_vec());
+    let tail = store.states.list("t", page(24, 10)).await.unwrap();
+    assert_eq!(tail.items, all[24..].to_vec());
+    let beyond = store.states.list("t", page(30, 10)).await.unwrap();
+    assert_eq!((beyond.total, beyond.items.len()), (25, 0));
+    let none = store.states.list("unknown", page(0, 10)).await.unwrap();
+    assert_eq!((none.total, none.items.len()), (0, 0));
+}
+
+async fn cursor_of_an_unknown_twin_is_empty(store: &Store) {
+    assert_eq!(cursor(store, "unknown").await, IngestCursor::default());
+    // States saved outside ingestion show up; the sequence stays 0.
+    let s = state("t", 0, json!({}));
+    store.states.save(&s).await.unwrap();
+    assert_eq!(
+        cursor(store, "t").await,
+        IngestCursor {
+            last: Some(s),
+            seq: 0
+        }
+    );
+}
+
+async fn apply_writes_states_and_moves_the_cursor(store: &Store) {
+    let s0 = state("t", 0, json!({"a": 1}));
+    let conflicts = store
+        .states
+        .apply(&[writes("t", 0, 5, vec![Write::Insert(s0.clone())])])
+        .await
+        .unwrap();
+    assert!(conflicts.is_empty());
+    assert_eq!(
+        cursor(store, "t").await,
+        IngestCursor {
+            last: Some(s0.clone()),
+            seq: 5
+        }
+    );
+
+    let mut s0b = s0.clone();
+    s0b.payload = object(json!({"a": 2}));
+    let s1 = state("t", 1, json!({"a": 3}));
+    let s2 = state("t", 2, json!({"a": 4}));
+    let conflicts = store
+        .states
+        .apply(&[writes(
+            "t",
+            5,
+            9,
+            vec![
+                Write::Update(s0b.clone()),
+                Write::Insert(s1.clone()),
+                Write::Insert(s2.clone()),
+            ],
+        )])
+        .await
+        .unwrap();
+    assert!(conflicts.is_empty());
+    assert_eq!(
+        cursor(store, "t").await,
+        IngestCursor {
+            last: Some(s2.clone()),
+            seq: 9
+        }
+    );
+    let all = store.states.list("t", page(0, 10)).await.unwrap();
+    assert_eq!(all.items, vec![s0b, s1, s2]);
+}
+
+async fn apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing(store: &Store) {
+    let s0 = state("t", 0, json!({"a": 1}));
+    store
+        .states
+        .apply(&[writes("t", 0, 5, vec![Write::Insert(s0.clone())])])
+        .await
+        .unwrap();
+    let mut s0b = s0.clone();
+    s0b.payload = object(json!({"a": 99}));
+    for stale in [3, 4, 6] {
+        let conflicts = store
+            .states
+            .apply(&[writes(
+                "t",
+                stale,
+                12,
+                vec![
+                    Write::Update(s0b.clone()),
+                    Write::Insert(state("t", 1, json!({}))),
+                ],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(conflicts, ["t"], "expected_seq {stale}");
+    }
+    assert_eq!(
+        cursor(store, "t").await,
+        IngestCursor {
+            last: Some(s0),
+            seq: 5
+        }
+    );
+}
+
+async fn apply_from_zero_conflicts_once_a_cursor_exists(store: &Store) {
+    store
+        .states
+        .apply(&[writes(
+            "t",
+            0,
+            1,
+            vec![Write::Insert(state("t", 0, json!({})))],
+        )])
+        .await
+        .unwrap();
+    let conflicts = store
+        .states
+        .apply(&[writes(
+            "t",
+            0,
+            2,
+            vec![Write::Insert(state("t", 1, json!({})))],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(conflicts, ["t"]);
+    let c = cursor(store, "t").await;
+    assert_eq!((c.seq, c.last.map(|s| s.id)), (1, Some(0)));
+}
+
+async fn apply_keeps_going_past_a_conflicting_twin(store: &Store) {
+    store
+        .states
+        .apply(&[writes(
+            "b",
+            0,
+            3,
+            vec![Write::Insert(state("b", 0, json!({})))],
+        )])
+        .await
+        .unwrap();
+    let a0 = state("a", 0, json!({"x": 1}));
+    let c0 = state("c", 0, json!({"x": 3}));
+    let conflicts = store
+        .states
+        .apply(&[
+            writes("a", 0, 10, vec![Write::Insert(a0.clone())]),
+            writes("b", 1, 10, vec![Write::Insert(state("b", 1, json!({})))]),
+            writes("c", 0, 10, vec![Write::Insert(c0.clone())]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(conflicts, ["b"]);
+    assert_eq!(cursor(store, "a").await.last, Some(a0));
+    assert_eq!(cursor(store, "c").await.last, Some(c0));
+    let b = cursor(store, "b").await;
+    assert_eq!((b.seq, b.last.map(|s| s.id)), (3, Some(0)));
+}
+
+async fn concurrent_applies_from_one_cursor_let_exactly_one_win(store: &Store) {
+    for expected in [0, 1] {
+        let results = join_all((0..8).map(|i| {
+            let tw = writes(
+                "t",
+                expected,
+                expected + 1,
+                vec![Write::Insert(state(
+                    "t",
+                    expected as i64,
+                    json!({"writer": i}),
+                ))],
+            );
+            async move { (i, store.states.apply(&[tw]).await.unwrap()) }
+        }))
+        .await;
+        let winners: Vec<i64> = results
+            .iter()
+            .filter(|(_, conflicts)| conflicts.is_empty())
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(winners.len(), 1, "from {expected}: {results:?}");
+        let c = cursor(store, "t").await;
+        assert_eq!(c.seq, expected + 1);
+        let last = c.last.unwrap();
+        assert_eq!(
+            (last.id, &last.payload["writer"]),
+            (expected as i64, &json!(winners[0]))
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Documents
+
+async fn document_write_without_version_creates_only(store: &Store) {
+    let d = document(
+        "t",
+        "desired",
+        1,
+        json!({"armed": true, "zones": {"a": [1, 2]}}),
+    );
+    assert_eq!(
+        store.documents.write(&d, None).await.unwrap(),
+        Versioned::Done
+    );
+    assert_eq!(
+        store.documents.get("t", "desired").await.unwrap(),
+        Some(d.clone())
+    );
+    let again = document("t", "desired", 1, json!({"armed": false}));
+    assert_eq!(
+        store.documents.write(&again, None).await.unwrap(),
+        Versioned::Stale { actual: Some(1) }
+    );
+    assert_eq!(store.documents.get("t", "desired").await.unwrap(), Some(d));
+    assert_eq!(store.documents.get("t", "current").await.unwrap(), None);
+    assert_eq!(store.documents.get("u", "desired").await.unwrap(), None);
+}
+
+async fn document_write_with_version_is_conditional(store: &Store) {
+    let v1 = document("t", "desired", 1, json!({"a": 1}));
+    store.documents.write(&v1, None).await.unwrap();
+    let v2 = document("t", "desired", 2, json!({"a": 2}));
+    assert_eq!(
+        store.documents.write(&v2, Some(1)).await.unwrap(),
+        Versioned::Done
+    );
+    assert_eq!(
+        store.documents.get("t", "desired").await.unwrap(),
+        Some(v2.clone())
+    );
+    let late = document("t", "desired", 2, json!({"a": "late"}));
+    assert_eq!(
+        store.documents.write(&late, Some(1)).await.unwrap(),
+        Versioned::Stale { actual: Some(2) }
+    );
+    assert_eq!(store.documents.get("t", "desired").await.unwrap(), Some(v2));
+    let absent = document("t", "current", 2, json!({}));
+    assert_eq!(
+        store.documents.write(&absent, Some(1)).await.unwrap(),
+        Versioned::Stale { actual: None }
+    );
+    assert_eq!(store.documents.get("t", "current").await.unwrap(), None);
+}
+
+async fn concurrent_conditional_document_writes_let_exactly_one_win(store: &Store) {
+    store
+        .documents
+        .write(&document("t", "d", 1, json!({})), None)
+        .await
+        .unwrap();
+    let results = join_all((0..8).map(|i| async move {
+        store
+            .documents
+            .write(&document("t", "d", 2, json!({"writer": i})), Some(1))
+            .await
+            .unwrap()
+    }))
+    .await;
+    let done = results.iter().filter(|r| **r == Versioned::Done).count();
+    assert_eq!(done, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| *r == Versioned::Done || *r == Versioned::Stale { actual: Some(2) }),
+        "{results:?}"
+    );
+    // The same holds for creation.
+    let results = join_all((0..8).map(|i| async move {
+        store
+            .documents
+            .write(&document("t", "new", 1, json!({"writer": i})), None)
+            .await
+            .unwrap()
+    }))
+    .await;
+    assert_eq!(
+        results.iter().filter(|r| **r == Versioned::Done).count(),
+        1,
+        "{results:?}"
+    );
+}
+
+async fn document_delete_with_and_without_version(store: &Store) {
+    assert_eq!(
+        store.documents.delete("t", "d", None).await.unwrap(),
+        Versioned::Stale { actual: None }
+    );
+    assert_eq!(
+        store.documents.delete("t", "d", Some(1)).await.unwrap(),
+        Versioned::Stale { actual: None }
+    );
+    store
+        .documents
+        .write(&document("t", "d", 1, json!({})), None)
+        .await
+        .unwrap();
+    store
+        .documents
+        .write(&document("t", "d", 2, json!({"k": 1})), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.documents.delete("t", "d", Some(1)).await.unwrap(),
+        Versioned::Stale { actual: Some(2) }
+    );
+    assert!(store.documents.get("t", "d").await.unwrap().is_some());
+    assert_eq!(
+        store.documents.delete("t", "d", Some(2)).await.unwrap(),
+        Versioned::Done
+    );
+    assert_eq!(store.documents.get("t", "d").await.unwrap(), None);
+
+    store
+        .documents
+        .write(&document("t", "e", 1, json!({})), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.documents.delete("t", "e", None).await.unwrap(),
+        Versioned::Done
+    );
+    assert_eq!(store.documents.get("t", "e").await.unwrap(), None);
+}
+
+async fn documents_list_by_name_per_twin(store: &Store) {
+    for (twin_id, name) in [("t", "b"), ("t", "a"), ("t", "c"), ("u", "z")] {
+        store
+            .documents
+            .write(&document(twin_id, name, 1, json!({"big": "data"})), None)
+            .await
+            .unwrap();
+    }
+    store
+        .documents
+        .write(&document("t", "c", 2, json!({})), Some(1))
+        .await
+        .unwrap();
+    let listed = store.documents.list("t").await.unwrap();
+    let got: Vec<(String, i64, DateTime<Utc>)> = listed
+        .into_iter()
+        .map(|s| (s.document_name, s.version, s.updated))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a".into(), 1, at(T0_MS + 1)),
+            ("b".into(), 1, at(T0_MS + 1)),
+            ("c".into(), 2, at(T0_MS + 2)),
+        ]
+    );
+    assert_eq!(store.documents.list("u").await.unwrap().len(), 1);
+    assert!(store.documents.list("none").await.unwrap().is_empty());
+}
+
+#[test]
+fn mongodb_urls_get_the_test_database() {
+    assert_eq!(
+        with_database("mongodb://localhost:27017", "db1"),
+        "mongodb://localhost:27017/db1"
+    );
+    assert_eq!(
+        with_database("mongodb://u:p@h1:1,h2:2/magistrala?replicaSet=rs0", "db1"),
+        "mongodb://u:p@h1:1,h2:2/db1?replicaSet=rs0"
+    );
+    assert_eq!(
+        with_database("mongodb+srv://cluster.example.com/?tls=true", "db1"),
+        "mongodb+srv://cluster.example.com/db1?tls=true"
+    );
+}
