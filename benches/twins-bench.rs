@@ -180,7 +180,10 @@ impl Drop for Service {
         let _ = self.child.wait();
         let (url, group) = (self.nats.clone(), self.group.clone());
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 rt.block_on(async {
                     if let Ok(c) = async_nats::connect(url).await {
                         let _ = jetstream::new(c)
@@ -400,7 +403,9 @@ async fn ingest_through(
         .filter_map(|s| s.3.map(|d| (d - s.2).as_secs_f64() * 1000.0))
         .collect();
     lat.sort_by(f64::total_cmp);
-    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM states").fetch_one(&db).await?;
+    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM states")
+        .fetch_one(&db)
+        .await?;
     Ok(IngestRun {
         rate: messages as f64 / seconds,
         seconds,
@@ -458,7 +463,9 @@ async fn baseline_jetstream(js: &jetstream::Context, twins: usize, messages: usi
 async fn baseline_store(twins: usize, messages: usize) -> Res<f64> {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&format!("{}/raw.db", dir.path().display())).await?;
-    let ids: Vec<String> = (0..twins).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let ids: Vec<String> = (0..twins)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
     let mut next = vec![0i64; twins];
     let mut seq = vec![0u64; twins];
     let start = Instant::now();
@@ -658,14 +665,20 @@ async fn load(
         .build()?;
     let mut workers = Vec::new();
     for w in 0..connections {
-        let (client, stop, errors, latencies) =
-            (client.clone(), stop.clone(), errors.clone(), latencies.clone());
+        let (client, stop, errors, latencies) = (
+            client.clone(),
+            stop.clone(),
+            errors.clone(),
+            latencies.clone(),
+        );
         let (base, twins, deep) = (base.to_owned(), twins_by_user.clone(), deep.clone());
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
-                i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                i = i
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let user = (i >> 33) % USERS;
                 let ids = &twins[user];
                 let id = &ids[(i >> 17) % ids.len()];
@@ -761,7 +774,12 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
             let auth = spawn_auth().await?;
             let svc = Service::start(dir.path(), &o.nats, &[("MG_AUTH_GRPC_URL", auth)]).await?;
             let base = svc.base.clone();
-            (base, Some(svc), Arc::new(by_user), (0usize, all[0].id.clone(), deep_n as u64))
+            (
+                base,
+                Some(svc),
+                Arc::new(by_user),
+                (0usize, all[0].id.clone(), deep_n as u64),
+            )
         }
     };
     let mut out = serde_json::Map::new();

@@ -36,7 +36,10 @@ async fn run(args: &[String]) -> Result<(), BoxError> {
         ["publish", channel, subtopic, senml] => {
             let js = async_nats::jetstream::new(nats);
             let ack = js
-                .publish(broker::subject(channel, subtopic), envelope(channel, subtopic, senml).into())
+                .publish(
+                    broker::subject(channel, subtopic),
+                    envelope(channel, subtopic, senml).into(),
+                )
                 .await?
                 .await?;
             println!("published as stream message {}", ack.sequence);
@@ -48,9 +51,12 @@ async fn run(args: &[String]) -> Result<(), BoxError> {
                 .await?;
             nats.flush().await?;
             let js = async_nats::jetstream::new(nats.clone());
-            js.publish(broker::subject(channel, &subtopic), envelope(channel, &subtopic, body).into())
-                .await?
-                .await?;
+            js.publish(
+                broker::subject(channel, &subtopic),
+                envelope(channel, &subtopic, body).into(),
+            )
+            .await?
+            .await?;
             let msg = tokio::time::timeout(Duration::from_secs(5), answers.next())
                 .await
                 .map_err(|_| "no answer within 5 s")?
@@ -62,7 +68,10 @@ async fn run(args: &[String]) -> Result<(), BoxError> {
         ["request", twin, document, op, body] => {
             let reply = tokio::time::timeout(
                 Duration::from_secs(5),
-                nats.request(format!("twins.{twin}.{document}.{op}"), body.to_string().into()),
+                nats.request(
+                    format!("twins.{twin}.{document}.{op}"),
+                    body.to_string().into(),
+                ),
             )
             .await
             .map_err(|_| "no answer within 5 s")??;

@@ -409,8 +409,12 @@ impl StateRepository for SqliteStore {
         .map_err(map_err)?;
         let mut stored = std::collections::HashMap::with_capacity(rows.len());
         for r in &rows {
-            let id: String = r.try_get("twin_id").map_err(|e| StoreError::Internal(e.to_string()))?;
-            let seq: i64 = r.try_get("seq").map_err(|e| StoreError::Internal(e.to_string()))?;
+            let id: String = r
+                .try_get("twin_id")
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
+            let seq: i64 = r
+                .try_get("seq")
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
             stored.insert(id, seq.max(0) as u64);
         }
         let mut conflicts = Vec::new();
@@ -440,7 +444,8 @@ impl StateRepository for SqliteStore {
                 i64::try_from(tw.new_seq).unwrap_or(i64::MAX)
             ]));
         }
-        const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
+        const ROWS: &str =
+            "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
             json_extract(value, '$[2]') AS d, json_extract(value, '$[3]') AS c,
             json_extract(value, '$[4]') AS p FROM json_each(?)";
         if !inserts.is_empty() {
