@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::{STREAM, STREAM_SUBJECTS};
@@ -92,26 +92,51 @@ async fn consume(
         .messages()
         .await?;
     tracing::info!(consumer = durable, "consuming {STREAM_SUBJECTS}");
+    // A task of its own keeps polling the pull stream, so the next messages are
+    // fetched while a batch is being applied.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(BATCH * 4);
+    let reader = AbortOnDrop(tokio::spawn(async move {
+        while let Some(m) = messages.next().await {
+            let failed = m.is_err();
+            if tx.send(m).await.is_err() || failed {
+                break;
+            }
+        }
+    }));
     loop {
         let first = tokio::select! {
-            m = messages.next() => m,
+            m = rx.recv() => m,
             _ = stop.changed() => return Ok(()),
         };
         let first = first.ok_or("message stream ended")??;
         let mut batch = vec![first];
+        let mut failure = None;
         while batch.len() < BATCH {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                Some(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "pull interrupted; applying what arrived");
+            match rx.try_recv() {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => {
+                    failure = Some(e);
                     break;
                 }
-                _ => break,
+                Err(_) => break,
             }
         }
         if !apply(ingest, &batch, stop).await {
             return Ok(());
         }
+        if let Some(e) = failure {
+            drop(reader);
+            return Err(e.into());
+        }
+    }
+}
+
+/// Aborts the task when dropped, so a reader never outlives its consumer.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
