@@ -5,6 +5,7 @@
 //! (embedded default); MongoDB and PostgreSQL implement the same traits.
 
 pub mod sqlite;
+pub mod traced;
 
 use std::sync::Arc;
 
@@ -151,6 +152,8 @@ pub trait HealthCheck: Send + Sync {
 }
 
 impl Store {
+    /// The store of a backend's repositories; every call made through it runs in a span
+    /// (see [`traced`]).
     pub fn new(
         twins: Arc<dyn TwinRepository>,
         states: Arc<dyn StateRepository>,
@@ -158,10 +161,10 @@ impl Store {
         health: Arc<dyn HealthCheck>,
     ) -> Self {
         Self {
-            twins,
-            states,
-            documents,
-            health,
+            twins: Arc::new(traced::Traced(twins)),
+            states: Arc::new(traced::Traced(states)),
+            documents: Arc::new(traced::Traced(documents)),
+            health: Arc::new(traced::Traced(health)),
         }
     }
 
