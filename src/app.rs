@@ -2,9 +2,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
 use crate::auth::Authenticator;
@@ -16,6 +18,7 @@ use crate::cache::TwinCache;
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::config::{AuthMode, Config, GrpcTls};
+use crate::http::tls::TlsListener;
 use crate::http::{self, AppState};
 use crate::service::documents::DocumentsService;
 use crate::service::inband::Inband;
@@ -35,6 +38,8 @@ pub enum StartError {
     Broker(String),
     #[error("cache: {0}")]
     Cache(String),
+    #[error("HTTPS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -45,6 +50,8 @@ pub enum StartError {
 /// A built service, listening but not yet serving.
 pub struct Application {
     listener: TcpListener,
+    /// Set when the server certificate and key are configured: HTTPS only.
+    tls: Option<Arc<ServerConfig>>,
     router: axum::Router,
     store: Store,
     broker: async_nats::Client,
@@ -55,6 +62,12 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let tls = config
+            .http_tls
+            .as_ref()
+            .map(http::tls::server_config)
+            .transpose()
+            .map_err(StartError::Tls)?;
         let store = Store::connect(&config.db_url).await?;
         let auth = authenticator(&config.auth)?;
         let broker = crate::broker::connect(&config.broker_url)
@@ -91,6 +104,7 @@ impl Application {
             .map_err(|source| StartError::Listen { addr, source })?;
         Ok(Self {
             listener,
+            tls,
             router: http::router(state),
             store,
             broker,
@@ -112,31 +126,48 @@ impl Application {
         self.store.clone()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting connections and lets
-    /// in-flight requests finish for at most `MG_TWINS_SHUTDOWN_TIMEOUT`.
+    /// Serves until `shutdown` completes, then stops accepting connections, lets
+    /// in-flight requests finish, stops the consumer after its current batch is applied
+    /// and acked, and flushes what the broker client still buffers (acks, notifications),
+    /// all within `MG_TWINS_SHUTDOWN_TIMEOUT` from the signal.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        tracing::info!(addr = %self.local_addr(), "twins service listening");
+        let addr = self.local_addr();
+        let Self {
+            listener,
+            tls,
+            router,
+            broker,
+            ingest,
+            inband,
+            config,
+            ..
+        } = self;
+        tracing::info!(
+            %addr,
+            scheme = if tls.is_some() { "https" } else { "http" },
+            "twins service listening"
+        );
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
         let consumer = tokio::spawn(consumer::run(
-            self.broker.clone(),
-            self.config.instance_group.clone(),
-            self.ingest.clone(),
+            broker.clone(),
+            config.instance_group.clone(),
+            ingest,
             stopping_rx.clone(),
         ));
-        let inband = tokio::spawn(
-            self.inband
-                .clone()
-                .serve(self.config.instance_group.clone(), stopping_rx.clone()),
-        );
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        let inband = tokio::spawn(inband.serve(config.instance_group.clone(), stopping_rx.clone()));
+        let signal = async move {
             shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            tracing::info!("shutting down: finishing in-flight requests and messages");
             let _ = stopping_tx.send(true);
-        });
-        let grace = self.config.shutdown_timeout;
+        };
+        let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
+            Some(tls) => Box::pin(serve(TlsListener::new(listener, tls), router, signal)),
+            None => Box::pin(serve(listener, router, signal)),
+        };
+        let grace = config.shutdown_timeout;
         let deadline = async move {
             while !*stopping_rx.borrow() {
                 if stopping_rx.changed().await.is_err() {
@@ -155,19 +186,40 @@ impl Application {
             _ = futures::future::join(consumer, inband) => {}
             () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: leaving unacked messages for redelivery"),
         }
-        if let Err(e) = self.broker.flush().await {
-            tracing::debug!(error = %e, "broker flush at shutdown failed");
+        // Acks and notifications are buffered by the client: write them out, unless the
+        // broker is away and the time is up.
+        tokio::select! {
+            flushed = broker.flush() => if let Err(e) = flushed {
+                tracing::debug!(error = %e, "broker flush at shutdown failed");
+            },
+            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: broker not flushed"),
         }
         tracing::info!("stopped");
         Ok(())
     }
 }
 
+/// Serves `router` on `listener` until `signal`, then waits for open connections to
+/// finish their requests.
+async fn serve<L>(
+    listener: L,
+    router: axum::Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
+}
+
 fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> {
     Ok(match mode {
         AuthMode::Standalone { id, token } => Arc::new(Standalone::new(id, token)),
         AuthMode::Grpc { url, timeout, tls } => {
-            let mut endpoint = grpc::endpoint(url).map_err(StartError::Auth)?;
+            let mut endpoint = grpc::endpoint_for(url, tls.enabled).map_err(StartError::Auth)?;
             if tls.enabled {
                 endpoint = endpoint
                     .tls_config(client_tls(tls)?)
@@ -192,9 +244,11 @@ fn client_tls(tls: &GrpcTls) -> Result<ClientTlsConfig, StartError> {
         std::fs::read(path).map_err(|e| StartError::Auth(format!("cannot read {path}: {e}")))
     };
     let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &tls.ca_certs {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
+    config = match &tls.ca_certs {
+        Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+        // TLS without a CA bundle: trust the system's roots.
+        None => config.with_native_roots(),
+    };
     if let Some(client) = &tls.client {
         config = config.identity(TlsIdentity::from_pem(
             read(&client.cert)?,
@@ -204,26 +258,40 @@ fn client_tls(tls: &GrpcTls) -> Result<ClientTlsConfig, StartError> {
     Ok(config)
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called (not
+/// when the future is first polled), so a signal that arrives while the service is still
+/// starting is not lost: the service then stops as soon as it runs. Must be called
+/// within the runtime.
+#[cfg(unix)]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "signal handler not installed");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = wait(term) => {},
+            () = wait(int) => {},
+        }
+    }
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }

@@ -186,6 +186,10 @@ impl Config {
                 Err(e) => return Err(ConfigError::invalid("MG_JAEGER_TRACE_RATIO", &r, e)),
             },
         };
+        if let Some(url) = &raw.mg_jaeger_url {
+            crate::telemetry::otlp_traces_endpoint(url)
+                .map_err(|e| ConfigError::invalid("MG_JAEGER_URL", url, e))?;
+        }
         let db_url = match (raw.mg_twins_db_url, raw.mg_twins_db_host) {
             (Some(url), _) => url,
             (None, Some(host)) => {
@@ -300,11 +304,12 @@ fn auth_mode(
         ("MG_AUTH_GRPC_CLIENT_CERT", tls.cert),
         ("MG_AUTH_GRPC_CLIENT_KEY", tls.key),
     )?;
+    let https = url.to_ascii_lowercase().starts_with("https://");
     Ok(AuthMode::Grpc {
         url,
         timeout,
         tls: GrpcTls {
-            enabled: enabled || tls.ca.is_some() || client.is_some(),
+            enabled: enabled || https || tls.ca.is_some() || client.is_some(),
             ca_certs: tls.ca,
             client,
         },
@@ -412,6 +417,7 @@ mod tests {
             ("MG_TWINS_DB_PORT", "x"),
             ("MG_SEND_TELEMETRY", "perhaps"),
             ("MG_TWINS_SHUTDOWN_TIMEOUT", "-1s"),
+            ("MG_JAEGER_URL", "https://jaeger:4318"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];
@@ -469,6 +475,42 @@ mod tests {
             AuthMode::Grpc { ref url, timeout, .. } if url == "auth:7001" && timeout == Duration::from_millis(250)
         ));
         assert!(cfg(&[("MG_TWINS_STANDALONE_ID", "u")]).is_err());
+    }
+
+    #[test]
+    fn auth_tls_is_on_with_a_ca_a_client_certificate_https_or_the_flag() {
+        let tls_of = |vars: &[(&str, &str)]| match cfg(vars).unwrap().auth {
+            AuthMode::Grpc { tls, .. } => tls,
+            other => panic!("not gRPC: {other:?}"),
+        };
+        assert!(!tls_of(&[("MG_AUTH_GRPC_URL", "auth:7001")]).enabled);
+        assert!(tls_of(&[("MG_AUTH_GRPC_URL", "https://auth:7001")]).enabled);
+        assert!(
+            tls_of(&[
+                ("MG_AUTH_GRPC_URL", "auth:7001"),
+                ("MG_TWINS_CLIENT_TLS", "true")
+            ])
+            .enabled
+        );
+        let ca = tls_of(&[
+            ("MG_AUTH_GRPC_URL", "auth:7001"),
+            ("MG_TWINS_CA_CERTS", "ca.pem"),
+        ]);
+        assert!(ca.enabled);
+        assert_eq!(ca.ca_certs.as_deref(), Some("ca.pem"));
+        let mtls = tls_of(&[
+            ("MG_AUTH_GRPC_URL", "auth:7001"),
+            ("MG_AUTH_GRPC_CLIENT_CERT", "c.pem"),
+            ("MG_AUTH_GRPC_CLIENT_KEY", "k.pem"),
+        ]);
+        assert!(mtls.enabled && mtls.client.is_some());
+        assert!(
+            cfg(&[
+                ("MG_AUTH_GRPC_URL", "auth:7001"),
+                ("MG_AUTH_GRPC_CLIENT_CERT", "c.pem")
+            ])
+            .is_err()
+        );
     }
 
     #[test]

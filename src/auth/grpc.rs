@@ -39,10 +39,18 @@ impl GrpcAuth {
 
 /// Parses the configured URL, defaulting to plain `http://` when it has no scheme.
 pub fn endpoint(url: &str) -> Result<Endpoint, String> {
-    let uri = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
+    endpoint_for(url, false)
+}
+
+/// Parses the configured URL for a plain or a TLS connection. The transport only
+/// speaks TLS to `https://` URIs, so with TLS on, a URL without a scheme (the Go
+/// service's `host:port`) or with `http://` is taken as `https://`.
+pub fn endpoint_for(url: &str, tls: bool) -> Result<Endpoint, String> {
+    let scheme = if tls { "https" } else { "http" };
+    let uri = match url.split_once("://") {
+        None => format!("{scheme}://{url}"),
+        Some(("http", rest)) if tls => format!("https://{rest}"),
+        Some(_) => url.to_owned(),
     };
     Endpoint::from_shared(uri).map_err(|e| format!("invalid auth service URL {url:?}: {e}"))
 }
@@ -100,5 +108,20 @@ mod tests {
             assert_eq!(endpoint(given).unwrap().uri().to_string(), want);
         }
         assert!(endpoint("not a url").is_err());
+    }
+
+    #[test]
+    fn tls_makes_the_scheme_https() {
+        for given in [
+            "localhost:7001",
+            "http://localhost:7001",
+            "https://localhost:7001",
+        ] {
+            assert_eq!(
+                endpoint_for(given, true).unwrap().uri().to_string(),
+                "https://localhost:7001/",
+                "{given}"
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::StreamExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::{STREAM, STREAM_SUBJECTS};
 use crate::service::ingest::{Incoming, IngestService};
@@ -141,7 +142,25 @@ impl Drop for AbortOnDrop {
 }
 
 /// Applies and acks a batch; false when the service stopped before it could be applied.
+/// One span per batch, linked to the trace of every message that carries one (W3C
+/// `traceparent` header): tracing never costs per message.
 async fn apply(
+    ingest: &IngestService,
+    batch: &[jetstream::Message],
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let span = tracing::info_span!(
+        "broker.consume",
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.batch.message_count = batch.len(),
+    );
+    crate::telemetry::link_messages(&span, batch.iter().map(|m| m.headers.as_ref()));
+    apply_batch(ingest, batch, stop).instrument(span).await
+}
+
+async fn apply_batch(
     ingest: &IngestService,
     batch: &[jetstream::Message],
     stop: &mut watch::Receiver<bool>,

@@ -1,7 +1,8 @@
 //! Publishes the outcome of every operation on the notification channel (SPEC section 6).
 //!
 //! Publishing is fire-and-forget into the client's buffer: a broker outage is logged
-//! and never fails the operation that is being reported.
+//! and never fails the operation that is being reported. Each message carries the
+//! W3C trace context of the operation (`traceparent` header) when traces are exported.
 
 use std::sync::Arc;
 
@@ -37,6 +38,10 @@ impl Notifier {
 
     /// Publishes `<op>.success` with `payload`, or `<op>.failure` with the error text,
     /// on `channels.<channel>.messages.<twin_id>.<op>.<outcome>`.
+    ///
+    /// Opens no span of its own (ingestion notifies once per state write): the message
+    /// carries the context of the current span, and callers reporting an API operation
+    /// wrap the call in [`publish_span`].
     pub async fn notify(&self, twin_id: &str, op: &str, outcome: Result<Vec<u8>, String>) {
         let Some(t) = &self.target else {
             return;
@@ -55,13 +60,23 @@ impl Notifier {
             payload,
             created: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
         };
-        if let Err(e) = t
-            .client
-            .publish(subject.clone(), encode(&envelope).into())
-            .await
-        {
+        let payload = encode(&envelope).into();
+        let published = match crate::telemetry::current_headers() {
+            Some(headers) => {
+                t.client
+                    .publish_with_headers(subject.clone(), headers, payload)
+                    .await
+            }
+            None => t.client.publish(subject.clone(), payload).await,
+        };
+        if let Err(e) = published {
             tracing::warn!(%subject, error = %e, "notification not published");
         }
+    }
+
+    /// Whether notifications are published at all.
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
     }
 
     /// Serialises `value` for a success notification.
@@ -72,4 +87,15 @@ impl Notifier {
         let outcome = serde_json::to_vec(value).map_err(|e| e.to_string());
         self.notify(twin_id, op, outcome).await;
     }
+}
+
+/// The span of publishing an API operation's notification (`op` such as `create`).
+pub fn publish_span(op: &str) -> tracing::Span {
+    tracing::info_span!(
+        "broker.publish",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        twins.operation = op,
+    )
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult, Script};
+use tracing::Instrument;
 
 use super::{CacheError, CacheResult, TwinCache};
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
@@ -120,14 +121,28 @@ impl RedisCache {
                 result => result,
             }
         };
-        match tokio::time::timeout(self.timeout, attempts).await {
+        let span = tracing::info_span!(
+            "cache",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "redis",
+            db.operation.name = name,
+        );
+        let result = match tokio::time::timeout(self.timeout, attempts)
+            .instrument(span.clone())
+            .await
+        {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(CacheError(format!("{name}: {e}"))),
             Err(_) => Err(CacheError(format!(
                 "{name}: no answer within {:?}",
                 self.timeout
             ))),
+        };
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
         }
+        result
     }
 
     async fn replace_keys(&self, name: &str, twin_id: &str, keys: &[String]) -> CacheResult<()> {

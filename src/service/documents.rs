@@ -11,7 +11,9 @@ use utoipa::ToSchema;
 
 use super::twins::parse_twin_id;
 use super::{ServiceError, ServiceResult, VersionMismatch};
-use crate::broker::notifier::Notifier;
+use tracing::Instrument;
+
+use crate::broker::notifier::{self, Notifier};
 use crate::domain::document::{self, Difference, Document, DocumentName, DocumentSummary};
 use crate::domain::time::now_millis;
 use crate::domain::twin::Twin;
@@ -80,6 +82,7 @@ impl DocumentsService {
         twin.ok_or(ServiceError::NotFound)
     }
 
+    #[tracing::instrument(name = "documents.list", skip_all, fields(twin.id = twin_id))]
     pub async fn list(
         &self,
         access: Access<'_>,
@@ -89,6 +92,7 @@ impl DocumentsService {
         Ok(self.store.documents.list(&twin.id).await?)
     }
 
+    #[tracing::instrument(name = "documents.get", skip_all, fields(twin.id = twin_id, document = name))]
     pub async fn get(
         &self,
         access: Access<'_>,
@@ -106,6 +110,7 @@ impl DocumentsService {
 
     /// Writes the document; returns it and whether it was created. With `version`, the
     /// write only happens if that is the stored version (0: the document must not exist).
+    #[tracing::instrument(name = "documents.write", skip_all, fields(twin.id = twin_id, document = name))]
     pub async fn write(
         &self,
         access: Access<'_>,
@@ -171,6 +176,7 @@ impl DocumentsService {
     }
 
     /// Deletes the document (only at `version` when given) and returns what was deleted.
+    #[tracing::instrument(name = "documents.delete", skip_all, fields(twin.id = twin_id, document = name))]
     pub async fn delete(
         &self,
         access: Access<'_>,
@@ -218,6 +224,7 @@ impl DocumentsService {
     }
 
     /// What differs between document `name` and document `against` of the same twin.
+    #[tracing::instrument(name = "documents.delta", skip_all, fields(twin.id = twin_id, document = name))]
     pub async fn delta(
         &self,
         access: Access<'_>,
@@ -245,13 +252,20 @@ impl DocumentsService {
 
     async fn report(&self, twin_id: &str, op: &str, result: Result<&Document, &ServiceError>) {
         // Ids that are no twin id never reach a broker subject.
+        if !self.notifier.enabled() {
+            return;
+        }
         let Ok(id) = parse_twin_id(twin_id) else {
             return;
         };
-        match result {
-            Ok(doc) => self.notifier.notify_json(&id, op, doc).await,
-            Err(e) => self.notifier.notify(&id, op, Err(e.public_message())).await,
+        async {
+            match result {
+                Ok(doc) => self.notifier.notify_json(&id, op, doc).await,
+                Err(e) => self.notifier.notify(&id, op, Err(e.public_message())).await,
+            }
         }
+        .instrument(notifier::publish_span(op))
+        .await
     }
 }
 

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::ServiceError;
 use super::documents::{Access, Change, DocumentsService};
@@ -139,6 +140,8 @@ impl Inband {
     }
 
     /// Handles a request a device published on a channel and answers on that channel.
+    #[tracing::instrument(name = "inband.request", skip_all,
+        fields(otel.kind = "consumer", twin.id = target.twin_id, document = target.document, op = ?target.op))]
     pub async fn on_channel_message(&self, envelope: &Envelope, target: Target<'_>) {
         let result = self
             .execute(
@@ -161,11 +164,16 @@ impl Inband {
             created: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
         };
         let subject = broker::subject(&envelope.channel, &subtopic);
-        if let Err(e) = self
-            .client
-            .publish(subject, broker::encode(&answer).into())
-            .await
-        {
+        let payload = broker::encode(&answer).into();
+        let published = match crate::telemetry::current_headers() {
+            Some(headers) => {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+            }
+            None => self.client.publish(subject, payload).await,
+        };
+        if let Err(e) = published {
             tracing::warn!(error = %e, "inband response not published");
         }
     }
@@ -189,20 +197,40 @@ impl Inband {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            let body = match parse(msg.subject.as_str()) {
-                Some(target) => match self.execute(Access::Trusted, target, &msg.payload).await {
-                    Ok(doc) => doc,
-                    Err(e) => e.public_body(),
-                },
-                None => {
-                    serde_json::json!({"error": "subject must be twins.<twinID>.<document>.<get|put|patch|delete>"})
-                }
-            };
-            if let Err(e) = self.client.publish(reply, body.to_string().into()).await {
-                tracing::warn!(error = %e, "inband reply not published");
-            }
+            let span = tracing::info_span!(
+                "inband.reply",
+                otel.kind = "server",
+                messaging.destination.name = msg.subject.as_str(),
+            );
+            crate::telemetry::set_message_parent(&span, msg.headers.as_ref());
+            self.answer(&msg, reply).instrument(span).await;
         }
         let _ = sub.unsubscribe().await;
+    }
+
+    /// Executes a request/reply request and answers on its reply subject.
+    async fn answer(&self, msg: &async_nats::Message, reply: async_nats::Subject) {
+        let body = match parse(msg.subject.as_str()) {
+            Some(target) => match self.execute(Access::Trusted, target, &msg.payload).await {
+                Ok(doc) => doc,
+                Err(e) => e.public_body(),
+            },
+            None => {
+                serde_json::json!({"error": "subject must be twins.<twinID>.<document>.<get|put|patch|delete>"})
+            }
+        };
+        let payload = body.to_string().into();
+        let published = match crate::telemetry::current_headers() {
+            Some(headers) => {
+                self.client
+                    .publish_with_headers(reply, headers, payload)
+                    .await
+            }
+            None => self.client.publish(reply, payload).await,
+        };
+        if let Err(e) = published {
+            tracing::warn!(error = %e, "inband reply not published");
+        }
     }
 }
 

@@ -147,6 +147,7 @@ impl IngestService {
     /// skipped; an error means nothing was made durable for the twins not yet
     /// written, and the batch must be retried (already applied messages are skipped
     /// by the sequence guard).
+    #[tracing::instrument(name = "ingest.batch", skip_all, fields(messages = batch.len()))]
     pub async fn handle(&self, batch: &[Incoming]) -> ServiceResult<BatchReport> {
         let mut report = BatchReport::default();
         metrics::counter!(RECEIVED).increment(batch.len() as u64);

@@ -1,6 +1,8 @@
 //! Twin and state use cases: create, view, list, update, remove, list states.
 
-use crate::broker::notifier::Notifier;
+use tracing::Instrument;
+
+use crate::broker::notifier::{self, Notifier};
 use crate::domain::state::State;
 use crate::domain::time::now_millis;
 use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinName};
@@ -67,12 +69,20 @@ impl TwinsService {
         op: &str,
         result: &ServiceResult<T>,
     ) {
-        match result {
-            Ok(v) => self.notifier.notify_json(twin_id, op, v).await,
-            Err(e) => self.notifier.notify(twin_id, op, Err(e.to_string())).await,
+        if !self.notifier.enabled() {
+            return;
         }
+        async {
+            match result {
+                Ok(v) => self.notifier.notify_json(twin_id, op, v).await,
+                Err(e) => self.notifier.notify(twin_id, op, Err(e.to_string())).await,
+            }
+        }
+        .instrument(notifier::publish_span(op))
+        .await
     }
 
+    #[tracing::instrument(name = "twins.create", skip_all)]
     pub async fn create(
         &self,
         owner: &str,
@@ -109,6 +119,7 @@ impl TwinsService {
         result
     }
 
+    #[tracing::instrument(name = "twins.view", skip_all, fields(twin.id = id))]
     pub async fn view(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
         let id = parse_twin_id(id)?;
         let result = self.retrieve(owner, &id).await;
@@ -124,6 +135,7 @@ impl TwinsService {
             .ok_or(ServiceError::NotFound)
     }
 
+    #[tracing::instrument(name = "twins.list", skip_all)]
     pub async fn list(
         &self,
         owner: &str,
@@ -136,6 +148,7 @@ impl TwinsService {
     /// Applies the update and returns the twin as stored. Concurrent updates of one
     /// twin never lose each other's definitions: the write is conditional on the
     /// revision that was read, and retried on a fresh read when it changed.
+    #[tracing::instrument(name = "twins.update", skip_all, fields(twin.id = id))]
     pub async fn update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
         let id = parse_twin_id(id)?;
         let result = self.apply_update(owner, &id, update).await;
@@ -186,6 +199,7 @@ impl TwinsService {
 
     /// Removes the twin if the caller owns it; Ok(None) when nothing was deleted, which
     /// callers report exactly like a deletion (no existence leak).
+    #[tracing::instrument(name = "twins.remove", skip_all, fields(twin.id = id))]
     pub async fn remove(&self, owner: &str, id: &str) -> ServiceResult<Option<String>> {
         let Ok(id) = parse_twin_id(id) else {
             return Ok(None);
@@ -199,18 +213,21 @@ impl TwinsService {
                 }
                 self.notifier
                     .notify_json(&id, "remove", &serde_json::json!({ "deleted": id }))
+                    .instrument(notifier::publish_span("remove"))
                     .await;
             }
             Ok(false) => {}
             Err(e) => {
                 self.notifier
                     .notify(&id, "remove", Err(e.to_string()))
+                    .instrument(notifier::publish_span("remove"))
                     .await
             }
         }
         Ok(result?.then_some(id))
     }
 
+    #[tracing::instrument(name = "twins.list_states", skip_all, fields(twin.id = twin_id))]
     pub async fn list_states(
         &self,
         owner: &str,

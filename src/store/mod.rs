@@ -7,6 +7,7 @@
 
 pub mod mongo;
 pub mod sqlite;
+pub mod traced;
 
 use std::sync::Arc;
 
@@ -153,6 +154,8 @@ pub trait HealthCheck: Send + Sync {
 }
 
 impl Store {
+    /// The store of a backend's repositories; every call made through it runs in a span
+    /// (see [`traced`]).
     pub fn new(
         twins: Arc<dyn TwinRepository>,
         states: Arc<dyn StateRepository>,
@@ -160,10 +163,10 @@ impl Store {
         health: Arc<dyn HealthCheck>,
     ) -> Self {
         Self {
-            twins,
-            states,
-            documents,
-            health,
+            twins: Arc::new(traced::Traced(twins)),
+            states: Arc::new(traced::Traced(states)),
+            documents: Arc::new(traced::Traced(documents)),
+            health: Arc::new(traced::Traced(health)),
         }
     }
 

@@ -1,0 +1,146 @@
+//! A span around every store call, whatever the backend: [`Store::new`](super::Store::new)
+//! wraps each repository in [`Traced`], so backends contain no tracing code.
+//!
+//! Spans are named after the operation (`store.twins.retrieve`, `store.states.apply`, ...), record
+//! no arguments (ids and payloads stay out of traces) and are marked as errors when the
+//! call fails. Ingestion calls the store once per batch or per twin, never per message.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tracing::{Instrument, Span};
+
+use super::{
+    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreResult, TwinFilter,
+    TwinRepository, TwinWrites, Versioned,
+};
+use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::state::State;
+use crate::domain::twin::Twin;
+use crate::domain::{Page, PageRequest};
+
+/// A repository whose calls each run in a span.
+pub struct Traced<R: ?Sized>(pub Arc<R>);
+
+fn span(op: &'static str) -> Span {
+    tracing::info_span!(
+        "store",
+        otel.name = op,
+        otel.kind = "client",
+        db.operation.name = op,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+async fn traced<T>(op: &'static str, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+    let span = span(op);
+    let result = call.instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "ERROR");
+        tracing::debug!(parent: &span, error = %e, "store call failed");
+    }
+    result
+}
+
+#[async_trait]
+impl TwinRepository for Traced<dyn TwinRepository> {
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        traced("store.twins.save", self.0.save(twin)).await
+    }
+
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        traced("store.twins.update", self.0.update(twin, expected_revision)).await
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
+        traced("store.twins.retrieve", self.0.retrieve(owner, id)).await
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Twin>> {
+        traced("store.twins.list", self.0.list(owner, filter, page)).await
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        traced("store.twins.remove", self.0.remove(owner, id)).await
+    }
+
+    async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
+        traced(
+            "store.twins.ids_by_attribute",
+            self.0.ids_by_attribute(channel, subtopic),
+        )
+        .await
+    }
+
+    async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
+        traced("store.twins.retrieve_any", self.0.retrieve_any(id)).await
+    }
+}
+
+#[async_trait]
+impl StateRepository for Traced<dyn StateRepository> {
+    async fn save(&self, state: &State) -> StoreResult<()> {
+        traced("store.states.save", self.0.save(state)).await
+    }
+
+    async fn update(&self, state: &State) -> StoreResult<()> {
+        traced("store.states.update", self.0.update(state)).await
+    }
+
+    async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
+        traced("store.states.latest", self.0.latest(twin_id)).await
+    }
+
+    async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
+        traced("store.states.list", self.0.list(twin_id, page)).await
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        traced("store.states.cursor", self.0.cursor(twin_id)).await
+    }
+
+    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
+        traced("store.states.apply", self.0.apply(batch)).await
+    }
+}
+
+#[async_trait]
+impl DocumentRepository for Traced<dyn DocumentRepository> {
+    async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>> {
+        traced("store.documents.list", self.0.list(twin_id)).await
+    }
+
+    async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
+        traced("store.documents.get", self.0.get(twin_id, name)).await
+    }
+
+    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+        traced("store.documents.write", self.0.write(doc, expected)).await
+    }
+
+    async fn delete(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<Versioned> {
+        traced(
+            "store.documents.delete",
+            self.0.delete(twin_id, name, expected),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl HealthCheck for Traced<dyn HealthCheck> {
+    async fn ping(&self) -> StoreResult<()> {
+        traced("store.ping", self.0.ping()).await
+    }
+}
