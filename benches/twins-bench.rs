@@ -40,7 +40,8 @@ type Res<T> = Result<T, BoxError>;
 
 const WINDOW: usize = 512;
 const USERS: usize = 10;
-const STORE_BATCH: usize = 1024;
+/// The service's batch size, so the store baseline writes the way the service does.
+const STORE_BATCH: usize = twins::broker::consumer::BATCH;
 
 #[derive(Debug, Clone)]
 struct Opts {
