@@ -275,7 +275,7 @@ fn senml_envelope(channel: &str, value: usize) -> Vec<u8> {
         publisher: "bench".into(),
         protocol: "nats".into(),
         payload: format!("[{{\"n\":\"v\",\"v\":{value}}}]").into_bytes(),
-        created: 0,
+        created: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
     })
 }
 

@@ -786,3 +786,31 @@ async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart
     assert_eq!(s[1]["payload"], json!({"x": 2}));
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn records_without_time_take_the_time_magistrala_received_them() {
+    let env = Env::new().await;
+    let svc = env.start().await;
+    let ch = id();
+    let twin = svc
+        .create_twin(twin_body(vec![attr("x", &ch, "", true)]))
+        .await;
+    let tid = twin["id"].as_str().unwrap().to_owned();
+    // Two messages received 10 s apart, applied together: two states, at those times.
+    for (i, t) in [T0, T0 + 10.0].into_iter().enumerate() {
+        let data = broker::encode(&Envelope {
+            channel: ch.clone(),
+            subtopic: String::new(),
+            publisher: "device".into(),
+            protocol: "mqtt".into(),
+            payload: json!([{"v": i}]).to_string().into_bytes(),
+            created: (t * 1e9) as i64,
+        });
+        env.publish_raw(&ch, "", data).await;
+    }
+    let s = svc.states_until(&tid, |s| s.len() == 2).await;
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[0]["created"], rfc3339(T0));
+    assert_eq!(s[1]["created"], rfc3339(T0 + 10.0));
+    svc.stop().await;
+}

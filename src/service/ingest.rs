@@ -190,7 +190,14 @@ impl IngestService {
                 ignore(&mut report, "no_twin");
                 continue;
             };
-            let records = match senml::resolve(&envelope.payload, now) {
+            // "Now" for records without a time is when the message was received by
+            // Magistrala (the envelope's `created`), so a backlog applied late keeps
+            // the timing of its messages.
+            let received = match envelope.created {
+                0 => now,
+                ns => crate::domain::time::from_nanos(ns),
+            };
+            let records = match senml::resolve(&envelope.payload, received) {
                 Ok(r) => r,
                 Err(e) => {
                     reject(&mut report, *seq, e.reason(), &e);
