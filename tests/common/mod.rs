@@ -132,6 +132,7 @@ pub struct TestApp {
     /// Name of the app's durable consumer on the shared broker, deleted on drop.
     pub group: String,
     shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// Address of the shared NATS server the tests use.
@@ -219,7 +220,7 @@ async fn start(base: &[(&str, &str)], extra: &[(&str, &str)], auth: Option<AuthS
     let addr = app.local_addr();
     let store = app.store();
     let (shutdown, stopped) = oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async {
+    let task = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     TestApp {
@@ -230,6 +231,7 @@ async fn start(base: &[(&str, &str)], extra: &[(&str, &str)], auth: Option<AuthS
         auth,
         group,
         shutdown: Some(shutdown),
+        task: Some(task),
     }
 }
 
@@ -248,6 +250,19 @@ impl Drop for TestApp {
             let _ = s.send(());
         }
         delete_consumer(&self.group);
+        // An app dropped in the middle of a test keeps running until it has stopped,
+        // and may create its consumer after the deletion above: delete it again then.
+        if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
+            let group = self.group.clone();
+            rt.spawn(async move {
+                let _ = task.await;
+                if let Ok(c) = async_nats::connect(NATS_URL).await {
+                    let _ = async_nats::jetstream::new(c)
+                        .delete_consumer_from_stream(&group, twins::broker::STREAM)
+                        .await;
+                }
+            });
+        }
     }
 }
 
