@@ -33,7 +33,9 @@ use twins::domain::twin::{Attribute, Definition, Twin};
 use twins::proto::magistrala::auth_service_server::{AuthService, AuthServiceServer};
 use twins::proto::magistrala::{IdentityReq, IdentityRes};
 use twins::store::sqlite::SqliteStore;
-use twins::store::{StateRepository, TwinRepository, TwinWrites};
+use twins::store::{
+    Applied, IngestRepository, IngestStep, Lease, SeqWrite, TwinRepository, TwinWrites,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -232,24 +234,25 @@ async fn fill_states(store: &SqliteStore, twins: &[Twin], per_twin: &[usize]) ->
     for (t, &n) in twins.iter().zip(per_twin) {
         let mut writes = Vec::with_capacity(n);
         for id in 0..n as i64 {
-            writes.push(Write::Insert(State {
-                twin_id: t.id.clone(),
-                id,
-                definition: 0,
-                created: t0 - chrono::Duration::milliseconds(10 * (n as i64 - id)),
-                payload: [("v".to_owned(), json!(id))].into_iter().collect(),
-            }));
+            writes.push(SeqWrite {
+                seq: 0,
+                write: Write::Insert(State {
+                    twin_id: t.id.clone(),
+                    id,
+                    definition: 0,
+                    created: t0 - chrono::Duration::milliseconds(10 * (n as i64 - id)),
+                    payload: [("v".to_owned(), json!(id))].into_iter().collect(),
+                }),
+            });
             pending += 1;
             if pending >= STORE_BATCH * 8 {
                 batch.push(TwinWrites {
                     twin_id: t.id.clone(),
                     expected_seq: 0,
-                    new_seq: 0,
                     writes: std::mem::take(&mut writes),
                 });
                 // The sequence guard is not the point of the fixture: write with seq 0.
-                StateRepository::apply(store, &batch).await?;
-                batch.clear();
+                store_apply(store, std::mem::take(&mut batch)).await?;
                 pending = 0;
             }
         }
@@ -257,15 +260,38 @@ async fn fill_states(store: &SqliteStore, twins: &[Twin], per_twin: &[usize]) ->
             batch.push(TwinWrites {
                 twin_id: t.id.clone(),
                 expected_seq: 0,
-                new_seq: 0,
                 writes,
             });
         }
     }
     if !batch.is_empty() {
-        StateRepository::apply(store, &batch).await?;
+        store_apply(store, batch).await?;
     }
     Ok(())
+}
+
+/// Applies state writes as ingestion does: one step of a bench group, moving its
+/// position by one.
+async fn store_apply(store: &SqliteStore, twins: Vec<TwinWrites>) -> Res<()> {
+    let lease = Lease {
+        group: "bench".into(),
+        holder: "bench".into(),
+        ttl: Duration::from_secs(3600),
+        start: 0,
+    };
+    let from = IngestRepository::lease(store, &lease)
+        .await?
+        .ok_or("bench group leased elsewhere")?;
+    let step = IngestStep {
+        group: lease.group,
+        from,
+        to: from + 1,
+        twins,
+    };
+    match IngestRepository::apply(store, &step).await? {
+        Applied::Done { .. } => Ok(()),
+        Applied::Fenced => Err("bench group fenced".into()),
+    }
 }
 
 fn senml_envelope(channel: &str, value: usize) -> Vec<u8> {
@@ -424,7 +450,8 @@ async fn baseline_jetstream(js: &jetstream::Context, twins: usize, messages: usi
     let stream = js
         .get_or_create_stream(twins::broker::consumer::stream_config())
         .await?;
-    let mut config = twins::broker::consumer::consumer_config(&name);
+    let mut config = twins::broker::consumer::consumer_config(&name, 1);
+    config.deliver_policy = jetstream::consumer::DeliverPolicy::New;
     config.filter_subject = format!("channels.{prefix}.>");
     let consumer: jetstream::consumer::PullConsumer =
         stream.get_or_create_consumer(&name, config).await?;
@@ -491,14 +518,19 @@ async fn baseline_store(twins: usize, messages: usize) -> Res<f64> {
                 let w = TwinWrites {
                     twin_id: ids[t].clone(),
                     expected_seq: seq[t],
-                    new_seq: seq[t] + 1,
-                    writes,
+                    writes: writes
+                        .into_iter()
+                        .map(|write| SeqWrite {
+                            write,
+                            seq: seq[t] + 1,
+                        })
+                        .collect(),
                 };
                 seq[t] += 1;
                 w
             })
             .collect();
-        StateRepository::apply(&store, &batch).await?;
+        store_apply(&store, batch).await?;
     }
     Ok(messages as f64 / start.elapsed().as_secs_f64())
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
 use crate::auth::Authenticator;
 use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
-use crate::broker::consumer;
+use crate::broker::consumer::Ingestor;
 use crate::broker::notifier::Notifier;
 use crate::cache::TwinCache;
 use crate::cache::memory::MemoryCache;
@@ -85,10 +86,11 @@ impl Application {
         let notifier = Notifier::new(broker.clone(), config.channel_id.clone());
         let documents = DocumentsService::new(store.clone(), notifier.clone());
         let inband = Inband::new(documents.clone(), broker.clone());
-        let ingest = Arc::new(
-            IngestService::new(store.clone(), lookup.clone(), notifier.clone())
-                .with_inband(inband.clone()),
-        );
+        let ingest = Arc::new(IngestService::new(
+            store.clone(),
+            lookup.clone(),
+            notifier.clone(),
+        ));
         let state = AppState {
             documents,
             twins: TwinsService::new(store.clone(), lookup, notifier),
@@ -139,61 +141,86 @@ impl Application {
             listener,
             tls,
             router,
+            store,
             broker,
             ingest,
             inband,
             config,
-            ..
         } = self;
         tracing::info!(
             %addr,
             scheme = if tls.is_some() { "https" } else { "http" },
             "twins service listening"
         );
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        let consumer = tokio::spawn(consumer::run(
-            broker.clone(),
-            config.instance_group.clone(),
+        // One stop signal for every task, and one deadline from the moment it fires.
+        let stop = CancellationToken::new();
+        let ingestor = Ingestor {
+            js: async_nats::jetstream::new(broker.clone()),
+            group: config.instance_group.clone(),
+            holder: format!("{}/{}", config.instance_id, uuid::Uuid::new_v4().simple()),
+            lease: config.ingest_lease,
             ingest,
-            stopping_rx.clone(),
-        ));
-        let inband = tokio::spawn(inband.serve(config.instance_group.clone(), stopping_rx.clone()));
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests and messages");
-            let _ = stopping_tx.send(true);
+            log: store.ingest.clone(),
+            inband: Some(inband.clone()),
+        };
+        let consumer = tokio::spawn(ingestor.run(stop.clone()));
+        let inband = tokio::spawn(inband.serve(config.instance_group.clone(), stop.clone()));
+        let signal = {
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown => {
+                        tracing::info!("shutting down: finishing in-flight requests and messages");
+                        stop.cancel();
+                    }
+                    () = stop.cancelled() => {}
+                }
+            }
         };
         let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
             Some(tls) => Box::pin(serve(TlsListener::new(listener, tls), router, signal)),
             None => Box::pin(serve(listener, router, signal)),
         };
-        let grace = config.shutdown_timeout;
-        let deadline = async move {
-            while !*stopping_rx.borrow() {
-                if stopping_rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-            tokio::time::sleep(grace).await;
+        let mut server = server;
+        let early = tokio::select! {
+            served = &mut server => Some(served),
+            () = stop.cancelled() => None,
         };
-        tokio::pin!(deadline);
-        tokio::select! {
-            served = server => served?,
-            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: dropping in-flight requests"),
-        }
-        // The consumer got the same signal; let it finish its batch and acks.
-        tokio::select! {
-            _ = futures::future::join(consumer, inband) => {}
-            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: leaving unacked messages for redelivery"),
+        stop.cancel();
+        let grace = config.shutdown_timeout;
+        let deadline = tokio::time::Instant::now() + grace;
+        let served = match early {
+            Some(served) => served,
+            None => match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::warn!(?grace, "shutdown timeout: dropping in-flight requests");
+                    Ok(())
+                }
+            },
+        };
+        drop(server);
+        // The consumer hands back what it buffered and releases its lease; what it had
+        // not applied stays unacked below the stored position, for the next holder.
+        let aborts = [consumer.abort_handle(), inband.abort_handle()];
+        let tasks = futures::future::join(consumer, inband);
+        if tokio::time::timeout_at(deadline, tasks).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown timeout: leaving unapplied messages to the next holder"
+            );
+            for task in aborts {
+                task.abort();
+            }
         }
         // Acks and notifications are buffered by the client: write them out, unless the
         // broker is away and the time is up.
-        tokio::select! {
-            flushed = broker.flush() => if let Err(e) = flushed {
-                tracing::debug!(error = %e, "broker flush at shutdown failed");
-            },
-            () = &mut deadline => tracing::warn!(?grace, "shutdown timeout: broker not flushed"),
+        match tokio::time::timeout_at(deadline, broker.flush()).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "broker flush at shutdown failed"),
+            Err(_) => tracing::warn!(?grace, "shutdown timeout: broker not flushed"),
+            Ok(Ok(())) => {}
         }
+        served?;
         tracing::info!("stopped");
         Ok(())
     }

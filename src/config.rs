@@ -64,6 +64,7 @@ struct RawEnv {
     mg_twins_instance_group: Option<String>,
     mg_send_telemetry: Option<String>,
     mg_twins_shutdown_timeout: Option<String>,
+    mg_twins_ingest_lease: Option<String>,
 }
 
 /// Log line format.
@@ -124,6 +125,9 @@ pub struct Config {
     pub instance_id: String,
     pub instance_group: String,
     pub shutdown_timeout: Duration,
+    /// How long the group's ingestion lease lasts without renewal: how soon another
+    /// instance takes over from one that died.
+    pub ingest_lease: Duration,
 }
 
 impl Config {
@@ -228,6 +232,20 @@ impl Config {
             Some(v) => parse_duration(&v)
                 .map_err(|e| ConfigError::invalid("MG_TWINS_SHUTDOWN_TIMEOUT", &v, e))?,
         };
+        let ingest_lease = match raw.mg_twins_ingest_lease {
+            None => Duration::from_secs(10),
+            Some(v) => match parse_duration(&v) {
+                Ok(d) if d >= Duration::from_secs(1) => d,
+                Ok(_) => {
+                    return Err(ConfigError::invalid(
+                        "MG_TWINS_INGEST_LEASE",
+                        &v,
+                        "must be at least 1s".to_owned(),
+                    ));
+                }
+                Err(e) => return Err(ConfigError::invalid("MG_TWINS_INGEST_LEASE", &v, e)),
+            },
+        };
         Ok(Self {
             log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
             log_format,
@@ -251,6 +269,7 @@ impl Config {
                 .mg_twins_instance_group
                 .unwrap_or_else(|| "twins".into()),
             shutdown_timeout,
+            ingest_lease,
         })
     }
 }

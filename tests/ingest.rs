@@ -14,8 +14,19 @@ use serde_json::{Value, json};
 use twins::app::Application;
 use twins::broker::{self, Envelope};
 use twins::config::Config;
-use twins::service::ingest::{Incoming, IngestService};
+use twins::service::ingest::{Batch, IngestError, IngestService, Message, Rejected, SetAside};
 use twins::service::lookup::TwinLookup;
+use twins::store::Lease;
+
+/// A dead-letter port for batches that must have nothing to set aside.
+struct NothingAside;
+
+#[async_trait::async_trait]
+impl SetAside for NothingAside {
+    async fn set_aside(&self, rejected: &[Rejected]) -> Result<(), IngestError> {
+        panic!("nothing should be set aside: {rejected:?}")
+    }
+}
 
 const NATS: &str = "nats://127.0.0.1:4222";
 const TOKEN: &str = "ingest-secret";
@@ -516,10 +527,24 @@ async fn a_redelivered_message_never_adds_a_second_state() {
     let store = svc.store.clone();
     svc.stop().await;
 
-    // The message is applied but its ack never reaches the broker (a crash between the
-    // two): the broker delivers it again after the restart.
+    // The message is applied to the twin but the group's position does not cover it (a
+    // crash between the state writes and the position, as on a store without
+    // transactions): the message is read again after the restart.
     let payload = envelope(&ch, "", json!([{"v": 1, "t": T0}]).to_string().into_bytes());
     let seq = env.publish_raw(&ch, "", payload.clone()).await;
+    let lease = Lease {
+        group: env.group.clone(),
+        holder: "test".into(),
+        ttl: Duration::from_secs(60),
+        start: 0,
+    };
+    let position = store
+        .ingest
+        .lease(&lease)
+        .await
+        .expect("lease")
+        .expect("the stopped service released the lease");
+    assert!(position < seq);
     let lookup = TwinLookup::new(
         store.clone(),
         std::sync::Arc::new(twins::cache::memory::MemoryCache::default()),
@@ -529,14 +554,23 @@ async fn a_redelivered_message_never_adds_a_second_state() {
         lookup,
         twins::broker::notifier::Notifier::disabled(),
     );
-    let report = ingest
-        .handle(&[Incoming {
-            seq,
-            data: payload.into(),
-        }])
-        .await
-        .expect("applied");
+    let messages = [Message {
+        seq,
+        envelope: broker::decode(&payload).expect("envelope"),
+    }];
+    let batch = Batch {
+        group: &env.group,
+        from: position,
+        to: position,
+        messages: &messages,
+    };
+    let report = ingest.apply(&batch, &NothingAside).await.expect("applied");
     assert_eq!(report.inserted, 1);
+    store
+        .ingest
+        .release(&env.group, "test")
+        .await
+        .expect("release");
 
     let svc = env.start().await;
     env.publish(&ch, "", json!([{"v": 2, "t": T0 + 10.0}]))
@@ -546,6 +580,12 @@ async fn a_redelivered_message_never_adds_a_second_state() {
     let s2 = svc.states(&tid).await;
     assert_eq!(s, s2);
     assert_eq!(s.len(), 2, "the redelivered message was skipped: {s:?}");
+    assert!(
+        svc.metrics()
+            .await
+            .contains("twins_ingest_duplicates_total 1"),
+        "the message read again counts as a duplicate"
+    );
     assert_eq!(s[0]["payload"], json!({"x": 1}));
     assert_eq!(s[1]["payload"], json!({"x": 2}));
     svc.stop().await;

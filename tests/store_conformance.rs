@@ -12,6 +12,7 @@
 
 use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -26,7 +27,10 @@ use twins::domain::sampling::Write;
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
 use twins::domain::twin::{Attribute, Definition, Twin};
-use twins::store::{IngestCursor, Store, StoreError, TwinFilter, TwinWrites, Versioned};
+use twins::store::{
+    Applied, IngestCursor, IngestStep, Lease, SeqWrite, Store, StoreError, TwinFilter, TwinWrites,
+    Versioned,
+};
 
 /// Calls `$then!` with every case, so both backends run the same list.
 macro_rules! conformance_cases {
@@ -55,6 +59,9 @@ macro_rules! conformance_cases {
             apply_from_zero_conflicts_once_a_cursor_exists,
             apply_keeps_going_past_a_conflicting_twin,
             concurrent_applies_from_one_cursor_let_exactly_one_win,
+            a_new_group_starts_at_the_given_position,
+            the_lease_is_exclusive_until_released_or_run_out,
+            the_position_moves_only_from_where_it_is,
             document_write_without_version_creates_only,
             document_write_with_version_is_conditional,
             concurrent_conditional_document_writes_let_exactly_one_win,
@@ -264,15 +271,50 @@ fn sorted(ids: &[&Twin]) -> Vec<String> {
 }
 
 async fn cursor(store: &Store, twin_id: &str) -> IngestCursor {
-    store.states.cursor(twin_id).await.unwrap()
+    store.ingest.cursor(twin_id).await.unwrap()
 }
 
-fn writes(twin_id: &str, expected_seq: u64, new_seq: u64, writes: Vec<Write>) -> TwinWrites {
+/// A twin's writes computed from `expected_seq`, each made by the message of its seq.
+fn writes(twin_id: &str, expected_seq: u64, writes: Vec<(Write, u64)>) -> TwinWrites {
     TwinWrites {
         twin_id: twin_id.into(),
         expected_seq,
-        new_seq,
-        writes,
+        writes: writes
+            .into_iter()
+            .map(|(write, seq)| SeqWrite { write, seq })
+            .collect(),
+    }
+}
+
+const GROUP: &str = "conformance";
+
+fn lease(holder: &str, ttl: Duration, start: u64) -> Lease {
+    Lease {
+        group: GROUP.into(),
+        holder: holder.into(),
+        ttl,
+        start,
+    }
+}
+
+/// Applies the twins' writes as one step of the test group, from wherever its position
+/// is (leased as "h"), moving the position on by one; the twins that conflicted.
+async fn ingest(store: &Store, twins: Vec<TwinWrites>) -> Vec<String> {
+    let from = store
+        .ingest
+        .lease(&lease("h", Duration::from_secs(60), 0))
+        .await
+        .unwrap()
+        .expect("the test group's lease");
+    let step = IngestStep {
+        group: GROUP.into(),
+        from,
+        to: from + 1,
+        twins,
+    };
+    match store.ingest.apply(&step).await.unwrap() {
+        Applied::Done { conflicts } => conflicts,
+        Applied::Fenced => panic!("fenced from {from}"),
     }
 }
 
@@ -478,22 +520,26 @@ async fn remove_deletes_the_twin_with_its_states_documents_and_cursor(store: &St
     let kept = plain_twin(ALICE, "kept");
     for tw in [&t, &kept] {
         store.twins.save(tw).await.unwrap();
-        let conflicts = store
-            .states
-            .apply(&[writes(
+        let conflicts = ingest(
+            store,
+            vec![writes(
                 &tw.id,
                 0,
-                5,
-                vec![Write::Insert(state(&tw.id, 0, json!({"a": 1})))],
-            )])
-            .await
-            .unwrap();
+                vec![(Write::Insert(state(&tw.id, 0, json!({"a": 1}))), 5)],
+            )],
+        )
+        .await;
         assert!(conflicts.is_empty());
-        store
-            .states
-            .save(&state(&tw.id, 1, json!({"a": 2})))
-            .await
-            .unwrap();
+        let conflicts = ingest(
+            store,
+            vec![writes(
+                &tw.id,
+                5,
+                vec![(Write::Insert(state(&tw.id, 1, json!({"a": 2}))), 6)],
+            )],
+        )
+        .await;
+        assert!(conflicts.is_empty());
         store
             .documents
             .write(&document(&tw.id, "desired", 1, json!({"on": true})), None)
@@ -512,7 +558,7 @@ async fn remove_deletes_the_twin_with_its_states_documents_and_cursor(store: &St
 
     // The other twin keeps everything.
     let c = cursor(store, &kept.id).await;
-    assert_eq!(c.seq, 5);
+    assert_eq!(c.seq, 6);
     assert_eq!(c.last.map(|s| s.id), Some(1));
     assert_eq!(store.documents.list(&kept.id).await.unwrap().len(), 1);
 }
@@ -708,11 +754,11 @@ async fn cursor_of_an_unknown_twin_is_empty(store: &Store) {
 
 async fn apply_writes_states_and_moves_the_cursor(store: &Store) {
     let s0 = state("t", 0, json!({"a": 1}));
-    let conflicts = store
-        .states
-        .apply(&[writes("t", 0, 5, vec![Write::Insert(s0.clone())])])
-        .await
-        .unwrap();
+    let conflicts = ingest(
+        store,
+        vec![writes("t", 0, vec![(Write::Insert(s0.clone()), 5)])],
+    )
+    .await;
     assert!(conflicts.is_empty());
     assert_eq!(
         cursor(store, "t").await,
@@ -726,20 +772,19 @@ async fn apply_writes_states_and_moves_the_cursor(store: &Store) {
     s0b.payload = object(json!({"a": 2}));
     let s1 = state("t", 1, json!({"a": 3}));
     let s2 = state("t", 2, json!({"a": 4}));
-    let conflicts = store
-        .states
-        .apply(&[writes(
+    let conflicts = ingest(
+        store,
+        vec![writes(
             "t",
             5,
-            9,
             vec![
-                Write::Update(s0b.clone()),
-                Write::Insert(s1.clone()),
-                Write::Insert(s2.clone()),
+                (Write::Update(s0b.clone()), 6),
+                (Write::Insert(s1.clone()), 8),
+                (Write::Insert(s2.clone()), 9),
             ],
-        )])
-        .await
-        .unwrap();
+        )],
+    )
+    .await;
     assert!(conflicts.is_empty());
     assert_eq!(
         cursor(store, "t").await,
@@ -754,29 +799,39 @@ async fn apply_writes_states_and_moves_the_cursor(store: &Store) {
 
 async fn apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing(store: &Store) {
     let s0 = state("t", 0, json!({"a": 1}));
-    store
-        .states
-        .apply(&[writes("t", 0, 5, vec![Write::Insert(s0.clone())])])
-        .await
-        .unwrap();
+    ingest(
+        store,
+        vec![writes("t", 0, vec![(Write::Insert(s0.clone()), 5)])],
+    )
+    .await;
     let mut s0b = s0.clone();
     s0b.payload = object(json!({"a": 99}));
     for stale in [3, 4, 6] {
-        let conflicts = store
-            .states
-            .apply(&[writes(
+        let conflicts = ingest(
+            store,
+            vec![writes(
                 "t",
                 stale,
-                12,
                 vec![
-                    Write::Update(s0b.clone()),
-                    Write::Insert(state("t", 1, json!({}))),
+                    (Write::Update(s0b.clone()), 11),
+                    (Write::Insert(state("t", 1, json!({}))), 12),
                 ],
-            )])
-            .await
-            .unwrap();
+            )],
+        )
+        .await;
         assert_eq!(conflicts, ["t"], "expected_seq {stale}");
     }
+    // An insert computed from a stale cursor is refused as well.
+    let conflicts = ingest(
+        store,
+        vec![writes(
+            "t",
+            4,
+            vec![(Write::Insert(state("t", 1, json!({}))), 12)],
+        )],
+    )
+    .await;
+    assert_eq!(conflicts, ["t"]);
     assert_eq!(
         cursor(store, "t").await,
         IngestCursor {
@@ -787,53 +842,50 @@ async fn apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing(store: &St
 }
 
 async fn apply_from_zero_conflicts_once_a_cursor_exists(store: &Store) {
-    store
-        .states
-        .apply(&[writes(
+    ingest(
+        store,
+        vec![writes(
             "t",
             0,
-            1,
-            vec![Write::Insert(state("t", 0, json!({})))],
-        )])
-        .await
-        .unwrap();
-    let conflicts = store
-        .states
-        .apply(&[writes(
+            vec![(Write::Insert(state("t", 0, json!({}))), 1)],
+        )],
+    )
+    .await;
+    let conflicts = ingest(
+        store,
+        vec![writes(
             "t",
             0,
-            2,
-            vec![Write::Insert(state("t", 1, json!({})))],
-        )])
-        .await
-        .unwrap();
+            vec![(Write::Insert(state("t", 1, json!({}))), 2)],
+        )],
+    )
+    .await;
     assert_eq!(conflicts, ["t"]);
     let c = cursor(store, "t").await;
     assert_eq!((c.seq, c.last.map(|s| s.id)), (1, Some(0)));
 }
 
 async fn apply_keeps_going_past_a_conflicting_twin(store: &Store) {
-    store
-        .states
-        .apply(&[writes(
+    ingest(
+        store,
+        vec![writes(
             "b",
             0,
-            3,
-            vec![Write::Insert(state("b", 0, json!({})))],
-        )])
-        .await
-        .unwrap();
+            vec![(Write::Insert(state("b", 0, json!({}))), 3)],
+        )],
+    )
+    .await;
     let a0 = state("a", 0, json!({"x": 1}));
     let c0 = state("c", 0, json!({"x": 3}));
-    let conflicts = store
-        .states
-        .apply(&[
-            writes("a", 0, 10, vec![Write::Insert(a0.clone())]),
-            writes("b", 1, 10, vec![Write::Insert(state("b", 1, json!({})))]),
-            writes("c", 0, 10, vec![Write::Insert(c0.clone())]),
-        ])
-        .await
-        .unwrap();
+    let conflicts = ingest(
+        store,
+        vec![
+            writes("a", 0, vec![(Write::Insert(a0.clone()), 10)]),
+            writes("b", 1, vec![(Write::Insert(state("b", 1, json!({}))), 10)]),
+            writes("c", 0, vec![(Write::Insert(c0.clone()), 10)]),
+        ],
+    )
+    .await;
     assert_eq!(conflicts, ["b"]);
     assert_eq!(cursor(store, "a").await.last, Some(a0));
     assert_eq!(cursor(store, "c").await.last, Some(c0));
@@ -842,24 +894,35 @@ async fn apply_keeps_going_past_a_conflicting_twin(store: &Store) {
 }
 
 async fn concurrent_applies_from_one_cursor_let_exactly_one_win(store: &Store) {
+    let from = store
+        .ingest
+        .lease(&lease("h", Duration::from_secs(60), 0))
+        .await
+        .unwrap()
+        .expect("lease");
     for expected in [0, 1] {
         let results = join_all((0..8).map(|i| {
-            let tw = writes(
-                "t",
-                expected,
-                expected + 1,
-                vec![Write::Insert(state(
+            // Steps that leave the position where it is: only the twin's sequence
+            // decides between them.
+            let step = IngestStep {
+                group: GROUP.into(),
+                from,
+                to: from,
+                twins: vec![writes(
                     "t",
-                    expected as i64,
-                    json!({"writer": i}),
-                ))],
-            );
-            async move { (i, store.states.apply(&[tw]).await.unwrap()) }
+                    expected,
+                    vec![(
+                        Write::Insert(state("t", expected as i64, json!({"writer": i}))),
+                        expected + 1,
+                    )],
+                )],
+            };
+            async move { (i, store.ingest.apply(&step).await.unwrap()) }
         }))
         .await;
         let winners: Vec<i64> = results
             .iter()
-            .filter(|(_, conflicts)| conflicts.is_empty())
+            .filter(|(_, applied)| matches!(applied, Applied::Done { conflicts } if conflicts.is_empty()))
             .map(|(i, _)| *i)
             .collect();
         assert_eq!(winners.len(), 1, "from {expected}: {results:?}");
@@ -871,6 +934,108 @@ async fn concurrent_applies_from_one_cursor_let_exactly_one_win(store: &Store) {
             (expected as i64, &json!(winners[0]))
         );
     }
+}
+
+async fn a_new_group_starts_at_the_given_position(store: &Store) {
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        store.ingest.lease(&lease("a", long, 42)).await.unwrap(),
+        Some(42)
+    );
+    // Once the group exists, its position is what was applied, not a new start.
+    assert_eq!(
+        store.ingest.lease(&lease("a", long, 7)).await.unwrap(),
+        Some(42)
+    );
+    let other = Lease {
+        group: "another group".into(),
+        ..lease("a", long, 3)
+    };
+    assert_eq!(store.ingest.lease(&other).await.unwrap(), Some(3));
+}
+
+async fn the_lease_is_exclusive_until_released_or_run_out(store: &Store) {
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        store.ingest.lease(&lease("a", long, 5)).await.unwrap(),
+        Some(5)
+    );
+    assert_eq!(
+        store.ingest.lease(&lease("b", long, 5)).await.unwrap(),
+        None
+    );
+    // Renewal by the holder.
+    assert_eq!(
+        store.ingest.lease(&lease("a", long, 5)).await.unwrap(),
+        Some(5)
+    );
+    // Releasing by someone else changes nothing; by the holder, frees it at once.
+    store.ingest.release(GROUP, "b").await.unwrap();
+    assert_eq!(
+        store.ingest.lease(&lease("b", long, 5)).await.unwrap(),
+        None
+    );
+    store.ingest.release(GROUP, "a").await.unwrap();
+    assert_eq!(
+        store
+            .ingest
+            .lease(&lease("b", Duration::from_millis(1), 5))
+            .await
+            .unwrap(),
+        Some(5)
+    );
+    // b's lease runs out by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if store.ingest.lease(&lease("a", long, 5)).await.unwrap() == Some(5) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "lease never ran out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn the_position_moves_only_from_where_it_is(store: &Store) {
+    let long = Duration::from_secs(60);
+    let p = store
+        .ingest
+        .lease(&lease("a", long, 10))
+        .await
+        .unwrap()
+        .expect("lease");
+    let s0 = state("t", 0, json!({"a": 1}));
+    let step = |from: u64, to: u64| IngestStep {
+        group: GROUP.into(),
+        from,
+        to,
+        twins: vec![writes("t", 0, vec![(Write::Insert(s0.clone()), to)])],
+    };
+    // A holder that believes the position is elsewhere writes nothing.
+    assert_eq!(
+        store.ingest.apply(&step(p + 3, p + 5)).await.unwrap(),
+        Applied::Fenced
+    );
+    assert_eq!(cursor(store, "t").await, IngestCursor::default());
+    assert_eq!(
+        store.ingest.apply(&step(p, p + 5)).await.unwrap(),
+        Applied::Done { conflicts: vec![] }
+    );
+    assert_eq!(
+        store.ingest.lease(&lease("a", long, 0)).await.unwrap(),
+        Some(p + 5)
+    );
+    // The same step again is fenced: its position has gone.
+    assert_eq!(
+        store.ingest.apply(&step(p, p + 5)).await.unwrap(),
+        Applied::Fenced
+    );
+    // A step of an unknown group is fenced too.
+    let unknown = IngestStep {
+        group: "nobody".into(),
+        ..step(0, 1)
+    };
+    assert_eq!(store.ingest.apply(&unknown).await.unwrap(), Applied::Fenced);
+    assert_eq!(cursor(store, "t").await.seq, p + 5);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ async fn consumed_message_span_links_to_the_publishers_context() {
     assert!(
         children(&spans, batch)
             .iter()
-            .any(|s| s.name == "store.states.apply"),
+            .any(|s| s.name == "store.ingest.apply"),
         "the batch is written in one store call: {:#?}",
         names(&spans)
     );

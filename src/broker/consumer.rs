@@ -1,29 +1,56 @@
-//! The JetStream consumer feeding ingestion.
+//! The JetStream consumer feeding ingestion: one active instance per group, reading the
+//! stream in order from the group's stored position.
 //!
-//! A durable pull consumer (named by `MG_TWINS_INSTANCE_GROUP`, so instances share the
-//! work and messages published while the service is down wait for it) is read in
-//! batches: whatever has arrived, up to [`BATCH`], is applied in one durable step and
-//! only then acked. A failed step is retried in place (keeping stream order) until it
-//! succeeds or the service stops; unacked messages are redelivered later and the
-//! per-twin sequence guard skips what was already applied.
+//! Why this shape: JetStream redelivers a dead subscriber's unacked messages only after
+//! `ack_wait`, after newer ones; any rule that skips "older" messages then loses them.
+//! So ordering is not left to delivery. The group's position (the last stream sequence
+//! applied) is stored with the states it covers, an instance ingests only while it
+//! holds the group's lease in the store, and on taking the lease it recreates the
+//! durable consumer named after the group at position + 1. From then on it accepts only
+//! first deliveries with consecutive consumer sequences: anything else (a redelivery, a
+//! message taken by another client of the consumer) ends the session and the consumer is
+//! recreated at the stored position. Each batch moves the position from `from` to `to`
+//! with a compare-and-set, so an instance that lost its lease without knowing it
+//! (paused, partitioned) cannot write over its successor.
+//!
+//! Standby instances retry the lease every third of its duration, so one takes over
+//! within about one lease duration after the holder dies; on SIGTERM the holder hands
+//! back what it buffered (NAK) and releases the lease at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::deadletter::{self, DeadLetters};
 use super::{STREAM, STREAM_SUBJECTS};
-use crate::service::ingest::{Incoming, IngestService};
+use crate::service::inband::{self, Inband};
+use crate::service::ingest::{
+    Batch, IngestError, IngestService, Message, REJECTED, Rejected, SetAside,
+};
+use crate::store::{IngestRepository, Lease};
 
 /// Most messages applied in one durable step. Large batches matter under load: a
 /// batch touches each busy twin's pages once, however many of its messages it holds.
 pub const BATCH: usize = 4096;
-/// Messages asked for per pull request.
+/// Most payload bytes in one batch.
+pub const BATCH_BYTES: usize = 8 << 20;
+/// Most payload bytes fetched but not yet applied (beside the batch being applied).
+/// With [`BATCH_BYTES`] this bounds the memory held by messages whatever they carry.
+pub const BUFFER_BYTES: usize = 16 << 20;
+/// Messages and bytes asked for per pull request.
 const PULL: usize = 1024;
+const PULL_BYTES: usize = 4 << 20;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the server waits for an ack before redelivering. Batches end far sooner;
+/// a batch still being retried is kept by progress acks every [`PROGRESS`].
+const ACK_WAIT: Duration = Duration::from_secs(60);
+const PROGRESS: Duration = Duration::from_secs(15);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -40,171 +67,373 @@ pub fn stream_config() -> stream::Config {
     }
 }
 
-/// The durable consumer. A new one starts with messages published after its creation
-/// rather than replaying a day of history onto every twin.
-pub fn consumer_config(durable: &str) -> consumer::pull::Config {
+/// The group's durable consumer, reading from `start` (the position + 1). Acking a
+/// message acks every earlier one: the position, not the acks, says what is applied.
+pub fn consumer_config(durable: &str, start: u64) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(durable.into()),
         filter_subject: STREAM_SUBJECTS.into(),
-        ack_policy: consumer::AckPolicy::Explicit,
-        deliver_policy: consumer::DeliverPolicy::New,
-        ack_wait: Duration::from_secs(30),
+        ack_policy: consumer::AckPolicy::All,
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start.max(1),
+        },
+        ack_wait: ACK_WAIT,
         max_ack_pending: 20_000,
         ..Default::default()
     }
 }
 
-/// Consumes until `stop` turns true, reconnecting with backoff after any failure.
-pub async fn run(
-    client: async_nats::Client,
-    durable: String,
-    ingest: Arc<IngestService>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let js = jetstream::new(client);
-    let mut backoff = Duration::from_millis(200);
-    while !*stop.borrow() {
-        match consume(&js, &durable, &ingest, &mut stop).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "consumer interrupted; reconnecting");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
+/// Who ingests for which group.
+#[derive(Clone)]
+pub struct Ingestor {
+    pub js: jetstream::Context,
+    pub group: String,
+    /// This process's name in the lease (unique per process).
+    pub holder: String,
+    pub lease: Duration,
+    pub ingest: Arc<IngestService>,
+    pub log: Arc<dyn IngestRepository>,
+    pub inband: Option<Inband>,
+}
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    /// Another instance holds the lease.
+    Standby,
+    /// Start again from the stored position.
+    Resync(&'static str),
+}
+
+/// A fetched message and its share of the buffer.
+type Fetched = (jetstream::Message, OwnedSemaphorePermit);
+
+impl Ingestor {
+    /// Ingests (or stands by) until `stop` is cancelled, then releases the lease.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        let mut holding = false;
+        while !stop.is_cancelled() {
+            let pause = match self.session(&stop).await {
+                Ok(End::Shutdown) => break,
+                Ok(End::Standby) => {
+                    if holding {
+                        tracing::info!(group = %self.group, "standing by: another instance ingests");
+                    }
+                    holding = false;
+                    backoff = Duration::from_millis(200);
+                    self.lease / 3
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                Ok(End::Resync(why)) => {
+                    holding = true;
+                    tracing::info!(group = %self.group, why, "reading again from the stored position");
+                    Duration::from_millis(50)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, ?backoff, "ingestion interrupted; retrying");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    pause
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+        // Hand over at once rather than after the lease runs out.
+        let released = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.log.release(&self.group, &self.holder),
+        )
+        .await;
+        if !matches!(released, Ok(Ok(()))) {
+            tracing::debug!("ingestion lease not released; it runs out by itself");
+        }
+        tracing::info!("consumer stopped");
+    }
+
+    /// Takes the lease, recreates the consumer at the stored position and applies
+    /// batches until something ends the session.
+    async fn session(&self, stop: &CancellationToken) -> Result<End, BoxError> {
+        let stream = self.js.get_or_create_stream(stream_config()).await?;
+        self.js
+            .get_or_create_stream(deadletter::stream_config())
+            .await?;
+        // Where a group seen for the first time starts: where this group's consumer
+        // had acked to (an upgrade from a version without a stored position), else
+        // the end of the stream (new messages only).
+        let start = match stream.consumer_info(&self.group).await {
+            Ok(info) => info.ack_floor.stream_sequence,
+            Err(_) => stream.get_info().await?.state.last_sequence,
+        };
+        let lease = Lease {
+            group: self.group.clone(),
+            holder: self.holder.clone(),
+            ttl: self.lease,
+            start,
+        };
+        let Some(mut position) = self.log.lease(&lease).await? else {
+            return Ok(End::Standby);
+        };
+        self.ingest.reset();
+        if let Err(e) = stream.delete_consumer(&self.group).await {
+            // Usually: there was none. Anything worse fails the creation below.
+            tracing::debug!(error = %e, "consumer not deleted");
+        }
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer_config(&self.group, position + 1))
+            .await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(PULL)
+            .max_bytes_per_batch(PULL_BYTES)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await?;
+        tracing::info!(group = %self.group, position, "ingesting {STREAM_SUBJECTS}");
+        let (mut rx, _reader) = spawn_reader(messages);
+        let mut renew = tokio::time::interval(self.lease / 3);
+        renew.tick().await;
+        let mut next_consumer_seq = 1;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    hand_back(&mut rx).await;
+                    return Ok(End::Shutdown);
+                }
+                _ = renew.tick() => {
+                    if self.log.lease(&lease).await?.is_none() {
+                        return Ok(End::Resync("lease lost"));
+                    }
+                    continue;
+                }
+                m = rx.recv() => m,
+            };
+            let Some(first) = first else {
+                return Err("message stream ended".into());
+            };
+            let batch = collect(first?, &mut rx)?;
+            let mut expected = next_consumer_seq;
+            for (m, _) in &batch {
+                let info = m.info()?;
+                if info.consumer_sequence != expected || info.delivered != 1 {
+                    return Ok(End::Resync("a delivery out of order"));
+                }
+                expected += 1;
+            }
+            match self.apply(position, &batch, stop).await? {
+                Some(to) => {
+                    position = to;
+                    next_consumer_seq = expected;
+                }
+                None => {
+                    nak(batch.iter().map(|(m, _)| m)).await;
+                    hand_back(&mut rx).await;
+                    return Ok(End::Shutdown);
+                }
             }
         }
     }
-    tracing::info!("consumer stopped");
+
+    /// Applies a batch (retrying what may pass) and acks it; the new position, or None
+    /// when the service stopped first.
+    async fn apply(
+        &self,
+        from: u64,
+        batch: &[Fetched],
+        stop: &CancellationToken,
+    ) -> Result<Option<u64>, BoxError> {
+        let span = tracing::info_span!(
+            "broker.consume",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.batch.message_count = batch.len(),
+        );
+        crate::telemetry::link_messages(&span, batch.iter().map(|(m, _)| m.headers.as_ref()));
+        self.apply_batch(from, batch, stop).instrument(span).await
+    }
+
+    async fn apply_batch(
+        &self,
+        from: u64,
+        batch: &[Fetched],
+        stop: &CancellationToken,
+    ) -> Result<Option<u64>, BoxError> {
+        let mut to = from;
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut undecodable = Vec::new();
+        let mut originals = HashMap::new();
+        for (m, _) in batch {
+            let seq = m.info()?.stream_sequence;
+            to = to.max(seq);
+            originals.insert(seq, &m.payload);
+            match super::decode(&m.payload) {
+                Ok(envelope) => decoded.push(Message { seq, envelope }),
+                Err(e) => {
+                    tracing::warn!(seq, reason = "envelope", error = %e, "message rejected");
+                    undecodable.push(Rejected {
+                        seq,
+                        reason: "envelope",
+                        twin_id: None,
+                    });
+                }
+            }
+        }
+        self.answer_inband(&decoded).await;
+        let aside = DeadLetters {
+            js: &self.js,
+            group: &self.group,
+            originals,
+        };
+        let ingest = Batch {
+            group: &self.group,
+            from,
+            to,
+            messages: &decoded,
+        };
+        let mut backoff = Duration::from_millis(200);
+        let mut undecodable_kept = undecodable.is_empty();
+        loop {
+            let attempt = async {
+                if !undecodable_kept {
+                    aside.set_aside(&undecodable).await?;
+                    metrics::counter!(REJECTED, "reason" => "envelope")
+                        .increment(undecodable.len() as u64);
+                    undecodable_kept = true;
+                }
+                self.ingest.apply(&ingest, &aside).await
+            };
+            match keep_while(attempt, batch).await {
+                Ok(report) => {
+                    tracing::debug!(messages = batch.len(), ?report, "batch applied");
+                    break;
+                }
+                Err(IngestError::Fenced) => {
+                    return Err("another instance moved the position".into());
+                }
+                Err(IngestError::Transient(e)) => {
+                    tracing::warn!(error = %e, ?backoff, "batch not applied; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return Ok(None),
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        if let Some((last, _)) = batch.last()
+            && let Err(e) = last.ack().await
+        {
+            // The position is stored: a redelivery only makes the session start over.
+            tracing::debug!(error = %e, "ack failed");
+        }
+        Ok(Some(to))
+    }
+
+    /// Executes the inband document requests of a batch, once each, in stream order.
+    async fn answer_inband(&self, messages: &[Message]) {
+        let Some(inband) = &self.inband else {
+            return;
+        };
+        for m in messages {
+            if self.ingest.is_own_channel(&m.envelope) {
+                continue;
+            }
+            if let Some(target) = inband::parse(&m.envelope.subtopic) {
+                inband.on_channel_message(&m.envelope, target).await;
+            }
+        }
+    }
 }
 
-async fn consume(
-    js: &jetstream::Context,
-    durable: &str,
-    ingest: &IngestService,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), BoxError> {
-    let stream = js.get_or_create_stream(stream_config()).await?;
-    let consumer: consumer::PullConsumer = stream
-        .get_or_create_consumer(durable, consumer_config(durable))
-        .await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(PULL)
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await?;
-    tracing::info!(consumer = durable, "consuming {STREAM_SUBJECTS}");
-    // A task of its own keeps polling the pull stream, so the next messages are
-    // fetched while a batch is being applied.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(BATCH * 2);
-    let reader = AbortOnDrop(tokio::spawn(async move {
+/// Runs `work`, telling the server every [`PROGRESS`] that the batch is still being
+/// worked on, so it is not redelivered meanwhile.
+async fn keep_while<T>(work: impl Future<Output = T>, batch: &[Fetched]) -> T {
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS, PROGRESS);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => {
+                futures::future::join_all(batch.iter().map(|(m, _)| m.ack_with(AckKind::Progress))).await;
+            }
+        }
+    }
+}
+
+/// Takes what has arrived after `first`, up to [`BATCH`] messages and [`BATCH_BYTES`].
+fn collect(
+    first: Fetched,
+    rx: &mut mpsc::Receiver<Result<Fetched, BoxError>>,
+) -> Result<Vec<Fetched>, BoxError> {
+    let mut bytes = first.0.payload.len();
+    let mut batch = vec![first];
+    while batch.len() < BATCH && bytes < BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(m) => {
+                let m = m?;
+                bytes += m.0.payload.len();
+                batch.push(m);
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// A task of its own keeps pulling, so the next messages arrive while a batch is
+/// applied; what it buffers is bounded by [`BUFFER_BYTES`]. It stops when dropped.
+fn spawn_reader(
+    mut messages: consumer::pull::Stream,
+) -> (mpsc::Receiver<Result<Fetched, BoxError>>, AbortOnDrop) {
+    let budget = Arc::new(Semaphore::new(BUFFER_BYTES));
+    let (tx, rx) = mpsc::channel(BATCH * 2);
+    let task = tokio::spawn(async move {
         while let Some(m) = messages.next().await {
-            let failed = m.is_err();
-            if tx.send(m).await.is_err() || failed {
+            let item = match m {
+                Ok(m) => {
+                    let size = m.payload.len().clamp(1, BUFFER_BYTES);
+                    let Ok(permit) = budget
+                        .clone()
+                        .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+                        .await
+                    else {
+                        break;
+                    };
+                    Ok((m, permit))
+                }
+                Err(e) => Err(BoxError::from(e)),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
                 break;
             }
         }
-    }));
-    loop {
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            _ = stop.changed() => return Ok(()),
-        };
-        let first = first.ok_or("message stream ended")??;
-        let mut batch = vec![first];
-        let mut failure = None;
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(Ok(m)) => batch.push(m),
-                Ok(Err(e)) => {
-                    failure = Some(e);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        if !apply(ingest, &batch, stop).await {
-            return Ok(());
-        }
-        if let Some(e) = failure {
-            drop(reader);
-            return Err(e.into());
-        }
-    }
+    });
+    (rx, AbortOnDrop(task))
 }
 
-/// Aborts the task when dropped, so a reader never outlives its consumer.
+/// Hands back everything fetched but not applied, so it is delivered again at once.
+async fn hand_back(rx: &mut mpsc::Receiver<Result<Fetched, BoxError>>) {
+    let mut left = Vec::new();
+    while let Ok(Ok((m, _))) = rx.try_recv() {
+        left.push(m);
+    }
+    nak(left.iter()).await;
+}
+
+async fn nak<'a>(messages: impl Iterator<Item = &'a jetstream::Message>) {
+    futures::future::join_all(messages.map(|m| m.ack_with(AckKind::Nak(None)))).await;
+}
+
+/// Aborts the task when dropped, so a reader never outlives its session.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Applies and acks a batch; false when the service stopped before it could be applied.
-/// One span per batch, linked to the trace of every message that carries one (W3C
-/// `traceparent` header): tracing never costs per message.
-async fn apply(
-    ingest: &IngestService,
-    batch: &[jetstream::Message],
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    let span = tracing::info_span!(
-        "broker.consume",
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.batch.message_count = batch.len(),
-    );
-    crate::telemetry::link_messages(&span, batch.iter().map(|m| m.headers.as_ref()));
-    apply_batch(ingest, batch, stop).instrument(span).await
-}
-
-async fn apply_batch(
-    ingest: &IngestService,
-    batch: &[jetstream::Message],
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    let incoming: Vec<Incoming> = batch
-        .iter()
-        .filter_map(|m| {
-            m.info().ok().map(|info| Incoming {
-                seq: info.stream_sequence,
-                data: m.payload.clone(),
-            })
-        })
-        .collect();
-    ingest.answer_inband(&incoming).await;
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        match ingest.handle(&incoming).await {
-            Ok(report) => {
-                tracing::debug!(messages = batch.len(), ?report, "batch applied");
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "batch not applied; retrying");
-                // Keep the messages ours while we retry, so they are not redelivered.
-                futures::future::join_all(batch.iter().map(|m| m.ack_with(AckKind::Progress)))
-                    .await;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return false,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
-    for (m, acked) in batch
-        .iter()
-        .zip(futures::future::join_all(batch.iter().map(|m| m.ack())).await)
-    {
-        if let Err(e) = acked {
-            tracing::warn!(subject = %m.subject, error = %e, "ack failed; the message will be redelivered and skipped");
-        }
-    }
-    true
 }

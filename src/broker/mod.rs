@@ -2,6 +2,7 @@
 //! ingestion consumer and the notifier.
 
 pub mod consumer;
+pub mod deadletter;
 pub mod notifier;
 
 use prost::Message as _;

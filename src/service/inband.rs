@@ -10,7 +10,7 @@
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ServiceError;
@@ -178,9 +178,9 @@ impl Inband {
         }
     }
 
-    /// Answers request/reply callers on [`REQUEST_SUBJECTS`] until `stop` turns true.
+    /// Answers request/reply callers on [`REQUEST_SUBJECTS`] until `stop` is cancelled.
     /// Instances share the subject through the queue group `group`.
-    pub async fn serve(self, group: String, mut stop: watch::Receiver<bool>) {
+    pub async fn serve(self, group: String, stop: CancellationToken) {
         let mut sub = match self.client.queue_subscribe(REQUEST_SUBJECTS, group).await {
             Ok(s) => s,
             Err(e) => {
@@ -191,7 +191,7 @@ impl Inband {
         loop {
             let msg = tokio::select! {
                 m = sub.next() => m,
-                _ = stop.changed() => break,
+                () = stop.cancelled() => break,
             };
             let Some(msg) = msg else { break };
             let Some(reply) = msg.reply.clone() else {

@@ -1,50 +1,109 @@
-//! Turns broker messages into twin states (SPEC section 4).
+//! Turns broker messages into twin states (SPEC sections 4 and 14).
 //!
-//! A batch of messages, in stream order, becomes at most one store write per state and
-//! one durable step for the whole batch; the caller acks the batch only after
-//! [`IngestService::handle`] returns Ok. Each twin remembers the stream sequence of the
-//! last message applied to it, so a redelivered message never adds a state.
+//! A batch is a run of consecutive stream messages handed over by the broker layer in
+//! stream order, with the group's position before it (`from`) and after it (`to`). It
+//! goes through small stages:
+//!
+//! 1. **route**: which twins each message is for (cache, then store), and its SenML
+//!    records; what is not for any twin is ignored, what cannot be read is rejected;
+//! 2. **plan**: per twin, its messages folded onto its cursor with the pure sampling
+//!    rule ([`plan`]), skipping what the twin already has;
+//! 3. **set aside**: rejected messages go to the dead-letter port, durably, before
+//!    anything moves past them;
+//! 4. **persist**: one durable step writes the states and moves the group's position
+//!    from `from` to `to`; a write that can never be made is isolated to its twin and
+//!    set aside, so one bad twin never stops the others;
+//! 5. **report**: counters and Go-compatible notifications.
+//!
+//! Errors are typed by what helps: [`IngestError::Transient`] (retry the same batch
+//! later, unacked) or [`IngestError::Fenced`] (another instance moved the position:
+//! stop and stand by).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
-use bytes::Bytes;
+use async_trait::async_trait;
 use chrono::Utc;
 
-use super::inband::{self, Inband};
 use super::lookup::TwinLookup;
-use super::{ServiceError, ServiceResult};
+use crate::broker::Envelope;
 use crate::broker::notifier::Notifier;
-use crate::broker::{self, Envelope};
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
-use crate::store::{IngestCursor, Store, TwinWrites};
+use crate::domain::twin::Definition;
+use crate::store::{Applied, IngestCursor, IngestStep, SeqWrite, Store, StoreError, TwinWrites};
 
 /// Subtopics of the inband document API, which never become states.
 pub const INBAND_PREFIX: &str = "twins.";
-/// How often a batch is recomputed for twins another instance wrote meanwhile.
+/// How often a step is recomputed for twins that moved under it.
 const REDO_ATTEMPTS: usize = 5;
 /// Cursors kept in memory before they are dropped wholesale (bounded memory).
 const MAX_CURSORS: usize = 100_000;
 
-/// Counter of messages refused as bad, by reason.
+/// Counter of messages set aside, by reason.
 pub const REJECTED: &str = "twins_ingest_rejected_total";
 /// Counter of messages that concern no twin, by reason.
 pub const IGNORED: &str = "twins_ingest_ignored_total";
 /// Counter of messages received.
 pub const RECEIVED: &str = "twins_ingest_messages_total";
-/// Counter of redelivered messages skipped.
+/// Counter of messages a twin already had (delivered again after a crash).
 pub const DUPLICATES: &str = "twins_ingest_duplicates_total";
 /// Counter of state writes, by kind (insert, update).
 pub const STATE_WRITES: &str = "twins_ingest_state_writes_total";
 
-/// One message as delivered by the stream.
-#[derive(Debug, Clone)]
-pub struct Incoming {
+/// One decoded stream message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
     /// Stream sequence number.
     pub seq: u64,
-    /// Protobuf-encoded [`Envelope`].
-    pub data: Bytes,
+    pub envelope: Envelope,
+}
+
+/// A run of consecutive stream messages and the group's position around it.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub group: &'a str,
+    /// Position before the batch (the last sequence applied).
+    pub from: u64,
+    /// Position after it (its last sequence, including messages that were not decoded).
+    pub to: u64,
+    pub messages: &'a [Message],
+}
+
+/// A message that can never be applied (for one twin, or for all when `twin_id` is
+/// None).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub seq: u64,
+    /// Metric label and dead-letter subject token.
+    pub reason: &'static str,
+    pub twin_id: Option<String>,
+}
+
+/// Where rejected messages are set aside (the dead-letter stream).
+#[async_trait]
+pub trait SetAside: Send + Sync {
+    /// Keeps the rejected messages durably; an error means they must not be acked yet.
+    async fn set_aside(&self, rejected: &[Rejected]) -> Result<(), IngestError>;
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// A dependency failed in a way that may pass (unreachable, busy, full): retry the
+    /// same batch later without acking it.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// The group's position is not where this batch starts: another instance is
+    /// ingesting.
+    #[error("another instance moved the group's position")]
+    Fenced,
+}
+
+impl IngestError {
+    fn store(e: &StoreError) -> Self {
+        Self::Transient(e.to_string())
+    }
 }
 
 /// What a batch did, for logs and tests.
@@ -57,10 +116,79 @@ pub struct BatchReport {
     pub duplicates: usize,
 }
 
-struct Decoded {
-    seq: u64,
-    envelope: Envelope,
+/// A message routed to at least one twin, with its records.
+struct Routed<'a> {
+    message: &'a Message,
     records: Vec<Record>,
+}
+
+/// A twin's share of a batch, folded onto its cursor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinPlan {
+    pub writes: TwinWrites,
+    /// Where the twin stands once the writes are applied.
+    pub after: IngestCursor,
+    /// Messages at or below the twin's sequence (it had them already).
+    pub duplicates: usize,
+}
+
+/// Folds a twin's messages (in stream order, as `(seq, channel, subtopic, records)`)
+/// onto its cursor: at most one write per state id, each tagged with the sequence of
+/// the last message folded into it. Messages the cursor already covers are skipped.
+pub fn plan<'r>(
+    twin_id: &str,
+    cursor: &IngestCursor,
+    definition: &Definition,
+    messages: impl IntoIterator<Item = (u64, &'r str, &'r str, &'r [Record])>,
+) -> TwinPlan {
+    let mut last = cursor.last.clone();
+    let mut writes: Vec<SeqWrite> = Vec::new();
+    let mut duplicates = 0;
+    for (seq, channel, subtopic, records) in messages {
+        if seq <= cursor.seq {
+            duplicates += 1;
+            continue;
+        }
+        for w in sampling::fold(
+            twin_id,
+            last.clone(),
+            definition,
+            channel,
+            subtopic,
+            records,
+        ) {
+            last = Some(w.state().clone());
+            merge(&mut writes, SeqWrite { write: w, seq });
+        }
+    }
+    let writes = TwinWrites {
+        twin_id: twin_id.to_owned(),
+        expected_seq: cursor.seq,
+        writes,
+    };
+    TwinPlan {
+        after: IngestCursor {
+            last,
+            seq: writes.new_seq(),
+        },
+        writes,
+        duplicates,
+    }
+}
+
+/// Adds `w` to the pending writes, folding it into an earlier write of the same state
+/// (an update of a state inserted in this batch stays an insert).
+fn merge(pending: &mut Vec<SeqWrite>, w: SeqWrite) {
+    let id = w.write.state().id;
+    match pending.iter_mut().find(|p| p.write.state().id == id) {
+        Some(p) => {
+            p.seq = w.seq;
+            match &mut p.write {
+                Write::Insert(s) | Write::Update(s) => *s = w.write.into_state(),
+            }
+        }
+        None => pending.push(w),
+    }
 }
 
 /// The ingestion use case.
@@ -68,34 +196,14 @@ pub struct IngestService {
     store: Store,
     lookup: TwinLookup,
     notifier: Notifier,
-    inband: Option<Inband>,
+    /// Where each twin stood after this instance's last write, valid while it holds
+    /// the group's lease (cleared by [`IngestService::reset`]).
     cursors: Mutex<HashMap<String, IngestCursor>>,
-}
-
-fn reject(
-    report: &mut BatchReport,
-    seq: u64,
-    reason: &'static str,
-    detail: &dyn std::fmt::Display,
-) {
-    tracing::warn!(seq, reason, %detail, "message rejected");
-    metrics::counter!(REJECTED, "reason" => reason).increment(1);
-    report.rejected += 1;
 }
 
 fn ignore(report: &mut BatchReport, reason: &'static str) {
     metrics::counter!(IGNORED, "reason" => reason).increment(1);
     report.ignored += 1;
-}
-
-/// Adds `w` to the twin's pending writes, folding it into an earlier write of the
-/// same state (an update of a state inserted in this batch stays an insert).
-fn merge(pending: &mut Vec<Write>, w: Write) {
-    let id = w.state().id;
-    match pending.iter_mut().find(|p| p.state().id == id) {
-        Some(Write::Insert(s)) | Some(Write::Update(s)) => *s = w.into_state(),
-        None => pending.push(w),
-    }
 }
 
 impl IngestService {
@@ -104,69 +212,84 @@ impl IngestService {
             store,
             lookup,
             notifier,
-            inband: None,
             cursors: Mutex::default(),
         }
     }
 
-    /// Also answers the inband document requests found among the messages.
-    pub fn with_inband(mut self, inband: Inband) -> Self {
-        self.inband = Some(inband);
-        self
+    /// Whether the message is one of our own notifications.
+    pub fn is_own_channel(&self, envelope: &Envelope) -> bool {
+        Some(envelope.channel.as_str()) == self.notifier.channel()
     }
 
-    /// Executes the inband document requests of a batch, once each, in stream order;
-    /// each is answered on its channel whatever the outcome, so none is retried.
-    pub async fn answer_inband(&self, batch: &[Incoming]) {
-        let Some(inband) = &self.inband else {
-            return;
-        };
-        for inc in batch {
-            let Ok(env) = broker::decode(&inc.data) else {
-                continue;
-            };
-            if Some(env.channel.as_str()) == self.notifier.channel() {
-                continue;
-            }
-            if let Some(target) = inband::parse(&env.subtopic) {
-                inband.on_channel_message(&env, target).await;
-            }
-        }
+    /// Whether a message can become a state (not our own notifications, not the inband
+    /// document API).
+    pub fn is_data(&self, envelope: &Envelope) -> bool {
+        !self.is_own_channel(envelope) && !envelope.subtopic.starts_with(INBAND_PREFIX)
     }
 
-    /// Forgets where a deleted twin stood.
-    pub fn forget(&self, twin_id: &str) {
-        self.lock_cursors().remove(twin_id);
+    /// Forgets every remembered cursor: called when this instance (re)starts ingesting,
+    /// since another may have written meanwhile.
+    pub fn reset(&self) {
+        self.lock_cursors().clear();
     }
 
     fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, IngestCursor>> {
         self.cursors.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Applies a batch of messages in stream order. Bad messages are counted and
-    /// skipped; an error means nothing was made durable for the twins not yet
-    /// written, and the batch must be retried (already applied messages are skipped
-    /// by the sequence guard).
-    #[tracing::instrument(name = "ingest.batch", skip_all, fields(messages = batch.len()))]
-    pub async fn handle(&self, batch: &[Incoming]) -> ServiceResult<BatchReport> {
+    /// Applies a batch: on Ok its states are durable and the group's position is
+    /// `batch.to`, so every message of it may be acked.
+    #[tracing::instrument(name = "ingest.batch", skip_all, fields(messages = batch.messages.len()))]
+    pub async fn apply(
+        &self,
+        batch: &Batch<'_>,
+        aside: &dyn SetAside,
+    ) -> Result<BatchReport, IngestError> {
+        let result = self.apply_inner(batch, aside).await;
+        if result.is_err() {
+            // Whatever memory assumed about this attempt may not be durable.
+            self.reset();
+        }
+        result
+    }
+
+    async fn apply_inner(
+        &self,
+        batch: &Batch<'_>,
+        aside: &dyn SetAside,
+    ) -> Result<BatchReport, IngestError> {
         let mut report = BatchReport::default();
-        metrics::counter!(RECEIVED).increment(batch.len() as u64);
-        let mut envelopes = Vec::with_capacity(batch.len());
-        for inc in batch {
-            match broker::decode(&inc.data) {
-                Err(e) => reject(&mut report, inc.seq, "envelope", &e),
-                Ok(env) if Some(env.channel.as_str()) == self.notifier.channel() => {
-                    ignore(&mut report, "own_channel")
-                }
-                Ok(env) if env.subtopic.starts_with(INBAND_PREFIX) => ignore(&mut report, "inband"),
-                Ok(env) => envelopes.push((inc.seq, env)),
+        metrics::counter!(RECEIVED).increment(batch.messages.len() as u64);
+        let mut rejected = Vec::new();
+        let (routed, per_twin) = self.route(batch, &mut report, &mut rejected).await?;
+        let plans = self.plan_twins(&routed, &per_twin, &mut rejected).await?;
+        self.set_aside(aside, &rejected, &mut report).await?;
+        let plans = self.persist(batch, plans, aside, &mut report).await?;
+        self.report(&plans, &mut report).await;
+        Ok(report)
+    }
+
+    /// Stage 1: routes each data message to its twins and reads its records.
+    async fn route<'a>(
+        &self,
+        batch: &Batch<'a>,
+        report: &mut BatchReport,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(Vec<Routed<'a>>, BTreeMap<String, Vec<usize>>), IngestError> {
+        let mut data = Vec::with_capacity(batch.messages.len());
+        for m in batch.messages {
+            if self.is_own_channel(&m.envelope) {
+                ignore(report, "own_channel");
+            } else if m.envelope.subtopic.starts_with(INBAND_PREFIX) {
+                ignore(report, "inband");
+            } else {
+                data.push(m);
             }
         }
-
         // One lookup per distinct (channel, subtopic), all in flight together.
-        let keys: HashSet<(&str, &str)> = envelopes
+        let keys: HashSet<(&str, &str)> = data
             .iter()
-            .map(|(_, e)| (e.channel.as_str(), e.subtopic.as_str()))
+            .map(|m| (m.envelope.channel.as_str(), m.envelope.subtopic.as_str()))
             .collect();
         let lookups = futures::future::join_all(
             keys.into_iter()
@@ -175,167 +298,468 @@ impl IngestService {
         .await;
         let mut ids_by_key: HashMap<(&str, &str), Vec<String>> = HashMap::new();
         for (c, s, ids) in lookups {
-            ids_by_key.insert((c, s), ids?);
+            ids_by_key.insert((c, s), ids.map_err(|e| IngestError::store(&e))?);
         }
-
-        // Messages per twin, in stream order; payloads parsed once.
         let now = Utc::now();
-        let mut decoded: Vec<Decoded> = Vec::new();
+        let mut routed = Vec::new();
         let mut per_twin: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (seq, envelope) in &envelopes {
-            let ids = ids_by_key
-                .get(&(envelope.channel.as_str(), envelope.subtopic.as_str()))
-                .filter(|ids| !ids.is_empty());
-            let Some(ids) = ids else {
-                ignore(&mut report, "no_twin");
+        for m in data {
+            let env = &m.envelope;
+            let Some(ids) = ids_by_key
+                .get(&(env.channel.as_str(), env.subtopic.as_str()))
+                .filter(|ids| !ids.is_empty())
+            else {
+                ignore(report, "no_twin");
                 continue;
             };
-            // "Now" for records without a time is when the message was received by
-            // Magistrala (the envelope's `created`), so a backlog applied late keeps
-            // the timing of its messages.
-            let received = match envelope.created {
+            // "Now" for records without a time is when Magistrala received the message
+            // (the envelope's `created`), so a backlog applied late keeps its timing.
+            let received = match env.created {
                 0 => now,
                 ns => crate::domain::time::from_nanos(ns),
             };
-            let records = match senml::resolve(&envelope.payload, received) {
+            let records = match senml::resolve(&env.payload, received) {
                 Ok(r) => r,
                 Err(e) => {
-                    reject(&mut report, *seq, e.reason(), &e);
+                    tracing::warn!(seq = m.seq, reason = e.reason(), error = %e, "message rejected");
+                    rejected.push(Rejected {
+                        seq: m.seq,
+                        reason: e.reason(),
+                        twin_id: None,
+                    });
                     continue;
                 }
             };
             for id in ids {
-                per_twin.entry(id.clone()).or_default().push(decoded.len());
+                per_twin.entry(id.clone()).or_default().push(routed.len());
             }
-            decoded.push(Decoded {
-                seq: *seq,
-                envelope: envelope.clone(),
+            routed.push(Routed {
+                message: m,
                 records,
             });
         }
+        Ok((routed, per_twin))
+    }
 
-        let mut pending: Vec<String> = per_twin.keys().cloned().collect();
-        for _ in 0..REDO_ATTEMPTS {
-            if pending.is_empty() {
-                break;
-            }
-            let mut writes = Vec::new();
-            let mut cursors = HashMap::new();
-            for twin_id in &pending {
-                let Some(twin) = self.lookup.twin(twin_id).await? else {
-                    for &i in &per_twin[twin_id] {
-                        reject(&mut report, decoded[i].seq, "unknown_twin", twin_id);
-                    }
+    /// Stage 2: each twin's messages folded onto its cursor.
+    async fn plan_twins(
+        &self,
+        routed: &[Routed<'_>],
+        per_twin: &BTreeMap<String, Vec<usize>>,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<Vec<(TwinPlan, Vec<u64>)>, IngestError> {
+        let mut plans = Vec::with_capacity(per_twin.len());
+        for (twin_id, indexes) in per_twin {
+            let seqs: Vec<u64> = indexes.iter().map(|&i| routed[i].message.seq).collect();
+            let mut reject_all = |reason: &'static str, error: &dyn std::fmt::Display| {
+                tracing::warn!(twin = %twin_id, reason, %error, messages = seqs.len(), "messages rejected");
+                rejected.extend(seqs.iter().map(|&seq| Rejected {
+                    seq,
+                    reason,
+                    twin_id: Some(twin_id.clone()),
+                }));
+            };
+            let twin = match self.lookup.twin(twin_id).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    reject_all("unknown_twin", &"no such twin");
                     if let Err(e) = self.lookup.cache().remove(twin_id).await {
                         tracing::debug!(error = %e, "stale cache entry not removed");
                     }
                     continue;
-                };
-                let Some(definition) = twin.current_definition() else {
-                    continue;
-                };
-                let cached = self.lock_cursors().get(twin_id).cloned();
-                let cursor = match cached {
-                    Some(c) => c,
-                    None => self.store.states.cursor(twin_id).await?,
-                };
-                let mut last = cursor.last.clone();
-                let mut seq = cursor.seq;
-                let mut twin_writes: Vec<Write> = Vec::new();
-                for &i in &per_twin[twin_id] {
-                    let m = &decoded[i];
-                    if m.seq <= seq {
-                        report.duplicates += 1;
-                        metrics::counter!(DUPLICATES).increment(1);
-                        continue;
-                    }
-                    let ws = sampling::fold(
-                        twin_id,
-                        last.clone(),
-                        definition,
-                        &m.envelope.channel,
-                        &m.envelope.subtopic,
-                        &m.records,
-                    );
-                    for w in ws {
-                        last = Some(w.state().clone());
-                        merge(&mut twin_writes, w);
-                    }
-                    seq = m.seq;
                 }
-                if !twin_writes.is_empty() {
-                    cursors.insert(twin_id.clone(), IngestCursor { last, seq });
-                    writes.push(TwinWrites {
-                        twin_id: twin_id.clone(),
-                        expected_seq: cursor.seq,
-                        new_seq: seq,
-                        writes: twin_writes,
-                    });
-                }
-            }
-            let conflicts = match self.store.states.apply(&writes).await {
-                Ok(c) => c,
+                Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
                 Err(e) => {
-                    // Nothing of this attempt is durable; forget what memory assumed.
-                    {
-                        let mut mem = self.lock_cursors();
-                        for w in &writes {
-                            mem.remove(&w.twin_id);
-                        }
-                    }
-                    for w in &writes {
-                        self.notifier
-                            .notify(&w.twin_id, "save", Err(e.to_string()))
-                            .await;
-                    }
-                    return Err(ServiceError::from(e));
+                    reject_all("corrupt_twin", &e);
+                    continue;
                 }
             };
-            {
-                let mut mem = self.lock_cursors();
-                if mem.len() + cursors.len() > MAX_CURSORS {
-                    mem.clear();
-                }
-                for id in &conflicts {
-                    mem.remove(id);
-                    cursors.remove(id);
-                }
-                for (id, c) in cursors {
-                    mem.insert(id, c);
-                }
-            }
-            for tw in writes.iter().filter(|w| !conflicts.contains(&w.twin_id)) {
-                for w in &tw.writes {
-                    let kind = match w {
-                        Write::Insert(_) => {
-                            report.inserted += 1;
-                            "insert"
-                        }
-                        Write::Update(_) => {
-                            report.updated += 1;
-                            "update"
-                        }
-                    };
-                    metrics::counter!(STATE_WRITES, "kind" => kind).increment(1);
-                    self.notifier
-                        .notify_json(&tw.twin_id, "save", w.state())
-                        .await;
-                }
-            }
-            if !conflicts.is_empty() {
-                tracing::debug!(
-                    twins = conflicts.len(),
-                    "redoing twins written by another instance"
-                );
-            }
-            pending = conflicts;
+            let Some(definition) = twin.current_definition() else {
+                continue;
+            };
+            let cached = self.lock_cursors().get(twin_id).cloned();
+            let cursor = match cached {
+                Some(c) => c,
+                None => match self.store.ingest.cursor(twin_id).await {
+                    Ok(c) => c,
+                    Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+                    Err(e) => {
+                        reject_all("corrupt_state", &e);
+                        continue;
+                    }
+                },
+            };
+            let messages = indexes.iter().map(|&i| {
+                let r = &routed[i];
+                let env = &r.message.envelope;
+                (
+                    r.message.seq,
+                    env.channel.as_str(),
+                    env.subtopic.as_str(),
+                    r.records.as_slice(),
+                )
+            });
+            plans.push((plan(twin_id, &cursor, definition, messages), seqs));
         }
-        if !pending.is_empty() {
-            return Err(ServiceError::Unavailable(format!(
+        Ok(plans)
+    }
+
+    /// Stage 3: rejected messages are kept before the position moves past them.
+    async fn set_aside(
+        &self,
+        aside: &dyn SetAside,
+        rejected: &[Rejected],
+        report: &mut BatchReport,
+    ) -> Result<(), IngestError> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        aside.set_aside(rejected).await?;
+        for r in rejected {
+            metrics::counter!(REJECTED, "reason" => r.reason).increment(1);
+            if let Some(twin_id) = &r.twin_id {
+                self.notifier
+                    .notify(
+                        twin_id,
+                        "save",
+                        Err(format!("message rejected: {}", r.reason)),
+                    )
+                    .await;
+            }
+        }
+        report.rejected += rejected.len();
+        Ok(())
+    }
+
+    /// Stage 4: writes the plans and moves the position in one durable step; twins that
+    /// moved meanwhile are planned again, twins whose writes can never be made are set
+    /// aside. Returns the plans that were written.
+    async fn persist(
+        &self,
+        batch: &Batch<'_>,
+        plans: Vec<(TwinPlan, Vec<u64>)>,
+        aside: &dyn SetAside,
+        report: &mut BatchReport,
+    ) -> Result<Vec<TwinPlan>, IngestError> {
+        let (plans, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
+            .into_iter()
+            .filter(|(p, _)| !p.writes.writes.is_empty() || p.duplicates > 0)
+            .unzip();
+        for p in &plans {
+            report.duplicates += p.duplicates;
+            metrics::counter!(DUPLICATES).increment(p.duplicates as u64);
+        }
+        let (written, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
+            .into_iter()
+            .zip(seqs)
+            .filter(|(p, _)| !p.writes.writes.is_empty())
+            .unzip();
+        let step = IngestStep {
+            group: batch.group.to_owned(),
+            from: batch.from,
+            to: batch.to,
+            twins: written.iter().map(|p| p.writes.clone()).collect(),
+        };
+        let conflicts = match self.store.ingest.apply(&step).await {
+            Ok(Applied::Done { conflicts }) => conflicts,
+            Ok(Applied::Fenced) => return Err(IngestError::Fenced),
+            Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "batch refused by the store; isolating its twins");
+                return self.isolate(batch, written, seqs, aside, report).await;
+            }
+        };
+        let mut done = self.remember(written, &conflicts);
+        if !conflicts.is_empty() {
+            done.extend(self.redo(batch, &conflicts).await?);
+        }
+        Ok(done)
+    }
+
+    /// Keeps the cursors of the plans written and returns those plans.
+    fn remember(&self, plans: Vec<TwinPlan>, conflicts: &[String]) -> Vec<TwinPlan> {
+        let mut mem = self.lock_cursors();
+        if mem.len() + plans.len() > MAX_CURSORS {
+            mem.clear();
+        }
+        let mut done = Vec::with_capacity(plans.len());
+        for p in plans {
+            if conflicts.contains(&p.writes.twin_id) {
+                mem.remove(&p.writes.twin_id);
+            } else {
+                mem.insert(p.writes.twin_id.clone(), p.after.clone());
+                done.push(p);
+            }
+        }
+        done
+    }
+
+    /// Plans twins that moved under a step again from their stored cursors. The group's
+    /// position is already `batch.to`, so these steps leave it there.
+    async fn redo(
+        &self,
+        batch: &Batch<'_>,
+        twins: &[String],
+    ) -> Result<Vec<TwinPlan>, IngestError> {
+        let mut pending: Vec<String> = twins.to_vec();
+        let mut done = Vec::new();
+        for _ in 0..REDO_ATTEMPTS {
+            if pending.is_empty() {
+                return Ok(done);
+            }
+            tracing::debug!(twins = pending.len(), "redoing twins that moved meanwhile");
+            let only: HashSet<&str> = pending.iter().map(String::as_str).collect();
+            let messages: Vec<Message> = batch
+                .messages
+                .iter()
+                .filter(|m| self.is_data(&m.envelope))
+                .cloned()
+                .collect();
+            let sub = Batch {
+                group: batch.group,
+                from: batch.to,
+                to: batch.to,
+                messages: &messages,
+            };
+            let mut report = BatchReport::default();
+            let mut rejected = Vec::new();
+            let (routed, mut per_twin) = self.route(&sub, &mut report, &mut rejected).await?;
+            per_twin.retain(|id, _| only.contains(id.as_str()));
+            let plans: Vec<TwinPlan> = self
+                .plan_twins(&routed, &per_twin, &mut rejected)
+                .await?
+                .into_iter()
+                .map(|(p, _)| p)
+                .filter(|p| !p.writes.writes.is_empty())
+                .collect();
+            let step = IngestStep {
+                group: batch.group.to_owned(),
+                from: batch.to,
+                to: batch.to,
+                twins: plans.iter().map(|p| p.writes.clone()).collect(),
+            };
+            pending = match self.store.ingest.apply(&step).await {
+                Ok(Applied::Done { conflicts }) => {
+                    done.extend(self.remember(plans, &conflicts));
+                    conflicts
+                }
+                Ok(Applied::Fenced) => return Err(IngestError::Fenced),
+                Err(e) => return Err(IngestError::store(&e)),
+            };
+        }
+        if pending.is_empty() {
+            Ok(done)
+        } else {
+            Err(IngestError::Transient(format!(
                 "{} twins kept changing under this instance",
                 pending.len()
-            )));
+            )))
         }
-        Ok(report)
+    }
+
+    /// Applies twin by twin after the store refused the whole step, sets aside the
+    /// messages of each twin it refuses for good, then moves the position.
+    async fn isolate(
+        &self,
+        batch: &Batch<'_>,
+        plans: Vec<TwinPlan>,
+        seqs: Vec<Vec<u64>>,
+        aside: &dyn SetAside,
+        report: &mut BatchReport,
+    ) -> Result<Vec<TwinPlan>, IngestError> {
+        let mut written = Vec::new();
+        let mut rejected = Vec::new();
+        for (p, seqs) in plans.into_iter().zip(seqs) {
+            let step = IngestStep {
+                group: batch.group.to_owned(),
+                from: batch.from,
+                to: batch.from,
+                twins: vec![p.writes.clone()],
+            };
+            match self.store.ingest.apply(&step).await {
+                Ok(Applied::Done { conflicts }) if conflicts.is_empty() => written.push(p),
+                Ok(Applied::Done { .. }) => {
+                    return Err(IngestError::Transient("twin moved during isolation".into()));
+                }
+                Ok(Applied::Fenced) => return Err(IngestError::Fenced),
+                Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+                Err(e) => {
+                    tracing::warn!(twin = %p.writes.twin_id, error = %e, "state writes refused by the store");
+                    rejected.extend(seqs.into_iter().map(|seq| Rejected {
+                        seq,
+                        reason: "store_refused",
+                        twin_id: Some(p.writes.twin_id.clone()),
+                    }));
+                }
+            }
+        }
+        self.set_aside(aside, &rejected, report).await?;
+        let step = IngestStep {
+            group: batch.group.to_owned(),
+            from: batch.from,
+            to: batch.to,
+            twins: Vec::new(),
+        };
+        match self.store.ingest.apply(&step).await {
+            Ok(Applied::Done { .. }) => Ok(self.remember(written, &[])),
+            Ok(Applied::Fenced) => Err(IngestError::Fenced),
+            Err(e) => Err(IngestError::store(&e)),
+        }
+    }
+
+    /// Stage 5: counters and notifications of what was written.
+    async fn report(&self, plans: &[TwinPlan], report: &mut BatchReport) {
+        for p in plans {
+            for w in &p.writes.writes {
+                let kind = match w.write {
+                    Write::Insert(_) => {
+                        report.inserted += 1;
+                        "insert"
+                    }
+                    Write::Update(_) => {
+                        report.updated += 1;
+                        "update"
+                    }
+                };
+                metrics::counter!(STATE_WRITES, "kind" => kind).increment(1);
+                self.notifier
+                    .notify_json(&p.writes.twin_id, "save", w.write.state())
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, TimeZone};
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::state::State;
+    use crate::domain::twin::Attribute;
+
+    const DELTA: i64 = 1_000_000_000;
+
+    fn at(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(s, 0).single().expect("time")
+    }
+
+    fn definition() -> Definition {
+        Definition {
+            id: 0,
+            created: at(0),
+            attributes: vec![Attribute {
+                name: "temp".into(),
+                channel: "ch".into(),
+                subtopic: String::new(),
+                persist_state: true,
+            }],
+            delta: DELTA,
+        }
+    }
+
+    fn record(t: i64, v: f64) -> Vec<Record> {
+        vec![Record {
+            name: "temp".into(),
+            unit: None,
+            time: at(t),
+            value: json!(v),
+        }]
+    }
+
+    fn run(cursor: &IngestCursor, messages: &[(u64, Vec<Record>)]) -> TwinPlan {
+        let def = definition();
+        plan(
+            "t",
+            cursor,
+            &def,
+            messages.iter().map(|(s, r)| (*s, "ch", "", r.as_slice())),
+        )
+    }
+
+    fn state(id: i64, t: i64, v: f64) -> State {
+        State {
+            twin_id: "t".into(),
+            id,
+            definition: 0,
+            created: at(t),
+            payload: json!({ "temp": v }).as_object().cloned().expect("object"),
+        }
+    }
+
+    #[test]
+    fn each_write_carries_the_sequence_of_its_last_message() {
+        let p = run(
+            &IngestCursor::default(),
+            &[
+                (3, record(10, 1.0)),
+                (5, record(10, 2.0)),
+                (9, record(20, 3.0)),
+            ],
+        );
+        let seqs: Vec<(i64, u64)> = p
+            .writes
+            .writes
+            .iter()
+            .map(|w| (w.write.state().id, w.seq))
+            .collect();
+        assert_eq!(seqs, vec![(0, 5), (1, 9)]);
+        assert_eq!(p.writes.expected_seq, 0);
+        assert_eq!(p.after.seq, 9);
+        assert_eq!(p.after.last, Some(state(1, 20, 3.0)));
+        assert_eq!(p.duplicates, 0);
+    }
+
+    #[test]
+    fn messages_the_twin_already_has_are_skipped_and_counted() {
+        let cursor = IngestCursor {
+            last: Some(state(4, 10, 1.0)),
+            seq: 7,
+        };
+        let p = run(
+            &cursor,
+            &[
+                (6, record(50, 9.0)),
+                (7, record(60, 9.0)),
+                (8, record(10, 2.0)),
+            ],
+        );
+        assert_eq!(p.duplicates, 2);
+        assert_eq!(
+            p.writes.writes,
+            vec![SeqWrite {
+                write: Write::Update(state(4, 10, 2.0)),
+                seq: 8
+            }]
+        );
+        assert_eq!(p.writes.expected_seq, 7);
+    }
+
+    #[test]
+    fn a_state_inserted_then_updated_in_one_batch_stays_an_insert() {
+        let cursor = IngestCursor {
+            last: Some(state(0, 10, 1.0)),
+            seq: 2,
+        };
+        let p = run(&cursor, &[(3, record(30, 5.0)), (4, record(30, 6.0))]);
+        assert_eq!(
+            p.writes.writes,
+            vec![SeqWrite {
+                write: Write::Insert(state(1, 30, 6.0)),
+                seq: 4
+            }]
+        );
+    }
+
+    #[test]
+    fn nothing_to_write_keeps_the_cursor() {
+        let cursor = IngestCursor {
+            last: Some(state(0, 10, 1.0)),
+            seq: 2,
+        };
+        let p = run(&cursor, &[]);
+        assert!(p.writes.writes.is_empty());
+        assert_eq!(p.after, cursor);
     }
 }

@@ -10,6 +10,7 @@ pub mod sqlite;
 pub mod traced;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -31,6 +32,14 @@ pub enum StoreError {
     /// Anything else: a bug or corrupt data, logged and never shown to clients.
     #[error("store failure: {0}")]
     Internal(String),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later can succeed (the backend was
+    /// unreachable, busy or out of space), as opposed to a write that can never be made.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -81,14 +90,63 @@ pub trait StateRepository: Send + Sync {
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>>;
     /// A page of the twin's states ordered by id ascending.
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>>;
-    /// The twin's latest state with the stream sequence of the last message applied
-    /// to it: where ingestion resumes.
+}
+
+/// The ingestion log of an instance group: who may ingest (a lease), how far the group
+/// has applied the stream (its position), and the application of a run of messages.
+///
+/// The position moves in the same durable step as the states it covers wherever the
+/// backend has transactions; where it has not (MongoDB without a replica set), each
+/// state carries the stream sequence that wrote it and the position follows the states,
+/// so a replay from an older position skips what a twin already has.
+#[async_trait]
+pub trait IngestRepository: Send + Sync {
+    /// Takes or renews the group's lease for `lease.holder` until `ttl` from now. Some
+    /// position when the holder has the lease (a group seen for the first time starts
+    /// at `lease.start`); None while another holder's lease runs.
+    async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>>;
+    /// Gives the lease up at once, if `holder` has it.
+    async fn release(&self, group: &str, holder: &str) -> StoreResult<()>;
+    /// The twin's latest state with the stream sequence of the last message that
+    /// changed it: where its ingestion resumes.
     async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor>;
-    /// Applies the state writes of several twins in one durable step. A twin whose
-    /// stored sequence is no longer `expected_seq` (another instance got there first)
-    /// is left untouched and its id returned, for the caller to redo from a fresh
-    /// cursor.
-    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>>;
+    /// Applies the state writes of several twins and moves the group's position from
+    /// `step.from` to `step.to`. [`Applied::Fenced`] when the position was no longer
+    /// `from` (another holder moved it): nothing that was not already true is claimed.
+    /// A twin whose stored sequence is no longer its `expected_seq` is left untouched
+    /// and returned, for the caller to redo from a fresh cursor.
+    async fn apply(&self, step: &IngestStep) -> StoreResult<Applied>;
+}
+
+/// A request for the group's ingestion lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub group: String,
+    pub holder: String,
+    pub ttl: Duration,
+    /// Position of a group that has none yet (the stream's last sequence: a new group
+    /// starts with new messages).
+    pub start: u64,
+}
+
+/// One durable step of ingestion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestStep {
+    pub group: String,
+    /// The group's position the writes were computed from.
+    pub from: u64,
+    /// The position after this step (the last stream sequence it covers).
+    pub to: u64,
+    pub twins: Vec<TwinWrites>,
+}
+
+/// What [`IngestRepository::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The position moved; these twins had moved meanwhile and were not written.
+    Done { conflicts: Vec<String> },
+    /// The group's position was not `from`: another holder is ingesting.
+    Fenced,
 }
 
 /// Outcome of a version-checked document write.
@@ -132,10 +190,25 @@ pub struct IngestCursor {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TwinWrites {
     pub twin_id: String,
+    /// The twin's stored sequence the writes were computed from.
     pub expected_seq: u64,
-    pub new_seq: u64,
-    /// At most one write per state id, in id order.
-    pub writes: Vec<Write>,
+    /// At most one write per state id, in id order, each with the stream sequence of
+    /// the last message that made it (increasing).
+    pub writes: Vec<SeqWrite>,
+}
+
+impl TwinWrites {
+    /// The twin's sequence once the writes are applied.
+    pub fn new_seq(&self) -> u64 {
+        self.writes.last().map_or(self.expected_seq, |w| w.seq)
+    }
+}
+
+/// A state write and the stream sequence of the last message folded into it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqWrite {
+    pub write: Write,
+    pub seq: u64,
 }
 
 /// The repositories of one backend, shared by the services.
@@ -144,6 +217,7 @@ pub struct Store {
     pub twins: Arc<dyn TwinRepository>,
     pub states: Arc<dyn StateRepository>,
     pub documents: Arc<dyn DocumentRepository>,
+    pub ingest: Arc<dyn IngestRepository>,
     health: Arc<dyn HealthCheck>,
 }
 
@@ -160,12 +234,14 @@ impl Store {
         twins: Arc<dyn TwinRepository>,
         states: Arc<dyn StateRepository>,
         documents: Arc<dyn DocumentRepository>,
+        ingest: Arc<dyn IngestRepository>,
         health: Arc<dyn HealthCheck>,
     ) -> Self {
         Self {
             twins: Arc::new(traced::Traced(twins)),
             states: Arc::new(traced::Traced(states)),
             documents: Arc::new(traced::Traced(documents)),
+            ingest: Arc::new(traced::Traced(ingest)),
             health: Arc::new(traced::Traced(health)),
         }
     }
@@ -178,11 +254,11 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s));
+            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s));
+            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
         }
         Err(StoreError::Internal(format!(
             "unsupported database URL scheme in {url:?} (expected sqlite:// or mongodb://)"

@@ -1,7 +1,7 @@
 //! A span around every store call, whatever the backend: [`Store::new`](super::Store::new)
 //! wraps each repository in [`Traced`], so backends contain no tracing code.
 //!
-//! Spans are named after the operation (`store.twins.retrieve`, `store.states.apply`, ...), record
+//! Spans are named after the operation (`store.twins.retrieve`, `store.ingest.apply`, ...), record
 //! no arguments (ids and payloads stay out of traces) and are marked as errors when the
 //! call fails. Ingestion calls the store once per batch or per twin, never per message.
 
@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use tracing::{Instrument, Span};
 
 use super::{
-    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreResult, TwinFilter,
-    TwinRepository, TwinWrites, Versioned,
+    Applied, DocumentRepository, HealthCheck, IngestCursor, IngestRepository, IngestStep, Lease,
+    StateRepository, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::state::State;
@@ -100,13 +100,24 @@ impl StateRepository for Traced<dyn StateRepository> {
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
         traced("store.states.list", self.0.list(twin_id, page)).await
     }
+}
 
-    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
-        traced("store.states.cursor", self.0.cursor(twin_id)).await
+#[async_trait]
+impl IngestRepository for Traced<dyn IngestRepository> {
+    async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>> {
+        traced("store.ingest.lease", self.0.lease(lease)).await
     }
 
-    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
-        traced("store.states.apply", self.0.apply(batch)).await
+    async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
+        traced("store.ingest.release", self.0.release(group, holder)).await
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        traced("store.ingest.cursor", self.0.cursor(twin_id)).await
+    }
+
+    async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
+        traced("store.ingest.apply", self.0.apply(step)).await
     }
 }
 

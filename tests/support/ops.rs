@@ -122,6 +122,12 @@ impl Binary {
         assert!(status.success(), "SIGTERM delivered");
     }
 
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
     /// Waits for the process to exit.
     pub async fn wait(&mut self, within: Duration) -> ExitStatus {
         match tokio::time::timeout(within, self.child.wait()).await {

@@ -289,11 +289,6 @@ pub fn version_from_bson(doc: &Document) -> StoreResult<i64> {
     Fields::new(doc, "document").int("version")
 }
 
-/// The stream sequence of an ingest cursor document.
-pub fn seq_from_bson(doc: &Document) -> StoreResult<u64> {
-    Ok(Fields::new(doc, "ingest cursor").int("seq")?.max(0) as u64)
-}
-
 /// The id of a twin document (projected or whole).
 pub fn id_from_bson(doc: &Document, what: &'static str) -> StoreResult<String> {
     Fields::new(doc, what).str("id")

@@ -142,23 +142,6 @@ pub fn state_update(state: &State) -> Document {
     doc! { "$set": set }
 }
 
-/// Moves the twin's ingest cursor from `expected` to `new`, as one conditional update;
-/// the bool is whether to upsert. A cursor at 0 may not exist yet: the upsert creates
-/// it, and when another writer created it first the unique index on `twinid` refuses
-/// the insert, which the caller reads as a conflict.
-pub fn cursor_claim(twin_id: &str, expected: u64, new: u64) -> (Document, Document, bool) {
-    let seq = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    (
-        doc! { "twinid": twin_id, "seq": seq(expected) },
-        doc! { "$set": { "seq": seq(new) } },
-        expected == 0,
-    )
-}
-
-pub fn cursor_of(twin_id: &str) -> Document {
-    doc! { "twinid": twin_id }
-}
-
 pub fn documents_of(twin_id: &str) -> Document {
     doc! { "twinid": twin_id }
 }
@@ -352,31 +335,6 @@ mod tests {
             state_update(&s),
             doc! { "$set": { "definition": 1_i32, "created": date(), "payload": { "a": 1.5 } } }
         );
-    }
-
-    #[test]
-    fn cursor_claim_is_a_compare_and_set_that_upserts_only_from_zero() {
-        assert_eq!(
-            cursor_claim("t", 0, 7),
-            (
-                doc! { "twinid": "t", "seq": 0_i64 },
-                doc! { "$set": { "seq": 7_i64 } },
-                true
-            )
-        );
-        assert_eq!(
-            cursor_claim("t", 7, 9),
-            (
-                doc! { "twinid": "t", "seq": 7_i64 },
-                doc! { "$set": { "seq": 9_i64 } },
-                false
-            )
-        );
-        assert_eq!(
-            cursor_claim("t", 7, u64::MAX).1,
-            doc! { "$set": { "seq": i64::MAX } }
-        );
-        assert_eq!(cursor_of("t"), doc! { "twinid": "t" });
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 mod codec;
 mod filters;
+mod ingest;
 
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, TwinWrites, Versioned,
+    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
+    TwinRepository, Versioned,
 };
 use crate::domain::document::{Document as TwinDocument, DocumentSummary};
 use crate::domain::sampling::Write;
@@ -134,24 +135,6 @@ impl MongoStore {
             }
         }
         Ok(())
-    }
-
-    /// Moves the twin's cursor from `expected_seq` to `new_seq`; false when it was
-    /// somewhere else (another instance applied messages meanwhile).
-    async fn claim(&self, tw: &TwinWrites) -> StoreResult<bool> {
-        let (filter, update, upsert) =
-            filters::cursor_claim(&tw.twin_id, tw.expected_seq, tw.new_seq);
-        match self
-            .cursors
-            .update_one(filter, update)
-            .upsert(upsert)
-            .await
-            .map_err(map_err)
-        {
-            Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
-            Err(StoreError::Conflict(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 }
 
@@ -277,7 +260,7 @@ impl TwinRepository for MongoStore {
             .await
             .map_err(map_err)?;
         self.cursors
-            .delete_many(filters::cursor_of(id))
+            .delete_many(doc! { "twinid": id })
             .await
             .map_err(map_err)?;
         let r = self
@@ -373,50 +356,6 @@ impl StateRepository for MongoStore {
                 .map(codec::state_from_bson)
                 .collect::<StoreResult<_>>()?,
         })
-    }
-
-    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
-        let seq = self
-            .cursors
-            .find_one(filters::cursor_of(twin_id))
-            .await
-            .map_err(map_err)?
-            .as_ref()
-            .map(codec::seq_from_bson)
-            .transpose()?
-            .unwrap_or(0);
-        Ok(IngestCursor {
-            last: self.latest(twin_id).await?,
-            seq,
-        })
-    }
-
-    /// Per twin: first the cursor moves from `expected_seq` to `new_seq` in one
-    /// conditional update, then the state writes follow.
-    ///
-    /// Without a transaction across the two collections, the cursor update is what
-    /// makes this safe enough. It is a compare-and-set, so of several instances that
-    /// computed writes for one twin from the same cursor exactly one goes on to write;
-    /// the others get the twin back as a conflict and recompute from what it wrote. And
-    /// once it has moved, a redelivery of the same messages is skipped, so no message
-    /// ever adds a second state. The price of that order is at-most-once in one narrow
-    /// case: if the process dies or the server becomes unreachable between the cursor
-    /// update and the last state write, the rest of that twin's writes of this batch
-    /// are lost rather than duplicated (the batch is not acked, but its redelivery is
-    /// skipped). Writing states first would instead let two instances interleave their
-    /// writes to one twin and let a redelivery add states twice.
-    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
-        let mut conflicts = Vec::new();
-        for tw in batch {
-            if !self.claim(tw).await? {
-                conflicts.push(tw.twin_id.clone());
-                continue;
-            }
-            for w in &tw.writes {
-                self.write_state(w).await?;
-            }
-        }
-        Ok(conflicts)
     }
 }
 

@@ -3,21 +3,33 @@
 //! Writes go through a single-connection pool so they queue in the process instead of
 //! failing on SQLite's single-writer lock; reads use a separate pool and proceed in
 //! parallel with writes thanks to WAL.
+//!
+//! Writes manage their transactions themselves ([`WriteTx`]) rather than through sqlx's
+//! transaction type: after an error SQLite may roll a transaction back on its own (a full
+//! disk, an I/O error) and sqlx's bookkeeping can then disagree with the connection, so
+//! that later writes nest inside a transaction that is never committed. A transaction
+//! that does not end in a commit or a clean rollback closes the writer connection; the
+//! pool opens a fresh one, known to be outside any transaction.
+
+mod ingest;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite};
 
 use super::{
-    DocumentRepository, HealthCheck, IngestCursor, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, TwinWrites, Versioned,
+    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
+    TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::sampling::Write;
@@ -70,12 +82,70 @@ const SCHEMA: &[&str] = &[
         twin_id TEXT PRIMARY KEY NOT NULL,
         seq INTEGER NOT NULL
     ) WITHOUT ROWID",
+    // Per instance group: the stream sequence of the last message applied, and the
+    // lease of the one instance allowed to move it (until = Unix ns).
+    "CREATE TABLE IF NOT EXISTS ingest_groups (
+        grp TEXT PRIMARY KEY NOT NULL,
+        seq INTEGER NOT NULL,
+        holder TEXT NOT NULL,
+        until INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    // One row rewritten by the health check after a failed write, to learn whether
+    // writes succeed again (a read succeeds on a full disk).
+    "CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)",
 ];
 
 /// Both pools over one database file.
 pub struct SqliteStore {
     reader: SqlitePool,
     writer: SqlitePool,
+    /// Set when a write transaction failed, cleared by the next commit: the health
+    /// check then tries a write instead of trusting a read.
+    write_failed: Arc<AtomicBool>,
+}
+
+/// An explicit transaction on the writer connection (see the module docs).
+struct WriteTx {
+    conn: PoolConnection<Sqlite>,
+    done: bool,
+    write_failed: Arc<AtomicBool>,
+}
+
+impl WriteTx {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+
+    async fn commit(mut self) -> StoreResult<()> {
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut *self.conn)
+            .await
+            .map_err(map_err)?;
+        self.done = true;
+        self.write_failed.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the transaction without writing anything (a condition did not hold).
+    async fn rollback(mut self) -> StoreResult<()> {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *self.conn)
+            .await
+            .map_err(map_err)?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if !self.done {
+            // An error ended this transaction: whatever state SQLite left the
+            // connection in, the next write gets a fresh one.
+            self.conn.close_on_drop();
+            self.write_failed.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -117,13 +187,32 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(map_err)?;
-        Ok(Self { reader, writer })
+        Ok(Self {
+            reader,
+            writer,
+            write_failed: Arc::default(),
+        })
     }
 
-    async fn replace_attributes(tx: &mut Transaction<'_, Sqlite>, twin: &Twin) -> StoreResult<()> {
+    /// Starts a write transaction on the writer connection, taking SQLite's write lock.
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        let conn = self.writer.acquire().await.map_err(map_err)?;
+        let mut tx = WriteTx {
+            conn,
+            done: false,
+            write_failed: self.write_failed.clone(),
+        };
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        Ok(tx)
+    }
+
+    async fn replace_attributes(tx: &mut WriteTx, twin: &Twin) -> StoreResult<()> {
         sqlx::query("DELETE FROM twin_attributes WHERE twin_id = ?")
             .bind(&twin.id)
-            .execute(&mut **tx)
+            .execute(tx.conn())
             .await
             .map_err(map_err)?;
         let Some(def) = twin.current_definition() else {
@@ -136,7 +225,7 @@ impl SqliteStore {
             .bind(&twin.id)
             .bind(&attr.channel)
             .bind(&attr.subtopic)
-            .execute(&mut **tx)
+            .execute(tx.conn())
             .await
             .map_err(map_err)?;
         }
@@ -153,12 +242,20 @@ fn map_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             StoreError::Conflict(db.message().to_owned())
         }
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6): another writer holds the database.
-        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6")) => {
+        sqlx::Error::Database(db) if is_transient_code(db.code().as_deref()) => {
             StoreError::Unavailable(db.message().to_owned())
         }
         _ => StoreError::Internal(e.to_string()),
     }
+}
+
+/// SQLite result codes after which the same write can succeed later: another writer
+/// holds the database (BUSY 5, LOCKED 6), the file cannot be written now (READONLY 8,
+/// IOERR 10, FULL 13, CANTOPEN 14). Extended codes carry the primary code in their
+/// low byte.
+fn is_transient_code(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
@@ -220,7 +317,7 @@ const LIST_FILTER: &str = "owner = ?1
 #[async_trait]
 impl TwinRepository for SqliteStore {
     async fn save(&self, twin: &Twin) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO twins (id, owner, name, revision, created, updated, definitions, metadata)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -233,15 +330,15 @@ impl TwinRepository for SqliteStore {
         .bind(to_nanos(&twin.updated))
         .bind(to_json(&twin.definitions)?)
         .bind(to_json(&twin.metadata)?)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await
         .map_err(map_err)?;
         Self::replace_attributes(&mut tx, twin).await?;
-        tx.commit().await.map_err(map_err)
+        tx.commit().await
     }
 
     async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE twins SET name = ?, revision = ?, updated = ?, definitions = ?, metadata = ?
              WHERE id = ? AND owner = ? AND revision = ?",
@@ -254,14 +351,15 @@ impl TwinRepository for SqliteStore {
         .bind(&twin.id)
         .bind(&twin.owner)
         .bind(expected_revision)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await
         .map_err(map_err)?;
         if done.rows_affected() == 0 {
+            tx.rollback().await?;
             return Ok(false);
         }
         Self::replace_attributes(&mut tx, twin).await?;
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -314,14 +412,15 @@ impl TwinRepository for SqliteStore {
     }
 
     async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query("DELETE FROM twins WHERE id = ? AND owner = ?")
             .bind(id)
             .bind(owner)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await
             .map_err(map_err)?;
         if done.rows_affected() == 0 {
+            tx.rollback().await?;
             return Ok(false);
         }
         for stmt in [
@@ -332,11 +431,11 @@ impl TwinRepository for SqliteStore {
         ] {
             sqlx::query(stmt)
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await
                 .map_err(map_err)?;
         }
-        tx.commit().await.map_err(map_err)?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -369,123 +468,15 @@ impl TwinRepository for SqliteStore {
 #[async_trait]
 impl StateRepository for SqliteStore {
     async fn save(&self, state: &State) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         write_state(&mut tx, &Write::Insert(state.clone())).await?;
-        tx.commit().await.map_err(map_err)
+        tx.commit().await
     }
 
     async fn update(&self, state: &State) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         write_state(&mut tx, &Write::Update(state.clone())).await?;
-        tx.commit().await.map_err(map_err)
-    }
-
-    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM ingest_cursors WHERE twin_id = ?")
-                .bind(twin_id)
-                .fetch_optional(&self.reader)
-                .await
-                .map_err(map_err)?;
-        Ok(IngestCursor {
-            last: self.latest(twin_id).await?,
-            seq: seq.unwrap_or(0).max(0) as u64,
-        })
-    }
-
-    async fn apply(&self, batch: &[TwinWrites]) -> StoreResult<Vec<String>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        // A batch is a handful of statements whatever its size: the rows travel as one
-        // JSON array per statement and are unpacked by json_each. The single writer
-        // connection serialises this with every other write of the process, and the
-        // transaction holds SQLite's write lock against other processes.
-        let ids: Vec<&str> = batch.iter().map(|t| t.twin_id.as_str()).collect();
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
-        let rows = sqlx::query(
-            "SELECT twin_id, seq FROM ingest_cursors
-             WHERE twin_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(to_json(&ids)?)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        let mut stored = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let id: String = r
-                .try_get("twin_id")
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
-            let seq: i64 = r
-                .try_get("seq")
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
-            stored.insert(id, seq.max(0) as u64);
-        }
-        let mut conflicts = Vec::new();
-        let (mut inserts, mut updates, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
-        for tw in batch {
-            let seq = stored.get(&tw.twin_id).copied().unwrap_or(0);
-            if seq != tw.expected_seq {
-                conflicts.push(tw.twin_id.clone());
-                continue;
-            }
-            stored.insert(tw.twin_id.clone(), tw.new_seq);
-            for w in &tw.writes {
-                let (rows, s) = match w {
-                    Write::Insert(s) => (&mut inserts, s),
-                    Write::Update(s) => (&mut updates, s),
-                };
-                rows.push(serde_json::json!([
-                    s.twin_id,
-                    s.id,
-                    s.definition,
-                    to_nanos(&s.created),
-                    to_json(&s.payload)?
-                ]));
-            }
-            cursors.push(serde_json::json!([
-                tw.twin_id,
-                i64::try_from(tw.new_seq).unwrap_or(i64::MAX)
-            ]));
-        }
-        const ROWS: &str =
-            "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
-            json_extract(value, '$[2]') AS d, json_extract(value, '$[3]') AS c,
-            json_extract(value, '$[4]') AS p FROM json_each(?)";
-        if !inserts.is_empty() {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO states (twin_id, id, definition, created, payload)
-                 SELECT t, i, d, c, p FROM ({ROWS})"
-            )))
-            .bind(to_json(&inserts)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        if !updates.is_empty() {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE states SET definition = u.d, created = u.c, payload = u.p
-                 FROM ({ROWS}) AS u WHERE states.twin_id = u.t AND states.id = u.i"
-            )))
-            .bind(to_json(&updates)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        if !cursors.is_empty() {
-            sqlx::query(
-                "INSERT INTO ingest_cursors (twin_id, seq)
-                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)
-                 WHERE true
-                 ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq",
-            )
-            .bind(to_json(&cursors)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(conflicts)
+        tx.commit().await
     }
 
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
@@ -533,7 +524,7 @@ impl StateRepository for SqliteStore {
     }
 }
 
-async fn write_state(tx: &mut Transaction<'_, Sqlite>, write: &Write) -> StoreResult<()> {
+async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
     let (sql, state) = match write {
         Write::Insert(s) => (
             "INSERT INTO states (definition, created, payload, twin_id, id) VALUES (?, ?, ?, ?, ?)",
@@ -550,7 +541,7 @@ async fn write_state(tx: &mut Transaction<'_, Sqlite>, write: &Write) -> StoreRe
         .bind(to_json(&state.payload)?)
         .bind(&state.twin_id)
         .bind(state.id)
-        .execute(&mut **tx)
+        .execute(tx.conn())
         .await
         .map_err(map_err)?;
     Ok(())
@@ -573,14 +564,14 @@ fn document_from_row(row: &SqliteRow) -> StoreResult<Document> {
 impl SqliteStore {
     /// The stored version, read inside the transaction that failed to write.
     async fn document_version(
-        tx: &mut Transaction<'_, Sqlite>,
+        tx: &mut WriteTx,
         twin_id: &str,
         name: &str,
     ) -> StoreResult<Option<i64>> {
         sqlx::query_scalar("SELECT version FROM documents WHERE twin_id = ? AND name = ?")
             .bind(twin_id)
             .bind(name)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(tx.conn())
             .await
             .map_err(map_err)
     }
@@ -622,7 +613,7 @@ impl DocumentRepository for SqliteStore {
 
     async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
         let data = to_json(&doc.data)?;
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         let done = match expected {
             None => sqlx::query(
                 "INSERT INTO documents (twin_id, name, version, updated, data) VALUES (?, ?, ?, ?, ?)
@@ -633,7 +624,7 @@ impl DocumentRepository for SqliteStore {
             .bind(doc.version)
             .bind(to_nanos(&doc.updated))
             .bind(&data)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await,
             Some(v) => sqlx::query(
                 "UPDATE documents SET version = ?, updated = ?, data = ?
@@ -645,15 +636,16 @@ impl DocumentRepository for SqliteStore {
             .bind(&doc.twin_id)
             .bind(&doc.document_name)
             .bind(v)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await,
         }
         .map_err(map_err)?;
         if done.rows_affected() == 1 {
-            tx.commit().await.map_err(map_err)?;
+            tx.commit().await?;
             return Ok(Versioned::Done);
         }
         let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
+        tx.rollback().await?;
         Ok(Versioned::Stale { actual })
     }
 
@@ -663,21 +655,22 @@ impl DocumentRepository for SqliteStore {
         name: &str,
         expected: Option<i64>,
     ) -> StoreResult<Versioned> {
-        let mut tx = self.writer.begin().await.map_err(map_err)?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "DELETE FROM documents WHERE twin_id = ? AND name = ? AND (?3 IS NULL OR version = ?3)",
         )
         .bind(twin_id)
         .bind(name)
         .bind(expected)
-        .execute(&mut *tx)
+        .execute(tx.conn())
         .await
         .map_err(map_err)?;
         if done.rows_affected() == 1 {
-            tx.commit().await.map_err(map_err)?;
+            tx.commit().await?;
             return Ok(Versioned::Done);
         }
         let actual = Self::document_version(&mut tx, twin_id, name).await?;
+        tx.rollback().await?;
         Ok(Versioned::Stale { actual })
     }
 }
@@ -689,6 +682,16 @@ impl HealthCheck for SqliteStore {
             .execute(&self.reader)
             .await
             .map_err(map_err)?;
+        if self.write_failed.load(Ordering::Relaxed) {
+            // A read succeeds on a full disk: after a failed write, only a write tells.
+            let mut tx = self.begin().await?;
+            sqlx::query("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)")
+                .bind(to_nanos(&chrono::Utc::now()))
+                .execute(tx.conn())
+                .await
+                .map_err(map_err)?;
+            tx.commit().await?;
+        }
         Ok(())
     }
 }

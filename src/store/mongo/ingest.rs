@@ -1,0 +1,207 @@
+//! The ingestion log in MongoDB, without multi-document transactions.
+//!
+//! Each state carries `seq`, the stream sequence of the last message folded into it, so
+//! a twin's latest state says how far the twin has applied the stream, and every state
+//! write is a single-document compare-and-set on that value: an update names the `seq`
+//! it was computed from, an insert first checks the state before it (and the unique
+//! `(twinid, id)` index refuses a second insert of one id). A twin's writes go in id
+//! order, so a process dying half-way leaves a prefix, and the next holder, replaying
+//! from the group's position, skips for each twin what its latest state already has.
+//! The group's position (`ingest_groups`) moves after the states, as a compare-and-set
+//! too: it is a lower bound of what every twin has applied. The Go service ignores the
+//! extra field.
+
+use async_trait::async_trait;
+use bson::{Bson, Document, doc};
+use chrono::Utc;
+use mongodb::Collection;
+use mongodb::options::ReturnDocument;
+
+use super::{MongoStore, codec, filters, map_err};
+use crate::domain::sampling::Write;
+use crate::store::{
+    Applied, IngestCursor, IngestRepository, IngestStep, Lease, StoreError, StoreResult, TwinWrites,
+};
+
+/// Collection of the groups' positions and leases.
+pub const GROUPS: &str = "ingest_groups";
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The stream sequence a state document carries; 0 for states written before this
+/// field existed (or by the Go service).
+fn seq_in(doc: &Document) -> u64 {
+    match doc.get("seq") {
+        Some(Bson::Int64(v)) => u64::try_from(*v).unwrap_or(0),
+        Some(Bson::Int32(v)) => u64::try_from(*v).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The state `id` of the twin while its `seq` is still `expected`.
+fn state_at(twin_id: &str, id: i64, expected: u64) -> Document {
+    let mut filter = filters::state(twin_id, id);
+    if expected == 0 {
+        filter.insert(
+            "$or",
+            vec![
+                Bson::Document(doc! { "seq": { "$exists": false } }),
+                Bson::Document(doc! { "seq": 0_i64 }),
+            ],
+        );
+    } else {
+        filter.insert("seq", to_i64(expected));
+    }
+    filter
+}
+
+/// The group's document while its position is `seq`.
+fn group_at(group: &str, seq: u64) -> Document {
+    doc! { "_id": group, "seq": to_i64(seq) }
+}
+
+impl MongoStore {
+    fn groups(&self) -> Collection<Document> {
+        self.db.collection(GROUPS)
+    }
+
+    /// Applies one twin's writes in id order; false as soon as one finds the twin
+    /// elsewhere than where the writes were computed from.
+    async fn apply_twin(&self, tw: &TwinWrites) -> StoreResult<bool> {
+        let mut expected = tw.expected_seq;
+        for (i, w) in tw.writes.iter().enumerate() {
+            match &w.write {
+                Write::Update(s) => {
+                    let mut update = filters::state_update(s);
+                    if let Ok(set) = update.get_document_mut("$set") {
+                        set.insert("seq", to_i64(w.seq));
+                    }
+                    let done = self
+                        .states
+                        .update_one(state_at(&s.twin_id, s.id, expected), update)
+                        .await
+                        .map_err(map_err)?;
+                    if done.matched_count == 0 {
+                        return Ok(false);
+                    }
+                }
+                Write::Insert(s) => {
+                    if i == 0 && s.id > 0 {
+                        // The state before it must still be the one it was computed from.
+                        let done = self
+                            .states
+                            .update_one(
+                                state_at(&s.twin_id, s.id - 1, expected),
+                                doc! { "$set": { "seq": to_i64(expected) } },
+                            )
+                            .await
+                            .map_err(map_err)?;
+                        if done.matched_count == 0 {
+                            return Ok(false);
+                        }
+                    }
+                    let mut state = codec::state_to_bson(s);
+                    state.insert("seq", to_i64(w.seq));
+                    match self.states.insert_one(state).await.map_err(map_err) {
+                        Ok(_) => {}
+                        Err(StoreError::Conflict(_)) => return Ok(false),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            expected = w.seq;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl IngestRepository for MongoStore {
+    async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>> {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(lease.ttl).unwrap_or(chrono::Duration::MAX);
+        let taken = self
+            .groups()
+            .find_one_and_update(
+                doc! {
+                    "_id": &lease.group,
+                    "$or": [
+                        { "holder": &lease.holder },
+                        { "until": { "$lt": bson::DateTime::from_millis(now.timestamp_millis()) } },
+                    ],
+                },
+                doc! {
+                    "$set": { "holder": &lease.holder, "until": bson::DateTime::from_millis(until.timestamp_millis()) },
+                    "$setOnInsert": { "seq": to_i64(lease.start) },
+                },
+            )
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(map_err);
+        match taken {
+            Ok(Some(group)) => Ok(Some(seq_in(&group))),
+            // Another holder's lease runs: the upsert collided with its document.
+            Ok(None) | Err(StoreError::Conflict(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
+        self.groups()
+            .update_one(
+                doc! { "_id": group, "holder": holder },
+                doc! { "$set": { "until": bson::DateTime::from_millis(0) } },
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        let latest = self
+            .states
+            .find_one(filters::states_of(twin_id))
+            .sort(filters::by("id", -1))
+            .await
+            .map_err(map_err)?;
+        Ok(match latest {
+            Some(doc) => IngestCursor {
+                seq: seq_in(&doc),
+                last: Some(codec::state_from_bson(&doc)?),
+            },
+            None => IngestCursor::default(),
+        })
+    }
+
+    async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
+        let current = self
+            .groups()
+            .find_one(group_at(&step.group, step.from))
+            .await
+            .map_err(map_err)?;
+        if current.is_none() {
+            return Ok(Applied::Fenced);
+        }
+        let mut conflicts = Vec::new();
+        for tw in &step.twins {
+            if !self.apply_twin(tw).await? {
+                conflicts.push(tw.twin_id.clone());
+            }
+        }
+        let moved = self
+            .groups()
+            .update_one(
+                group_at(&step.group, step.from),
+                doc! { "$set": { "seq": to_i64(step.to) } },
+            )
+            .await
+            .map_err(map_err)?;
+        if moved.matched_count == 0 {
+            return Ok(Applied::Fenced);
+        }
+        Ok(Applied::Done { conflicts })
+    }
+}
