@@ -589,3 +589,123 @@ async fn a_corrupt_twin_is_set_aside_and_the_others_keep_ingesting() {
         }
     }
 }
+
+/// A directory on a tmpfs of its own, unmounted on drop.
+struct SmallDisk {
+    dir: TempDir,
+}
+
+impl SmallDisk {
+    /// None (with the reason printed) when this process may not mount.
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match mounted {
+            Ok(s) if s.success() => Some(Self { dir }),
+            other => {
+                eprintln!("disk-full test needs to mount a tmpfs (Linux, as root): {other:?}");
+                None
+            }
+        }
+    }
+
+    /// Fills what is left with a file; removing it frees the space again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.flush();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
+    // CI runs as root; elsewhere the test cannot make a small disk and says so.
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let Some(disk) = SmallDisk::mount("16m") else {
+        assert!(!is_root, "running as root, the tmpfs must mount");
+        return;
+    };
+    let d = Deployment::on(
+        common::NATS_URL,
+        Some(format!("sqlite://{}/twins.db", disk.dir.path().display())),
+    )
+    .await;
+    let mut app = d.start().await;
+    let twins = d.twins(&app, 5).await;
+    d.wait_ingesting().await;
+    let all = messages(&twins, 0..2_000);
+    let mut oracle = Oracle::new(&twins);
+    oracle.apply(&all);
+    let first = d.publish(&all[..500]).await;
+    d.wait_applied(first, Duration::from_secs(60)).await;
+
+    let filler = disk.fill();
+    // Writes now either succeed durably or are refused with 503.
+    let mut created = Vec::new();
+    let mut refused = 0;
+    for i in 0..300 {
+        let resp = d
+            .http
+            .post(app.url("/twins"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"name": format!("t{i}"), "metadata": {"pad": "x".repeat(2000)}}))
+            .send()
+            .await
+            .expect("POST /twins");
+        match resp.status().as_u16() {
+            201 => {
+                let t: Value = resp.json().await.expect("twin");
+                created.push(t["id"].as_str().expect("id").to_owned());
+            }
+            503 => refused += 1,
+            other => panic!("a write on a full disk answered {other}"),
+        }
+    }
+    assert!(refused > 0, "the disk never filled up");
+    let health = d.http.get(app.url("/health")).send().await.expect("health");
+    assert_eq!(
+        health.status(),
+        503,
+        "the store is reported failing while writes fail"
+    );
+    // Messages published meanwhile wait, unacked.
+    let last = d.publish(&all[500..]).await;
+
+    std::fs::remove_file(&filler).expect("free the space");
+    d.wait_applied(last, Duration::from_secs(120)).await;
+    d.assert_matches(&app, &oracle).await;
+    let check = |app: &ops::Binary, id: &String| {
+        let req = d
+            .http
+            .get(app.url(&format!("/twins/{id}")))
+            .bearer_auth(TOKEN);
+        async move { req.send().await.expect("GET /twins").status().as_u16() }
+    };
+    for id in &created {
+        assert_eq!(check(&app, id).await, 200, "twin {id} answered 201");
+    }
+    app.kill().await;
+    let app = d.start().await;
+    for id in &created {
+        assert_eq!(check(&app, id).await, 200, "twin {id} after a restart");
+    }
+    d.assert_matches(&app, &oracle).await;
+}

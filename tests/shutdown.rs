@@ -132,3 +132,56 @@ async fn sigterm_on_an_idle_service_exits_zero_promptly() {
     );
     drop(client);
 }
+
+#[tokio::test]
+async fn sigterm_with_a_request_held_past_the_timeout_still_exits_zero() {
+    let (calls_tx, mut calls) = tokio::sync::mpsc::unbounded_channel();
+    // The auth service holds the request far longer than the shutdown timeout.
+    let auth = ops::spawn_auth(
+        Users {
+            delay: Duration::from_secs(60),
+            calls: Some(calls_tx),
+        },
+        None,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::free_port();
+    let _nats = common::own_nats(port, &dir.path().join("nats")).await;
+    let nats_url = format!("nats://127.0.0.1:{port}");
+    let db = format!("sqlite://{}/twins.db", dir.path().display());
+    let auth_url = auth.addr.to_string();
+    let mut binary = ops::start_binary(&[
+        ("MG_TWINS_DB_URL", db.as_str()),
+        ("MG_MESSAGE_BROKER_URL", nats_url.as_str()),
+        ("MG_AUTH_GRPC_URL", auth_url.as_str()),
+        ("MG_AUTH_GRPC_TIMEOUT", "120s"),
+        ("MG_TWINS_SHUTDOWN_TIMEOUT", "1s"),
+    ])
+    .await;
+    let held = tokio::spawn(
+        common::client()
+            .get(binary.url("/twins"))
+            .bearer_auth(TOKEN)
+            .send(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), calls.recv())
+        .await
+        .expect("the request reaches the auth service")
+        .expect("auth service running");
+    binary.terminate();
+    // The timeout plus a second, with room for a slow machine.
+    let status = binary.wait(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit {status:?}; logs {:#?}",
+        binary.logs()
+    );
+    let logs = binary.logs();
+    assert!(
+        logs.iter().any(|l| l.contains("shutdown timeout")),
+        "the timeout was reached: {logs:#?}"
+    );
+    held.abort();
+}
