@@ -2,14 +2,14 @@
 //!
 //! Operators switching from the Go service keep their database: `twins` and `states`
 //! hold documents in the Go service's shape ([`codec`]), so either service can read what
-//! the other wrote. Our additions live beside them (`documents`, `ingest_cursors`) and
-//! the Go service never looks at them. Every query is one of the plain filters of
+//! the other wrote. Our additions live beside them (`documents`, `ingest_groups`, a `seq`
+//! field on states) and the Go service never looks at them. Every query is one of the plain filters of
 //! [`filters`]; the conformance suite in `tests/store_conformance.rs` runs the same cases
 //! here and on SQLite.
 //!
 //! Standalone MongoDB has no multi-document transactions, so each method is a short
 //! sequence of single-document atomic operations, ordered so that a failure half-way
-//! leaves nothing a client could see as wrong (see `remove` and `apply`).
+//! leaves nothing a client could see as wrong (see `remove` and [`ingest`]).
 
 mod codec;
 mod filters;
