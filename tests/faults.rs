@@ -709,3 +709,30 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
     }
     d.assert_matches(&app, &oracle).await;
 }
+
+#[tokio::test]
+async fn a_stream_recreated_behind_the_position_is_followed_from_its_start() {
+    let port = common::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let first_dir = tempfile::tempdir().expect("temp dir");
+    let nats = common::own_nats(port, first_dir.path()).await;
+    let d = Deployment::on(&url, None).await;
+    let app = d.start().await;
+    let twins = d.twins(&app, 3).await;
+    d.wait_ingesting().await;
+    let all = messages(&twins, 0..300);
+    let mut oracle = Oracle::new(&twins);
+    oracle.apply(&all);
+    let last = d.publish(&all[..200]).await;
+    d.wait_applied(last, Duration::from_secs(60)).await;
+    // The broker comes back empty: the stream starts again at sequence 1, below the
+    // group's stored position.
+    drop(nats);
+    let second_dir = tempfile::tempdir().expect("temp dir");
+    let _nats = common::own_nats(port, second_dir.path()).await;
+    d.wait_ingesting().await;
+    let last = d.publish(&all[200..]).await;
+    assert!(last < 200, "the new stream numbers from 1 again");
+    d.wait_applied(last, Duration::from_secs(60)).await;
+    d.assert_matches(&app, &oracle).await;
+}

@@ -62,6 +62,7 @@ macro_rules! conformance_cases {
             a_new_group_starts_at_the_given_position,
             the_lease_is_exclusive_until_released_or_run_out,
             the_position_moves_only_from_where_it_is,
+            rewinding_forgets_every_twin_sequence,
             document_write_without_version_creates_only,
             document_write_with_version_is_conditional,
             concurrent_conditional_document_writes_let_exactly_one_win,
@@ -993,6 +994,43 @@ async fn the_lease_is_exclusive_until_released_or_run_out(store: &Store) {
         assert!(std::time::Instant::now() < deadline, "lease never ran out");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+async fn rewinding_forgets_every_twin_sequence(store: &Store) {
+    let s0 = state("t", 0, json!({"a": 1}));
+    ingest(
+        store,
+        vec![writes("t", 0, vec![(Write::Insert(s0.clone()), 5)])],
+    )
+    .await;
+    let long = Duration::from_secs(60);
+    let p = store
+        .ingest
+        .lease(&lease("h", long, 0))
+        .await
+        .unwrap()
+        .expect("lease");
+    assert_eq!(
+        store.ingest.rewind(GROUP, p + 1, 0).await.unwrap(),
+        Applied::Fenced
+    );
+    assert_eq!(cursor(store, "t").await.seq, 5);
+    assert_eq!(
+        store.ingest.rewind(GROUP, p, 0).await.unwrap(),
+        Applied::Done { conflicts: vec![] }
+    );
+    assert_eq!(
+        store.ingest.lease(&lease("h", long, 9)).await.unwrap(),
+        Some(0)
+    );
+    // The states stay; only the sequences of the old stream are forgotten.
+    assert_eq!(
+        cursor(store, "t").await,
+        IngestCursor {
+            last: Some(s0),
+            seq: 0
+        }
+    );
 }
 
 async fn the_position_moves_only_from_where_it_is(store: &Store) {

@@ -33,7 +33,7 @@ use crate::service::inband::{self, Inband};
 use crate::service::ingest::{
     Batch, IngestError, IngestService, Message, REJECTED, Rejected, SetAside,
 };
-use crate::store::{IngestRepository, Lease};
+use crate::store::{Applied, IngestRepository, Lease};
 
 /// Most messages applied in one durable step. Large batches matter under load: a
 /// batch touches each busy twin's pages once, however many of its messages it holds.
@@ -177,6 +177,20 @@ impl Ingestor {
             return Ok(End::Standby);
         };
         self.ingest.reset();
+        let last = stream.get_info().await?.state.last_sequence;
+        if position > last {
+            // The stream was recreated or purged: its sequences start again below the
+            // position, and waiting for position + 1 would ignore everything new.
+            tracing::error!(
+                position,
+                last,
+                "the stream is behind the group's position; continuing from its end"
+            );
+            if self.log.rewind(&self.group, position, last).await? == Applied::Fenced {
+                return Ok(End::Resync("another instance moved the position"));
+            }
+            position = last;
+        }
         if let Err(e) = stream.delete_consumer(&self.group).await {
             // Usually: there was none. Anything worse fails the creation below.
             tracing::debug!(error = %e, "consumer not deleted");

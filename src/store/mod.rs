@@ -116,6 +116,9 @@ pub trait IngestRepository: Send + Sync {
     /// A twin whose stored sequence is no longer its `expected_seq` is left untouched
     /// and returned, for the caller to redo from a fresh cursor.
     async fn apply(&self, step: &IngestStep) -> StoreResult<Applied>;
+    /// Moves the group's position back from `from` to `to` and forgets every twin's
+    /// sequence: the stream was recreated and numbers its messages again from 1.
+    async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied>;
 }
 
 /// A request for the group's ingestion lease.

@@ -119,6 +119,10 @@ impl IngestRepository for Traced<dyn IngestRepository> {
     async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
         traced("store.ingest.apply", self.0.apply(step)).await
     }
+
+    async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
+        traced("store.ingest.rewind", self.0.rewind(group, from, to)).await
+    }
 }
 
 #[async_trait]

@@ -204,4 +204,40 @@ impl IngestRepository for MongoStore {
         }
         Ok(Applied::Done { conflicts })
     }
+
+    async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
+        if self
+            .groups()
+            .find_one(group_at(group, from))
+            .await
+            .map_err(map_err)?
+            .is_none()
+        {
+            return Ok(Applied::Fenced);
+        }
+        // States first: should this stop half-way, the position is still ahead of the
+        // stream and the next holder rewinds again.
+        self.states
+            .update_many(
+                doc! { "seq": { "$exists": true } },
+                doc! { "$unset": { "seq": "" } },
+            )
+            .await
+            .map_err(map_err)?;
+        let moved = self
+            .groups()
+            .update_one(
+                group_at(group, from),
+                doc! { "$set": { "seq": to_i64(to) } },
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(if moved.matched_count == 0 {
+            Applied::Fenced
+        } else {
+            Applied::Done {
+                conflicts: Vec::new(),
+            }
+        })
+    }
 }

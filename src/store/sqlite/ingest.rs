@@ -181,4 +181,26 @@ impl IngestRepository for SqliteStore {
         tx.commit().await?;
         Ok(Applied::Done { conflicts })
     }
+
+    async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
+        let mut tx = self.begin().await?;
+        let step = IngestStep {
+            group: group.to_owned(),
+            from,
+            to,
+            twins: Vec::new(),
+        };
+        if !Self::move_position(&mut tx, &step).await? {
+            tx.rollback().await?;
+            return Ok(Applied::Fenced);
+        }
+        sqlx::query("DELETE FROM ingest_cursors")
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(Applied::Done {
+            conflicts: Vec::new(),
+        })
+    }
 }
