@@ -1,10 +1,13 @@
 //! Shared harness of the black-box HTTP tests: an in-test auth service knowing two
-//! users, and the application started on port 0 with its own SQLite file.
+//! users, and the application started on port 0 with a database of its own on the
+//! test's backend (see [`backend`]).
 //!
 //! Every test gets its own temporary directory, database and auth server, so tests run
 //! in parallel without seeing each other's twins.
 
 #![allow(dead_code)]
+
+pub mod backend;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -194,7 +197,7 @@ pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
 
 async fn start(base: &[(&str, &str)], extra: &[(&str, &str)], auth: Option<AuthServer>) -> TestApp {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let db_url = format!("sqlite://{}/twins.db", dir.path().display());
+    let db_url = backend::database_url(dir.path());
     let group = unique_group();
     let mut vars: Vec<(String, String)> = [
         ("MG_TWINS_HTTP_HOST", "127.0.0.1"),
@@ -252,16 +255,17 @@ impl Drop for TestApp {
         delete_consumer(&self.group);
         // An app dropped in the middle of a test keeps running until it has stopped,
         // and may create its consumer after the deletion above: delete it again then.
+        // The test's clean-up waits for that before dropping the app's database.
         if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
             let group = self.group.clone();
-            rt.spawn(async move {
+            backend::track(rt.spawn(async move {
                 let _ = task.await;
                 if let Ok(c) = async_nats::connect(NATS_URL).await {
                     let _ = async_nats::jetstream::new(c)
                         .delete_consumer_from_stream(&group, twins::broker::STREAM)
                         .await;
                 }
-            });
+            }));
         }
     }
 }
