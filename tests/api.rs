@@ -16,6 +16,52 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
+// The tests below run once per store backend (see `common::backend`), except the one
+// that corrupts the SQLite file.
+crate::backend_matrix!(
+    create_answers_201_with_location_and_the_created_twin,
+    create_with_empty_object_gets_the_default_definition,
+    create_with_zero_or_absent_delta_uses_one_millisecond,
+    create_accepts_json_content_type_with_parameters_or_other_case,
+    twin_names_up_to_1024_bytes_are_accepted,
+    timestamps_have_millisecond_precision_in_utc,
+    list_pages_only_the_callers_twins_with_totals,
+    list_of_a_user_without_twins_is_an_empty_page,
+    name_filter_matches_the_exact_name_only,
+    name_filter_over_1024_bytes_is_400,
+    metadata_filter_requires_every_top_level_key_to_match,
+    name_and_metadata_filters_combine,
+    metadata_query_that_is_not_a_json_object_is_400,
+    bad_limit_or_offset_is_400_on_every_listing,
+    view_returns_the_twin_as_created,
+    view_of_missing_or_non_uuid_id_is_404,
+    update_replaces_name_and_metadata_and_increments_revision,
+    update_appends_definitions_with_the_next_id,
+    update_with_an_empty_definition_and_a_name_changes_only_the_name,
+    update_with_nothing_to_change_is_400_and_changes_nothing,
+    update_of_missing_or_non_uuid_twin_is_404,
+    concurrent_updates_never_lose_a_definition,
+    delete_removes_the_twin_and_its_states,
+    delete_of_missing_or_non_uuid_id_is_204,
+    delete_of_a_foreign_twin_is_204_and_deletes_nothing,
+    states_are_listed_by_ascending_id_with_totals,
+    states_of_a_twin_without_states_is_an_empty_page,
+    states_of_unknown_foreign_or_non_uuid_twin_are_404,
+    a_foreign_twin_is_indistinguishable_from_a_missing_one,
+    two_users_may_use_the_same_names,
+    every_protected_route_answers_401_to_missing_or_invalid_credentials,
+    an_identity_with_an_empty_id_is_401,
+    post_and_put_without_a_json_content_type_are_415,
+    a_body_over_one_mebibyte_is_413,
+    a_body_of_exactly_one_mebibyte_is_accepted,
+    empty_or_non_json_bodies_are_400,
+    unknown_routes_and_methods_answer_json_errors,
+    health_reports_pass_with_build_information_and_needs_no_token,
+    metrics_count_requests_per_route_template,
+    openapi_document_lists_the_twins_and_states_paths,
+    error_content_type_is_json_for_each_status,
+);
+
 fn keys(v: &Value) -> BTreeSet<&str> {
     v.as_object()
         .expect("an object")
@@ -54,7 +100,6 @@ fn body_of_size(size: usize) -> Vec<u8> {
 
 // ---------------------------------------------------------------- POST /twins
 
-#[tokio::test]
 async fn create_answers_201_with_location_and_the_created_twin() {
     let app = spawn_app(&[]).await;
     let body = json!({
@@ -120,7 +165,6 @@ async fn create_answers_201_with_location_and_the_created_twin() {
     assert_eq!(fetched, twin);
 }
 
-#[tokio::test]
 async fn create_with_empty_object_gets_the_default_definition() {
     let app = spawn_app(&[]).await;
     let twin = app.create_twin(ALICE, &json!({})).await;
@@ -133,7 +177,6 @@ async fn create_with_empty_object_gets_the_default_definition() {
     );
 }
 
-#[tokio::test]
 async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
     let app = spawn_app(&[]).await;
     for definition in [
@@ -148,7 +191,6 @@ async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
     }
 }
 
-#[tokio::test]
 async fn create_accepts_json_content_type_with_parameters_or_other_case() {
     let app = spawn_app(&[]).await;
     for ct in [
@@ -162,7 +204,6 @@ async fn create_accepts_json_content_type_with_parameters_or_other_case() {
     assert_eq!(app.twin_count(ALICE).await, 3);
 }
 
-#[tokio::test]
 async fn twin_names_up_to_1024_bytes_are_accepted() {
     let app = spawn_app(&[]).await;
     let name = "n".repeat(1024);
@@ -174,7 +215,6 @@ async fn twin_names_up_to_1024_bytes_are_accepted() {
     assert_eq!(twin["name"], name);
 }
 
-#[tokio::test]
 async fn timestamps_have_millisecond_precision_in_utc() {
     let app = spawn_app(&[]).await;
     let twin = app.create_twin(ALICE, &json!({})).await;
@@ -191,7 +231,6 @@ async fn timestamps_have_millisecond_precision_in_utc() {
 
 // ---------------------------------------------------------------- GET /twins
 
-#[tokio::test]
 async fn list_pages_only_the_callers_twins_with_totals() {
     let app = spawn_app(&[]).await;
     let mut alice = BTreeSet::new();
@@ -261,7 +300,6 @@ async fn list_pages_only_the_callers_twins_with_totals() {
     }
 }
 
-#[tokio::test]
 async fn list_of_a_user_without_twins_is_an_empty_page() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({})).await;
@@ -272,7 +310,6 @@ async fn list_of_a_user_without_twins_is_an_empty_page() {
     );
 }
 
-#[tokio::test]
 async fn name_filter_matches_the_exact_name_only() {
     let app = spawn_app(&[]).await;
     let pump = app.create_id(ALICE, &json!({"name": "pump"})).await;
@@ -294,7 +331,6 @@ async fn name_filter_matches_the_exact_name_only() {
     assert_eq!(spaced["twins"][0]["name"], "pump 2");
 }
 
-#[tokio::test]
 async fn name_filter_over_1024_bytes_is_400() {
     let app = spawn_app(&[]).await;
     let long = "n".repeat(1025);
@@ -304,7 +340,6 @@ async fn name_filter_over_1024_bytes_is_400() {
     app.list_twins(ALICE, &[("name", &ok)]).await;
 }
 
-#[tokio::test]
 async fn metadata_filter_requires_every_top_level_key_to_match() {
     let app = spawn_app(&[]).await;
     let a1 = app
@@ -357,7 +392,6 @@ async fn metadata_filter_requires_every_top_level_key_to_match() {
     }
 }
 
-#[tokio::test]
 async fn name_and_metadata_filters_combine() {
     let app = spawn_app(&[]).await;
     let wanted = app
@@ -374,7 +408,6 @@ async fn name_and_metadata_filters_combine() {
     assert_eq!(ids(&page, "twins"), vec![wanted]);
 }
 
-#[tokio::test]
 async fn metadata_query_that_is_not_a_json_object_is_400() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({"metadata": {"site": "a"}}))
@@ -394,7 +427,6 @@ async fn metadata_query_that_is_not_a_json_object_is_400() {
     }
 }
 
-#[tokio::test]
 async fn bad_limit_or_offset_is_400_on_every_listing() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -426,7 +458,6 @@ async fn bad_limit_or_offset_is_400_on_every_listing() {
 
 // ---------------------------------------------------------------- GET /twins/{id}
 
-#[tokio::test]
 async fn view_returns_the_twin_as_created() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -436,7 +467,6 @@ async fn view_returns_the_twin_as_created() {
     assert_eq!(viewed, created);
 }
 
-#[tokio::test]
 async fn view_of_missing_or_non_uuid_id_is_404() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({})).await;
@@ -454,7 +484,6 @@ async fn view_of_missing_or_non_uuid_id_is_404() {
 
 // ---------------------------------------------------------------- PUT /twins/{id}
 
-#[tokio::test]
 async fn update_replaces_name_and_metadata_and_increments_revision() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -511,7 +540,6 @@ async fn update_replaces_name_and_metadata_and_increments_revision() {
     assert_eq!(retagged["revision"], 3);
 }
 
-#[tokio::test]
 async fn update_appends_definitions_with_the_next_id() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "t"})).await;
@@ -573,7 +601,6 @@ async fn update_appends_definitions_with_the_next_id() {
     assert_eq!(app.twin(ALICE, &id).await, two);
 }
 
-#[tokio::test]
 async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "a"})).await;
@@ -593,7 +620,6 @@ async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
     assert_eq!(updated["metadata"], created["metadata"]);
 }
 
-#[tokio::test]
 async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -616,7 +642,6 @@ async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
     }
 }
 
-#[tokio::test]
 async fn update_of_missing_or_non_uuid_twin_is_404() {
     let app = spawn_app(&[]).await;
     for id in [random_id().as_str(), "not-a-uuid"] {
@@ -626,7 +651,6 @@ async fn update_of_missing_or_non_uuid_twin_is_404() {
     assert_eq!(app.twin_count(ALICE).await, 0, "an update creates nothing");
 }
 
-#[tokio::test]
 async fn concurrent_updates_never_lose_a_definition() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -660,7 +684,6 @@ async fn concurrent_updates_never_lose_a_definition() {
 
 // ---------------------------------------------------------------- DELETE /twins/{id}
 
-#[tokio::test]
 async fn delete_removes_the_twin_and_its_states() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -703,7 +726,6 @@ async fn delete_removes_the_twin_and_its_states() {
     );
 }
 
-#[tokio::test]
 async fn delete_of_missing_or_non_uuid_id_is_204() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -714,7 +736,6 @@ async fn delete_of_missing_or_non_uuid_id_is_204() {
     app.twin(ALICE, &id).await;
 }
 
-#[tokio::test]
 async fn delete_of_a_foreign_twin_is_204_and_deletes_nothing() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "mine"})).await;
@@ -754,7 +775,6 @@ async fn save_states(app: &TestApp, twin_id: &str, n: i64) {
     }
 }
 
-#[tokio::test]
 async fn states_are_listed_by_ascending_id_with_totals() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -819,7 +839,6 @@ async fn states_are_listed_by_ascending_id_with_totals() {
     assert_eq!(ids_of(&page), vec![0, 1, 2, 3]);
 }
 
-#[tokio::test]
 async fn states_of_a_twin_without_states_is_an_empty_page() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -830,7 +849,6 @@ async fn states_of_a_twin_without_states_is_an_empty_page() {
     );
 }
 
-#[tokio::test]
 async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -848,7 +866,6 @@ async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
 
 // ---------------------------------------------------------------- cross-user
 
-#[tokio::test]
 async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -882,7 +899,6 @@ async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
     assert_eq!(app.twin(ALICE, &id).await, created, "bob changed nothing");
 }
 
-#[tokio::test]
 async fn two_users_may_use_the_same_names() {
     let app = spawn_app(&[]).await;
     let a = app.create_twin(ALICE, &json!({"name": "same"})).await;
@@ -902,7 +918,6 @@ async fn two_users_may_use_the_same_names() {
 
 // ---------------------------------------------------------------- 401
 
-#[tokio::test]
 async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -945,7 +960,6 @@ async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
     assert_eq!(app.twin_count(ALICE).await, 1);
 }
 
-#[tokio::test]
 async fn an_identity_with_an_empty_id_is_401() {
     let app = spawn_app(&[]).await;
     let resp = app.get("/twins", ANONYMOUS).await;
@@ -956,7 +970,6 @@ async fn an_identity_with_an_empty_id_is_401() {
 
 // ---------------------------------------------------------------- 415, 413, 400
 
-#[tokio::test]
 async fn post_and_put_without_a_json_content_type_are_415() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -978,7 +991,6 @@ async fn post_and_put_without_a_json_content_type_are_415() {
     assert_eq!(app.twin(ALICE, &id).await, created);
 }
 
-#[tokio::test]
 async fn a_body_over_one_mebibyte_is_413() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -995,7 +1007,6 @@ async fn a_body_over_one_mebibyte_is_413() {
     assert_eq!(app.twin(ALICE, &id).await, created);
 }
 
-#[tokio::test]
 async fn a_body_of_exactly_one_mebibyte_is_accepted() {
     let app = spawn_app(&[]).await;
     let resp = app
@@ -1006,7 +1017,6 @@ async fn a_body_of_exactly_one_mebibyte_is_accepted() {
     assert_eq!(twin["metadata"]["k"].as_str().unwrap().len(), MIB - 21);
 }
 
-#[tokio::test]
 async fn empty_or_non_json_bodies_are_400() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -1032,7 +1042,6 @@ async fn empty_or_non_json_bodies_are_400() {
 
 // ---------------------------------------------------------------- errors, routes
 
-#[tokio::test]
 async fn unknown_routes_and_methods_answer_json_errors() {
     let app = spawn_app(&[]).await;
     let resp = app.get("/nowhere", ALICE).await;
@@ -1043,7 +1052,6 @@ async fn unknown_routes_and_methods_answer_json_errors() {
 
 // ---------------------------------------------------------------- /health, /metrics, /openapi.json
 
-#[tokio::test]
 async fn health_reports_pass_with_build_information_and_needs_no_token() {
     let app = spawn_app(&[("MG_TWINS_INSTANCE_ID", "instance-42")]).await;
     // The broker connection is made in the background just after start-up: until then
@@ -1078,7 +1086,6 @@ async fn health_reports_pass_with_build_information_and_needs_no_token() {
     }
 }
 
-#[tokio::test]
 async fn metrics_count_requests_per_route_template() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -1139,7 +1146,6 @@ async fn metrics_count_requests_per_route_template() {
     );
 }
 
-#[tokio::test]
 async fn openapi_document_lists_the_twins_and_states_paths() {
     let app = spawn_app(&[]).await;
     let resp = send(app.request(Method::GET, "/openapi.json")).await;
@@ -1164,7 +1170,6 @@ async fn openapi_document_lists_the_twins_and_states_paths() {
     assert!(doc["components"]["schemas"].get("Twin").is_some());
 }
 
-#[tokio::test]
 async fn error_content_type_is_json_for_each_status() {
     // One request per error status produced by the API itself; assert_error checks the
     // body shape and the content type.

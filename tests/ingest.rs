@@ -1,8 +1,9 @@
 //! End-to-end ingestion over the real NATS JetStream (and Redis where named): messages
 //! published to `channels.<ch>[.<subtopic>]` become states visible through the HTTP API.
 //!
-//! Each test has its own SQLite file, durable consumer name, channels and notification
-//! channel, so tests run in parallel on the shared broker and leave nothing behind.
+//! Each test runs on every store backend with its own database, durable consumer name,
+//! channels and notification channel, so tests run in parallel on the shared broker and
+//! leave nothing behind.
 
 mod common;
 
@@ -16,6 +17,24 @@ use twins::broker::{self, Envelope};
 use twins::config::Config;
 use twins::service::ingest::{Incoming, IngestService};
 use twins::service::lookup::TwinLookup;
+
+// Every test below runs once per store backend (see `common::backend`).
+crate::backend_matrix!(
+    first_state_then_update_within_delta_then_new_state_beyond_delta,
+    payload_is_carried_over_and_unpersisted_attributes_never_stored,
+    wildcard_subtopic_matches_and_other_channels_are_ignored,
+    every_senml_value_type_is_stored,
+    garbage_is_rejected_counted_and_the_next_good_message_lands,
+    own_notification_channel_and_inband_subtopics_never_become_states,
+    definition_moved_to_a_new_channel_follows_it,
+    messages_published_while_stopped_are_applied_exactly_once_after_restart,
+    a_redelivered_message_never_adds_a_second_state,
+    notifications_report_every_operation,
+    redis_keys_stay_exact_through_create_update_and_delete,
+    ingestion_falls_back_to_the_store_when_redis_stops,
+    api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart,
+    records_without_time_take_the_time_magistrala_received_them,
+);
 
 const NATS: &str = "nats://127.0.0.1:4222";
 const TOKEN: &str = "ingest-secret";
@@ -36,7 +55,9 @@ struct Svc {
 
 struct Env {
     nats_url: String,
-    dir: tempfile::TempDir,
+    /// Keeps the SQLite file of the test; a MongoDB database lives until the test ends.
+    _dir: tempfile::TempDir,
+    db_url: String,
     group: String,
     notif: String,
     js: jetstream::Context,
@@ -53,9 +74,11 @@ impl Env {
         let nats = async_nats::connect(nats_url)
             .await
             .expect("NATS with JetStream must run on 127.0.0.1:4222 (see .ci/run)");
+        let dir = tempfile::tempdir().expect("temp dir");
         Self {
             nats_url: nats_url.to_owned(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            db_url: common::backend::database_url(dir.path()),
+            _dir: dir,
             group: format!("test-{}", id()),
             notif: id(),
             js: jetstream::new(nats.clone()),
@@ -68,10 +91,7 @@ impl Env {
         let mut vars = vec![
             ("MG_TWINS_HTTP_HOST".into(), "127.0.0.1".into()),
             ("MG_TWINS_HTTP_PORT".into(), "0".into()),
-            (
-                "MG_TWINS_DB_URL".into(),
-                format!("sqlite://{}/twins.db", self.dir.path().display()),
-            ),
+            ("MG_TWINS_DB_URL".into(), self.db_url.clone()),
             ("MG_TWINS_STANDALONE_ID".into(), "alice".into()),
             ("MG_TWINS_STANDALONE_TOKEN".into(), TOKEN.into()),
             ("MG_MESSAGE_BROKER_URL".into(), self.nats_url.clone()),
@@ -145,6 +165,19 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Leave no consumer behind on the broker.
         common::delete_consumer_at(&self.nats_url, &self.group);
+    }
+}
+
+impl Drop for Svc {
+    /// A test that fails before `stop` leaves its service stopping; its database is
+    /// dropped once it has stopped.
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            common::backend::track(task);
+        }
     }
 }
 
@@ -245,7 +278,6 @@ fn rfc3339(t: f64) -> String {
     twins::domain::time::format(&twins::domain::time::from_nanos((t * 1e9).round() as i64))
 }
 
-#[tokio::test]
 async fn first_state_then_update_within_delta_then_new_state_beyond_delta() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -293,7 +325,6 @@ async fn first_state_then_update_within_delta_then_new_state_beyond_delta() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn payload_is_carried_over_and_unpersisted_attributes_never_stored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -324,7 +355,6 @@ async fn payload_is_carried_over_and_unpersisted_attributes_never_stored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn wildcard_subtopic_matches_and_other_channels_are_ignored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -345,7 +375,6 @@ async fn wildcard_subtopic_matches_and_other_channels_are_ignored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn every_senml_value_type_is_stored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -381,7 +410,6 @@ async fn every_senml_value_type_is_stored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn garbage_is_rejected_counted_and_the_next_good_message_lands() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -417,7 +445,6 @@ async fn garbage_is_rejected_counted_and_the_next_good_message_lands() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn own_notification_channel_and_inband_subtopics_never_become_states() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -449,7 +476,6 @@ async fn own_notification_channel_and_inband_subtopics_never_become_states() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn definition_moved_to_a_new_channel_follows_it() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -481,7 +507,6 @@ async fn definition_moved_to_a_new_channel_follows_it() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn messages_published_while_stopped_are_applied_exactly_once_after_restart() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -504,7 +529,6 @@ async fn messages_published_while_stopped_are_applied_exactly_once_after_restart
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn a_redelivered_message_never_adds_a_second_state() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -551,7 +575,6 @@ async fn a_redelivered_message_never_adds_a_second_state() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn notifications_report_every_operation() {
     let env = Env::new().await;
     let mut sub = env
@@ -624,7 +647,6 @@ async fn smembers(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> V
     m
 }
 
-#[tokio::test]
 async fn redis_keys_stay_exact_through_create_update_and_delete() {
     let mut env = Env::new().await;
     let prefix = format!("twins-test-{}:", id());
@@ -688,7 +710,6 @@ async fn redis_keys_stay_exact_through_create_update_and_delete() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn ingestion_falls_back_to_the_store_when_redis_stops() {
     let mut env = Env::new().await;
     let port = common::free_port();
@@ -715,7 +736,6 @@ async fn ingestion_falls_back_to_the_store_when_redis_stops() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart() {
     let port = common::free_port();
     let nats_dir = tempfile::tempdir().expect("temp dir");
@@ -787,7 +807,6 @@ async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn records_without_time_take_the_time_magistrala_received_them() {
     let env = Env::new().await;
     let svc = env.start().await;
