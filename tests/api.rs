@@ -30,6 +30,7 @@ crate::backend_matrix!(
     name_filter_matches_the_exact_name_only,
     name_filter_over_1024_bytes_is_400,
     metadata_filter_requires_every_top_level_key_to_match,
+    metadata_filter_takes_keys_and_values_literally,
     name_and_metadata_filters_combine,
     metadata_query_that_is_not_a_json_object_is_400,
     bad_limit_or_offset_is_400_on_every_listing,
@@ -340,6 +341,24 @@ async fn name_filter_over_1024_bytes_is_400() {
     app.list_twins(ALICE, &[("name", &ok)]).await;
 }
 
+/// Lists Alice's twins with each metadata filter and checks the ids and the total.
+async fn assert_metadata_filters(app: &TestApp, cases: Vec<(Value, Vec<&String>)>) {
+    for (filter, want) in cases {
+        let filter_text = filter.to_string();
+        let page = app
+            .list_twins(ALICE, &[("metadata", &filter_text), ("limit", "100")])
+            .await;
+        let got: BTreeSet<String> = ids(&page, "twins").into_iter().collect();
+        let want: BTreeSet<String> = want.into_iter().cloned().collect();
+        assert_eq!(got, want, "metadata={filter_text}");
+        assert_eq!(
+            page["total"],
+            want.len(),
+            "total for metadata={filter_text}"
+        );
+    }
+}
+
 async fn metadata_filter_requires_every_top_level_key_to_match() {
     let app = spawn_app(&[]).await;
     let a1 = app
@@ -376,20 +395,38 @@ async fn metadata_filter_requires_every_top_level_key_to_match() {
         (json!({"site": "c"}), vec![]),
         (json!({}), vec![&a1, &a2, &b, &empty]),
     ];
-    for (filter, want) in cases {
-        let filter_text = filter.to_string();
-        let page = app
-            .list_twins(ALICE, &[("metadata", &filter_text), ("limit", "100")])
-            .await;
-        let got: BTreeSet<String> = ids(&page, "twins").into_iter().collect();
-        let want: BTreeSet<String> = want.into_iter().cloned().collect();
-        assert_eq!(got, want, "metadata={filter_text}");
-        assert_eq!(
-            page["total"],
-            want.len(),
-            "total for metadata={filter_text}"
-        );
-    }
+    assert_metadata_filters(&app, cases).await;
+}
+
+async fn metadata_filter_takes_keys_and_values_literally() {
+    let app = spawn_app(&[]).await;
+    let dotted = app
+        .create_id(
+            ALICE,
+            &json!({"metadata": {"a.b": 1, "": "e", "q\"k": "v'"}}),
+        )
+        .await;
+    let nested = app
+        .create_id(ALICE, &json!({"metadata": {"a": {"b": 1}}}))
+        .await;
+    let dollar = app
+        .create_id(ALICE, &json!({"metadata": {"$x": 1, "a": {"$where": "1"}}}))
+        .await;
+    let any = app.create_id(ALICE, &json!({"metadata": {"a": 5}})).await;
+
+    let cases: Vec<(Value, Vec<&String>)> = vec![
+        (json!({"a.b": 1}), vec![&dotted]),
+        (json!({"a": {"b": 1}}), vec![&nested]),
+        (json!({"": "e"}), vec![&dotted]),
+        (json!({"q\"k": "v'"}), vec![&dotted]),
+        (json!({"$x": 1}), vec![&dollar]),
+        (json!({"a": {"$where": "1"}}), vec![&dollar]),
+        (json!({"a": {"$ne": null}}), vec![]),
+        (json!({"a": {"$exists": true}}), vec![]),
+        (json!({"a": {"$gt": 0}}), vec![]),
+        (json!({"a": 5}), vec![&any]),
+    ];
+    assert_metadata_filters(&app, cases).await;
 }
 
 async fn name_and_metadata_filters_combine() {

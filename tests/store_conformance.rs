@@ -35,6 +35,7 @@ macro_rules! conformance_cases {
             list_pages_in_creation_order_with_the_total,
             list_filters_by_exact_name,
             list_filters_by_top_level_metadata_values,
+            list_filters_take_metadata_keys_and_values_literally,
             update_needs_the_expected_revision_and_owner,
             remove_deletes_the_twin_with_its_states_documents_and_cursor,
             remove_by_another_owner_deletes_nothing,
@@ -377,6 +378,59 @@ async fn list_filters_by_top_level_metadata_values(store: &Store) {
             .await
             .is_empty()
     );
+}
+
+async fn list_filters_take_metadata_keys_and_values_literally(store: &Store) {
+    for (name, metadata) in [
+        ("dotted", json!({"a.b": 1, "a": {"b": 2}})),
+        ("nested", json!({"a": {"b": 1}})),
+        ("dollar", json!({"$x": "1", "$where": "1"})),
+        ("empty key", json!({"": "e", "q\"k": "v'"})),
+        (
+            "operators",
+            json!({"op": {"$where": "1"}, "ne": {"$ne": null}, "deep": [{"$gt": [1, {"$in": []}]}]}),
+        ),
+        (
+            "plain",
+            json!({"a": 5, "op": "x", "ne": 1, "deep": [{"$gt": [1]}]}),
+        ),
+    ] {
+        let mut t = plain_twin(ALICE, name);
+        t.metadata = object(metadata);
+        store.twins.save(&t).await.unwrap();
+    }
+    let cases: Vec<(Value, Vec<&str>)> = vec![
+        // A key is a key, not a path.
+        (json!({"a.b": 1}), vec!["dotted"]),
+        (json!({"a": {"b": 1}}), vec!["nested"]),
+        (json!({"a": {"b": 2}}), vec!["dotted"]),
+        (json!({"$x": "1"}), vec!["dollar"]),
+        (json!({"$where": "1"}), vec!["dollar"]),
+        (json!({"": "e"}), vec!["empty key"]),
+        (json!({"q\"k": "v'"}), vec!["empty key"]),
+        (json!({"q\"k": "v"}), vec![]),
+        // A value is a value, not an operator.
+        (json!({"op": {"$where": "1"}}), vec!["operators"]),
+        (json!({"ne": {"$ne": null}}), vec!["operators"]),
+        (
+            json!({"deep": [{"$gt": [1, {"$in": []}]}]}),
+            vec!["operators"],
+        ),
+        (json!({"deep": [{"$gt": [1]}]}), vec!["plain"]),
+        (json!({"a": {"$ne": null}}), vec![]),
+        (json!({"a": {"$exists": true}}), vec![]),
+        (json!({"a": {"$gt": 0}}), vec![]),
+        (json!({"op": {"$in": ["x"]}}), vec![]),
+        (json!({"op": {"$where": "true"}}), vec![]),
+        (json!({"$where": "1", "$x": "1"}), vec!["dollar"]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(
+            names(store, ALICE, metadata_filter(filter.clone())).await,
+            want,
+            "metadata filter {filter}"
+        );
+    }
 }
 
 async fn update_needs_the_expected_revision_and_owner(store: &Store) {
