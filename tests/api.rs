@@ -48,6 +48,7 @@ crate::backend_matrix!(
     states_are_listed_by_ascending_id_with_totals,
     states_of_a_twin_without_states_is_an_empty_page,
     states_of_unknown_foreign_or_non_uuid_twin_are_404,
+    integral_numbers_are_served_without_a_fraction,
     a_foreign_twin_is_indistinguishable_from_a_missing_one,
     two_users_may_use_the_same_names,
     every_protected_route_answers_401_to_missing_or_invalid_credentials,
@@ -902,6 +903,46 @@ async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
 }
 
 // ---------------------------------------------------------------- cross-user
+
+/// As the Go service served them: it decoded numbers into float64 and wrote integral ones
+/// without a fraction.
+async fn integral_numbers_are_served_without_a_fraction() {
+    let app = spawn_app(&[]).await;
+    let metadata = json!({"n": 3.0, "r": 0.5, "i": 7, "deep": {"list": [72.0, 1.25]}});
+    let served = json!({"n": 3, "r": 0.5, "i": 7, "deep": {"list": [72, 1.25]}});
+    let created = app.create_twin(ALICE, &json!({"metadata": metadata})).await;
+    assert_eq!(created["metadata"], served);
+    let id = id_of(&created);
+    assert_eq!(app.twin(ALICE, &id).await["metadata"], served);
+    let listed = app.list_twins(ALICE, &[("metadata", r#"{"n":3}"#)]).await;
+    assert_eq!(listed["twins"][0]["metadata"], served);
+
+    let state = State {
+        twin_id: id.clone(),
+        id: 0,
+        definition: 0,
+        created: base_time(),
+        payload: serde_json::Map::from_iter([
+            ("temperature".to_owned(), json!(72.0)),
+            ("ratio".to_owned(), json!(0.25)),
+        ]),
+    };
+    app.store.states.save(&state).await.expect("state saved");
+    let states = app.list_states(ALICE, &id, &[]).await;
+    assert_eq!(
+        states["states"][0]["payload"],
+        json!({"temperature": 72, "ratio": 0.25})
+    );
+
+    let resp = send(
+        app.authed(Method::PUT, &format!("/twins/{id}/documents/d"), ALICE)
+            .json(&json!({"data": {"x": 3.0}})),
+    )
+    .await;
+    assert_eq!(json_of(resp).await["data"], json!({"x": 3}));
+    let resp = app.get(&format!("/twins/{id}/documents/d"), ALICE).await;
+    assert_eq!(json_of(resp).await["data"], json!({"x": 3}));
+}
 
 async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
     let app = spawn_app(&[]).await;
