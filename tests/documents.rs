@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use twins::broker::{self, Envelope};
+use twins::broker;
 
 use common::*;
 
@@ -494,16 +494,7 @@ async fn with_own_broker() -> Broker {
     let nats = async_nats::connect(url.as_str()).await.expect("own NATS");
     let js = jetstream::new(nats.clone());
     // The consumer is created in the background: wait for it.
-    for _ in 0..100 {
-        let ready = match js.get_stream(broker::STREAM).await {
-            Ok(s) => s.consumer_info(&app.group).await.is_ok(),
-            Err(_) => false,
-        };
-        if ready {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_consumer(&js, &app.group).await;
     Broker {
         app,
         nats,
@@ -531,23 +522,7 @@ impl Broker {
             .await
             .expect("subscribe");
         self.nats.flush().await.expect("flush");
-        let envelope = Envelope {
-            channel: channel.into(),
-            subtopic: subtopic.clone(),
-            publisher: "device".into(),
-            protocol: "mqtt".into(),
-            payload: body.to_string().into_bytes(),
-            created: 0,
-        };
-        self.js
-            .publish(
-                broker::subject(channel, &subtopic),
-                broker::encode(&envelope).into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+        publish_device(&self.js, channel, &subtopic, body.to_string().into_bytes()).await;
         let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
             .expect("response within 5 s")

@@ -18,6 +18,8 @@ use twins::config::Config;
 use twins::service::ingest::{Incoming, IngestService};
 use twins::service::lookup::TwinLookup;
 
+use common::envelope;
+
 // Every test below runs once per store backend (see `common::backend`).
 crate::backend_matrix!(
     first_state_then_update_within_delta_then_new_state_beyond_delta,
@@ -118,19 +120,7 @@ impl Env {
             .await
             .expect("service runs");
         });
-        for _ in 0..100 {
-            let ready = match self.js.get_stream(broker::STREAM).await {
-                Ok(s) => s
-                    .consumer_info(&self.group)
-                    .await
-                    .is_ok_and(|i| i.num_waiting > 0),
-                Err(_) => false,
-            };
-            if ready {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_consumer(&self.js, &self.group).await;
         Svc {
             base,
             http: reqwest::Client::new(),
@@ -252,17 +242,6 @@ impl Svc {
             .await
             .expect("metrics text")
     }
-}
-
-fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Vec<u8> {
-    broker::encode(&Envelope {
-        channel: channel.into(),
-        subtopic: subtopic.into(),
-        publisher: "device".into(),
-        protocol: "mqtt".into(),
-        payload,
-        created: 0,
-    })
 }
 
 fn attr(name: &str, channel: &str, subtopic: &str, persist: bool) -> Value {

@@ -285,7 +285,7 @@ impl IngestService {
                     }
                     for w in &writes {
                         self.notifier
-                            .notify(&w.twin_id, "save", Err(e.to_string()))
+                            .notify(&w.twin_id, "save", Err(&ServiceError::from(&e)))
                             .await;
                     }
                     return Err(ServiceError::from(e));

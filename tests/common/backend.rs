@@ -160,34 +160,61 @@ impl Scope {
     }
 }
 
-/// The backend of the running test; SQLite outside [`run`].
-pub fn current() -> Backend {
-    SCOPE.try_with(|s| s.backend).unwrap_or(Backend::Sqlite)
+impl Scope {
+    /// A MongoDB database with a fresh name, dropped when the test ends: its URL and a
+    /// handle on it. None on SQLite.
+    fn new_database(&self) -> Option<(String, mongodb::Database)> {
+        let (base, client) = self.mongodb.as_ref()?;
+        let name = format!("twins_test_{}", uuid::Uuid::new_v4().simple());
+        self.databases
+            .lock()
+            .expect("scope lock")
+            .push(name.clone());
+        Some((with_database(base, &name), client.database(&name)))
+    }
 }
 
 /// A database of the test's own on its backend: a SQLite file in `dir`, or a MongoDB
 /// database with a fresh name, dropped when the test ends.
 pub fn database_url(dir: &Path) -> String {
-    let mongodb = SCOPE
-        .try_with(|s| {
-            s.mongodb.as_ref().map(|(base, _)| {
-                let name = format!("twins_test_{}", uuid::Uuid::new_v4().simple());
-                s.databases.lock().expect("scope lock").push(name.clone());
-                with_database(base, &name)
-            })
-        })
-        .ok()
-        .flatten();
-    mongodb.unwrap_or_else(|| format!("sqlite://{}/twins.db", dir.display()))
-}
-
-/// A client of the test's MongoDB server, for reading and writing behind the service's
-/// back; None on SQLite.
-pub fn mongodb_client() -> Option<mongodb::Client> {
     SCOPE
-        .try_with(|s| s.mongodb.as_ref().map(|(_, c)| c.clone()))
+        .try_with(|s| s.new_database())
         .ok()
         .flatten()
+        .map_or_else(
+            || format!("sqlite://{}/twins.db", dir.display()),
+            |(url, _)| url,
+        )
+}
+
+/// A MongoDB database of the test's own, dropped when the test ends: its URL, and a handle
+/// for reading and writing behind the service's back. Only in MongoDB tests.
+pub fn mongodb_database() -> (String, mongodb::Database) {
+    SCOPE
+        .try_with(|s| s.new_database())
+        .ok()
+        .flatten()
+        .expect("a MongoDB test (backend::run with a MongoDB backend)")
+}
+
+/// The address of the test's MongoDB server (its first host).
+pub fn mongodb_address() -> String {
+    let base = SCOPE
+        .try_with(|s| s.mongodb.as_ref().map(|(base, _)| base.clone()))
+        .ok()
+        .flatten()
+        .expect("a MongoDB test (backend::run with a MongoDB backend)");
+    let hosts = base
+        .split_once("://")
+        .map_or(base.as_str(), |(_, rest)| rest);
+    let hosts = hosts.split(['/', '?']).next().unwrap_or(hosts);
+    let first = hosts.split(',').next().unwrap_or(hosts);
+    let host = first.rsplit_once('@').map_or(first, |(_, host)| host);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:27017")
+    }
 }
 
 /// Opens a store on a database of the test's own.
@@ -216,7 +243,8 @@ pub fn with_database(url: &str, name: &str) -> String {
 }
 
 /// Turns a list of `async fn()` tests into one test per backend: `sqlite::<name>` and
-/// `mongodb::<name>`; `replica_set: ...` adds `mongodb_replica_set::<name>`.
+/// `mongodb::<name>`; `replica_set: ...` adds `mongodb_replica_set::<name>`, and
+/// `only_mongodb: ...` makes `mongodb::<name>` alone.
 #[macro_export]
 macro_rules! backend_matrix {
     (@module $module:ident, $backend:ident, $($test:ident),*) => {
@@ -232,6 +260,9 @@ macro_rules! backend_matrix {
                 }
             )*
         }
+    };
+    (only_mongodb: $($test:ident),* $(,)?) => {
+        $crate::backend_matrix!(@module mongodb, MongoDb, $($test),*);
     };
     (replica_set: $($test:ident),* $(,)?) => {
         $crate::backend_matrix!($($test),*);

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -179,6 +180,54 @@ pub fn delete_consumer_at(url: &str, group: &str) {
 /// [`delete_consumer_at`] on the shared broker.
 pub fn delete_consumer(group: &str) {
     delete_consumer_at(NATS_URL, group);
+}
+
+/// Waits (10 s at most) until the durable consumer `group` exists and waits for messages.
+pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, group: &str) {
+    for _ in 0..200 {
+        let ready = match js.get_stream(twins::broker::STREAM).await {
+            Ok(s) => s
+                .consumer_info(group)
+                .await
+                .is_ok_and(|i| i.num_waiting > 0),
+            Err(_) => false,
+        };
+        if ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("consumer {group} not ready within 10 s");
+}
+
+/// `payload` in the `messaging.Message` a device's message arrives in.
+pub fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Vec<u8> {
+    twins::broker::encode(&twins::broker::Envelope {
+        channel: channel.into(),
+        subtopic: subtopic.into(),
+        publisher: "device".into(),
+        protocol: "mqtt".into(),
+        payload,
+        created: 0,
+    })
+}
+
+/// Publishes `payload` as a device would: in a `messaging.Message` on
+/// `channels.<channel>[.<subtopic>]`, stored by JetStream.
+pub async fn publish_device(
+    js: &async_nats::jetstream::Context,
+    channel: &str,
+    subtopic: &str,
+    payload: Vec<u8>,
+) {
+    js.publish(
+        twins::broker::subject(channel, subtopic),
+        envelope(channel, subtopic, payload).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
 }
 
 /// Starts the application backed by a fresh in-test auth service. `extra` variables
