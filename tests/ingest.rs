@@ -20,8 +20,9 @@ use twins::service::lookup::TwinLookup;
 
 use common::envelope;
 
-// Every test below runs once per store backend (see `common::backend`).
-crate::backend_matrix!(
+// Every test below runs once per store backend (see `common::backend`), MongoDB also as
+// a replica set, where a store can apply a batch in a transaction.
+crate::backend_matrix!(replica_set:
     first_state_then_update_within_delta_then_new_state_beyond_delta,
     payload_is_carried_over_and_unpersisted_attributes_never_stored,
     wildcard_subtopic_matches_and_other_channels_are_ignored,

@@ -404,6 +404,8 @@ async fn list_filters_take_metadata_keys_and_values_literally(store: &Store) {
         (json!({"a.b": 1}), vec!["dotted"]),
         (json!({"a": {"b": 1}}), vec!["nested"]),
         (json!({"a": {"b": 2}}), vec!["dotted"]),
+        // An object is equal as a whole, not as a subset.
+        (json!({"a": {}}), vec![]),
         (json!({"$x": "1"}), vec!["dollar"]),
         (json!({"$where": "1"}), vec!["dollar"]),
         (json!({"": "e"}), vec!["empty key"]),
