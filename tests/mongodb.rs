@@ -368,9 +368,9 @@ async fn an_unreachable_store_shows_no_internals() {
     for _ in 0..100 {
         let resp = send(app.request(reqwest::Method::GET, "/health")).await;
         let status = resp.status();
-        let text = resp.text().await.expect("health body");
-        assert_no_internals(&text, &proxy);
-        health = serde_json::from_str(&text).expect("health JSON");
+        health = json_of(resp).await;
+        // The other fields hold random ids that could contain the port's digits.
+        assert_no_internals(&health["checks"].to_string(), &proxy);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             break;
         }
