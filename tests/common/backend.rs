@@ -50,7 +50,6 @@ impl Backend {
 
 /// What the running test has on its backend.
 struct Scope {
-    backend: Backend,
     /// The MongoDB server and a client of it; None on SQLite.
     mongodb: Option<(String, mongodb::Client)>,
     databases: Mutex<Vec<String>>,
@@ -75,7 +74,6 @@ pub async fn run(backend: Backend, test: impl Future<Output = ()>) {
         },
     };
     let scope = Arc::new(Scope {
-        backend,
         mongodb,
         databases: Mutex::default(),
         stopping: Mutex::default(),
@@ -158,9 +156,7 @@ impl Scope {
             }
         }
     }
-}
 
-impl Scope {
     /// A MongoDB database with a fresh name, dropped when the test ends: its URL and a
     /// handle on it. None on SQLite.
     fn new_database(&self) -> Option<(String, mongodb::Database)> {
