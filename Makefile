@@ -1,11 +1,11 @@
-# Convenience targets; each is one cargo command a newcomer could also type.
+# Convenience targets; each is one command a newcomer could also type.
 .PHONY: run test lint fmt release
 
 run:
 	cargo run --release
 
 test:
-	cargo test
+	scripts/test
 
 lint:
 	cargo fmt --check

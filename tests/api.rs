@@ -16,6 +16,54 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
+// The tests below run once per store backend (see `common::backend`), except the one
+// that corrupts the SQLite file.
+crate::backend_matrix!(
+    create_answers_201_with_location_and_the_created_twin,
+    create_with_empty_object_gets_the_default_definition,
+    create_with_zero_or_absent_delta_uses_one_millisecond,
+    create_accepts_json_content_type_with_parameters_or_other_case,
+    twin_names_up_to_1024_bytes_are_accepted,
+    timestamps_have_millisecond_precision_in_utc,
+    list_pages_only_the_callers_twins_with_totals,
+    list_of_a_user_without_twins_is_an_empty_page,
+    name_filter_matches_the_exact_name_only,
+    name_filter_over_1024_bytes_is_400,
+    metadata_filter_requires_every_top_level_key_to_match,
+    metadata_filter_takes_keys_and_values_literally,
+    name_and_metadata_filters_combine,
+    metadata_query_that_is_not_a_json_object_is_400,
+    bad_limit_or_offset_is_400_on_every_listing,
+    view_returns_the_twin_as_created,
+    view_of_missing_or_non_uuid_id_is_404,
+    update_replaces_name_and_metadata_and_increments_revision,
+    update_appends_definitions_with_the_next_id,
+    update_with_an_empty_definition_and_a_name_changes_only_the_name,
+    update_with_nothing_to_change_is_400_and_changes_nothing,
+    update_of_missing_or_non_uuid_twin_is_404,
+    concurrent_updates_never_lose_a_definition,
+    delete_removes_the_twin_and_its_states,
+    delete_of_missing_or_non_uuid_id_is_204,
+    delete_of_a_foreign_twin_is_204_and_deletes_nothing,
+    states_are_listed_by_ascending_id_with_totals,
+    states_of_a_twin_without_states_is_an_empty_page,
+    states_of_unknown_foreign_or_non_uuid_twin_are_404,
+    integral_numbers_are_served_without_a_fraction,
+    a_foreign_twin_is_indistinguishable_from_a_missing_one,
+    two_users_may_use_the_same_names,
+    every_protected_route_answers_401_to_missing_or_invalid_credentials,
+    an_identity_with_an_empty_id_is_401,
+    post_and_put_without_a_json_content_type_are_415,
+    a_body_over_one_mebibyte_is_413,
+    a_body_of_exactly_one_mebibyte_is_accepted,
+    empty_or_non_json_bodies_are_400,
+    unknown_routes_and_methods_answer_json_errors,
+    health_reports_pass_with_build_information_and_needs_no_token,
+    metrics_count_requests_per_route_template,
+    openapi_document_lists_the_twins_and_states_paths,
+    error_content_type_is_json_for_each_status,
+);
+
 fn keys(v: &Value) -> BTreeSet<&str> {
     v.as_object()
         .expect("an object")
@@ -54,7 +102,6 @@ fn body_of_size(size: usize) -> Vec<u8> {
 
 // ---------------------------------------------------------------- POST /twins
 
-#[tokio::test]
 async fn create_answers_201_with_location_and_the_created_twin() {
     let app = spawn_app(&[]).await;
     let body = json!({
@@ -120,7 +167,6 @@ async fn create_answers_201_with_location_and_the_created_twin() {
     assert_eq!(fetched, twin);
 }
 
-#[tokio::test]
 async fn create_with_empty_object_gets_the_default_definition() {
     let app = spawn_app(&[]).await;
     let twin = app.create_twin(ALICE, &json!({})).await;
@@ -133,7 +179,6 @@ async fn create_with_empty_object_gets_the_default_definition() {
     );
 }
 
-#[tokio::test]
 async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
     let app = spawn_app(&[]).await;
     for definition in [
@@ -148,7 +193,6 @@ async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
     }
 }
 
-#[tokio::test]
 async fn create_accepts_json_content_type_with_parameters_or_other_case() {
     let app = spawn_app(&[]).await;
     for ct in [
@@ -162,7 +206,6 @@ async fn create_accepts_json_content_type_with_parameters_or_other_case() {
     assert_eq!(app.twin_count(ALICE).await, 3);
 }
 
-#[tokio::test]
 async fn twin_names_up_to_1024_bytes_are_accepted() {
     let app = spawn_app(&[]).await;
     let name = "n".repeat(1024);
@@ -174,7 +217,6 @@ async fn twin_names_up_to_1024_bytes_are_accepted() {
     assert_eq!(twin["name"], name);
 }
 
-#[tokio::test]
 async fn timestamps_have_millisecond_precision_in_utc() {
     let app = spawn_app(&[]).await;
     let twin = app.create_twin(ALICE, &json!({})).await;
@@ -191,7 +233,6 @@ async fn timestamps_have_millisecond_precision_in_utc() {
 
 // ---------------------------------------------------------------- GET /twins
 
-#[tokio::test]
 async fn list_pages_only_the_callers_twins_with_totals() {
     let app = spawn_app(&[]).await;
     let mut alice = BTreeSet::new();
@@ -261,7 +302,6 @@ async fn list_pages_only_the_callers_twins_with_totals() {
     }
 }
 
-#[tokio::test]
 async fn list_of_a_user_without_twins_is_an_empty_page() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({})).await;
@@ -272,7 +312,6 @@ async fn list_of_a_user_without_twins_is_an_empty_page() {
     );
 }
 
-#[tokio::test]
 async fn name_filter_matches_the_exact_name_only() {
     let app = spawn_app(&[]).await;
     let pump = app.create_id(ALICE, &json!({"name": "pump"})).await;
@@ -294,7 +333,6 @@ async fn name_filter_matches_the_exact_name_only() {
     assert_eq!(spaced["twins"][0]["name"], "pump 2");
 }
 
-#[tokio::test]
 async fn name_filter_over_1024_bytes_is_400() {
     let app = spawn_app(&[]).await;
     let long = "n".repeat(1025);
@@ -304,7 +342,24 @@ async fn name_filter_over_1024_bytes_is_400() {
     app.list_twins(ALICE, &[("name", &ok)]).await;
 }
 
-#[tokio::test]
+/// Lists Alice's twins with each metadata filter and checks the ids and the total.
+async fn assert_metadata_filters(app: &TestApp, cases: Vec<(Value, Vec<&String>)>) {
+    for (filter, want) in cases {
+        let filter_text = filter.to_string();
+        let page = app
+            .list_twins(ALICE, &[("metadata", &filter_text), ("limit", "100")])
+            .await;
+        let got: BTreeSet<String> = ids(&page, "twins").into_iter().collect();
+        let want: BTreeSet<String> = want.into_iter().cloned().collect();
+        assert_eq!(got, want, "metadata={filter_text}");
+        assert_eq!(
+            page["total"],
+            want.len(),
+            "total for metadata={filter_text}"
+        );
+    }
+}
+
 async fn metadata_filter_requires_every_top_level_key_to_match() {
     let app = spawn_app(&[]).await;
     let a1 = app
@@ -341,23 +396,40 @@ async fn metadata_filter_requires_every_top_level_key_to_match() {
         (json!({"site": "c"}), vec![]),
         (json!({}), vec![&a1, &a2, &b, &empty]),
     ];
-    for (filter, want) in cases {
-        let filter_text = filter.to_string();
-        let page = app
-            .list_twins(ALICE, &[("metadata", &filter_text), ("limit", "100")])
-            .await;
-        let got: BTreeSet<String> = ids(&page, "twins").into_iter().collect();
-        let want: BTreeSet<String> = want.into_iter().cloned().collect();
-        assert_eq!(got, want, "metadata={filter_text}");
-        assert_eq!(
-            page["total"],
-            want.len(),
-            "total for metadata={filter_text}"
-        );
-    }
+    assert_metadata_filters(&app, cases).await;
 }
 
-#[tokio::test]
+async fn metadata_filter_takes_keys_and_values_literally() {
+    let app = spawn_app(&[]).await;
+    let dotted = app
+        .create_id(
+            ALICE,
+            &json!({"metadata": {"a.b": 1, "": "e", "q\"k": "v'"}}),
+        )
+        .await;
+    let nested = app
+        .create_id(ALICE, &json!({"metadata": {"a": {"b": 1}}}))
+        .await;
+    let dollar = app
+        .create_id(ALICE, &json!({"metadata": {"$x": 1, "a": {"$where": "1"}}}))
+        .await;
+    let any = app.create_id(ALICE, &json!({"metadata": {"a": 5}})).await;
+
+    let cases: Vec<(Value, Vec<&String>)> = vec![
+        (json!({"a.b": 1}), vec![&dotted]),
+        (json!({"a": {"b": 1}}), vec![&nested]),
+        (json!({"": "e"}), vec![&dotted]),
+        (json!({"q\"k": "v'"}), vec![&dotted]),
+        (json!({"$x": 1}), vec![&dollar]),
+        (json!({"a": {"$where": "1"}}), vec![&dollar]),
+        (json!({"a": {"$ne": null}}), vec![]),
+        (json!({"a": {"$exists": true}}), vec![]),
+        (json!({"a": {"$gt": 0}}), vec![]),
+        (json!({"a": 5}), vec![&any]),
+    ];
+    assert_metadata_filters(&app, cases).await;
+}
+
 async fn name_and_metadata_filters_combine() {
     let app = spawn_app(&[]).await;
     let wanted = app
@@ -374,7 +446,6 @@ async fn name_and_metadata_filters_combine() {
     assert_eq!(ids(&page, "twins"), vec![wanted]);
 }
 
-#[tokio::test]
 async fn metadata_query_that_is_not_a_json_object_is_400() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({"metadata": {"site": "a"}}))
@@ -394,7 +465,6 @@ async fn metadata_query_that_is_not_a_json_object_is_400() {
     }
 }
 
-#[tokio::test]
 async fn bad_limit_or_offset_is_400_on_every_listing() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -426,7 +496,6 @@ async fn bad_limit_or_offset_is_400_on_every_listing() {
 
 // ---------------------------------------------------------------- GET /twins/{id}
 
-#[tokio::test]
 async fn view_returns_the_twin_as_created() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -436,7 +505,6 @@ async fn view_returns_the_twin_as_created() {
     assert_eq!(viewed, created);
 }
 
-#[tokio::test]
 async fn view_of_missing_or_non_uuid_id_is_404() {
     let app = spawn_app(&[]).await;
     app.create_twin(ALICE, &json!({})).await;
@@ -454,7 +522,6 @@ async fn view_of_missing_or_non_uuid_id_is_404() {
 
 // ---------------------------------------------------------------- PUT /twins/{id}
 
-#[tokio::test]
 async fn update_replaces_name_and_metadata_and_increments_revision() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -511,7 +578,6 @@ async fn update_replaces_name_and_metadata_and_increments_revision() {
     assert_eq!(retagged["revision"], 3);
 }
 
-#[tokio::test]
 async fn update_appends_definitions_with_the_next_id() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "t"})).await;
@@ -573,7 +639,6 @@ async fn update_appends_definitions_with_the_next_id() {
     assert_eq!(app.twin(ALICE, &id).await, two);
 }
 
-#[tokio::test]
 async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "a"})).await;
@@ -593,7 +658,6 @@ async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
     assert_eq!(updated["metadata"], created["metadata"]);
 }
 
-#[tokio::test]
 async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -616,7 +680,6 @@ async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
     }
 }
 
-#[tokio::test]
 async fn update_of_missing_or_non_uuid_twin_is_404() {
     let app = spawn_app(&[]).await;
     for id in [random_id().as_str(), "not-a-uuid"] {
@@ -626,7 +689,6 @@ async fn update_of_missing_or_non_uuid_twin_is_404() {
     assert_eq!(app.twin_count(ALICE).await, 0, "an update creates nothing");
 }
 
-#[tokio::test]
 async fn concurrent_updates_never_lose_a_definition() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -660,7 +722,6 @@ async fn concurrent_updates_never_lose_a_definition() {
 
 // ---------------------------------------------------------------- DELETE /twins/{id}
 
-#[tokio::test]
 async fn delete_removes_the_twin_and_its_states() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -703,7 +764,6 @@ async fn delete_removes_the_twin_and_its_states() {
     );
 }
 
-#[tokio::test]
 async fn delete_of_missing_or_non_uuid_id_is_204() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -714,7 +774,6 @@ async fn delete_of_missing_or_non_uuid_id_is_204() {
     app.twin(ALICE, &id).await;
 }
 
-#[tokio::test]
 async fn delete_of_a_foreign_twin_is_204_and_deletes_nothing() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "mine"})).await;
@@ -754,7 +813,6 @@ async fn save_states(app: &TestApp, twin_id: &str, n: i64) {
     }
 }
 
-#[tokio::test]
 async fn states_are_listed_by_ascending_id_with_totals() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -819,7 +877,6 @@ async fn states_are_listed_by_ascending_id_with_totals() {
     assert_eq!(ids_of(&page), vec![0, 1, 2, 3]);
 }
 
-#[tokio::test]
 async fn states_of_a_twin_without_states_is_an_empty_page() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -830,7 +887,6 @@ async fn states_of_a_twin_without_states_is_an_empty_page() {
     );
 }
 
-#[tokio::test]
 async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -848,7 +904,46 @@ async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
 
 // ---------------------------------------------------------------- cross-user
 
-#[tokio::test]
+/// As the Go service served them: it decoded numbers into float64 and wrote integral ones
+/// without a fraction.
+async fn integral_numbers_are_served_without_a_fraction() {
+    let app = spawn_app(&[]).await;
+    let metadata = json!({"n": 3.0, "r": 0.5, "i": 7, "deep": {"list": [72.0, 1.25]}});
+    let served = json!({"n": 3, "r": 0.5, "i": 7, "deep": {"list": [72, 1.25]}});
+    let created = app.create_twin(ALICE, &json!({"metadata": metadata})).await;
+    assert_eq!(created["metadata"], served);
+    let id = id_of(&created);
+    assert_eq!(app.twin(ALICE, &id).await["metadata"], served);
+    let listed = app.list_twins(ALICE, &[("metadata", r#"{"n":3}"#)]).await;
+    assert_eq!(listed["twins"][0]["metadata"], served);
+
+    let state = State {
+        twin_id: id.clone(),
+        id: 0,
+        definition: 0,
+        created: base_time(),
+        payload: serde_json::Map::from_iter([
+            ("temperature".to_owned(), json!(72.0)),
+            ("ratio".to_owned(), json!(0.25)),
+        ]),
+    };
+    app.store.states.save(&state).await.expect("state saved");
+    let states = app.list_states(ALICE, &id, &[]).await;
+    assert_eq!(
+        states["states"][0]["payload"],
+        json!({"temperature": 72, "ratio": 0.25})
+    );
+
+    let resp = send(
+        app.authed(Method::PUT, &format!("/twins/{id}/documents/d"), ALICE)
+            .json(&json!({"data": {"x": 3.0}})),
+    )
+    .await;
+    assert_eq!(json_of(resp).await["data"], json!({"x": 3}));
+    let resp = app.get(&format!("/twins/{id}/documents/d"), ALICE).await;
+    assert_eq!(json_of(resp).await["data"], json!({"x": 3}));
+}
+
 async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
     let app = spawn_app(&[]).await;
     let created = app
@@ -882,7 +977,6 @@ async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
     assert_eq!(app.twin(ALICE, &id).await, created, "bob changed nothing");
 }
 
-#[tokio::test]
 async fn two_users_may_use_the_same_names() {
     let app = spawn_app(&[]).await;
     let a = app.create_twin(ALICE, &json!({"name": "same"})).await;
@@ -902,7 +996,6 @@ async fn two_users_may_use_the_same_names() {
 
 // ---------------------------------------------------------------- 401
 
-#[tokio::test]
 async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -945,7 +1038,6 @@ async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
     assert_eq!(app.twin_count(ALICE).await, 1);
 }
 
-#[tokio::test]
 async fn an_identity_with_an_empty_id_is_401() {
     let app = spawn_app(&[]).await;
     let resp = app.get("/twins", ANONYMOUS).await;
@@ -956,7 +1048,6 @@ async fn an_identity_with_an_empty_id_is_401() {
 
 // ---------------------------------------------------------------- 415, 413, 400
 
-#[tokio::test]
 async fn post_and_put_without_a_json_content_type_are_415() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -978,7 +1069,6 @@ async fn post_and_put_without_a_json_content_type_are_415() {
     assert_eq!(app.twin(ALICE, &id).await, created);
 }
 
-#[tokio::test]
 async fn a_body_over_one_mebibyte_is_413() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -995,7 +1085,6 @@ async fn a_body_over_one_mebibyte_is_413() {
     assert_eq!(app.twin(ALICE, &id).await, created);
 }
 
-#[tokio::test]
 async fn a_body_of_exactly_one_mebibyte_is_accepted() {
     let app = spawn_app(&[]).await;
     let resp = app
@@ -1006,7 +1095,6 @@ async fn a_body_of_exactly_one_mebibyte_is_accepted() {
     assert_eq!(twin["metadata"]["k"].as_str().unwrap().len(), MIB - 21);
 }
 
-#[tokio::test]
 async fn empty_or_non_json_bodies_are_400() {
     let app = spawn_app(&[]).await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
@@ -1032,7 +1120,6 @@ async fn empty_or_non_json_bodies_are_400() {
 
 // ---------------------------------------------------------------- errors, routes
 
-#[tokio::test]
 async fn unknown_routes_and_methods_answer_json_errors() {
     let app = spawn_app(&[]).await;
     let resp = app.get("/nowhere", ALICE).await;
@@ -1043,7 +1130,6 @@ async fn unknown_routes_and_methods_answer_json_errors() {
 
 // ---------------------------------------------------------------- /health, /metrics, /openapi.json
 
-#[tokio::test]
 async fn health_reports_pass_with_build_information_and_needs_no_token() {
     let app = spawn_app(&[("MG_TWINS_INSTANCE_ID", "instance-42")]).await;
     // The broker connection is made in the background just after start-up: until then
@@ -1078,7 +1164,6 @@ async fn health_reports_pass_with_build_information_and_needs_no_token() {
     }
 }
 
-#[tokio::test]
 async fn metrics_count_requests_per_route_template() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -1139,7 +1224,6 @@ async fn metrics_count_requests_per_route_template() {
     );
 }
 
-#[tokio::test]
 async fn openapi_document_lists_the_twins_and_states_paths() {
     let app = spawn_app(&[]).await;
     let resp = send(app.request(Method::GET, "/openapi.json")).await;
@@ -1164,7 +1248,6 @@ async fn openapi_document_lists_the_twins_and_states_paths() {
     assert!(doc["components"]["schemas"].get("Twin").is_some());
 }
 
-#[tokio::test]
 async fn error_content_type_is_json_for_each_status() {
     // One request per error status produced by the API itself; assert_error checks the
     // body shape and the content type.

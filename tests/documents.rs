@@ -8,9 +8,27 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use twins::broker::{self, Envelope};
+use twins::broker;
 
 use common::*;
+
+// Every test below runs once per store backend (see `common::backend`).
+crate::backend_matrix!(
+    put_creates_then_replaces_with_versions_and_etag,
+    patch_is_a_json_merge_patch_and_creates_from_empty,
+    stale_versions_get_409_with_both_versions,
+    delete_with_and_without_version,
+    bad_requests_and_foreign_twins,
+    deleting_a_twin_deletes_its_documents,
+    fifty_concurrent_conditional_patches_exactly_one_wins,
+    concurrent_unconditional_patches_on_distinct_keys_lose_nothing,
+    delta_shows_what_the_device_has_not_applied,
+    openapi_lists_the_document_endpoints,
+    inband_get_put_patch_delete_through_the_channel,
+    inband_on_an_unbound_channel_gets_an_error_and_no_data,
+    inband_request_reply_for_back_end_callers,
+    alarm_panel_desired_current_round_trip,
+);
 
 fn doc_path(id: &str, name: &str) -> String {
     format!("/twins/{id}/documents/{name}")
@@ -33,7 +51,6 @@ async fn patch_doc(app: &TestApp, id: &str, name: &str, body: Value) -> reqwest:
     .await
 }
 
-#[tokio::test]
 async fn put_creates_then_replaces_with_versions_and_etag() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -75,7 +92,6 @@ async fn put_creates_then_replaces_with_versions_and_etag() {
     );
 }
 
-#[tokio::test]
 async fn patch_is_a_json_merge_patch_and_creates_from_empty() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -114,7 +130,6 @@ async fn patch_is_a_json_merge_patch_and_creates_from_empty() {
     );
 }
 
-#[tokio::test]
 async fn stale_versions_get_409_with_both_versions() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -168,7 +183,6 @@ async fn stale_versions_get_409_with_both_versions() {
     );
 }
 
-#[tokio::test]
 async fn delete_with_and_without_version() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -221,7 +235,6 @@ async fn delete_with_and_without_version() {
     );
 }
 
-#[tokio::test]
 async fn bad_requests_and_foreign_twins() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -322,7 +335,6 @@ async fn bad_requests_and_foreign_twins() {
     );
 }
 
-#[tokio::test]
 async fn deleting_a_twin_deletes_its_documents() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -341,7 +353,6 @@ async fn deleting_a_twin_deletes_its_documents() {
     );
 }
 
-#[tokio::test]
 async fn fifty_concurrent_conditional_patches_exactly_one_wins() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -370,7 +381,6 @@ async fn fifty_concurrent_conditional_patches_exactly_one_wins() {
     assert_eq!(doc["data"].as_object().map(|m| m.len()), Some(1));
 }
 
-#[tokio::test]
 async fn concurrent_unconditional_patches_on_distinct_keys_lose_nothing() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -384,7 +394,6 @@ async fn concurrent_unconditional_patches_on_distinct_keys_lose_nothing() {
     assert_eq!(doc["version"], 30);
 }
 
-#[tokio::test]
 async fn delta_shows_what_the_device_has_not_applied() {
     let app = spawn_app(&[]).await;
     let id = app.create_id(ALICE, &json!({})).await;
@@ -447,7 +456,6 @@ async fn delta_shows_what_the_device_has_not_applied() {
     assert_error(resp, StatusCode::BAD_REQUEST).await;
 }
 
-#[tokio::test]
 async fn openapi_lists_the_document_endpoints() {
     let app = spawn_app(&[]).await;
     let doc = json_of(send(app.request(Method::GET, "/openapi.json")).await).await;
@@ -486,16 +494,7 @@ async fn with_own_broker() -> Broker {
     let nats = async_nats::connect(url.as_str()).await.expect("own NATS");
     let js = jetstream::new(nats.clone());
     // The consumer is created in the background: wait for it.
-    for _ in 0..100 {
-        let ready = match js.get_stream(broker::STREAM).await {
-            Ok(s) => s.consumer_info(&app.group).await.is_ok(),
-            Err(_) => false,
-        };
-        if ready {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_consumer(&js, &app.group).await;
     Broker {
         app,
         nats,
@@ -523,23 +522,7 @@ impl Broker {
             .await
             .expect("subscribe");
         self.nats.flush().await.expect("flush");
-        let envelope = Envelope {
-            channel: channel.into(),
-            subtopic: subtopic.clone(),
-            publisher: "device".into(),
-            protocol: "mqtt".into(),
-            payload: body.to_string().into_bytes(),
-            created: 0,
-        };
-        self.js
-            .publish(
-                broker::subject(channel, &subtopic),
-                broker::encode(&envelope).into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
+        publish_device(&self.js, channel, &subtopic, body.to_string().into_bytes()).await;
         let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
             .await
             .expect("response within 5 s")
@@ -560,7 +543,6 @@ impl Broker {
     }
 }
 
-#[tokio::test]
 async fn inband_get_put_patch_delete_through_the_channel() {
     let b = with_own_broker().await;
     let ch = uuid::Uuid::new_v4().to_string();
@@ -622,7 +604,6 @@ async fn inband_get_put_patch_delete_through_the_channel() {
     assert_eq!(states["total"], 0);
 }
 
-#[tokio::test]
 async fn inband_on_an_unbound_channel_gets_an_error_and_no_data() {
     let b = with_own_broker().await;
     let (bound, other) = (
@@ -660,7 +641,6 @@ async fn inband_on_an_unbound_channel_gets_an_error_and_no_data() {
     assert_eq!(doc["version"], 1);
 }
 
-#[tokio::test]
 async fn inband_request_reply_for_back_end_callers() {
     let b = with_own_broker().await;
     let id = b.app.create_id(ALICE, &json!({})).await;
@@ -695,7 +675,6 @@ async fn inband_request_reply_for_back_end_callers() {
 
 /// The alarm panel of the seed: the app asks for a state in `desired`, the device
 /// applies it and reports in `current`, and the app sees the difference disappear.
-#[tokio::test]
 async fn alarm_panel_desired_current_round_trip() {
     let b = with_own_broker().await;
     let panel_channel = uuid::Uuid::new_v4().to_string();

@@ -5,7 +5,9 @@
 //! consumer, several instances, a broker restart, a corrupt stored twin).
 //!
 //! The service runs as the real binary. Progress is read from the broker (the group's
-//! consumer acks a batch only once it is durable), never guessed with sleeps.
+//! consumer acks a batch only once it is durable), never guessed with sleeps. The
+//! scenarios that do not reach into SQLite itself run per backend (`sqlite::<name>`,
+//! `mongodb::<name>`, see `common::backend`).
 
 mod common;
 #[path = "support/ops.rs"]
@@ -49,16 +51,15 @@ struct Deployment {
 }
 
 impl Deployment {
-    async fn sqlite() -> Self {
+    async fn new() -> Self {
         Self::on(common::NATS_URL, None).await
     }
 
-    /// On the broker at `nats_url`, with the database at `db_url` (SQLite in the
-    /// deployment's directory when None).
+    /// On the broker at `nats_url`, with the database at `db_url` (when None, a database
+    /// of the test's own on its backend).
     async fn on(nats_url: &str, db_url: Option<String>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db_url =
-            db_url.unwrap_or_else(|| format!("sqlite://{}/twins.db", dir.path().display()));
+        let db_url = db_url.unwrap_or_else(|| common::backend::database_url(dir.path()));
         let nats = async_nats::connect(nats_url)
             .await
             .expect("NATS with JetStream must run (see .ci/run)");
@@ -306,9 +307,8 @@ impl Oracle {
     }
 }
 
-#[tokio::test]
 async fn sigkill_three_times_during_ingest_loses_and_duplicates_nothing() {
-    let d = Deployment::sqlite().await;
+    let d = Deployment::new().await;
     let mut app = d.start().await;
     let twins = d.twins(&app, 200).await;
     d.wait_ingesting().await;
@@ -340,9 +340,8 @@ async fn sigkill_three_times_during_ingest_loses_and_duplicates_nothing() {
     d.assert_matches(&app, &oracle).await;
 }
 
-#[tokio::test]
 async fn sigterm_mid_ingest_then_restart_loses_nothing_and_exits_zero() {
-    let d = Deployment::sqlite().await;
+    let d = Deployment::new().await;
     let mut app = d.start().await;
     let twins = d.twins(&app, 50).await;
     d.wait_ingesting().await;
@@ -367,9 +366,8 @@ async fn sigterm_mid_ingest_then_restart_loses_nothing_and_exits_zero() {
     d.assert_matches(&app, &oracle).await;
 }
 
-#[tokio::test]
 async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
-    let d = Deployment::sqlite().await;
+    let d = Deployment::new().await;
     let mut app = d.start().await;
     let twins = d.twins(&app, 1).await;
     d.wait_ingesting().await;
@@ -448,7 +446,6 @@ async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
     drop(held);
 }
 
-#[tokio::test]
 async fn a_broker_restart_mid_ingest_loses_nothing() {
     let nats_dir = tempfile::tempdir().expect("temp dir");
     let port = common::free_port();
@@ -501,40 +498,28 @@ async fn several_instances(d: Deployment, instances: usize) {
     d.assert_matches(&apps[instances - 1], &oracle).await;
 }
 
-#[tokio::test]
-async fn two_instances_on_one_sqlite_file_apply_every_message_once() {
-    several_instances(Deployment::sqlite().await, 2).await;
+async fn two_instances_of_one_group_apply_every_message_once() {
+    several_instances(Deployment::new().await, 2).await;
 }
 
-#[tokio::test]
-async fn three_instances_on_one_sqlite_file_apply_every_message_once() {
-    several_instances(Deployment::sqlite().await, 3).await;
+async fn three_instances_of_one_group_apply_every_message_once() {
+    several_instances(Deployment::new().await, 3).await;
 }
 
-/// The MongoDB server of the test run, when one was given.
-fn mongodb_url() -> Option<String> {
-    let base = std::env::var("TWINS_TEST_MONGODB_URL").ok()?;
-    let db = format!("faults_{}", uid());
-    Some(match base.split_once('?') {
-        Some((hosts, query)) => format!("{}/{db}?{query}", hosts.trim_end_matches('/')),
-        None => format!("{}/{db}", base.trim_end_matches('/')),
-    })
-}
+crate::backend_matrix!(
+    sigkill_three_times_during_ingest_loses_and_duplicates_nothing,
+    sigterm_mid_ingest_then_restart_loses_nothing_and_exits_zero,
+    a_foreign_client_of_the_group_that_never_acks_loses_nothing,
+    a_broker_restart_mid_ingest_loses_nothing,
+    a_stream_recreated_behind_the_position_is_followed_from_its_start,
+    two_instances_of_one_group_apply_every_message_once,
+    three_instances_of_one_group_apply_every_message_once,
+);
 
-#[tokio::test]
-async fn two_and_three_instances_on_mongodb_apply_every_message_once() {
-    let Some(url) = mongodb_url() else {
-        eprintln!("MongoDB instances run skipped: TWINS_TEST_MONGODB_URL is not set");
-        return;
-    };
-    several_instances(Deployment::on(common::NATS_URL, Some(url.clone())).await, 2).await;
-    let url = mongodb_url().expect("url");
-    several_instances(Deployment::on(common::NATS_URL, Some(url)).await, 3).await;
-}
-
+/// SQLite only: the twin is corrupted in the database file.
 #[tokio::test]
 async fn a_corrupt_twin_is_set_aside_and_the_others_keep_ingesting() {
-    let d = Deployment::sqlite().await;
+    let d = Deployment::new().await;
     let mut app = d.start().await;
     let twins = d.twins(&app, 2).await;
     d.wait_ingesting().await;
@@ -710,7 +695,6 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
     d.assert_matches(&app, &oracle).await;
 }
 
-#[tokio::test]
 async fn a_stream_recreated_behind_the_position_is_followed_from_its_start() {
     let port = common::free_port();
     let url = format!("nats://127.0.0.1:{port}");

@@ -1,8 +1,9 @@
 //! End-to-end ingestion over the real NATS JetStream (and Redis where named): messages
 //! published to `channels.<ch>[.<subtopic>]` become states visible through the HTTP API.
 //!
-//! Each test has its own SQLite file, durable consumer name, channels and notification
-//! channel, so tests run in parallel on the shared broker and leave nothing behind.
+//! Each test runs on every store backend with its own database, durable consumer name,
+//! channels and notification channel, so tests run in parallel on the shared broker and
+//! leave nothing behind.
 
 mod common;
 
@@ -28,6 +29,27 @@ impl SetAside for NothingAside {
     }
 }
 
+use common::envelope;
+
+// Every test below runs once per store backend (see `common::backend`), MongoDB also as
+// a replica set, where a store can apply a batch in a transaction.
+crate::backend_matrix!(replica_set:
+    first_state_then_update_within_delta_then_new_state_beyond_delta,
+    payload_is_carried_over_and_unpersisted_attributes_never_stored,
+    wildcard_subtopic_matches_and_other_channels_are_ignored,
+    every_senml_value_type_is_stored,
+    garbage_is_rejected_counted_and_the_next_good_message_lands,
+    own_notification_channel_and_inband_subtopics_never_become_states,
+    definition_moved_to_a_new_channel_follows_it,
+    messages_published_while_stopped_are_applied_exactly_once_after_restart,
+    a_redelivered_message_never_adds_a_second_state,
+    notifications_report_every_operation,
+    redis_keys_stay_exact_through_create_update_and_delete,
+    ingestion_falls_back_to_the_store_when_redis_stops,
+    api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart,
+    records_without_time_take_the_time_magistrala_received_them,
+);
+
 const NATS: &str = "nats://127.0.0.1:4222";
 const TOKEN: &str = "ingest-secret";
 const T0: f64 = 1_700_000_000.0;
@@ -47,7 +69,9 @@ struct Svc {
 
 struct Env {
     nats_url: String,
-    dir: tempfile::TempDir,
+    /// Keeps the SQLite file of the test; a MongoDB database lives until the test ends.
+    _dir: tempfile::TempDir,
+    db_url: String,
     group: String,
     notif: String,
     js: jetstream::Context,
@@ -64,9 +88,11 @@ impl Env {
         let nats = async_nats::connect(nats_url)
             .await
             .expect("NATS with JetStream must run on 127.0.0.1:4222 (see .ci/run)");
+        let dir = tempfile::tempdir().expect("temp dir");
         Self {
             nats_url: nats_url.to_owned(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            db_url: common::backend::database_url(dir.path()),
+            _dir: dir,
             group: format!("test-{}", id()),
             notif: id(),
             js: jetstream::new(nats.clone()),
@@ -79,10 +105,7 @@ impl Env {
         let mut vars = vec![
             ("MG_TWINS_HTTP_HOST".into(), "127.0.0.1".into()),
             ("MG_TWINS_HTTP_PORT".into(), "0".into()),
-            (
-                "MG_TWINS_DB_URL".into(),
-                format!("sqlite://{}/twins.db", self.dir.path().display()),
-            ),
+            ("MG_TWINS_DB_URL".into(), self.db_url.clone()),
             ("MG_TWINS_STANDALONE_ID".into(), "alice".into()),
             ("MG_TWINS_STANDALONE_TOKEN".into(), TOKEN.into()),
             ("MG_MESSAGE_BROKER_URL".into(), self.nats_url.clone()),
@@ -109,19 +132,7 @@ impl Env {
             .await
             .expect("service runs");
         });
-        for _ in 0..100 {
-            let ready = match self.js.get_stream(broker::STREAM).await {
-                Ok(s) => s
-                    .consumer_info(&self.group)
-                    .await
-                    .is_ok_and(|i| i.num_waiting > 0),
-                Err(_) => false,
-            };
-            if ready {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_for_consumer(&self.js, &self.group).await;
         Svc {
             base,
             http: reqwest::Client::new(),
@@ -156,6 +167,19 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Leave no consumer behind on the broker.
         common::delete_consumer_at(&self.nats_url, &self.group);
+    }
+}
+
+impl Drop for Svc {
+    /// A test that fails before `stop` leaves its service stopping; its database is
+    /// dropped once it has stopped.
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            common::backend::track(task);
+        }
     }
 }
 
@@ -232,17 +256,6 @@ impl Svc {
     }
 }
 
-fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Vec<u8> {
-    broker::encode(&Envelope {
-        channel: channel.into(),
-        subtopic: subtopic.into(),
-        publisher: "device".into(),
-        protocol: "mqtt".into(),
-        payload,
-        created: 0,
-    })
-}
-
 fn attr(name: &str, channel: &str, subtopic: &str, persist: bool) -> Value {
     json!({"name": name, "channel": channel, "subtopic": subtopic, "persist_state": persist})
 }
@@ -256,7 +269,6 @@ fn rfc3339(t: f64) -> String {
     twins::domain::time::format(&twins::domain::time::from_nanos((t * 1e9).round() as i64))
 }
 
-#[tokio::test]
 async fn first_state_then_update_within_delta_then_new_state_beyond_delta() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -304,7 +316,6 @@ async fn first_state_then_update_within_delta_then_new_state_beyond_delta() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn payload_is_carried_over_and_unpersisted_attributes_never_stored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -335,7 +346,6 @@ async fn payload_is_carried_over_and_unpersisted_attributes_never_stored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn wildcard_subtopic_matches_and_other_channels_are_ignored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -356,7 +366,6 @@ async fn wildcard_subtopic_matches_and_other_channels_are_ignored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn every_senml_value_type_is_stored() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -392,7 +401,6 @@ async fn every_senml_value_type_is_stored() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn garbage_is_rejected_counted_and_the_next_good_message_lands() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -428,7 +436,6 @@ async fn garbage_is_rejected_counted_and_the_next_good_message_lands() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn own_notification_channel_and_inband_subtopics_never_become_states() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -460,7 +467,6 @@ async fn own_notification_channel_and_inband_subtopics_never_become_states() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn definition_moved_to_a_new_channel_follows_it() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -492,7 +498,6 @@ async fn definition_moved_to_a_new_channel_follows_it() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn messages_published_while_stopped_are_applied_exactly_once_after_restart() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -515,7 +520,6 @@ async fn messages_published_while_stopped_are_applied_exactly_once_after_restart
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn a_redelivered_message_never_adds_a_second_state() {
     let env = Env::new().await;
     let svc = env.start().await;
@@ -591,7 +595,6 @@ async fn a_redelivered_message_never_adds_a_second_state() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn notifications_report_every_operation() {
     let env = Env::new().await;
     let mut sub = env
@@ -664,7 +667,6 @@ async fn smembers(redis: &mut redis::aio::MultiplexedConnection, key: &str) -> V
     m
 }
 
-#[tokio::test]
 async fn redis_keys_stay_exact_through_create_update_and_delete() {
     let mut env = Env::new().await;
     let prefix = format!("twins-test-{}:", id());
@@ -728,7 +730,6 @@ async fn redis_keys_stay_exact_through_create_update_and_delete() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn ingestion_falls_back_to_the_store_when_redis_stops() {
     let mut env = Env::new().await;
     let port = common::free_port();
@@ -755,7 +756,6 @@ async fn ingestion_falls_back_to_the_store_when_redis_stops() {
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart() {
     let port = common::free_port();
     let nats_dir = tempfile::tempdir().expect("temp dir");
@@ -827,7 +827,6 @@ async fn api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart
     svc.stop().await;
 }
 
-#[tokio::test]
 async fn records_without_time_take_the_time_magistrala_received_them() {
     let env = Env::new().await;
     let svc = env.start().await;

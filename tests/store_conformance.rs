@@ -1,26 +1,23 @@
 //! Behaviour every store backend must show, written once and run against each.
 //!
-//! Each `async fn` below is one case taking a fresh, empty [`Store`]. The SQLite run
-//! gets one test per case, each on its own database file, and always runs. The MongoDB
-//! run needs a server, which CI does not have: with `TWINS_TEST_MONGODB_URL` set (e.g.
-//! `mongodb://localhost:27017`) the single test `mongodb_conformance_run` runs every case
-//! on its own database, dropped afterwards, and fails naming the cases that failed;
-//! without it, that test prints one line saying the run was skipped, so a green run
-//! never hides that MongoDB was not exercised.
+//! Each `async fn` below is one case taking a fresh, empty [`Store`], and runs as one
+//! test per backend: `sqlite::<case>` always, `mongodb::<case>` and
+//! `mongodb_replica_set::<case>` on the servers named by `TWINS_TEST_MONGODB_URL` and
+//! `TWINS_TEST_MONGODB_RS_URL` (see `common::backend`: asked for and unreachable is a
+//! failure; each case gets its own database, dropped afterwards).
 //!
 //! Times are whole milliseconds because that is what a BSON date holds.
 
-use std::io::Write as _;
-use std::panic::AssertUnwindSafe;
+mod common;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
 use futures::future::join_all;
 use serde_json::{Map, Value, json};
-use tempfile::TempDir;
 use uuid::Uuid;
 
+use common::backend::{self, Backend};
 use twins::domain::PageRequest;
 use twins::domain::document::Document;
 use twins::domain::sampling::Write;
@@ -43,6 +40,7 @@ macro_rules! conformance_cases {
             list_pages_in_creation_order_with_the_total,
             list_filters_by_exact_name,
             list_filters_by_top_level_metadata_values,
+            list_filters_take_metadata_keys_and_values_literally,
             update_needs_the_expected_revision_and_owner,
             remove_deletes_the_twin_with_its_states_documents_and_cursor,
             remove_by_another_owner_deletes_nothing,
@@ -72,88 +70,34 @@ macro_rules! conformance_cases {
     };
 }
 
-macro_rules! sqlite_tests {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
+/// One module of tests per backend, each case on a store of its own.
+macro_rules! on_backend {
+    ($module:ident, $backend:ident, $($case:ident),* $(,)?) => {
+        mod $module {
             $(
                 #[tokio::test]
                 async fn $case() {
                     let dir = tempfile::tempdir().unwrap();
-                    let store = super::sqlite_store(&dir).await;
-                    super::$case(&store).await;
+                    super::backend::run(super::Backend::$backend, async {
+                        let store = super::backend::store(dir.path()).await;
+                        super::$case(&store).await;
+                    })
+                    .await;
                 }
             )*
         }
     };
 }
 
-macro_rules! mongodb_run {
+macro_rules! every_backend {
     ($($case:ident),* $(,)?) => {
-        #[tokio::test]
-        async fn mongodb_conformance_run() {
-            let Ok(base) = std::env::var("TWINS_TEST_MONGODB_URL") else {
-                // Straight to stderr: the test harness would swallow `println!` of a
-                // passing test, and this line must show in every run.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "MongoDB conformance run skipped: TWINS_TEST_MONGODB_URL is not set"
-                );
-                return;
-            };
-            let mut failed: Vec<&str> = Vec::new();
-            $(
-                if !run_on_mongodb(&base, stringify!($case), |s| Box::pin($case(s))).await {
-                    failed.push(stringify!($case));
-                }
-            )*
-            assert!(failed.is_empty(), "MongoDB conformance cases failed: {failed:?}");
-        }
+        on_backend!(sqlite, Sqlite, $($case),*);
+        on_backend!(mongodb, MongoDb, $($case),*);
+        on_backend!(mongodb_replica_set, MongoDbReplicaSet, $($case),*);
     };
 }
 
-conformance_cases!(sqlite_tests);
-conformance_cases!(mongodb_run);
-
-async fn sqlite_store(dir: &TempDir) -> Store {
-    Store::connect(&format!("sqlite://{}/twins.db", dir.path().display()))
-        .await
-        .unwrap()
-}
-
-/// `url` with its database (the path) replaced by `name`, options kept.
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a mongodb:// URL");
-    let (before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (rest, String::new()),
-    };
-    let hosts = before_query.split('/').next().unwrap_or(before_query);
-    format!("{scheme}://{hosts}/{name}{query}")
-}
-
-type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>;
-
-/// Runs one case on a fresh database, drops it whatever happens, and says whether the
-/// case passed (its panic message is already printed by the panic hook).
-async fn run_on_mongodb<F>(base: &str, case: &str, f: F) -> bool
-where
-    F: for<'a> FnOnce(&'a Store) -> CaseFuture<'a>,
-{
-    let url = with_database(base, &format!("twins_test_{}", Uuid::new_v4().simple()));
-    let store = Store::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot open the MongoDB store at {base}: {e}"));
-    let passed = AssertUnwindSafe(f(&store)).catch_unwind().await.is_ok();
-    let client = mongodb::Client::with_uri_str(&url).await.unwrap();
-    if let Some(db) = client.default_database() {
-        db.drop().await.unwrap();
-    }
-    println!(
-        "mongodb {case} ... {}",
-        if passed { "ok" } else { "FAILED" }
-    );
-    passed
-}
+conformance_cases!(every_backend);
 
 // ---------------------------------------------------------------------------------------
 // Fixtures
@@ -478,6 +422,61 @@ async fn list_filters_by_top_level_metadata_values(store: &Store) {
             .await
             .is_empty()
     );
+}
+
+async fn list_filters_take_metadata_keys_and_values_literally(store: &Store) {
+    for (name, metadata) in [
+        ("dotted", json!({"a.b": 1, "a": {"b": 2}})),
+        ("nested", json!({"a": {"b": 1}})),
+        ("dollar", json!({"$x": "1", "$where": "1"})),
+        ("empty key", json!({"": "e", "q\"k": "v'"})),
+        (
+            "operators",
+            json!({"op": {"$where": "1"}, "ne": {"$ne": null}, "deep": [{"$gt": [1, {"$in": []}]}]}),
+        ),
+        (
+            "plain",
+            json!({"a": 5, "op": "x", "ne": 1, "deep": [{"$gt": [1]}]}),
+        ),
+    ] {
+        let mut t = plain_twin(ALICE, name);
+        t.metadata = object(metadata);
+        store.twins.save(&t).await.unwrap();
+    }
+    let cases: Vec<(Value, Vec<&str>)> = vec![
+        // A key is a key, not a path.
+        (json!({"a.b": 1}), vec!["dotted"]),
+        (json!({"a": {"b": 1}}), vec!["nested"]),
+        (json!({"a": {"b": 2}}), vec!["dotted"]),
+        // An object is equal as a whole, not as a subset.
+        (json!({"a": {}}), vec![]),
+        (json!({"$x": "1"}), vec!["dollar"]),
+        (json!({"$where": "1"}), vec!["dollar"]),
+        (json!({"": "e"}), vec!["empty key"]),
+        (json!({"q\"k": "v'"}), vec!["empty key"]),
+        (json!({"q\"k": "v"}), vec![]),
+        // A value is a value, not an operator.
+        (json!({"op": {"$where": "1"}}), vec!["operators"]),
+        (json!({"ne": {"$ne": null}}), vec!["operators"]),
+        (
+            json!({"deep": [{"$gt": [1, {"$in": []}]}]}),
+            vec!["operators"],
+        ),
+        (json!({"deep": [{"$gt": [1]}]}), vec!["plain"]),
+        (json!({"a": {"$ne": null}}), vec![]),
+        (json!({"a": {"$exists": true}}), vec![]),
+        (json!({"a": {"$gt": 0}}), vec![]),
+        (json!({"op": {"$in": ["x"]}}), vec![]),
+        (json!({"op": {"$where": "true"}}), vec![]),
+        (json!({"$where": "1", "$x": "1"}), vec!["dollar"]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(
+            names(store, ALICE, metadata_filter(filter.clone())).await,
+            want,
+            "metadata filter {filter}"
+        );
+    }
 }
 
 async fn update_needs_the_expected_revision_and_owner(store: &Store) {
@@ -1242,6 +1241,7 @@ async fn documents_list_by_name_per_twin(store: &Store) {
 
 #[test]
 fn mongodb_urls_get_the_test_database() {
+    use backend::with_database;
     assert_eq!(
         with_database("mongodb://localhost:27017", "db1"),
         "mongodb://localhost:27017/db1"

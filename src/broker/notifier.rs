@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use super::{Envelope, encode};
+use crate::service::ServiceError;
 
 /// Where notifications go; disabled when no `MG_TWINS_CHANNEL_ID` is configured.
 #[derive(Clone, Default)]
@@ -36,19 +37,19 @@ impl Notifier {
         self.target.as_ref().map(|t| t.channel.as_str())
     }
 
-    /// Publishes `<op>.success` with `payload`, or `<op>.failure` with the error text,
-    /// on `channels.<channel>.messages.<twin_id>.<op>.<outcome>`.
+    /// Publishes `<op>.success` with `payload`, or `<op>.failure` with the error's public
+    /// text (never its cause), on `channels.<channel>.messages.<twin_id>.<op>.<outcome>`.
     ///
     /// Opens no span of its own (ingestion notifies once per state write): the message
     /// carries the context of the current span, and callers reporting an API operation
     /// wrap the call in [`publish_span`].
-    pub async fn notify(&self, twin_id: &str, op: &str, outcome: Result<Vec<u8>, String>) {
+    pub async fn notify(&self, twin_id: &str, op: &str, outcome: Result<Vec<u8>, &ServiceError>) {
         let Some(t) = &self.target else {
             return;
         };
         let (suffix, payload) = match outcome {
             Ok(p) => ("success", p),
-            Err(e) => ("failure", e.into_bytes()),
+            Err(e) => ("failure", e.public_message().into_bytes()),
         };
         let subtopic = format!("messages.{twin_id}.{op}.{suffix}");
         let subject = format!("channels.{}.{subtopic}", t.channel);
@@ -84,8 +85,13 @@ impl Notifier {
         if self.target.is_none() {
             return;
         }
-        let outcome = serde_json::to_vec(value).map_err(|e| e.to_string());
-        self.notify(twin_id, op, outcome).await;
+        match serde_json::to_vec(value) {
+            Ok(payload) => self.notify(twin_id, op, Ok(payload)).await,
+            Err(e) => {
+                let e = ServiceError::Internal(e.to_string());
+                self.notify(twin_id, op, Err(&e)).await;
+            }
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Document {
     #[schema(value_type = String, format = DateTime)]
     pub updated: DateTime<Utc>,
     #[schema(value_type = Object)]
+    #[serde(serialize_with = "super::json::serialize_object")]
     pub data: Map<String, Value>,
 }
 

@@ -255,12 +255,10 @@ impl Fields<'_> {
 
 /// A resolved number as JSON. Integral values become JSON integers because the Go service
 /// kept values as float64 and `encoding/json` writes integral ones without a fraction
-/// (`21`, not `21.0`), so stored states read as they did before.
+/// (`21`, not `21.0`), so stored states read as they did before (see [`super::json`]).
 fn number(index: usize, field: &'static str, x: f64) -> Result<Value, SenmlError> {
-    const EXACT_INTEGERS: f64 = 9_007_199_254_740_992.0; // 2^53
-    if x.fract() == 0.0 && x.abs() <= EXACT_INTEGERS {
-        // Exact: |x| <= 2^53 is an integer well inside i64.
-        return Ok(Value::from(x as i64));
+    if let Some(i) = super::json::integer(x) {
+        return Ok(i);
     }
     Number::from_f64(x)
         .map(Value::Number)

@@ -21,6 +21,7 @@ pub struct State {
     #[schema(value_type = String, format = DateTime)]
     pub created: DateTime<Utc>,
     #[schema(value_type = Object)]
+    #[serde(serialize_with = "super::json::serialize_object")]
     pub payload: Payload,
 }
 

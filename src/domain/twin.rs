@@ -65,6 +65,7 @@ pub struct Twin {
     pub updated: DateTime<Utc>,
     pub definitions: Vec<Definition>,
     #[schema(value_type = Object)]
+    #[serde(serialize_with = "super::json::serialize_object")]
     pub metadata: Metadata,
 }
 

@@ -261,7 +261,7 @@ impl DocumentsService {
         async {
             match result {
                 Ok(doc) => self.notifier.notify_json(&id, op, doc).await,
-                Err(e) => self.notifier.notify(&id, op, Err(e.public_message())).await,
+                Err(e) => self.notifier.notify(&id, op, Err(e)).await,
             }
         }
         .instrument(notifier::publish_span(op))

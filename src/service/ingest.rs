@@ -25,9 +25,11 @@ use std::sync::{Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::Utc;
 
+use super::ServiceError;
 use super::lookup::TwinLookup;
 use crate::broker::Envelope;
 use crate::broker::notifier::Notifier;
+use crate::domain::ValidationError;
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
 use crate::domain::twin::Definition;
@@ -418,13 +420,12 @@ impl IngestService {
         for r in rejected {
             metrics::counter!(REJECTED, "reason" => r.reason).increment(1);
             if let Some(twin_id) = &r.twin_id {
-                self.notifier
-                    .notify(
-                        twin_id,
-                        "save",
-                        Err(format!("message rejected: {}", r.reason)),
-                    )
-                    .await;
+                // The reason is one of our fixed labels: nothing internal is shown.
+                let why = ServiceError::Invalid(ValidationError::new(format!(
+                    "message rejected: {}",
+                    r.reason
+                )));
+                self.notifier.notify(twin_id, "save", Err(&why)).await;
             }
         }
         report.rejected += rejected.len();

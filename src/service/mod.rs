@@ -49,9 +49,15 @@ pub enum ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
+        Self::from(&e)
+    }
+}
+
+impl From<&StoreError> for ServiceError {
+    fn from(e: &StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => Self::Unavailable(m),
-            StoreError::Conflict(m) | StoreError::Internal(m) => Self::Internal(m),
+            StoreError::Unavailable(m) => Self::Unavailable(m.clone()),
+            StoreError::Conflict(m) | StoreError::Internal(m) => Self::Internal(m.clone()),
         }
     }
 }

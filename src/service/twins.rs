@@ -75,7 +75,7 @@ impl TwinsService {
         async {
             match result {
                 Ok(v) => self.notifier.notify_json(twin_id, op, v).await,
-                Err(e) => self.notifier.notify(twin_id, op, Err(e.to_string())).await,
+                Err(e) => self.notifier.notify(twin_id, op, Err(e)).await,
             }
         }
         .instrument(notifier::publish_span(op))
@@ -204,7 +204,12 @@ impl TwinsService {
         let Ok(id) = parse_twin_id(id) else {
             return Ok(None);
         };
-        let result = self.store.twins.remove(owner, &id).await;
+        let result = self
+            .store
+            .twins
+            .remove(owner, &id)
+            .await
+            .map_err(ServiceError::from);
         match &result {
             Ok(true) => {
                 self.lookup.invalidate(&id);
@@ -219,7 +224,7 @@ impl TwinsService {
             Ok(false) => {}
             Err(e) => {
                 self.notifier
-                    .notify(&id, "remove", Err(e.to_string()))
+                    .notify(&id, "remove", Err(e))
                     .instrument(notifier::publish_span("remove"))
                     .await
             }

@@ -1,10 +1,14 @@
 //! Shared harness of the black-box HTTP tests: an in-test auth service knowing two
-//! users, and the application started on port 0 with its own SQLite file.
+//! users, and the application started on port 0 with a database of its own on the
+//! test's backend (see [`backend`]).
 //!
 //! Every test gets its own temporary directory, database and auth server, so tests run
 //! in parallel without seeing each other's twins.
 
 #![allow(dead_code)]
+
+pub mod backend;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -178,6 +182,54 @@ pub fn delete_consumer(group: &str) {
     delete_consumer_at(NATS_URL, group);
 }
 
+/// Waits (10 s at most) until the durable consumer `group` exists and waits for messages.
+pub async fn wait_for_consumer(js: &async_nats::jetstream::Context, group: &str) {
+    for _ in 0..200 {
+        let ready = match js.get_stream(twins::broker::STREAM).await {
+            Ok(s) => s
+                .consumer_info(group)
+                .await
+                .is_ok_and(|i| i.num_waiting > 0),
+            Err(_) => false,
+        };
+        if ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("consumer {group} not ready within 10 s");
+}
+
+/// `payload` in the `messaging.Message` a device's message arrives in.
+pub fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Vec<u8> {
+    twins::broker::encode(&twins::broker::Envelope {
+        channel: channel.into(),
+        subtopic: subtopic.into(),
+        publisher: "device".into(),
+        protocol: "mqtt".into(),
+        payload,
+        created: 0,
+    })
+}
+
+/// Publishes `payload` as a device would: in a `messaging.Message` on
+/// `channels.<channel>[.<subtopic>]`, stored by JetStream.
+pub async fn publish_device(
+    js: &async_nats::jetstream::Context,
+    channel: &str,
+    subtopic: &str,
+    payload: Vec<u8>,
+) {
+    js.publish(
+        twins::broker::subject(channel, subtopic),
+        envelope(channel, subtopic, payload).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+}
+
 /// Starts the application backed by a fresh in-test auth service. `extra` variables
 /// override the defaults; an empty value unsets a variable.
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
@@ -194,7 +246,7 @@ pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
 
 async fn start(base: &[(&str, &str)], extra: &[(&str, &str)], auth: Option<AuthServer>) -> TestApp {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let db_url = format!("sqlite://{}/twins.db", dir.path().display());
+    let db_url = backend::database_url(dir.path());
     let group = unique_group();
     let mut vars: Vec<(String, String)> = [
         ("MG_TWINS_HTTP_HOST", "127.0.0.1"),
@@ -252,16 +304,17 @@ impl Drop for TestApp {
         delete_consumer(&self.group);
         // An app dropped in the middle of a test keeps running until it has stopped,
         // and may create its consumer after the deletion above: delete it again then.
+        // The test's clean-up waits for that before dropping the app's database.
         if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current()) {
             let group = self.group.clone();
-            rt.spawn(async move {
+            backend::track(rt.spawn(async move {
                 let _ = task.await;
                 if let Ok(c) = async_nats::connect(NATS_URL).await {
                     let _ = async_nats::jetstream::new(c)
                         .delete_consumer_from_stream(&group, twins::broker::STREAM)
                         .await;
                 }
-            });
+            }));
         }
     }
 }

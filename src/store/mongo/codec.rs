@@ -12,7 +12,9 @@
 //! Free-form JSON (metadata, payloads, document data) maps type by type: integers to
 //! Int64, other numbers to Double, objects to embedded documents. Reading back maps
 //! Int32/Int64 to integers and Double to floats, so our own values round-trip exactly;
-//! BSON types JSON lacks (dates, ObjectIds, ...) read as relaxed extended JSON.
+//! BSON types JSON lacks (dates, ObjectIds, ...) read as relaxed extended JSON. The Go
+//! service stored every such number as a Double: the integral ones are served without a
+//! fraction, as it served them, by [`crate::domain::json`].
 
 use bson::{Bson, Document, doc};
 use chrono::{DateTime, Utc};

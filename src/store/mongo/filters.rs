@@ -1,11 +1,13 @@
 //! Every filter, update, sort and index the MongoDB store sends, built in one place.
 //!
 //! Keeping them as plain functions lets unit tests pin the exact BSON without a server,
-//! and keeps the repository code down to "send this, read that". Only basic query
-//! operators are used (no aggregation), so MongoDB-compatible servers that lack the
-//! aggregation pipeline still work.
+//! and keeps the repository code down to "send this, read that". Queries are basic query
+//! operators, except the metadata filter of a listing, an aggregation expression
+//! (`$expr`, MongoDB 3.6 and later) because the query language cannot take a key or a
+//! value literally.
 
-use bson::{Bson, Document, doc};
+use bson::{Bson, Document, bson, doc};
+use serde_json::{Map, Value};
 
 use super::codec;
 use crate::domain::document::Document as TwinDocument;
@@ -80,24 +82,95 @@ pub fn twin_update(twin: &Twin) -> Document {
 }
 
 /// The owner's twins with this exact name and these top-level metadata values.
-///
-/// A plain `{"metadata.k": v}` would also match a twin whose `k` is an array holding `v`,
-/// and `{"metadata.k": null}` one without `k`; SQLite compares the values themselves, so
-/// non-array values also require the field to exist and not be an array.
 pub fn twin_list(owner: &str, filter: &TwinFilter) -> Document {
     let mut d = doc! { "owner": owner };
     if let Some(name) = &filter.name {
         d.insert("name", name);
     }
-    for (key, value) in filter.metadata.iter().flatten() {
-        let value = codec::json_to_bson(value);
-        let condition = match value {
-            Bson::Array(_) => doc! { "$eq": value },
-            _ => doc! { "$eq": value, "$exists": true, "$not": { "$type": "array" } },
-        };
-        d.insert(format!("metadata.{key}"), condition);
+    if let Some(metadata) = filter.metadata.as_ref().filter(|m| !m.is_empty()) {
+        d.insert("$expr", metadata_holds(metadata));
     }
     d
+}
+
+/// An expression that is true when the twin's metadata holds every entry of `wanted`.
+///
+/// The query language reads `{"metadata.<key>": <value>}` as a path and an operator
+/// expression: `a.b` would reach into `a`, `$x` or `""` is refused, `{"$ne": null}` is an
+/// operator, an array matches any of its elements and an object only with its keys in
+/// the same order. So the metadata is taken apart with `$objectToArray` and each entry
+/// compared by [`equals`]: keys are compared as strings, values as JSON values, and no
+/// key of the client's ever becomes a key of the query (some servers inspect those even
+/// under `$literal`).
+fn metadata_holds(wanted: &Map<String, Value>) -> Bson {
+    when_object(
+        Bson::from("$metadata"),
+        0,
+        |entries| bson!({ "$and": wanted.iter().map(|(k, v)| has_entry(entries, k, v, 0)).collect::<Vec<_>>() }),
+    )
+}
+
+/// `then` applied to the entries (`[{k, v}]`, in variable `$$o<depth>`) of the value of
+/// expression `x` when that is an object, false otherwise.
+fn when_object(x: Bson, depth: usize, then: impl FnOnce(&str) -> Bson) -> Bson {
+    let var = format!("o{depth}");
+    let entries = format!("$${var}");
+    bson!({ "$cond": [
+        { "$eq": [{ "$type": x.clone() }, "object"] },
+        { "$let": { "vars": { var: { "$objectToArray": x } }, "in": then(&entries) } },
+        false,
+    ] })
+}
+
+/// Whether the entries of an object hold `key` with a value equal to `value`.
+fn has_entry(entries: &str, key: &str, value: &Value, depth: usize) -> Bson {
+    let var = format!("e{depth}");
+    let (k, v) = (format!("$${var}.k"), format!("$${var}.v"));
+    bson!({ "$anyElementTrue": [{ "$map": {
+        "input": entries,
+        "as": var,
+        "in": { "$and": [
+            { "$eq": [k, { "$literal": key }] },
+            equals(Bson::String(v), value, depth + 1),
+        ] },
+    } }] })
+}
+
+/// Whether expression `x` evaluates to the JSON value `value`: numbers compare as numbers
+/// whatever their BSON type, objects whatever their key order, arrays element by element.
+fn equals(x: Bson, value: &Value, depth: usize) -> Bson {
+    match value {
+        Value::Object(m) => when_object(x, depth, |entries| {
+            let size = bson!({ "$eq": [{ "$size": entries }, len(m.len())] });
+            let entries = m.iter().map(|(k, v)| has_entry(entries, k, v, depth));
+            bson!({ "$and": std::iter::once(size).chain(entries).collect::<Vec<_>>() })
+        }),
+        // Objects inside need the comparison above; without them a literal is exact.
+        Value::Array(items) if items.iter().any(holds_object) => {
+            let size = bson!({ "$eq": [{ "$size": x.clone() }, len(items.len())] });
+            let items = items.iter().enumerate().map(|(i, item)| {
+                equals(bson!({ "$arrayElemAt": [x.clone(), len(i)] }), item, depth)
+            });
+            bson!({ "$cond": [
+                { "$isArray": x.clone() },
+                { "$and": std::iter::once(size).chain(items).collect::<Vec<_>>() },
+                false,
+            ] })
+        }
+        _ => bson!({ "$eq": [x, { "$literal": codec::json_to_bson(value) }] }),
+    }
+}
+
+fn holds_object(v: &Value) -> bool {
+    match v {
+        Value::Object(_) => true,
+        Value::Array(items) => items.iter().any(holds_object),
+        _ => false,
+    }
+}
+
+fn len(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Twins with an attribute on `channel` with this subtopic or the wildcard, in any of
@@ -275,30 +348,90 @@ mod tests {
         );
     }
 
+    fn metadata(v: serde_json::Value) -> TwinFilter {
+        TwinFilter {
+            name: None,
+            metadata: v.as_object().cloned(),
+        }
+    }
+
     #[test]
-    fn twin_list_filters_by_owner_name_and_metadata_keys() {
+    fn twin_list_filters_by_owner_name_and_metadata_entries() {
         assert_eq!(
             twin_list("o", &TwinFilter::default()),
             doc! { "owner": "o" }
         );
-        let filter = TwinFilter {
+        let empty = TwinFilter {
             name: Some("pump".into()),
-            metadata: json!({"site": "p1", "floor": 2, "tags": ["a"], "gone": null})
-                .as_object()
-                .cloned(),
+            metadata: Some(Map::new()),
         };
-        let scalar = |v: Bson| doc! { "$eq": v, "$exists": true, "$not": { "$type": "array" } };
         assert_eq!(
-            twin_list("o", &filter),
+            twin_list("o", &empty),
+            doc! { "owner": "o", "name": "pump" }
+        );
+        assert_eq!(
+            twin_list("o", &metadata(json!({"site": "p1"}))),
             doc! {
                 "owner": "o",
-                "name": "pump",
-                "metadata.floor": scalar(Bson::Int64(2)),
-                "metadata.gone": scalar(Bson::Null),
-                "metadata.site": scalar(Bson::String("p1".into())),
-                "metadata.tags": { "$eq": ["a"] },
+                "$expr": { "$cond": [
+                    { "$eq": [{ "$type": "$metadata" }, "object"] },
+                    { "$let": {
+                        "vars": { "o0": { "$objectToArray": "$metadata" } },
+                        "in": { "$and": [{ "$anyElementTrue": [{ "$map": {
+                            "input": "$$o0",
+                            "as": "e0",
+                            "in": { "$and": [
+                                { "$eq": ["$$e0.k", { "$literal": "site" }] },
+                                { "$eq": ["$$e0.v", { "$literal": "p1" }] },
+                            ] },
+                        } }] }] },
+                    } },
+                    false,
+                ] },
             }
         );
+    }
+
+    /// Every key of a document, recursively (in arrays too).
+    fn keys(b: &Bson, out: &mut Vec<String>) {
+        match b {
+            Bson::Document(d) => {
+                for (k, v) in d {
+                    out.push(k.clone());
+                    keys(v, out);
+                }
+            }
+            Bson::Array(items) => items.iter().for_each(|i| keys(i, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn metadata_keys_and_values_never_become_keys_of_the_query() {
+        let filter = metadata(json!({
+            "a.b": 1, "$where": "1", "": {"$ne": null}, "deep": [{"$gt": [{"$in": []}]}],
+        }));
+        let mut got = Vec::new();
+        keys(&Bson::Document(twin_list("o", &filter)), &mut got);
+        for client in ["a.b", "$where", "", "$ne", "deep", "$gt", "$in"] {
+            assert!(!got.iter().any(|k| k == client), "{client:?} in {got:?}");
+        }
+    }
+
+    #[test]
+    fn arrays_holding_objects_are_compared_element_by_element() {
+        let plain = equals(Bson::from("$$x"), &json!([1, [2, "$y"]]), 1);
+        assert_eq!(
+            plain,
+            bson!({ "$eq": ["$$x", { "$literal": [1_i64, [2_i64, "$y"]] }] })
+        );
+        let mut got = Vec::new();
+        keys(
+            &equals(Bson::from("$$x"), &json!([1, [{"k": 2}]]), 1),
+            &mut got,
+        );
+        assert!(got.contains(&"$arrayElemAt".to_owned()), "{got:?}");
+        assert!(got.contains(&"$objectToArray".to_owned()), "{got:?}");
     }
 
     #[test]

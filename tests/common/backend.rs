@@ -1,0 +1,271 @@
+//! The store backends a test runs on, and the databases it creates on them.
+//!
+//! A test is written once and run per backend by [`backend_matrix!`](crate::backend_matrix)
+//! (or a suite's own macro calling [`run`]): the backend is a task-local of the test, and
+//! whatever starts an application or opens a store asks [`database_url`] for a database
+//! of the test's own. SQLite is always there; MongoDB runs when its URL variable is set
+//! and then must answer: a suite that was asked for fails rather than passing unseen.
+//! Without the variable, each MongoDB test passes at once and the test binary prints one
+//! line saying so. Every database a test created is dropped when it ends, pass or fail,
+//! once the applications it started have stopped writing.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::task::JoinHandle;
+use twins::store::Store;
+
+/// A standalone MongoDB-compatible server (`mongodb://host:port`).
+pub const MONGODB_URL_VAR: &str = "TWINS_TEST_MONGODB_URL";
+/// A replica set (`mongodb://host:port/?replicaSet=name`): transactions and change
+/// streams exist there only.
+pub const MONGODB_RS_URL_VAR: &str = "TWINS_TEST_MONGODB_RS_URL";
+
+/// How long a test waits for its MongoDB server before failing.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a test waits for its stopping applications before dropping their databases.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MongoDb,
+    MongoDbReplicaSet,
+}
+
+impl Backend {
+    /// The variable naming the server, for backends that need one.
+    fn url_var(self) -> Option<&'static str> {
+        match self {
+            Self::Sqlite => None,
+            Self::MongoDb => Some(MONGODB_URL_VAR),
+            Self::MongoDbReplicaSet => Some(MONGODB_RS_URL_VAR),
+        }
+    }
+}
+
+/// What the running test has on its backend.
+struct Scope {
+    /// The MongoDB server and a client of it; None on SQLite.
+    mongodb: Option<(String, mongodb::Client)>,
+    databases: Mutex<Vec<String>>,
+    stopping: Mutex<Vec<JoinHandle<()>>>,
+}
+
+tokio::task_local! {
+    static SCOPE: Arc<Scope>;
+}
+
+/// Runs `test` on `backend`: skipped when the backend's server was not asked for, failed
+/// when it was and does not answer, and followed by dropping every database it created.
+pub async fn run(backend: Backend, test: impl Future<Output = ()>) {
+    let mongodb = match backend.url_var() {
+        None => None,
+        Some(var) => match std::env::var(var).ok().filter(|v| !v.is_empty()) {
+            Some(base) => Some((base.clone(), reach(var, &base).await)),
+            None => {
+                skipped(backend, var);
+                return;
+            }
+        },
+    };
+    let scope = Arc::new(Scope {
+        mongodb,
+        databases: Mutex::default(),
+        stopping: Mutex::default(),
+    });
+    let outcome = AssertUnwindSafe(SCOPE.scope(scope.clone(), test))
+        .catch_unwind()
+        .await;
+    scope.clean_up().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A client of the server at `base`, failing the test with a clear message when none
+/// answers there.
+async fn reach(var: &str, base: &str) -> mongodb::Client {
+    let failed = |e: &dyn std::fmt::Display| -> ! {
+        panic!(
+            "{var}={base} asks for the MongoDB tests, but no server answers there: {e}. \
+             Start one (scripts/test does) or unset {var} to skip them."
+        )
+    };
+    let mut options = match mongodb::options::ClientOptions::parse(base).await {
+        Ok(o) => o,
+        Err(e) => failed(&e),
+    };
+    options.server_selection_timeout = Some(REACH_TIMEOUT);
+    let client = match mongodb::Client::with_options(options) {
+        Ok(c) => c,
+        Err(e) => failed(&e),
+    };
+    if let Err(e) = client
+        .database("admin")
+        .run_command(bson::doc! { "ping": 1 })
+        .await
+    {
+        failed(&e);
+    }
+    client
+}
+
+/// Says once per test binary and backend that its tests did not run.
+fn skipped(backend: Backend, var: &str) {
+    static ONCE: [Once; 2] = [Once::new(), Once::new()];
+    let once = &ONCE[usize::from(backend == Backend::MongoDbReplicaSet)];
+    once.call_once(|| {
+        use std::io::Write as _;
+        // Straight to stderr: the harness swallows the output of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "MongoDB tests skipped: {var} is not set (scripts/test sets it)"
+        );
+    });
+}
+
+impl Scope {
+    async fn clean_up(&self) {
+        let stopping: Vec<_> = self
+            .stopping
+            .lock()
+            .expect("scope lock")
+            .drain(..)
+            .collect();
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        for task in stopping {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+        let Some((_, client)) = &self.mongodb else {
+            return;
+        };
+        let names: Vec<_> = self
+            .databases
+            .lock()
+            .expect("scope lock")
+            .drain(..)
+            .collect();
+        for name in names {
+            if let Err(e) = client.database(&name).drop().await {
+                panic!("test database {name} not dropped: {e}");
+            }
+        }
+    }
+
+    /// A MongoDB database with a fresh name, dropped when the test ends: its URL and a
+    /// handle on it. None on SQLite.
+    fn new_database(&self) -> Option<(String, mongodb::Database)> {
+        let (base, client) = self.mongodb.as_ref()?;
+        let name = format!("twins_test_{}", uuid::Uuid::new_v4().simple());
+        self.databases
+            .lock()
+            .expect("scope lock")
+            .push(name.clone());
+        Some((with_database(base, &name), client.database(&name)))
+    }
+}
+
+/// A database of the test's own on its backend: a SQLite file in `dir`, or a MongoDB
+/// database with a fresh name, dropped when the test ends.
+pub fn database_url(dir: &Path) -> String {
+    SCOPE
+        .try_with(|s| s.new_database())
+        .ok()
+        .flatten()
+        .map_or_else(
+            || format!("sqlite://{}/twins.db", dir.display()),
+            |(url, _)| url,
+        )
+}
+
+/// A MongoDB database of the test's own, dropped when the test ends: its URL, and a handle
+/// for reading and writing behind the service's back. Only in MongoDB tests.
+pub fn mongodb_database() -> (String, mongodb::Database) {
+    SCOPE
+        .try_with(|s| s.new_database())
+        .ok()
+        .flatten()
+        .expect("a MongoDB test (backend::run with a MongoDB backend)")
+}
+
+/// The address of the test's MongoDB server (its first host).
+pub fn mongodb_address() -> String {
+    let base = SCOPE
+        .try_with(|s| s.mongodb.as_ref().map(|(base, _)| base.clone()))
+        .ok()
+        .flatten()
+        .expect("a MongoDB test (backend::run with a MongoDB backend)");
+    let hosts = base
+        .split_once("://")
+        .map_or(base.as_str(), |(_, rest)| rest);
+    let hosts = hosts.split(['/', '?']).next().unwrap_or(hosts);
+    let first = hosts.split(',').next().unwrap_or(hosts);
+    let host = first.rsplit_once('@').map_or(first, |(_, host)| host);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:27017")
+    }
+}
+
+/// Opens a store on a database of the test's own.
+pub async fn store(dir: &Path) -> Store {
+    let url = database_url(dir);
+    Store::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the store at {url}: {e}"))
+}
+
+/// Lets the test's clean-up wait for `task` (an application stopping) before dropping
+/// the databases it writes to. Outside [`run`] the task is left to itself.
+pub fn track(task: JoinHandle<()>) {
+    let _ = SCOPE.try_with(|s| s.stopping.lock().expect("scope lock").push(task));
+}
+
+/// `url` with its database (the path) replaced by `name`, options kept.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a mongodb:// URL");
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let hosts = before_query.split('/').next().unwrap_or(before_query);
+    format!("{scheme}://{hosts}/{name}{query}")
+}
+
+/// Turns a list of `async fn()` tests into one test per backend: `sqlite::<name>` and
+/// `mongodb::<name>`; `replica_set: ...` adds `mongodb_replica_set::<name>`, and
+/// `only_mongodb: ...` makes `mongodb::<name>` alone.
+#[macro_export]
+macro_rules! backend_matrix {
+    (@module $module:ident, $backend:ident, $($test:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    $crate::common::backend::run(
+                        $crate::common::backend::Backend::$backend,
+                        super::$test(),
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+    (only_mongodb: $($test:ident),* $(,)?) => {
+        $crate::backend_matrix!(@module mongodb, MongoDb, $($test),*);
+    };
+    (replica_set: $($test:ident),* $(,)?) => {
+        $crate::backend_matrix!($($test),*);
+        $crate::backend_matrix!(@module mongodb_replica_set, MongoDbReplicaSet, $($test),*);
+    };
+    ($($test:ident),* $(,)?) => {
+        $crate::backend_matrix!(@module sqlite, Sqlite, $($test),*);
+        $crate::backend_matrix!(@module mongodb, MongoDb, $($test),*);
+    };
+}
