@@ -22,6 +22,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use common::proxy::Proxy;
+
 use twins::broker::{self, Envelope};
 use twins::domain::sampling::{self, Write};
 use twins::domain::senml;
@@ -515,6 +517,60 @@ crate::backend_matrix!(
     two_instances_of_one_group_apply_every_message_once,
     three_instances_of_one_group_apply_every_message_once,
 );
+
+/// MongoDB only: the store is cut off (through a proxy) mid-ingest and comes back.
+async fn a_store_outage_mid_ingest_loses_nothing() {
+    let (_, db) = common::backend::mongodb_database();
+    let proxy = Proxy::to(&common::backend::mongodb_address()).await;
+    let url = format!(
+        "mongodb://{}/{}?directConnection=true&serverSelectionTimeoutMS=1000",
+        proxy.addr,
+        db.name()
+    );
+    let d = Deployment::on(common::NATS_URL, Some(url)).await;
+    let app = d.start().await;
+    let twins = d.twins(&app, 20).await;
+    d.wait_ingesting().await;
+    let all = messages(&twins, 0..3_000);
+    let mut oracle = Oracle::new(&twins);
+    oracle.apply(&all);
+    let base = d.acked().await;
+    let js = d.js.clone();
+    let to_publish = all.clone();
+    let publisher = tokio::spawn(async move { publish_on(&js, &to_publish).await });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while d.acked().await < base + 300 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.cut();
+    // The store is away: /health says so, and nothing acked is lost meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = d.http.get(app.url("/health")).send().await.expect("health");
+        if health.status() == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store outage never showed in /health"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.restore();
+    let last = publisher.await.expect("publisher");
+    d.wait_applied(last, Duration::from_secs(120)).await;
+    d.assert_matches(&app, &oracle).await;
+}
+
+#[tokio::test]
+async fn mongodb_store_outage_mid_ingest_loses_nothing() {
+    common::backend::run(
+        common::backend::Backend::MongoDb,
+        a_store_outage_mid_ingest_loses_nothing(),
+    )
+    .await;
+}
 
 /// SQLite only: the twin is corrupted in the database file.
 #[tokio::test]

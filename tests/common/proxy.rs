@@ -1,7 +1,9 @@
-//! A TCP forwarder a test can cut: the service reaches a real server through it, and
-//! [`Proxy::cut`] makes that server unreachable for the service without stopping it.
+//! A TCP forwarder a test can cut and restore: the service reaches a real server through
+//! it, [`Proxy::cut`] makes that server unreachable for the service without stopping it,
+//! and [`Proxy::restore`] lets new connections through again.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -10,6 +12,7 @@ use tokio::task::{AbortHandle, JoinSet};
 pub struct Proxy {
     pub addr: SocketAddr,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    down: Arc<AtomicBool>,
     accept: AbortHandle,
 }
 
@@ -19,9 +22,14 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
-        let (target, conns) = (target.to_owned(), tasks.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let (target, conns, refuse) = (target.to_owned(), tasks.clone(), down.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    // Closed at once: the server is away for whoever connects.
+                    continue;
+                }
                 let target = target.clone();
                 conns.lock().expect("proxy lock").spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(&target).await {
@@ -34,19 +42,26 @@ impl Proxy {
         Self {
             addr,
             tasks,
+            down,
             accept,
         }
     }
 
-    /// Stops accepting and closes every forwarded connection.
+    /// Closes every forwarded connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
-        self.accept.abort();
+        self.down.store(true, Ordering::SeqCst);
         self.tasks.lock().expect("proxy lock").abort_all();
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
+        self.accept.abort();
     }
 }
