@@ -406,10 +406,17 @@ async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
     let mut stolen = 0;
     let mut last = 0;
     for chunk in all[10..].chunks(5) {
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(&d.group)
-            .await
-            .expect("the group's consumer");
+        // The service recreates the consumer after each theft: wait for the new one.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let consumer: jetstream::consumer::PullConsumer = loop {
+            match stream.get_consumer(&d.group).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "the group's consumer: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         let thief = tokio::spawn(async move {
             let mut kept = Vec::new();
             if let Ok(mut batch) = consumer

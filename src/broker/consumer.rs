@@ -39,7 +39,7 @@ use crate::store::{Applied, IngestRepository, Lease};
 /// batch touches each busy twin's pages once, however many of its messages it holds.
 pub const BATCH: usize = 4096;
 /// Most payload bytes in one batch.
-pub const BATCH_BYTES: usize = 8 << 20;
+pub const BATCH_BYTES: usize = 4 << 20;
 /// Most payload bytes fetched but not yet applied (beside the batch being applied).
 /// With [`BATCH_BYTES`] this bounds the memory held by messages whatever they carry.
 pub const BUFFER_BYTES: usize = 16 << 20;

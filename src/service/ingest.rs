@@ -179,17 +179,18 @@ pub fn plan<'r>(
 }
 
 /// Adds `w` to the pending writes, folding it into an earlier write of the same state
-/// (an update of a state inserted in this batch stays an insert).
+/// (an update of a state inserted in this batch stays an insert). Only the latest state
+/// changes, and it is the one written last, so only the last pending write can share
+/// its id: constant time per write, however many records a batch carries.
 fn merge(pending: &mut Vec<SeqWrite>, w: SeqWrite) {
-    let id = w.write.state().id;
-    match pending.iter_mut().find(|p| p.write.state().id == id) {
-        Some(p) => {
+    match pending.last_mut() {
+        Some(p) if p.write.state().id == w.write.state().id => {
             p.seq = w.seq;
             match &mut p.write {
                 Write::Insert(s) | Write::Update(s) => *s = w.write.into_state(),
             }
         }
-        None => pending.push(w),
+        _ => pending.push(w),
     }
 }
 
