@@ -88,7 +88,7 @@ impl Notifier {
         match serde_json::to_vec(value) {
             Ok(payload) => self.notify(twin_id, op, Ok(payload)).await,
             Err(e) => {
-                let e = ServiceError::Internal(e.to_string());
+                let e = ServiceError::Internal(e.into());
                 self.notify(twin_id, op, Err(&e)).await;
             }
         }

@@ -45,27 +45,24 @@ impl ApiError {
     /// The status for this error and the message safe to show to the client.
     fn status_and_message(&self) -> (StatusCode, String) {
         match self {
-            Self::Service(ServiceError::Invalid(e)) => (StatusCode::BAD_REQUEST, e.to_string()),
-            Self::Service(ServiceError::VersionMismatch(_)) => {
-                (StatusCode::CONFLICT, "document version mismatch".into())
-            }
-            Self::Service(ServiceError::TooLarge(m)) => (StatusCode::PAYLOAD_TOO_LARGE, m.clone()),
-            Self::Service(ServiceError::NotFound) => {
-                (StatusCode::NOT_FOUND, "entity not found".into())
-            }
-            Self::Service(ServiceError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "dependency unavailable");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service temporarily unavailable".into(),
-                )
-            }
-            Self::Service(ServiceError::Internal(cause)) => {
-                tracing::error!(%cause, "request failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal server error".into(),
-                )
+            Self::Service(e) => {
+                let status = match e {
+                    ServiceError::Invalid(_) => StatusCode::BAD_REQUEST,
+                    ServiceError::VersionMismatch(_) | ServiceError::Conflict(_) => {
+                        StatusCode::CONFLICT
+                    }
+                    ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    ServiceError::NotFound => StatusCode::NOT_FOUND,
+                    ServiceError::Unavailable(cause) => {
+                        tracing::warn!(%cause, "dependency unavailable");
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    ServiceError::Internal(cause) => {
+                        tracing::error!(%cause, "request failed");
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    }
+                };
+                (status, e.public_message())
             }
             Self::Auth(AuthError::Unauthenticated) => (
                 StatusCode::UNAUTHORIZED,

@@ -74,7 +74,7 @@ pub async fn create(
         .await?;
     let mut headers = HeaderMap::new();
     let location = HeaderValue::from_str(&format!("/twins/{}", twin.id))
-        .map_err(|e| ApiError::Service(crate::service::ServiceError::Internal(e.to_string())))?;
+        .map_err(|e| ApiError::Service(crate::service::ServiceError::Internal(e.into())))?;
     headers.insert(LOCATION, location);
     Ok((StatusCode::CREATED, headers, Json(twin)))
 }

@@ -136,7 +136,7 @@ impl Inband {
             }
             Op::Delete => docs.delete(access, id, name, body.version).await?,
         };
-        serde_json::to_value(&doc).map_err(|e| ServiceError::Internal(e.to_string()))
+        serde_json::to_value(&doc).map_err(|e| ServiceError::Internal(e.into()))
     }
 
     /// Handles a request a device published on a channel and answers on that channel.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::domain::ValidationError;
-use crate::store::StoreError;
+use crate::store::{Cause, StoreError};
 
 /// Body of a version conflict: what the client expected and what is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -39,25 +39,24 @@ pub enum ServiceError {
     /// The entity would exceed its size limit.
     #[error("{0}")]
     TooLarge(String),
+    /// A write collided with an existing key (a twin id already taken).
+    #[error("{0}")]
+    Conflict(#[source] Cause),
     /// A dependency cannot be reached; the client may retry.
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// A bug or corrupt data: logged, never shown to clients.
     #[error("{0}")]
-    Internal(String),
+    Internal(#[source] Cause),
 }
 
 impl From<StoreError> for ServiceError {
+    /// The store's error becomes the source, so the chain down to the driver survives.
     fn from(e: StoreError) -> Self {
-        Self::from(&e)
-    }
-}
-
-impl From<&StoreError> for ServiceError {
-    fn from(e: &StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => Self::Unavailable(m.clone()),
-            StoreError::Conflict(m) | StoreError::Internal(m) => Self::Internal(m.clone()),
+            StoreError::Unavailable(_) => Self::Unavailable(Box::new(e)),
+            StoreError::Conflict(_) => Self::Conflict(Box::new(e)),
+            StoreError::Internal(_) => Self::Internal(Box::new(e)),
         }
     }
 }
@@ -65,10 +64,17 @@ impl From<&StoreError> for ServiceError {
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
 impl ServiceError {
+    /// Whether the same call may succeed later (a dependency was away), as opposed to a
+    /// refusal that will not change.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+
     /// The message safe to show to a client: causes of internal and availability
     /// errors are logged, never shown.
     pub fn public_message(&self) -> String {
         match self {
+            Self::Conflict(_) => "conflict with the stored state; retry".into(),
             Self::Unavailable(_) => "service temporarily unavailable".into(),
             Self::Internal(_) => "internal server error".into(),
             other => other.to_string(),
@@ -82,6 +88,56 @@ impl ServiceError {
             Self::VersionMismatch(m) => serde_json::to_value(m.as_ref())
                 .unwrap_or_else(|_| serde_json::json!({ "error": m.error })),
             other => serde_json::json!({ "error": other.public_message() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn io(text: &str) -> Cause {
+        Box::new(std::io::Error::other(text.to_owned()))
+    }
+
+    #[test]
+    fn store_errors_keep_their_cause_down_to_the_driver() {
+        let e = ServiceError::from(StoreError::Unavailable(io("connection refused")));
+        let store = e.source().expect("the store error is the source");
+        assert!(store.to_string().contains("store unavailable"));
+        let driver = store.source().expect("the driver error is kept");
+        assert_eq!(driver.to_string(), "connection refused");
+    }
+
+    #[test]
+    fn each_store_error_kind_maps_to_one_service_kind() {
+        let kinds = [
+            (
+                StoreError::Unavailable(io("secret-cause")),
+                true,
+                "service temporarily unavailable",
+            ),
+            (
+                StoreError::Conflict(io("secret-cause")),
+                false,
+                "conflict with the stored state; retry",
+            ),
+            (
+                StoreError::Internal(io("secret-cause")),
+                false,
+                "internal server error",
+            ),
+        ];
+        for (store, transient, public) in kinds {
+            let e = ServiceError::from(store);
+            assert_eq!(e.is_transient(), transient, "{e:?}");
+            assert_eq!(e.public_message(), public);
+            assert!(
+                !e.public_body().to_string().contains('x'),
+                "no cause in {e:?}"
+            );
         }
     }
 }

@@ -20,18 +20,22 @@ use crate::domain::state::State;
 use crate::domain::twin::{Metadata, Twin};
 use crate::domain::{Page, PageRequest};
 
-/// Why a store operation failed.
+/// The cause of an error, kept whole for logs and `source()` chains.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a store operation failed. Each kind keeps the backend's error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The backend cannot be reached or is overloaded; the client may retry.
+    /// The backend cannot be reached, is busy or cannot write now (full disk); the same
+    /// operation may succeed later.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// A write collided with an existing key.
     #[error("duplicate key: {0}")]
-    Conflict(String),
+    Conflict(#[source] Cause),
     /// Anything else: a bug or corrupt data, logged and never shown to clients.
     #[error("store failure: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
 }
 
 impl StoreError {
@@ -263,8 +267,11 @@ impl Store {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
             return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
         }
-        Err(StoreError::Internal(format!(
-            "unsupported database URL scheme in {url:?} (expected sqlite:// or mongodb://)"
-        )))
+        Err(StoreError::Internal(
+            format!(
+                "unsupported database URL scheme in {url:?} (expected sqlite:// or mongodb://)"
+            )
+            .into(),
+        ))
     }
 }

@@ -144,11 +144,14 @@ impl<'a> Fields<'a> {
     }
 
     fn corrupt(&self, key: &str, found: &Bson) -> StoreError {
-        StoreError::Internal(format!(
-            "corrupt {}: field {key:?} is a {:?}",
-            self.what,
-            found.element_type()
-        ))
+        StoreError::Internal(
+            format!(
+                "corrupt {}: field {key:?} is a {:?}",
+                self.what,
+                found.element_type()
+            )
+            .into(),
+        )
     }
 
     fn str(&self, key: &str) -> StoreResult<String> {

@@ -98,9 +98,9 @@ impl MongoStore {
                 .await
                 .map_err(|e| match map_err(e) {
                     // E.g. duplicate twin ids or states already stored: say where.
-                    StoreError::Internal(m) | StoreError::Conflict(m) => {
-                        StoreError::Internal(format!("cannot create an index on {collection}: {m}"))
-                    }
+                    StoreError::Internal(m) | StoreError::Conflict(m) => StoreError::Internal(
+                        format!("cannot create an index on {collection}: {m}").into(),
+                    ),
                     unavailable => unavailable,
                 })?;
         }
@@ -141,13 +141,15 @@ impl MongoStore {
 /// Maps driver errors onto the store's error kinds: a duplicate key is a conflict;
 /// anything that says the server cannot be reached or cannot answer now is unavailable.
 fn map_err(e: mongodb::error::Error) -> StoreError {
+    let duplicate = match e.kind.as_ref() {
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        _ => false,
+    };
+    if duplicate {
+        return StoreError::Conflict(e.into());
+    }
     let unavailable = match e.kind.as_ref() {
-        ErrorKind::Command(c) if c.code == DUPLICATE_KEY => {
-            return StoreError::Conflict(e.to_string());
-        }
-        ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY => {
-            return StoreError::Conflict(e.to_string());
-        }
         ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(_))
         | ErrorKind::Io(_)
@@ -159,9 +161,9 @@ fn map_err(e: mongodb::error::Error) -> StoreError {
         _ => false,
     };
     if unavailable || e.contains_label(RETRYABLE_WRITE_ERROR) {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(e.into())
     } else {
-        StoreError::Internal(e.to_string())
+        StoreError::Internal(e.into())
     }
 }
 

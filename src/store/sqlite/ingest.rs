@@ -55,7 +55,7 @@ impl SqliteStore {
         .map_err(map_err)?;
         let mut stored = HashMap::with_capacity(rows.len());
         for r in &rows {
-            let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+            let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
             let id: String = r.try_get("twin_id").map_err(get_err)?;
             let seq: i64 = r.try_get("seq").map_err(get_err)?;
             stored.insert(id, seq_of(seq));

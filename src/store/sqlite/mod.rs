@@ -159,7 +159,7 @@ impl SqliteStore {
             .filter(|d| !d.as_os_str().is_empty())
         {
             std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()).into())
             })?;
         }
         let options = SqliteConnectOptions::from_str("sqlite://")
@@ -233,19 +233,18 @@ impl SqliteStore {
     }
 }
 
-/// Maps sqlx errors onto the store's error kinds.
+/// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
 fn map_err(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            StoreError::Unavailable(e.to_string())
-        }
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(db.message().to_owned())
-        }
-        sqlx::Error::Database(db) if is_transient_code(db.code().as_deref()) => {
-            StoreError::Unavailable(db.message().to_owned())
-        }
-        _ => StoreError::Internal(e.to_string()),
+    let (unavailable, conflict) = match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => (true, false),
+        sqlx::Error::Database(db) if db.is_unique_violation() => (false, true),
+        sqlx::Error::Database(db) => (is_transient_code(db.code().as_deref()), false),
+        _ => (false, false),
+    };
+    match (unavailable, conflict) {
+        (true, _) => StoreError::Unavailable(e.into()),
+        (_, true) => StoreError::Conflict(e.into()),
+        _ => StoreError::Internal(e.into()),
     }
 }
 
@@ -259,15 +258,16 @@ fn is_transient_code(code: Option<&str>) -> bool {
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.to_string()))
+    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.into()))
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(raw: &str, what: &str) -> StoreResult<T> {
-    serde_json::from_str(raw).map_err(|e| StoreError::Internal(format!("corrupt {what}: {e}")))
+    serde_json::from_str(raw)
+        .map_err(|e| StoreError::Internal(format!("corrupt {what}: {e}").into()))
 }
 
 fn twin_from_row(row: &SqliteRow) -> StoreResult<Twin> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
     Ok(Twin {
         id: row.try_get("id").map_err(get_err)?,
         owner: row.try_get("owner").map_err(get_err)?,
@@ -287,7 +287,7 @@ fn twin_from_row(row: &SqliteRow) -> StoreResult<Twin> {
 }
 
 fn state_from_row(row: &SqliteRow) -> StoreResult<State> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
     Ok(State {
         twin_id: row.try_get("twin_id").map_err(get_err)?,
         id: row.try_get("id").map_err(get_err)?,
@@ -548,7 +548,7 @@ async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
 }
 
 fn document_from_row(row: &SqliteRow) -> StoreResult<Document> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
     Ok(Document {
         twin_id: row.try_get("twin_id").map_err(get_err)?,
         document_name: row.try_get("name").map_err(get_err)?,
@@ -587,7 +587,7 @@ impl DocumentRepository for SqliteStore {
         .fetch_all(&self.reader)
         .await
         .map_err(map_err)?;
-        let get_err = |e: sqlx::Error| StoreError::Internal(e.to_string());
+        let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
         rows.iter()
             .map(|r| {
                 Ok(DocumentSummary {
