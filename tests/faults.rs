@@ -42,8 +42,14 @@ fn uid() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// The scenarios run one at a time. Every instance reads the whole shared `channels`
+/// stream (messages no twin of its own listens to are looked up and ignored), so
+/// scenarios running together would each process all the others' messages too.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One deployment: a database, a group and a broker shared by its instances.
 struct Deployment {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     dir: TempDir,
     db_url: String,
     group: String,
@@ -60,12 +66,14 @@ impl Deployment {
     /// On the broker at `nats_url`, with the database at `db_url` (when None, a database
     /// of the test's own on its backend).
     async fn on(nats_url: &str, db_url: Option<String>) -> Self {
+        let turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let db_url = db_url.unwrap_or_else(|| common::backend::database_url(dir.path()));
         let nats = async_nats::connect(nats_url)
             .await
             .expect("NATS with JetStream must run (see .ci/run)");
         Self {
+            _turn: turn,
             dir,
             db_url,
             group: format!("fault-{}", uid()),
