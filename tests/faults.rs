@@ -187,22 +187,34 @@ impl Deployment {
         }
     }
 
-    /// Asserts that every twin has exactly the oracle's states.
+    /// Asserts that every twin has exactly the oracle's states. The consumer's ack
+    /// floor can run ahead of what the current holder applied (a late ack of an
+    /// instance that lost the lease lands on the recreated consumer of the same name),
+    /// so each twin is given until a deadline to match.
     async fn assert_matches(&self, app: &ops::Binary, oracle: &Oracle) {
+        let deadline = Instant::now() + Duration::from_secs(60);
         for (twin, expected) in &oracle.states {
-            let served = self.states(app, twin).await;
             let expected: Vec<Value> = expected
                 .iter()
                 .map(|s| serde_json::to_value(s).expect("state JSON"))
                 .collect();
-            assert_eq!(
-                served.len(),
-                expected.len(),
-                "twin {twin}: {} states served, {} expected",
-                served.len(),
-                expected.len()
-            );
-            assert_eq!(served, expected, "twin {twin}");
+            loop {
+                let served = self.states(app, twin).await;
+                if served == expected {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    assert_eq!(
+                        served.len(),
+                        expected.len(),
+                        "twin {twin}: {} states served, {} expected",
+                        served.len(),
+                        expected.len()
+                    );
+                    assert_eq!(served, expected, "twin {twin}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 

@@ -230,12 +230,21 @@ impl Ingestor {
             };
             let batch = collect(first?, &mut rx)?;
             let mut expected = next_consumer_seq;
+            let mut next_seq = position + 1;
             for (m, _) in &batch {
                 let info = m.info()?;
                 if info.consumer_sequence != expected || info.delivered != 1 {
                     return Ok(End::Resync("a delivery out of order"));
                 }
+                if info.stream_sequence != next_seq {
+                    // Only messages the stream no longer holds may be passed over.
+                    let first = stream.get_info().await?.state.first_sequence;
+                    if info.stream_sequence < next_seq || first <= next_seq {
+                        return Ok(End::Resync("a stream sequence passed over"));
+                    }
+                }
                 expected += 1;
+                next_seq = info.stream_sequence + 1;
             }
             match self.apply(position, &batch, stop).await? {
                 Some(to) => {
