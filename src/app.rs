@@ -14,6 +14,7 @@ use crate::auth::Authenticator;
 use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
 use crate::broker::consumer::Ingestor;
+use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
 use crate::cache::TwinCache;
 use crate::cache::memory::MemoryCache;
@@ -21,11 +22,15 @@ use crate::cache::redis::RedisCache;
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::tls::TlsListener;
 use crate::http::{self, AppState};
-use crate::service::documents::DocumentsService;
+use crate::service::documents::{Documents, DocumentsService};
+use crate::service::health::{Dependency, Health};
 use crate::service::inband::Inband;
-use crate::service::ingest::IngestService;
-use crate::service::lookup::TwinLookup;
-use crate::service::twins::TwinsService;
+use crate::service::ingest::{Ingest, IngestService};
+use crate::service::lookup::{CacheMaintaining, TwinLookup};
+use crate::service::metered::Metered;
+use crate::service::notify::{Notifying, Publish};
+use crate::service::traced::Traced;
+use crate::service::twins::{Twins, TwinsService};
 use crate::store::Store;
 
 /// Why the service could not start.
@@ -56,8 +61,8 @@ pub struct Application {
     router: axum::Router,
     store: Store,
     broker: async_nats::Client,
-    ingest: Arc<IngestService>,
-    inband: Inband,
+    ingest: Arc<dyn Ingest>,
+    inband: Responder,
     config: Config,
 }
 
@@ -82,21 +87,28 @@ impl Application {
             ),
             None => Arc::new(MemoryCache::default()),
         };
-        let lookup = TwinLookup::new(store.clone(), cache);
-        let notifier = Notifier::new(broker.clone(), config.channel_id.clone());
-        let documents = DocumentsService::new(store.clone(), notifier.clone());
-        let inband = Inband::new(documents.clone(), broker.clone());
-        let ingest = Arc::new(IngestService::new(
-            store.clone(),
-            lookup.clone(),
-            notifier.clone(),
-        ));
+        // The use cases see a store whose twins repository keeps the cache exact.
+        let lookup = TwinLookup::new(store.twins.clone(), cache);
+        let mut maintained = store.clone();
+        maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
+        let (twins, documents, ingest) = use_cases(
+            &maintained,
+            lookup,
+            config.channel_id.as_ref().map(|channel| {
+                Arc::new(Notifier::new(broker.clone(), channel.clone())) as Arc<dyn Publish>
+            }),
+            config.channel_id.clone(),
+        );
+        let inband = Responder::new(Inband::new(documents.clone()), broker.clone());
+        let dependencies: Vec<Arc<dyn Dependency>> = vec![
+            Arc::new(store.clone()),
+            Arc::new(crate::broker::Connection(broker.clone())),
+        ];
         let state = AppState {
+            twins,
             documents,
-            twins: TwinsService::new(store.clone(), lookup, notifier),
             auth,
-            broker: broker.clone(),
-            store: store.clone(),
+            health: Health::new(dependencies),
             metrics: http::metrics::handle(),
             instance_id: config.instance_id.as_str().into(),
         };
@@ -162,6 +174,7 @@ impl Application {
             ingest,
             log: store.ingest.clone(),
             inband: Some(inband.clone()),
+            own_channel: config.channel_id.clone(),
         };
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
         let inband = tokio::spawn(inband.serve(config.instance_group.clone(), stop.clone()));
@@ -240,6 +253,31 @@ where
     axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .await
+}
+
+/// The use cases with their decorators, outermost first: spans, notifications (when a
+/// channel is configured), counters on ingestion.
+fn use_cases(
+    store: &Store,
+    lookup: TwinLookup,
+    publish: Option<Arc<dyn Publish>>,
+    own_channel: Option<String>,
+) -> (Arc<dyn Twins>, Arc<dyn Documents>, Arc<dyn Ingest>) {
+    let twins = TwinsService::new(store.clone());
+    let documents = DocumentsService::new(store.clone());
+    let ingest = Metered::new(IngestService::new(store.clone(), lookup, own_channel));
+    match publish {
+        Some(p) => (
+            Arc::new(Traced(Notifying::new(twins, p.clone()))),
+            Arc::new(Traced(Notifying::new(documents, p.clone()))),
+            Arc::new(Traced(Notifying::new(ingest, p))),
+        ),
+        None => (
+            Arc::new(Traced(twins)),
+            Arc::new(Traced(documents)),
+            Arc::new(Traced(ingest)),
+        ),
+    }
 }
 
 fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> {

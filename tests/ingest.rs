@@ -15,7 +15,9 @@ use serde_json::{Value, json};
 use twins::app::Application;
 use twins::broker::{self, Envelope};
 use twins::config::Config;
-use twins::service::ingest::{Batch, IngestError, IngestService, Message, Rejected, SetAside};
+use twins::service::ingest::{
+    Batch, Ingest, IngestError, IngestService, Message, Rejected, SetAside,
+};
 use twins::service::lookup::TwinLookup;
 use twins::store::Lease;
 
@@ -550,26 +552,27 @@ async fn a_redelivered_message_never_adds_a_second_state() {
         .expect("the stopped service released the lease");
     assert!(position < seq);
     let lookup = TwinLookup::new(
-        store.clone(),
+        store.twins.clone(),
         std::sync::Arc::new(twins::cache::memory::MemoryCache::default()),
     );
-    let ingest = IngestService::new(
-        store.clone(),
-        lookup,
-        twins::broker::notifier::Notifier::disabled(),
-    );
+    let ingest = IngestService::new(store.clone(), lookup, None);
+    let decoded = broker::decode(&payload).expect("envelope");
     let messages = [Message {
         seq,
-        envelope: broker::decode(&payload).expect("envelope"),
+        channel: decoded.channel,
+        subtopic: decoded.subtopic,
+        payload: decoded.payload,
+        created: decoded.created,
     }];
     let batch = Batch {
         group: &env.group,
         from: position,
         to: position,
         messages: &messages,
+        rejected: &[],
     };
     let report = ingest.apply(&batch, &NothingAside).await.expect("applied");
-    assert_eq!(report.inserted, 1);
+    assert_eq!(report.inserted(), 1);
     store
         .ingest
         .release(&env.group, "test")

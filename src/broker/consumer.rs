@@ -28,11 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::deadletter::{self, DeadLetters};
+use super::inband::Responder;
 use super::{STREAM, STREAM_SUBJECTS};
-use crate::service::inband::{self, Inband};
-use crate::service::ingest::{
-    Batch, IngestError, IngestService, Message, REJECTED, Rejected, SetAside,
-};
+use crate::service::inband::{Kind, classify};
+use crate::service::ingest::{Batch, Ingest, IngestError, Message, Rejected};
 use crate::store::{Applied, IngestRepository, Lease};
 
 /// Most messages applied in one durable step. Large batches matter under load: a
@@ -91,9 +90,12 @@ pub struct Ingestor {
     /// This process's name in the lease (unique per process).
     pub holder: String,
     pub lease: Duration,
-    pub ingest: Arc<IngestService>,
+    pub ingest: Arc<dyn Ingest>,
     pub log: Arc<dyn IngestRepository>,
-    pub inband: Option<Inband>,
+    /// Answers the inband requests devices publish on their channels.
+    pub inband: Option<Responder>,
+    /// The channel our notifications go to: neither data nor requests.
+    pub own_channel: Option<String>,
 }
 
 /// How a session ended.
@@ -294,7 +296,13 @@ impl Ingestor {
             to = to.max(seq);
             originals.insert(seq, &m.payload);
             match super::decode(&m.payload) {
-                Ok(envelope) => decoded.push(Message { seq, envelope }),
+                Ok(e) => decoded.push(Message {
+                    seq,
+                    channel: e.channel,
+                    subtopic: e.subtopic,
+                    payload: e.payload,
+                    created: e.created,
+                }),
                 Err(e) => {
                     tracing::warn!(seq, reason = "envelope", error = %e, "message rejected");
                     undecodable.push(Rejected {
@@ -316,22 +324,20 @@ impl Ingestor {
             from,
             to,
             messages: &decoded,
+            rejected: &undecodable,
         };
         let mut backoff = Duration::from_millis(200);
-        let mut undecodable_kept = undecodable.is_empty();
         loop {
-            let attempt = async {
-                if !undecodable_kept {
-                    aside.set_aside(&undecodable).await?;
-                    metrics::counter!(REJECTED, "reason" => "envelope")
-                        .increment(undecodable.len() as u64);
-                    undecodable_kept = true;
-                }
-                self.ingest.apply(&ingest, &aside).await
-            };
-            match keep_while(attempt, batch).await {
+            match keep_while(self.ingest.apply(&ingest, &aside), batch).await {
                 Ok(report) => {
-                    tracing::debug!(messages = batch.len(), ?report, "batch applied");
+                    tracing::debug!(
+                        messages = batch.len(),
+                        inserted = report.inserted(),
+                        updated = report.updated(),
+                        rejected = report.rejected.len(),
+                        duplicates = report.duplicates,
+                        "batch applied"
+                    );
                     break;
                 }
                 Err(IngestError::Fenced) => {
@@ -362,11 +368,12 @@ impl Ingestor {
             return;
         };
         for m in messages {
-            if self.ingest.is_own_channel(&m.envelope) {
-                continue;
-            }
-            if let Some(target) = inband::parse(&m.envelope.subtopic) {
-                inband.on_channel_message(&m.envelope, target).await;
+            if let Kind::Inband(Some(target)) =
+                classify(self.own_channel.as_deref(), &m.channel, &m.subtopic)
+            {
+                inband
+                    .on_channel_message(&m.channel, &m.subtopic, target, &m.payload)
+                    .await;
             }
         }
     }

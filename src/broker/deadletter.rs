@@ -46,6 +46,15 @@ pub fn subject(reason: &str) -> String {
     format!("twins.deadletter.{reason}")
 }
 
+/// Why a dead letter was not kept (the message then stays unacked).
+#[derive(Debug, thiserror::Error)]
+enum DeadLetterError {
+    #[error("dead letter not published: {0}")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+    #[error("dead letter not stored: {0}")]
+    Store(#[source] async_nats::jetstream::context::PublishError),
+}
+
 /// Dead letters of one batch: the original envelopes by stream sequence.
 pub struct DeadLetters<'a> {
     pub js: &'a jetstream::Context,
@@ -78,12 +87,12 @@ impl SetAside for DeadLetters<'_> {
                 .js
                 .publish_with_headers(subject(r.reason), headers, payload)
                 .await
-                .map_err(|e| IngestError::Transient(format!("dead letter not published: {e}")))?;
+                .map_err(|e| IngestError::Transient(Box::new(DeadLetterError::Publish(e))))?;
             acks.push(ack);
         }
         for ack in acks {
             ack.await
-                .map_err(|e| IngestError::Transient(format!("dead letter not stored: {e}")))?;
+                .map_err(|e| IngestError::Transient(Box::new(DeadLetterError::Store(e))))?;
         }
         Ok(())
     }

@@ -1,11 +1,17 @@
-//! The Magistrala message broker (NATS with JetStream): envelopes, subjects, the
-//! ingestion consumer and the notifier.
+//! The Magistrala message broker (NATS with JetStream), a transport driving the
+//! service: envelopes and subjects, the ingestion consumer, the inband document API,
+//! and the adapters of the service's ports (notifications, dead letters, health).
 
 pub mod consumer;
 pub mod deadletter;
+pub mod inband;
 pub mod notifier;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use prost::Message as _;
+
+use crate::service::health::{Check, Dependency};
 
 pub use crate::proto::messaging::Message as Envelope;
 
@@ -33,6 +39,31 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     envelope.encode_to_vec()
 }
 
+/// An envelope this service publishes on `channel`/`subtopic`, created now.
+pub fn envelope(channel: &str, subtopic: &str, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        channel: channel.to_owned(),
+        subtopic: subtopic.to_owned(),
+        publisher: "twins".into(),
+        protocol: "nats".into(),
+        payload,
+        created: crate::domain::time::to_nanos(&chrono::Utc::now()),
+    }
+}
+
+/// Publishes on core NATS with the W3C trace context of the current span when traces
+/// are exported: the one way this service publishes (acks and JetStream aside).
+pub async fn publish(
+    client: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    payload: Bytes,
+) -> Result<(), async_nats::client::PublishError> {
+    match crate::telemetry::current_headers() {
+        Some(headers) => client.publish_with_headers(subject, headers, payload).await,
+        None => client.publish(subject, payload).await,
+    }
+}
+
 /// Connects to NATS. Never fails because the server is down: the client keeps trying in
 /// the background (and after every disconnection), so the HTTP API serves meanwhile.
 pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
@@ -45,12 +76,26 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
         .map_err(|e| format!("invalid broker URL {url:?}: {e}"))
 }
 
-/// Whether the client is connected right now.
-pub fn is_connected(client: &async_nats::Client) -> bool {
-    matches!(
-        client.connection_state(),
-        async_nats::connection::State::Connected
-    )
+/// The broker connection as a dependency of the service: not critical, since the API
+/// keeps serving while it is away and the client reconnects by itself.
+pub struct Connection(pub async_nats::Client);
+
+#[async_trait]
+impl Dependency for Connection {
+    fn name(&self) -> &'static str {
+        "broker"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn check(&self) -> Check {
+        match self.0.connection_state() {
+            async_nats::connection::State::Connected => Check::Pass,
+            _ => Check::Down("disconnected"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ pub mod time;
 pub mod twin;
 
 use serde::Serialize;
-use utoipa::ToSchema;
 
 /// Why a client's input was refused; always shown to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,44 +63,4 @@ pub struct Page<T> {
     pub offset: u64,
     pub limit: u64,
     pub items: Vec<T>,
-}
-
-/// Page of twins as served by `GET /twins`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TwinsPage {
-    pub total: u64,
-    pub offset: u64,
-    pub limit: u64,
-    pub twins: Vec<twin::Twin>,
-}
-
-/// Page of states as served by `GET /states/{id}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct StatesPage {
-    pub total: u64,
-    pub offset: u64,
-    pub limit: u64,
-    pub states: Vec<state::State>,
-}
-
-impl From<Page<twin::Twin>> for TwinsPage {
-    fn from(p: Page<twin::Twin>) -> Self {
-        Self {
-            total: p.total,
-            offset: p.offset,
-            limit: p.limit,
-            twins: p.items,
-        }
-    }
-}
-
-impl From<Page<state::State>> for StatesPage {
-    fn from(p: Page<state::State>) -> Self {
-        Self {
-            total: p.total,
-            offset: p.offset,
-            limit: p.limit,
-            states: p.items,
-        }
-    }
 }

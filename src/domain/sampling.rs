@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::senml::Record;
 use super::state::{Payload, State};
+use super::time;
 use super::twin::Definition;
 
 /// What one value does to a twin's latest state.
@@ -164,11 +165,7 @@ pub fn fold(
 /// Whether `time` is more than `delta` nanoseconds away from `created`. Computed in i128
 /// from exact nanoseconds so no pair of representable times can overflow or saturate.
 fn beyond_delta(created: &DateTime<Utc>, time: &DateTime<Utc>, delta: i64) -> bool {
-    (nanos_of(time) - nanos_of(created)).abs() > i128::from(delta)
-}
-
-fn nanos_of(t: &DateTime<Utc>) -> i128 {
-    i128::from(t.timestamp()) * 1_000_000_000 + i128::from(t.timestamp_subsec_nanos())
+    (time::to_nanos_exact(time) - time::to_nanos_exact(created)).abs() > i128::from(delta)
 }
 
 /// `payload` restricted to the attributes `definition` persists.

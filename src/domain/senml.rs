@@ -270,7 +270,7 @@ fn number(index: usize, field: &'static str, x: f64) -> Result<Value, SenmlError
 fn resolve_time(index: usize, secs: f64, now: DateTime<Utc>) -> Result<DateTime<Utc>, SenmlError> {
     let offset = seconds_to_nanos(secs).ok_or(SenmlError::BadTime { index })?;
     let nanos = if secs < RELATIVE_LIMIT {
-        nanos_of(&now) + offset
+        time::to_nanos_exact(&now) + offset
     } else {
         offset
     };
@@ -305,10 +305,6 @@ fn seconds_to_nanos(secs: f64) -> Option<i128> {
     }
     let total = whole * NANOS_PER_SEC + nanos;
     Some(if secs < 0.0 { -total } else { total })
-}
-
-fn nanos_of(t: &DateTime<Utc>) -> i128 {
-    i128::from(t.timestamp()) * NANOS_PER_SEC + i128::from(t.timestamp_subsec_nanos())
 }
 
 fn kind_of(v: &Value) -> &'static str {

@@ -33,6 +33,12 @@ pub fn to_nanos(t: &DateTime<Utc>) -> i64 {
     })
 }
 
+/// Exact nanoseconds since the Unix epoch, for arithmetic on any pair of representable
+/// times without overflow or saturation (unlike [`to_nanos`]).
+pub fn to_nanos_exact(t: &DateTime<Utc>) -> i128 {
+    i128::from(t.timestamp()) * 1_000_000_000 + i128::from(t.timestamp_subsec_nanos())
+}
+
 /// The instant `nanos` nanoseconds after the Unix epoch.
 pub fn from_nanos(nanos: i64) -> DateTime<Utc> {
     Utc.timestamp_nanos(nanos)

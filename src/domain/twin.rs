@@ -20,6 +20,15 @@ pub const WILDCARD_SUBTOPIC: &str = ">";
 /// A JSON object of free-form data attached to a twin.
 pub type Metadata = Map<String, Value>;
 
+/// Filters of a twin listing besides the owner.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TwinFilter {
+    /// Exact name.
+    pub name: Option<String>,
+    /// Every top-level key must be present with an equal value.
+    pub metadata: Option<Metadata>,
+}
+
 /// An attribute binds a named value of the twin to a channel and subtopic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Attribute {

@@ -6,11 +6,11 @@ use axum::http::header::{ETAG, IF_MATCH};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{Caller, JsonBody, PatchBody, QueryMap};
+use super::extract::{Caller, JsonBody, Params, PatchBody};
 use crate::domain::document::{Document, DocumentSummary};
 use crate::service::VersionMismatch;
 use crate::service::documents::{Access, Change, DeltaView};
@@ -30,6 +30,21 @@ pub struct DocumentRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DocumentList {
     pub documents: Vec<DocumentSummary>,
+}
+
+/// Query of `DELETE /twins/{id}/documents/{name}`.
+#[derive(Deserialize, IntoParams)]
+pub struct DeleteQuery {
+    /// Delete only at this version.
+    #[param(value_type = Option<i64>)]
+    version: Option<String>,
+}
+
+/// Query of `GET /twins/{id}/documents/{name}/delta`.
+#[derive(Deserialize, IntoParams)]
+pub struct DeltaQuery {
+    /// Name of the document to compare with (required).
+    against: Option<String>,
 }
 
 /// The version of an `If-Match` header (`"3"`, `W/"3"` or `3`).
@@ -121,73 +136,53 @@ async fn write(
     Ok((status, with_etag(&doc), Json(doc)))
 }
 
-/// Replace a document's data (creating it with version 1 when absent).
-#[utoipa::path(put, path = "/twins/{id}/documents/{name}", tag = "documents",
-    request_body = DocumentRequest,
-    params(("id" = String, Path, description = "Twin id (UUID)"),
-        ("name" = String, Path, description = "Document name"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
-    responses((status = 200, body = Document), (status = 201, body = Document),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = VersionMismatch),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 503, body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn put(
-    State(app): State<AppState>,
-    Caller(who): Caller,
-    Path(path): Path<(String, String)>,
-    headers: HeaderMap,
-    JsonBody(req): JsonBody<DocumentRequest>,
-) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
-    write(
-        &app,
-        &who.id,
-        path,
-        &headers,
-        Change::Put(req.data),
-        req.version,
-    )
-    .await
+/// `PUT` and `PATCH` differ only in what the body means and in the media types it may
+/// have; everything else is written once here.
+macro_rules! write_handler {
+    ($(#[$doc:meta])* $name:ident, $method:ident, $change:path, $body:ident,
+        content($($content:tt)*)) => {
+        $(#[$doc])*
+        #[utoipa::path($method, path = "/twins/{id}/documents/{name}", tag = "documents",
+            request_body(content($($content)*)),
+            params(("id" = String, Path, description = "Twin id (UUID)"),
+                ("name" = String, Path, description = "Document name"),
+                ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+            responses((status = 200, body = Document), (status = 201, body = Document),
+                (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+                (status = 404, body = ErrorBody), (status = 409, body = VersionMismatch),
+                (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+                (status = 503, body = ErrorBody)),
+            security(("bearer" = [])))]
+        pub async fn $name(
+            State(app): State<AppState>,
+            Caller(who): Caller,
+            Path(path): Path<(String, String)>,
+            headers: HeaderMap,
+            $body(req): $body<DocumentRequest>,
+        ) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
+            write(&app, &who.id, path, &headers, $change(req.data), req.version).await
+        }
+    };
 }
 
-/// Merge-patch a document's data (RFC 7396; creating it from `{}` when absent).
-#[utoipa::path(patch, path = "/twins/{id}/documents/{name}", tag = "documents",
-    request_body(content = DocumentRequest,
-        content_type = "application/merge-patch+json"),
-    params(("id" = String, Path, description = "Twin id (UUID)"),
-        ("name" = String, Path, description = "Document name"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
-    responses((status = 200, body = Document), (status = 201, body = Document),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, body = VersionMismatch),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 503, body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn patch(
-    State(app): State<AppState>,
-    Caller(who): Caller,
-    Path(path): Path<(String, String)>,
-    headers: HeaderMap,
-    PatchBody(req): PatchBody<DocumentRequest>,
-) -> ApiResult<(StatusCode, HeaderMap, Json<Document>)> {
-    write(
-        &app,
-        &who.id,
-        path,
-        &headers,
-        Change::Patch(req.data),
-        req.version,
-    )
-    .await
-}
+write_handler!(
+    /// Replace a document's data (creating it with version 1 when absent).
+    put, put, Change::Put, JsonBody,
+    content((DocumentRequest = "application/json"))
+);
+
+write_handler!(
+    /// Merge-patch a document's data (RFC 7396; creating it from `{}` when absent).
+    patch, patch, Change::Patch, PatchBody,
+    content((DocumentRequest = "application/merge-patch+json"), (DocumentRequest = "application/json"))
+);
 
 /// Delete a document, optionally only at a given version (`?version=` or `If-Match`).
 #[utoipa::path(delete, path = "/twins/{id}/documents/{name}", tag = "documents",
     params(("id" = String, Path, description = "Twin id (UUID)"),
         ("name" = String, Path, description = "Document name"),
-        ("version" = Option<i64>, Query, description = "Delete only at this version"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+        ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\""),
+        DeleteQuery),
     responses((status = 204, description = "Deleted"), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = VersionMismatch), (status = 503, body = ErrorBody)),
@@ -197,10 +192,10 @@ pub async fn delete(
     Caller(who): Caller,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
-    query: QueryMap,
+    Params(query): Params<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
     let query_version = query
-        .get("version")
+        .version
         .map(|v| {
             v.parse::<i64>()
                 .map_err(|_| ApiError::BadRequest(format!("version must be an integer, got {v:?}")))
@@ -217,7 +212,7 @@ pub async fn delete(
 #[utoipa::path(get, path = "/twins/{id}/documents/{name}/delta", tag = "documents",
     params(("id" = String, Path, description = "Twin id (UUID)"),
         ("name" = String, Path, description = "Document name"),
-        ("against" = String, Query, description = "Name of the document to compare with")),
+        DeltaQuery),
     responses((status = 200, body = DeltaView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)),
@@ -226,14 +221,14 @@ pub async fn delta(
     State(app): State<AppState>,
     Caller(who): Caller,
     Path((id, name)): Path<(String, String)>,
-    query: QueryMap,
+    Params(query): Params<DeltaQuery>,
 ) -> ApiResult<Json<DeltaView>> {
     let against = query
-        .get("against")
+        .against
         .ok_or_else(|| ApiError::BadRequest("query parameter against is required".into()))?;
     Ok(Json(
         app.documents
-            .delta(Access::Owner(&who.id), &id, &name, against)
+            .delta(Access::Owner(&who.id), &id, &name, &against)
             .await?,
     ))
 }

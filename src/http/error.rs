@@ -87,8 +87,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error) = self.status_and_message();
-        if let Self::Service(ServiceError::VersionMismatch(m)) = &self {
-            return (status, Json(m.as_ref().clone())).into_response();
+        if let Self::Service(e) = &self {
+            // The same body the broker's inband answers carry.
+            return (status, Json(e.public_body())).into_response();
         }
         (status, Json(ErrorBody { error })).into_response()
     }

@@ -1,13 +1,13 @@
 //! Request extractors that turn malformed requests into the right 4xx JSON error.
 
-use std::collections::HashMap;
-
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::StatusCode;
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use utoipa::IntoParams;
 
 use super::AppState;
 use super::error::ApiError;
@@ -101,38 +101,50 @@ async fn read_object<T: DeserializeOwned>(
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
 }
 
-/// Query parameters as plain strings; an undecodable query string is a 400.
-pub struct QueryMap(pub HashMap<String, String>);
+/// Query parameters read into `T`; an undecodable query string is a 400. Numbers are
+/// read as text by the query types, so a bad number gets a message naming the parameter.
+pub struct Params<T>(pub T);
 
-impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Query::<HashMap<String, String>>::from_request_parts(parts, state)
+        Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| Self(q))
             .map_err(|e| ApiError::BadRequest(format!("malformed query: {e}")))
     }
 }
 
-impl QueryMap {
-    /// `offset` (>= 0, default 0) and `limit` (1..=100, default 10).
+/// Where a listing's page starts and how long it is.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct PageQuery {
+    /// Items to skip (default 0).
+    #[param(value_type = Option<u64>)]
+    pub offset: Option<String>,
+    /// Page size, 1 to 100 (default 10).
+    #[param(value_type = Option<u64>)]
+    pub limit: Option<String>,
+}
+
+impl PageQuery {
     pub fn page(&self) -> Result<PageRequest, ApiError> {
-        let offset = self.number("offset", 0)?;
-        let limit = self.number("limit", DEFAULT_LIMIT)?;
-        Ok(PageRequest::new(offset, limit)?)
+        page(self.offset.as_deref(), self.limit.as_deref())
     }
+}
 
-    fn number(&self, key: &str, default: u64) -> Result<u64, ApiError> {
-        match self.0.get(key) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| {
-                ApiError::BadRequest(format!("{key} must be a non-negative integer, got {v:?}"))
-            }),
-        }
-    }
+/// `offset` (>= 0, default 0) and `limit` (1..=100, default 10).
+pub fn page(offset: Option<&str>, limit: Option<&str>) -> Result<PageRequest, ApiError> {
+    let offset = number("offset", offset, 0)?;
+    let limit = number("limit", limit, DEFAULT_LIMIT)?;
+    Ok(PageRequest::new(offset, limit)?)
+}
 
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+fn number(key: &str, value: Option<&str>, default: u64) -> Result<u64, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            ApiError::BadRequest(format!("{key} must be a non-negative integer, got {v:?}"))
+        }),
     }
 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
+use crate::service::health::{Check, Status};
 
 /// Build information of the running binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -37,35 +38,23 @@ pub struct Health {
     responses((status = 200, body = Health, content_type = "application/health+json"),
         (status = 503, body = Health, content_type = "application/health+json")))]
 pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
-    let mut checks = BTreeMap::new();
-    checks.insert(
-        "store",
-        match app.store.ping().await {
-            Ok(()) => "pass".to_owned(),
-            Err(e) => {
-                // The driver's text names servers and topology: never in a response.
-                tracing::warn!(error = %e, "health: store unavailable");
-                "unavailable".to_owned()
-            }
-        },
-    );
-    let ok = checks.values().all(|v| v == "pass");
-    // The API keeps serving while the broker is away (the consumer reconnects by
-    // itself), so a broker outage is a warning, not a failure.
-    let broker_ok = crate::broker::is_connected(&app.broker);
-    checks.insert(
-        "broker",
-        if broker_ok {
-            "pass".into()
-        } else {
-            "disconnected".into()
-        },
-    );
+    let report = app.health.check().await;
+    let checks = report
+        .checks
+        .into_iter()
+        .map(|(name, check)| {
+            let word = match check {
+                Check::Pass => "pass",
+                Check::Down(word) => word,
+            };
+            (name, word.to_owned())
+        })
+        .collect();
     let body = Health {
-        status: match (ok, broker_ok) {
-            (false, _) => "fail",
-            (true, false) => "warn",
-            (true, true) => "pass",
+        status: match report.status {
+            Status::Pass => "pass",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
         },
         version: VERSION,
         commit: COMMIT,
@@ -74,10 +63,10 @@ pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
         instance_id: app.instance_id.to_string(),
         checks,
     };
-    let status = if ok {
-        StatusCode::OK
-    } else {
+    let status = if report.status == Status::Fail {
         StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     };
     (
         status,

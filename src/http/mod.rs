@@ -6,6 +6,7 @@ pub mod extract;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod pages;
 pub mod states;
 pub mod tls;
 pub mod twins;
@@ -23,9 +24,9 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::auth::Authenticator;
-use crate::service::documents::DocumentsService;
-use crate::service::twins::TwinsService;
-use crate::store::Store;
+use crate::service::documents::Documents;
+use crate::service::health::Health;
+use crate::service::twins::Twins;
 use error::ApiError;
 
 /// Largest accepted request body.
@@ -34,11 +35,10 @@ pub const BODY_LIMIT: usize = 1 << 20;
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub twins: TwinsService,
-    pub documents: DocumentsService,
+    pub twins: Arc<dyn Twins>,
+    pub documents: Arc<dyn Documents>,
     pub auth: Arc<dyn Authenticator>,
-    pub broker: async_nats::Client,
-    pub store: Store,
+    pub health: Health,
     pub metrics: PrometheusHandle,
     pub instance_id: Arc<str>,
 }

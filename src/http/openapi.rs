@@ -5,11 +5,11 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
+use super::pages::{StatesPage, TwinsPage};
 use super::{documents, health, states, twins};
 use crate::domain::document::{Difference, Document, DocumentSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
-use crate::domain::{StatesPage, TwinsPage};
 use crate::service::VersionMismatch;
 use crate::service::documents::DeltaView;
 

@@ -2,27 +2,15 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::Deserialize;
-use utoipa::IntoParams;
 
 use super::AppState;
 use super::error::{ApiResult, ErrorBody};
-use super::extract::{Caller, QueryMap};
-use crate::domain::StatesPage;
-
-/// Query of `GET /states/{id}`.
-#[derive(Deserialize, IntoParams)]
-#[allow(dead_code)]
-pub struct ListStatesQuery {
-    /// States to skip (default 0).
-    offset: Option<u64>,
-    /// Page size, 1 to 100 (default 10).
-    limit: Option<u64>,
-}
+use super::extract::{Caller, PageQuery, Params};
+use super::pages::StatesPage;
 
 /// List a twin's states by id ascending.
 #[utoipa::path(get, path = "/states/{id}", tag = "states",
-    params(("id" = String, Path, description = "Twin id (UUID)"), ListStatesQuery),
+    params(("id" = String, Path, description = "Twin id (UUID)"), PageQuery),
     responses((status = 200, body = StatesPage), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody)),
@@ -31,7 +19,7 @@ pub async fn list(
     State(app): State<AppState>,
     Caller(who): Caller,
     Path(id): Path<String>,
-    query: QueryMap,
+    Params(query): Params<PageQuery>,
 ) -> ApiResult<Json<StatesPage>> {
     let page = query.page()?;
     Ok(Json(

@@ -9,11 +9,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{Caller, JsonBody, QueryMap};
-use crate::domain::twin::{DefinitionInput, Metadata, NewDefinition, Twin, TwinName};
-use crate::domain::{TwinsPage, ValidationError};
-use crate::service::twins::TwinUpdate;
-use crate::store::TwinFilter;
+use super::extract::{Caller, JsonBody, Params, page};
+use super::pages::TwinsPage;
+use crate::domain::ValidationError;
+use crate::domain::twin::{DefinitionInput, Metadata, NewDefinition, Twin, TwinFilter, TwinName};
+use crate::service::twins::{NewTwin, TwinUpdate};
 
 /// Body of `POST /twins` and `PUT /twins/{id}`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -32,12 +32,13 @@ pub struct TwinRequest {
 
 /// Query of `GET /twins`.
 #[derive(Deserialize, IntoParams)]
-#[allow(dead_code)]
 pub struct ListTwinsQuery {
     /// Items to skip (default 0).
-    offset: Option<u64>,
+    #[param(value_type = Option<u64>)]
+    offset: Option<String>,
     /// Page size, 1 to 100 (default 10).
-    limit: Option<u64>,
+    #[param(value_type = Option<u64>)]
+    limit: Option<String>,
     /// Exact twin name.
     name: Option<String>,
     /// JSON object; every top-level key must match the twin's metadata.
@@ -68,10 +69,8 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, HeaderMap, Json<Twin>)> {
     let name = parse_name(req.name)?;
     let definition = parse_definition(req.definition)?;
-    let twin = app
-        .twins
-        .create(&who.id, name, definition, req.metadata)
-        .await?;
+    let new = NewTwin::new(name, definition, req.metadata);
+    let twin = app.twins.create(&who.id, new).await?;
     let mut headers = HeaderMap::new();
     let location = HeaderValue::from_str(&format!("/twins/{}", twin.id))
         .map_err(|e| ApiError::Service(crate::service::ServiceError::Internal(e.into())))?;
@@ -87,17 +86,17 @@ pub async fn create(
 pub async fn list(
     State(app): State<AppState>,
     Caller(who): Caller,
-    query: QueryMap,
+    Params(query): Params<ListTwinsQuery>,
 ) -> ApiResult<Json<TwinsPage>> {
-    let page = query.page()?;
+    let page = page(query.offset.as_deref(), query.limit.as_deref())?;
     let name = query
-        .get("name")
-        .map(|n| parse_name(Some(n.to_owned())).map(TwinName::into_inner))
+        .name
+        .map(|n| parse_name(Some(n)).map(TwinName::into_inner))
         .transpose()?;
     let metadata = query
-        .get("metadata")
+        .metadata
         .map(|m| {
-            serde_json::from_str::<Metadata>(m)
+            serde_json::from_str::<Metadata>(&m)
                 .map_err(|e| ApiError::BadRequest(format!("metadata must be a JSON object: {e}")))
         })
         .transpose()?;

@@ -5,15 +5,13 @@
 //! a version) answers a version mismatch when the compare fails; an unconditional one
 //! re-reads and tries again, so concurrent unconditional patches never lose a key.
 
+use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::twins::parse_twin_id;
 use super::{ServiceError, ServiceResult, VersionMismatch};
-use tracing::Instrument;
-
-use crate::broker::notifier::{self, Notifier};
 use crate::domain::document::{self, Difference, Document, DocumentName, DocumentSummary};
 use crate::domain::time::now_millis;
 use crate::domain::twin::Twin;
@@ -55,16 +53,62 @@ pub struct DeltaView {
     pub differences: Vec<Difference>,
 }
 
-/// The documents use cases.
+impl Change {
+    /// The operation's name in notifications (`document.put`, `document.patch`).
+    pub fn operation(&self) -> &'static str {
+        match self {
+            Self::Put(_) => "document.put",
+            Self::Patch(_) => "document.patch",
+        }
+    }
+}
+
+/// The documents use cases, as the transports and the decorators see them.
+#[async_trait]
+pub trait Documents: Send + Sync {
+    /// The twin's documents, without their data.
+    async fn list(&self, access: Access<'_>, twin_id: &str) -> ServiceResult<Vec<DocumentSummary>>;
+    /// One document.
+    async fn get(&self, access: Access<'_>, twin_id: &str, name: &str) -> ServiceResult<Document>;
+    /// Writes the document; returns it and whether it was created. With `version`, the
+    /// write only happens if that is the stored version (0: the document must not
+    /// exist).
+    async fn write(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        change: Change,
+        version: Option<i64>,
+    ) -> ServiceResult<(Document, bool)>;
+    /// Deletes the document (only at `version` when given) and returns what was
+    /// deleted.
+    async fn delete(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> ServiceResult<Document>;
+    /// What differs between document `name` and document `against` of the same twin.
+    async fn delta(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        against: &str,
+    ) -> ServiceResult<DeltaView>;
+}
+
+/// The documents use cases over the store.
 #[derive(Clone)]
 pub struct DocumentsService {
     store: Store,
-    notifier: Notifier,
 }
 
 impl DocumentsService {
-    pub fn new(store: Store, notifier: Notifier) -> Self {
-        Self { store, notifier }
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 
     /// The twin if `access` may use its documents; NotFound otherwise, so that a
@@ -82,54 +126,7 @@ impl DocumentsService {
         twin.ok_or(ServiceError::NotFound)
     }
 
-    #[tracing::instrument(name = "documents.list", skip_all, fields(twin.id = twin_id))]
-    pub async fn list(
-        &self,
-        access: Access<'_>,
-        twin_id: &str,
-    ) -> ServiceResult<Vec<DocumentSummary>> {
-        let twin = self.twin(access, twin_id).await?;
-        Ok(self.store.documents.list(&twin.id).await?)
-    }
-
-    #[tracing::instrument(name = "documents.get", skip_all, fields(twin.id = twin_id, document = name))]
-    pub async fn get(
-        &self,
-        access: Access<'_>,
-        twin_id: &str,
-        name: &str,
-    ) -> ServiceResult<Document> {
-        let name = DocumentName::parse(name)?;
-        let twin = self.twin(access, twin_id).await?;
-        self.store
-            .documents
-            .get(&twin.id, name.as_str())
-            .await?
-            .ok_or(ServiceError::NotFound)
-    }
-
-    /// Writes the document; returns it and whether it was created. With `version`, the
-    /// write only happens if that is the stored version (0: the document must not exist).
-    #[tracing::instrument(name = "documents.write", skip_all, fields(twin.id = twin_id, document = name))]
-    pub async fn write(
-        &self,
-        access: Access<'_>,
-        twin_id: &str,
-        name: &str,
-        change: Change,
-        version: Option<i64>,
-    ) -> ServiceResult<(Document, bool)> {
-        let op = match change {
-            Change::Put(_) => "document.put",
-            Change::Patch(_) => "document.patch",
-        };
-        let result = self.try_write(access, twin_id, name, change, version).await;
-        self.report(twin_id, op, result.as_ref().map(|(d, _)| d))
-            .await;
-        result
-    }
-
-    async fn try_write(
+    async fn write_checked(
         &self,
         access: Access<'_>,
         twin_id: &str,
@@ -175,22 +172,7 @@ impl DocumentsService {
         ))
     }
 
-    /// Deletes the document (only at `version` when given) and returns what was deleted.
-    #[tracing::instrument(name = "documents.delete", skip_all, fields(twin.id = twin_id, document = name))]
-    pub async fn delete(
-        &self,
-        access: Access<'_>,
-        twin_id: &str,
-        name: &str,
-        version: Option<i64>,
-    ) -> ServiceResult<Document> {
-        let result = self.try_delete(access, twin_id, name, version).await;
-        self.report(twin_id, "document.delete", result.as_ref())
-            .await;
-        result
-    }
-
-    async fn try_delete(
+    async fn delete_checked(
         &self,
         access: Access<'_>,
         twin_id: &str,
@@ -222,10 +204,48 @@ impl DocumentsService {
             "document kept changing; retry".into(),
         ))
     }
+}
 
-    /// What differs between document `name` and document `against` of the same twin.
-    #[tracing::instrument(name = "documents.delta", skip_all, fields(twin.id = twin_id, document = name))]
-    pub async fn delta(
+#[async_trait]
+impl Documents for DocumentsService {
+    async fn list(&self, access: Access<'_>, twin_id: &str) -> ServiceResult<Vec<DocumentSummary>> {
+        let twin = self.twin(access, twin_id).await?;
+        Ok(self.store.documents.list(&twin.id).await?)
+    }
+
+    async fn get(&self, access: Access<'_>, twin_id: &str, name: &str) -> ServiceResult<Document> {
+        let name = DocumentName::parse(name)?;
+        let twin = self.twin(access, twin_id).await?;
+        self.store
+            .documents
+            .get(&twin.id, name.as_str())
+            .await?
+            .ok_or(ServiceError::NotFound)
+    }
+
+    async fn write(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        change: Change,
+        version: Option<i64>,
+    ) -> ServiceResult<(Document, bool)> {
+        self.write_checked(access, twin_id, name, change, version)
+            .await
+    }
+
+    async fn delete(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        version: Option<i64>,
+    ) -> ServiceResult<Document> {
+        self.delete_checked(access, twin_id, name, version).await
+    }
+
+    async fn delta(
         &self,
         access: Access<'_>,
         twin_id: &str,
@@ -249,24 +269,6 @@ impl DocumentsService {
             version: doc.version,
         })
     }
-
-    async fn report(&self, twin_id: &str, op: &str, result: Result<&Document, &ServiceError>) {
-        // Ids that are no twin id never reach a broker subject.
-        if !self.notifier.enabled() {
-            return;
-        }
-        let Ok(id) = parse_twin_id(twin_id) else {
-            return;
-        };
-        async {
-            match result {
-                Ok(doc) => self.notifier.notify_json(&id, op, doc).await,
-                Err(e) => self.notifier.notify(&id, op, Err(e)).await,
-            }
-        }
-        .instrument(notifier::publish_span(op))
-        .await
-    }
 }
 
 fn check_size(data: &Map<String, Value>) -> ServiceResult<()> {
@@ -275,7 +277,7 @@ fn check_size(data: &Map<String, Value>) -> ServiceResult<()> {
 
 /// A version mismatch when the client asked for `expected` and `stored` is there
 /// (0 stands for "no document").
-fn check_version(
+pub(crate) fn check_version(
     twin_id: &str,
     name: &DocumentName,
     expected: Option<i64>,

@@ -6,20 +6,46 @@
 //! definition binds that channel, and the result goes back on the same channel with
 //! subtopic `...<op>.response.success` or `.response.error`. Trusted back-end callers
 //! use NATS request/reply on subject `twins.<twinID>.<document>.<op>`.
+//!
+//! This module is the use case: what a request means and what it answers. Receiving
+//! and publishing are the broker layer's (`broker::inband`).
 
-use futures::StreamExt;
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::ServiceError;
-use super::documents::{Access, Change, DocumentsService};
-use crate::broker::{self, Envelope};
+use super::documents::{Access, Change, Documents, check_version};
 use crate::domain::ValidationError;
+use crate::domain::document::DocumentName;
 
-/// Subject of request/reply callers: `twins.<twinID>.<document>.<op>`.
-pub const REQUEST_SUBJECTS: &str = "twins.*.*.*";
+/// Subtopics of the inband document API, which never become states.
+pub const INBAND_PREFIX: &str = "twins.";
+
+/// What a message on a Magistrala channel is to this service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    /// One of our own notifications: neither data nor a request.
+    OwnNotification,
+    /// On the inband document API's subtopics: a request when it parses, never data
+    /// (responses included).
+    Inband(Option<Target<'a>>),
+    /// Data that may become states.
+    Data,
+}
+
+/// Classifies a channel message; `own_channel` is where our notifications go. The one
+/// place that decides what ingestion skips and what the inband API answers.
+pub fn classify<'a>(own_channel: Option<&str>, channel: &str, subtopic: &'a str) -> Kind<'a> {
+    if own_channel == Some(channel) {
+        Kind::OwnNotification
+    } else if subtopic.starts_with(INBAND_PREFIX) {
+        Kind::Inband(parse(subtopic))
+    } else {
+        Kind::Data
+    }
+}
 
 /// The operation a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,16 +99,20 @@ struct Body {
     data: Option<Map<String, Value>>,
 }
 
-/// Executes inband requests and publishes their answers.
+/// Executes inband requests; the answers are JSON documents or JSON error bodies.
 #[derive(Clone)]
 pub struct Inband {
-    documents: DocumentsService,
-    client: async_nats::Client,
+    documents: Arc<dyn Documents>,
+}
+
+/// The answer to a request/reply subject that is no inband address.
+pub fn bad_address() -> Value {
+    serde_json::json!({"error": "subject must be twins.<twinID>.<document>.<get|put|patch|delete>"})
 }
 
 impl Inband {
-    pub fn new(documents: DocumentsService, client: async_nats::Client) -> Self {
-        Self { documents, client }
+    pub fn new(documents: Arc<dyn Documents>) -> Self {
+        Self { documents }
     }
 
     /// Runs one request; Ok is the document JSON (for delete, the deleted document).
@@ -111,17 +141,8 @@ impl Inband {
         let doc = match target.op {
             Op::Get => {
                 let doc = docs.get(access, id, name).await?;
-                if let Some(v) = body.version.filter(|v| *v != doc.version) {
-                    return Err(ServiceError::VersionMismatch(Box::new(
-                        super::VersionMismatch {
-                            error: "document version mismatch",
-                            twin_id: doc.twin_id,
-                            document_name: doc.document_name,
-                            expected_version: v,
-                            actual_version: Some(doc.version),
-                        },
-                    )));
-                }
+                let name = DocumentName::parse(&doc.document_name)?;
+                check_version(&doc.twin_id, &name, body.version, Some(doc.version))?;
                 doc
             }
             Op::Put => {
@@ -139,97 +160,17 @@ impl Inband {
         serde_json::to_value(&doc).map_err(|e| ServiceError::Internal(e.into()))
     }
 
-    /// Handles a request a device published on a channel and answers on that channel.
-    #[tracing::instrument(name = "inband.request", skip_all,
-        fields(otel.kind = "consumer", twin.id = target.twin_id, document = target.document, op = ?target.op))]
-    pub async fn on_channel_message(&self, envelope: &Envelope, target: Target<'_>) {
-        let result = self
-            .execute(
-                Access::Channel(&envelope.channel),
-                target,
-                &envelope.payload,
-            )
-            .await;
-        let (outcome, body) = match &result {
-            Ok(doc) => ("success", doc.clone()),
-            Err(e) => ("error", e.public_body()),
-        };
-        let subtopic = format!("{}.response.{outcome}", envelope.subtopic);
-        let answer = Envelope {
-            channel: envelope.channel.clone(),
-            subtopic: subtopic.clone(),
-            publisher: "twins".into(),
-            protocol: "nats".into(),
-            payload: body.to_string().into_bytes(),
-            created: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
-        };
-        let subject = broker::subject(&envelope.channel, &subtopic);
-        let payload = broker::encode(&answer).into();
-        let published = match crate::telemetry::current_headers() {
-            Some(headers) => {
-                self.client
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-            }
-            None => self.client.publish(subject, payload).await,
-        };
-        if let Err(e) = published {
-            tracing::warn!(error = %e, "inband response not published");
-        }
-    }
-
-    /// Answers request/reply callers on [`REQUEST_SUBJECTS`] until `stop` is cancelled.
-    /// Instances share the subject through the queue group `group`.
-    pub async fn serve(self, group: String, stop: CancellationToken) {
-        let mut sub = match self.client.queue_subscribe(REQUEST_SUBJECTS, group).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "inband request subject not subscribed");
-                return;
-            }
-        };
-        loop {
-            let msg = tokio::select! {
-                m = sub.next() => m,
-                () = stop.cancelled() => break,
-            };
-            let Some(msg) = msg else { break };
-            let Some(reply) = msg.reply.clone() else {
-                continue;
-            };
-            let span = tracing::info_span!(
-                "inband.reply",
-                otel.kind = "server",
-                messaging.destination.name = msg.subject.as_str(),
-            );
-            crate::telemetry::set_message_parent(&span, msg.headers.as_ref());
-            self.answer(&msg, reply).instrument(span).await;
-        }
-        let _ = sub.unsubscribe().await;
-    }
-
-    /// Executes a request/reply request and answers on its reply subject.
-    async fn answer(&self, msg: &async_nats::Message, reply: async_nats::Subject) {
-        let body = match parse(msg.subject.as_str()) {
-            Some(target) => match self.execute(Access::Trusted, target, &msg.payload).await {
-                Ok(doc) => doc,
-                Err(e) => e.public_body(),
-            },
-            None => {
-                serde_json::json!({"error": "subject must be twins.<twinID>.<document>.<get|put|patch|delete>"})
-            }
-        };
-        let payload = body.to_string().into();
-        let published = match crate::telemetry::current_headers() {
-            Some(headers) => {
-                self.client
-                    .publish_with_headers(reply, headers, payload)
-                    .await
-            }
-            None => self.client.publish(reply, payload).await,
-        };
-        if let Err(e) = published {
-            tracing::warn!(error = %e, "inband reply not published");
+    /// Runs one request and answers it: whether it succeeded, and the document or the
+    /// public error body.
+    pub async fn answer(
+        &self,
+        access: Access<'_>,
+        target: Target<'_>,
+        payload: &[u8],
+    ) -> (bool, Value) {
+        match self.execute(access, target, payload).await {
+            Ok(doc) => (true, doc),
+            Err(e) => (false, e.public_body()),
         }
     }
 }

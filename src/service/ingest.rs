@@ -13,7 +13,9 @@
 //! 4. **persist**: one durable step writes the states and moves the group's position
 //!    from `from` to `to`; a write that can never be made is isolated to its twin and
 //!    set aside, so one bad twin never stops the others;
-//! 5. **report**: counters and Go-compatible notifications.
+//! 5. **report**: what was written, rejected, ignored and skipped, in a [`BatchReport`]
+//!    from which the decorators count ([`super::metered`]) and notify
+//!    ([`super::notify`]).
 //!
 //! Errors are typed by what helps: [`IngestError::Transient`] (retry the same batch
 //! later, unacked) or [`IngestError::Fenced`] (another instance moved the position:
@@ -25,40 +27,30 @@ use std::sync::{Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::Utc;
 
-use super::ServiceError;
+use super::inband::{Kind, classify};
 use super::lookup::TwinLookup;
-use crate::broker::Envelope;
-use crate::broker::notifier::Notifier;
-use crate::domain::ValidationError;
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
 use crate::domain::twin::Definition;
+use crate::error::Cause;
 use crate::store::{Applied, IngestCursor, IngestStep, SeqWrite, Store, StoreError, TwinWrites};
 
-/// Subtopics of the inband document API, which never become states.
-pub const INBAND_PREFIX: &str = "twins.";
 /// How often a step is recomputed for twins that moved under it.
 const REDO_ATTEMPTS: usize = 5;
 /// Cursors kept in memory before they are dropped wholesale (bounded memory).
 const MAX_CURSORS: usize = 100_000;
 
-/// Counter of messages set aside, by reason.
-pub const REJECTED: &str = "twins_ingest_rejected_total";
-/// Counter of messages that concern no twin, by reason.
-pub const IGNORED: &str = "twins_ingest_ignored_total";
-/// Counter of messages received.
-pub const RECEIVED: &str = "twins_ingest_messages_total";
-/// Counter of messages a twin already had (delivered again after a crash).
-pub const DUPLICATES: &str = "twins_ingest_duplicates_total";
-/// Counter of state writes, by kind (insert, update).
-pub const STATE_WRITES: &str = "twins_ingest_state_writes_total";
-
-/// One decoded stream message.
-#[derive(Debug, Clone, PartialEq)]
+/// One stream message as the broker layer decoded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// Stream sequence number.
     pub seq: u64,
-    pub envelope: Envelope,
+    pub channel: String,
+    pub subtopic: String,
+    /// The SenML payload, not yet read.
+    pub payload: Vec<u8>,
+    /// When Magistrala received the message, in nanoseconds since the epoch (0: unknown).
+    pub created: i64,
 }
 
 /// A run of consecutive stream messages and the group's position around it.
@@ -70,6 +62,8 @@ pub struct Batch<'a> {
     /// Position after it (its last sequence, including messages that were not decoded).
     pub to: u64,
     pub messages: &'a [Message],
+    /// Messages of the batch the transport could not decode: set aside with the rest.
+    pub rejected: &'a [Rejected],
 }
 
 /// A message that can never be applied (for one twin, or for all when `twin_id` is
@@ -90,12 +84,12 @@ pub trait SetAside: Send + Sync {
 }
 
 /// Why a batch was not applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// A dependency failed in a way that may pass (unreachable, busy, full): retry the
     /// same batch later without acking it.
     #[error("transient failure: {0}")]
-    Transient(String),
+    Transient(#[source] Cause),
     /// The group's position is not where this batch starts: another instance is
     /// ingesting.
     #[error("another instance moved the group's position")]
@@ -103,19 +97,67 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    fn store(e: &StoreError) -> Self {
-        Self::Transient(e.to_string())
+    fn store(e: StoreError) -> Self {
+        Self::Transient(Box::new(e))
     }
 }
 
-/// What a batch did, for logs and tests.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What an applied batch did: the input of the metrics and notification decorators.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchReport {
-    pub inserted: usize,
-    pub updated: usize,
-    pub rejected: usize,
-    pub ignored: usize,
+    /// Messages in the batch, decoded or not.
+    pub received: usize,
+    /// The state writes made durable, per twin.
+    pub written: Vec<TwinWrites>,
+    /// Messages set aside, with their reasons.
+    pub rejected: Vec<Rejected>,
+    /// Messages that concern no twin, counted by reason.
+    pub ignored: BTreeMap<&'static str, usize>,
+    /// Messages a twin already had (delivered again after a crash).
     pub duplicates: usize,
+}
+
+impl BatchReport {
+    /// Writes of this batch in order, with the twin each is for.
+    pub fn writes(&self) -> impl Iterator<Item = (&str, &Write)> {
+        self.written
+            .iter()
+            .flat_map(|t| t.writes.iter().map(|w| (t.twin_id.as_str(), &w.write)))
+    }
+
+    /// States inserted.
+    pub fn inserted(&self) -> usize {
+        self.writes()
+            .filter(|(_, w)| matches!(w, Write::Insert(_)))
+            .count()
+    }
+
+    /// States updated in place.
+    pub fn updated(&self) -> usize {
+        self.writes()
+            .filter(|(_, w)| matches!(w, Write::Update(_)))
+            .count()
+    }
+
+    fn ignore(&mut self, reason: &'static str) {
+        *self.ignored.entry(reason).or_default() += 1;
+    }
+}
+
+/// Ingestion as the broker layer and the decorators see it.
+#[async_trait]
+pub trait Ingest: Send + Sync {
+    /// Applies a batch: on Ok its states are durable and the group's position is
+    /// `batch.to`, so every message of it may be acked.
+    async fn apply(
+        &self,
+        batch: &Batch<'_>,
+        aside: &dyn SetAside,
+    ) -> Result<BatchReport, IngestError>;
+
+    /// Forgets what memory assumes about twins: called when this instance (re)starts
+    /// ingesting, since another may have written meanwhile.
+    fn reset(&self);
 }
 
 /// A message routed to at least one twin, with its records.
@@ -198,52 +240,16 @@ fn merge(pending: &mut Vec<SeqWrite>, w: SeqWrite) {
 pub struct IngestService {
     store: Store,
     lookup: TwinLookup,
-    notifier: Notifier,
+    /// The channel our notifications go to: never read as data.
+    own_channel: Option<String>,
     /// Where each twin stood after this instance's last write, valid while it holds
-    /// the group's lease (cleared by [`IngestService::reset`]).
+    /// the group's lease (cleared by [`Ingest::reset`]).
     cursors: Mutex<HashMap<String, IngestCursor>>,
 }
 
-fn ignore(report: &mut BatchReport, reason: &'static str) {
-    metrics::counter!(IGNORED, "reason" => reason).increment(1);
-    report.ignored += 1;
-}
-
-impl IngestService {
-    pub fn new(store: Store, lookup: TwinLookup, notifier: Notifier) -> Self {
-        Self {
-            store,
-            lookup,
-            notifier,
-            cursors: Mutex::default(),
-        }
-    }
-
-    /// Whether the message is one of our own notifications.
-    pub fn is_own_channel(&self, envelope: &Envelope) -> bool {
-        Some(envelope.channel.as_str()) == self.notifier.channel()
-    }
-
-    /// Whether a message can become a state (not our own notifications, not the inband
-    /// document API).
-    pub fn is_data(&self, envelope: &Envelope) -> bool {
-        !self.is_own_channel(envelope) && !envelope.subtopic.starts_with(INBAND_PREFIX)
-    }
-
-    /// Forgets every remembered cursor: called when this instance (re)starts ingesting,
-    /// since another may have written meanwhile.
-    pub fn reset(&self) {
-        self.lock_cursors().clear();
-    }
-
-    fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, IngestCursor>> {
-        self.cursors.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Applies a batch: on Ok its states are durable and the group's position is
-    /// `batch.to`, so every message of it may be acked.
-    #[tracing::instrument(name = "ingest.batch", skip_all, fields(messages = batch.messages.len()))]
-    pub async fn apply(
+#[async_trait]
+impl Ingest for IngestService {
+    async fn apply(
         &self,
         batch: &Batch<'_>,
         aside: &dyn SetAside,
@@ -256,19 +262,44 @@ impl IngestService {
         result
     }
 
+    fn reset(&self) {
+        self.lock_cursors().clear();
+    }
+}
+
+impl IngestService {
+    pub fn new(store: Store, lookup: TwinLookup, own_channel: Option<String>) -> Self {
+        Self {
+            store,
+            lookup,
+            own_channel,
+            cursors: Mutex::default(),
+        }
+    }
+
+    fn kind<'m>(&self, m: &'m Message) -> Kind<'m> {
+        classify(self.own_channel.as_deref(), &m.channel, &m.subtopic)
+    }
+
+    fn lock_cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, IngestCursor>> {
+        self.cursors.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     async fn apply_inner(
         &self,
         batch: &Batch<'_>,
         aside: &dyn SetAside,
     ) -> Result<BatchReport, IngestError> {
-        let mut report = BatchReport::default();
-        metrics::counter!(RECEIVED).increment(batch.messages.len() as u64);
-        let mut rejected = Vec::new();
+        let mut report = BatchReport {
+            received: batch.messages.len() + batch.rejected.len(),
+            ..BatchReport::default()
+        };
+        let mut rejected = batch.rejected.to_vec();
         let (routed, per_twin) = self.route(batch, &mut report, &mut rejected).await?;
         let plans = self.plan_twins(&routed, &per_twin, &mut rejected).await?;
-        self.set_aside(aside, &rejected, &mut report).await?;
+        Self::set_aside(aside, rejected, &mut report).await?;
         let plans = self.persist(batch, plans, aside, &mut report).await?;
-        self.report(&plans, &mut report).await;
+        report.written = plans.into_iter().map(|p| p.writes).collect();
         Ok(report)
     }
 
@@ -281,18 +312,16 @@ impl IngestService {
     ) -> Result<(Vec<Routed<'a>>, BTreeMap<String, Vec<usize>>), IngestError> {
         let mut data = Vec::with_capacity(batch.messages.len());
         for m in batch.messages {
-            if self.is_own_channel(&m.envelope) {
-                ignore(report, "own_channel");
-            } else if m.envelope.subtopic.starts_with(INBAND_PREFIX) {
-                ignore(report, "inband");
-            } else {
-                data.push(m);
+            match self.kind(m) {
+                Kind::OwnNotification => report.ignore("own_channel"),
+                Kind::Inband(_) => report.ignore("inband"),
+                Kind::Data => data.push(m),
             }
         }
         // One lookup per distinct (channel, subtopic), all in flight together.
         let keys: HashSet<(&str, &str)> = data
             .iter()
-            .map(|m| (m.envelope.channel.as_str(), m.envelope.subtopic.as_str()))
+            .map(|m| (m.channel.as_str(), m.subtopic.as_str()))
             .collect();
         let lookups = futures::future::join_all(
             keys.into_iter()
@@ -301,27 +330,26 @@ impl IngestService {
         .await;
         let mut ids_by_key: HashMap<(&str, &str), Vec<String>> = HashMap::new();
         for (c, s, ids) in lookups {
-            ids_by_key.insert((c, s), ids.map_err(|e| IngestError::store(&e))?);
+            ids_by_key.insert((c, s), ids.map_err(IngestError::store)?);
         }
         let now = Utc::now();
         let mut routed = Vec::new();
         let mut per_twin: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for m in data {
-            let env = &m.envelope;
             let Some(ids) = ids_by_key
-                .get(&(env.channel.as_str(), env.subtopic.as_str()))
+                .get(&(m.channel.as_str(), m.subtopic.as_str()))
                 .filter(|ids| !ids.is_empty())
             else {
-                ignore(report, "no_twin");
+                report.ignore("no_twin");
                 continue;
             };
             // "Now" for records without a time is when Magistrala received the message
             // (the envelope's `created`), so a backlog applied late keeps its timing.
-            let received = match env.created {
+            let received = match m.created {
                 0 => now,
                 ns => crate::domain::time::from_nanos(ns),
             };
-            let records = match senml::resolve(&env.payload, received) {
+            let records = match senml::resolve(&m.payload, received) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(seq = m.seq, reason = e.reason(), error = %e, "message rejected");
@@ -366,12 +394,9 @@ impl IngestService {
                 Ok(Some(t)) => t,
                 Ok(None) => {
                     reject_all("unknown_twin", &"no such twin");
-                    if let Err(e) = self.lookup.cache().remove(twin_id).await {
-                        tracing::debug!(error = %e, "stale cache entry not removed");
-                    }
                     continue;
                 }
-                Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+                Err(e) if e.is_transient() => return Err(IngestError::store(e)),
                 Err(e) => {
                     reject_all("corrupt_twin", &e);
                     continue;
@@ -385,7 +410,7 @@ impl IngestService {
                 Some(c) => c,
                 None => match self.store.ingest.cursor(twin_id).await {
                     Ok(c) => c,
-                    Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+                    Err(e) if e.is_transient() => return Err(IngestError::store(e)),
                     Err(e) => {
                         reject_all("corrupt_state", &e);
                         continue;
@@ -394,11 +419,10 @@ impl IngestService {
             };
             let messages = indexes.iter().map(|&i| {
                 let r = &routed[i];
-                let env = &r.message.envelope;
                 (
                     r.message.seq,
-                    env.channel.as_str(),
-                    env.subtopic.as_str(),
+                    r.message.channel.as_str(),
+                    r.message.subtopic.as_str(),
                     r.records.as_slice(),
                 )
             });
@@ -409,28 +433,40 @@ impl IngestService {
 
     /// Stage 3: rejected messages are kept before the position moves past them.
     async fn set_aside(
-        &self,
         aside: &dyn SetAside,
-        rejected: &[Rejected],
+        rejected: Vec<Rejected>,
         report: &mut BatchReport,
     ) -> Result<(), IngestError> {
         if rejected.is_empty() {
             return Ok(());
         }
-        aside.set_aside(rejected).await?;
-        for r in rejected {
-            metrics::counter!(REJECTED, "reason" => r.reason).increment(1);
-            if let Some(twin_id) = &r.twin_id {
-                // The reason is one of our fixed labels: nothing internal is shown.
-                let why = ServiceError::Invalid(ValidationError::new(format!(
-                    "message rejected: {}",
-                    r.reason
-                )));
-                self.notifier.notify(twin_id, "save", Err(&why)).await;
-            }
-        }
-        report.rejected += rejected.len();
+        aside.set_aside(&rejected).await?;
+        report.rejected.extend(rejected);
         Ok(())
+    }
+
+    /// One durable step: the twins' writes and the group's position from `from` to
+    /// `to`. Ok(Ok(conflicts)) when applied (the twins listed moved under it and were
+    /// not written), Ok(Err(e)) when the store refused it for good, Err when the batch
+    /// must stop (fenced, or a failure that may pass).
+    async fn step(
+        &self,
+        batch: &Batch<'_>,
+        (from, to): (u64, u64),
+        twins: Vec<TwinWrites>,
+    ) -> Result<Result<Vec<String>, StoreError>, IngestError> {
+        let step = IngestStep {
+            group: batch.group.to_owned(),
+            from,
+            to,
+            twins,
+        };
+        match self.store.ingest.apply(&step).await {
+            Ok(Applied::Done { conflicts }) => Ok(Ok(conflicts)),
+            Ok(Applied::Fenced) => Err(IngestError::Fenced),
+            Err(e) if e.is_transient() => Err(IngestError::store(e)),
+            Err(e) => Ok(Err(e)),
+        }
     }
 
     /// Stage 4: writes the plans and moves the position in one durable step; twins that
@@ -443,29 +479,14 @@ impl IngestService {
         aside: &dyn SetAside,
         report: &mut BatchReport,
     ) -> Result<Vec<TwinPlan>, IngestError> {
-        let (plans, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
-            .into_iter()
-            .filter(|(p, _)| !p.writes.writes.is_empty() || p.duplicates > 0)
-            .unzip();
-        for p in &plans {
-            report.duplicates += p.duplicates;
-            metrics::counter!(DUPLICATES).increment(p.duplicates as u64);
-        }
+        report.duplicates += plans.iter().map(|(p, _)| p.duplicates).sum::<usize>();
         let (written, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
             .into_iter()
-            .zip(seqs)
             .filter(|(p, _)| !p.writes.writes.is_empty())
             .unzip();
-        let step = IngestStep {
-            group: batch.group.to_owned(),
-            from: batch.from,
-            to: batch.to,
-            twins: written.iter().map(|p| p.writes.clone()).collect(),
-        };
-        let conflicts = match self.store.ingest.apply(&step).await {
-            Ok(Applied::Done { conflicts }) => conflicts,
-            Ok(Applied::Fenced) => return Err(IngestError::Fenced),
-            Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
+        let twins = written.iter().map(|p| p.writes.clone()).collect();
+        let conflicts = match self.step(batch, (batch.from, batch.to), twins).await? {
+            Ok(conflicts) => conflicts,
             Err(e) => {
                 tracing::warn!(error = %e, "batch refused by the store; isolating its twins");
                 return self.isolate(batch, written, seqs, aside, report).await;
@@ -505,24 +526,25 @@ impl IngestService {
     ) -> Result<Vec<TwinPlan>, IngestError> {
         let mut pending: Vec<String> = twins.to_vec();
         let mut done = Vec::new();
+        let messages: Vec<Message> = batch
+            .messages
+            .iter()
+            .filter(|m| matches!(self.kind(m), Kind::Data))
+            .cloned()
+            .collect();
+        let sub = Batch {
+            group: batch.group,
+            from: batch.to,
+            to: batch.to,
+            messages: &messages,
+            rejected: &[],
+        };
         for _ in 0..REDO_ATTEMPTS {
             if pending.is_empty() {
                 return Ok(done);
             }
             tracing::debug!(twins = pending.len(), "redoing twins that moved meanwhile");
             let only: HashSet<&str> = pending.iter().map(String::as_str).collect();
-            let messages: Vec<Message> = batch
-                .messages
-                .iter()
-                .filter(|m| self.is_data(&m.envelope))
-                .cloned()
-                .collect();
-            let sub = Batch {
-                group: batch.group,
-                from: batch.to,
-                to: batch.to,
-                messages: &messages,
-            };
             let mut report = BatchReport::default();
             let mut rejected = Vec::new();
             let (routed, mut per_twin) = self.route(&sub, &mut report, &mut rejected).await?;
@@ -534,28 +556,20 @@ impl IngestService {
                 .map(|(p, _)| p)
                 .filter(|p| !p.writes.writes.is_empty())
                 .collect();
-            let step = IngestStep {
-                group: batch.group.to_owned(),
-                from: batch.to,
-                to: batch.to,
-                twins: plans.iter().map(|p| p.writes.clone()).collect(),
-            };
-            pending = match self.store.ingest.apply(&step).await {
-                Ok(Applied::Done { conflicts }) => {
-                    done.extend(self.remember(plans, &conflicts));
-                    conflicts
-                }
-                Ok(Applied::Fenced) => return Err(IngestError::Fenced),
-                Err(e) => return Err(IngestError::store(&e)),
-            };
+            let twins = plans.iter().map(|p| p.writes.clone()).collect();
+            let conflicts = self
+                .step(batch, (batch.to, batch.to), twins)
+                .await?
+                .map_err(IngestError::store)?;
+            done.extend(self.remember(plans, &conflicts));
+            pending = conflicts;
         }
         if pending.is_empty() {
             Ok(done)
         } else {
-            Err(IngestError::Transient(format!(
-                "{} twins kept changing under this instance",
-                pending.len()
-            )))
+            Err(IngestError::Transient(
+                format!("{} twins kept changing under this instance", pending.len()).into(),
+            ))
         }
     }
 
@@ -572,19 +586,12 @@ impl IngestService {
         let mut written = Vec::new();
         let mut rejected = Vec::new();
         for (p, seqs) in plans.into_iter().zip(seqs) {
-            let step = IngestStep {
-                group: batch.group.to_owned(),
-                from: batch.from,
-                to: batch.from,
-                twins: vec![p.writes.clone()],
-            };
-            match self.store.ingest.apply(&step).await {
-                Ok(Applied::Done { conflicts }) if conflicts.is_empty() => written.push(p),
-                Ok(Applied::Done { .. }) => {
+            let twin = vec![p.writes.clone()];
+            match self.step(batch, (batch.from, batch.from), twin).await? {
+                Ok(conflicts) if conflicts.is_empty() => written.push(p),
+                Ok(_) => {
                     return Err(IngestError::Transient("twin moved during isolation".into()));
                 }
-                Ok(Applied::Fenced) => return Err(IngestError::Fenced),
-                Err(e) if e.is_transient() => return Err(IngestError::store(&e)),
                 Err(e) => {
                     tracing::warn!(twin = %p.writes.twin_id, error = %e, "state writes refused by the store");
                     rejected.extend(seqs.into_iter().map(|seq| Rejected {
@@ -595,40 +602,11 @@ impl IngestService {
                 }
             }
         }
-        self.set_aside(aside, &rejected, report).await?;
-        let step = IngestStep {
-            group: batch.group.to_owned(),
-            from: batch.from,
-            to: batch.to,
-            twins: Vec::new(),
-        };
-        match self.store.ingest.apply(&step).await {
-            Ok(Applied::Done { .. }) => Ok(self.remember(written, &[])),
-            Ok(Applied::Fenced) => Err(IngestError::Fenced),
-            Err(e) => Err(IngestError::store(&e)),
-        }
-    }
-
-    /// Stage 5: counters and notifications of what was written.
-    async fn report(&self, plans: &[TwinPlan], report: &mut BatchReport) {
-        for p in plans {
-            for w in &p.writes.writes {
-                let kind = match w.write {
-                    Write::Insert(_) => {
-                        report.inserted += 1;
-                        "insert"
-                    }
-                    Write::Update(_) => {
-                        report.updated += 1;
-                        "update"
-                    }
-                };
-                metrics::counter!(STATE_WRITES, "kind" => kind).increment(1);
-                self.notifier
-                    .notify_json(&p.writes.twin_id, "save", w.write.state())
-                    .await;
-            }
-        }
+        Self::set_aside(aside, rejected, report).await?;
+        self.step(batch, (batch.from, batch.to), Vec::new())
+            .await?
+            .map_err(IngestError::store)?;
+        Ok(self.remember(written, &[]))
     }
 }
 

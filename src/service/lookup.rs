@@ -1,17 +1,24 @@
-//! Finds the twins a message is for, without a store read per message.
+//! Finds the twins a message is for, without a store read per message, and keeps the
+//! channel/subtopic cache exact as twins change.
 //!
 //! (channel, subtopic) -> twin ids comes from the cache (Redis, shared by instances),
 //! falling back to the store on a miss or when the cache is down. Twins themselves are
 //! kept in memory: this instance drops an entry when it updates or deletes the twin,
 //! and entries expire after [`TWIN_TTL`] so changes made by other instances are seen.
+//!
+//! [`CacheMaintaining`] is the decorator of the twins repository that keeps both the
+//! cache and that memory in step with every write, so the use cases never mention them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+
 use crate::cache::TwinCache;
-use crate::domain::twin::Twin;
-use crate::store::{Store, StoreResult};
+use crate::domain::twin::{Twin, TwinFilter};
+use crate::domain::{Page, PageRequest};
+use crate::store::{StoreResult, TwinRepository};
 
 /// How long a twin read from the store is trusted without re-reading it.
 pub const TWIN_TTL: Duration = Duration::from_secs(5);
@@ -21,25 +28,22 @@ const MAX_TWINS: usize = 100_000;
 /// The ingestion-side view of twins.
 #[derive(Clone)]
 pub struct TwinLookup {
-    store: Store,
+    twins: Arc<dyn TwinRepository>,
     cache: Arc<dyn TwinCache>,
-    twins: Arc<Mutex<TwinMap>>,
+    memory: Arc<Mutex<TwinMap>>,
 }
 
 /// Twin id -> the twin and when it was read from the store.
 type TwinMap = HashMap<String, (Arc<Twin>, Instant)>;
 
 impl TwinLookup {
-    pub fn new(store: Store, cache: Arc<dyn TwinCache>) -> Self {
+    /// A lookup reading `twins` (undecorated: reads only) through `cache`.
+    pub fn new(twins: Arc<dyn TwinRepository>, cache: Arc<dyn TwinCache>) -> Self {
         Self {
-            store,
+            twins,
             cache,
-            twins: Arc::default(),
+            memory: Arc::default(),
         }
-    }
-
-    pub fn cache(&self) -> &Arc<dyn TwinCache> {
-        &self.cache
     }
 
     /// Ids of twins listening on (channel, subtopic), through the cache when it answers.
@@ -47,7 +51,7 @@ impl TwinLookup {
         match self.cache.ids(channel, subtopic).await {
             Ok(ids) if !ids.is_empty() => Ok(ids),
             Ok(_) => {
-                let ids = self.store.twins.ids_by_attribute(channel, subtopic).await?;
+                let ids = self.twins.ids_by_attribute(channel, subtopic).await?;
                 if !ids.is_empty()
                     && let Err(e) = self.cache.save_ids(channel, subtopic, &ids).await
                 {
@@ -57,29 +61,33 @@ impl TwinLookup {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "cache down: looking twins up in the store");
-                self.store.twins.ids_by_attribute(channel, subtopic).await
+                self.twins.ids_by_attribute(channel, subtopic).await
             }
         }
     }
 
-    /// The twin, from memory when fresh; None when it no longer exists.
+    /// The twin, from memory when fresh; None when it no longer exists, in which case
+    /// the cache entries that named it are dropped too.
     pub async fn twin(&self, id: &str) -> StoreResult<Option<Arc<Twin>>> {
         if let Some((twin, at)) = self.lock().get(id)
             && at.elapsed() < TWIN_TTL
         {
             return Ok(Some(twin.clone()));
         }
-        let twin = self.store.twins.retrieve_any(id).await?.map(Arc::new);
-        let mut map = self.lock();
+        let twin = self.twins.retrieve_any(id).await?.map(Arc::new);
         match &twin {
             Some(t) => {
+                let mut map = self.lock();
                 if map.len() >= MAX_TWINS {
                     map.clear();
                 }
                 map.insert(id.to_owned(), (t.clone(), Instant::now()));
             }
             None => {
-                map.remove(id);
+                self.invalidate(id);
+                if let Err(e) = self.cache.remove(id).await {
+                    tracing::debug!(error = %e, "stale cache entry not removed");
+                }
             }
         }
         Ok(twin)
@@ -91,6 +99,74 @@ impl TwinLookup {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TwinMap> {
-        self.twins.lock().unwrap_or_else(PoisonError::into_inner)
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The twins repository decorated with cache maintenance: after every successful write,
+/// the twin's (channel, subtopic) keys are updated and the lookup's memory of it is
+/// dropped. A cache failure never fails the write (the lookup falls back to the store).
+pub struct CacheMaintaining {
+    inner: Arc<dyn TwinRepository>,
+    lookup: TwinLookup,
+}
+
+impl CacheMaintaining {
+    pub fn new(inner: Arc<dyn TwinRepository>, lookup: TwinLookup) -> Self {
+        Self { inner, lookup }
+    }
+}
+
+#[async_trait]
+impl TwinRepository for CacheMaintaining {
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        self.inner.save(twin).await?;
+        if let Err(e) = self.lookup.cache.save(twin).await {
+            tracing::warn!(twin = %twin.id, error = %e, "cache not updated on create");
+        }
+        Ok(())
+    }
+
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        let updated = self.inner.update(twin, expected_revision).await?;
+        if updated {
+            self.lookup.invalidate(&twin.id);
+            if let Err(e) = self.lookup.cache.update(twin).await {
+                tracing::warn!(twin = %twin.id, error = %e, "cache not updated on update");
+            }
+        }
+        Ok(updated)
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
+        self.inner.retrieve(owner, id).await
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Twin>> {
+        self.inner.list(owner, filter, page).await
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        let removed = self.inner.remove(owner, id).await?;
+        if removed {
+            self.lookup.invalidate(id);
+            if let Err(e) = self.lookup.cache.remove(id).await {
+                tracing::warn!(twin = %id, error = %e, "cache not updated on remove");
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
+        self.inner.ids_by_attribute(channel, subtopic).await
+    }
+
+    async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
+        self.inner.retrieve_any(id).await
     }
 }

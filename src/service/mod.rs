@@ -1,9 +1,21 @@
-//! Use cases of the service over the store, cache, auth and broker abstractions.
+//! Use cases of the service over the ports below it (store, cache, and the ports this
+//! layer defines for what the transports provide: notification publishing, dead
+//! letters, dependency checks). No transport type appears here.
+//!
+//! Each use case is a trait ([`twins::Twins`], [`documents::Documents`],
+//! [`ingest::Ingest`]) with one plain implementation; what cuts across them is a
+//! decorator: [`traced::Traced`] opens each operation's span, [`notify::Notifying`]
+//! publishes outcomes, [`metered::Metered`] counts ingestion,
+//! [`lookup::CacheMaintaining`] keeps the channel cache exact.
 
 pub mod documents;
+pub mod health;
 pub mod inband;
 pub mod ingest;
 pub mod lookup;
+pub mod metered;
+pub mod notify;
+pub mod traced;
 pub mod twins;
 
 use serde::Serialize;
@@ -11,7 +23,8 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::domain::ValidationError;
-use crate::store::{Cause, StoreError};
+use crate::error::Cause;
+use crate::store::StoreError;
 
 /// Body of a version conflict: what the client expected and what is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

@@ -1,15 +1,17 @@
 //! Twin and state use cases: create, view, list, update, remove, list states.
+//!
+//! Each reads as its business rule: the channel/subtopic cache is kept exact by the
+//! repository decorator in [`super::lookup`], notifications are published by
+//! [`super::notify::Notifying`] around this service.
 
-use tracing::Instrument;
+use async_trait::async_trait;
 
-use crate::broker::notifier::{self, Notifier};
 use crate::domain::state::State;
 use crate::domain::time::now_millis;
-use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinName};
+use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinFilter, TwinName};
 use crate::domain::{Page, PageRequest};
-use crate::store::{Store, TwinFilter};
+use crate::store::Store;
 
-use super::lookup::TwinLookup;
 use super::{ServiceError, ServiceResult};
 
 /// How many times an update is retried when another update to the same twin landed
@@ -24,8 +26,34 @@ pub fn parse_twin_id(raw: &str) -> ServiceResult<String> {
         .map_err(|_| ServiceError::NotFound)
 }
 
+/// A twin to create, with the id it will have (known before it is stored, so that
+/// even a failed creation is reported under its id).
+#[derive(Debug, Clone)]
+pub struct NewTwin {
+    pub id: String,
+    pub name: TwinName,
+    pub definition: Option<NewDefinition>,
+    pub metadata: Option<Metadata>,
+}
+
+impl NewTwin {
+    /// A new twin with a fresh random id.
+    pub fn new(
+        name: TwinName,
+        definition: Option<NewDefinition>,
+        metadata: Option<Metadata>,
+    ) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            name,
+            definition,
+            metadata,
+        }
+    }
+}
+
 /// What a client asks to change on a twin; absent or empty fields stay as they are.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct TwinUpdate {
     pub name: Option<TwinName>,
     pub definition: Option<NewDefinition>,
@@ -44,87 +72,43 @@ impl TwinUpdate {
     }
 }
 
-/// The twins use cases. Each keeps the channel/subtopic cache exact and publishes its
-/// outcome on the notification channel.
+/// The twins use cases, as the transports and the decorators see them.
+#[async_trait]
+pub trait Twins: Send + Sync {
+    /// Stores a new twin owned by `owner`.
+    async fn create(&self, owner: &str, new: NewTwin) -> ServiceResult<Twin>;
+    /// The caller's twin.
+    async fn view(&self, owner: &str, id: &str) -> ServiceResult<Twin>;
+    /// A page of the caller's twins that match `filter`.
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> ServiceResult<Page<Twin>>;
+    /// Applies the update and returns the twin as stored.
+    async fn update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin>;
+    /// Removes the twin if the caller owns it; Ok(None) when nothing was deleted, which
+    /// callers report exactly like a deletion (no existence leak).
+    async fn remove(&self, owner: &str, id: &str) -> ServiceResult<Option<String>>;
+    /// A page of the caller's twin's states, by id ascending.
+    async fn list_states(
+        &self,
+        owner: &str,
+        twin_id: &str,
+        page: PageRequest,
+    ) -> ServiceResult<Page<State>>;
+}
+
+/// The twins use cases over the store.
 #[derive(Clone)]
 pub struct TwinsService {
     store: Store,
-    lookup: TwinLookup,
-    notifier: Notifier,
 }
 
 impl TwinsService {
-    pub fn new(store: Store, lookup: TwinLookup, notifier: Notifier) -> Self {
-        Self {
-            store,
-            lookup,
-            notifier,
-        }
-    }
-
-    /// Publishes `<op>.success` with the JSON of the result or `<op>.failure`.
-    async fn report<T: serde::Serialize>(
-        &self,
-        twin_id: &str,
-        op: &str,
-        result: &ServiceResult<T>,
-    ) {
-        if !self.notifier.enabled() {
-            return;
-        }
-        async {
-            match result {
-                Ok(v) => self.notifier.notify_json(twin_id, op, v).await,
-                Err(e) => self.notifier.notify(twin_id, op, Err(e)).await,
-            }
-        }
-        .instrument(notifier::publish_span(op))
-        .await
-    }
-
-    #[tracing::instrument(name = "twins.create", skip_all)]
-    pub async fn create(
-        &self,
-        owner: &str,
-        name: TwinName,
-        definition: Option<NewDefinition>,
-        metadata: Option<Metadata>,
-    ) -> ServiceResult<Twin> {
-        let now = now_millis();
-        let definition = definition.unwrap_or_else(NewDefinition::empty);
-        let id = uuid::Uuid::new_v4().to_string();
-        let twin = Twin {
-            owner: owner.to_owned(),
-            id: id.clone(),
-            name: name.into_inner(),
-            revision: 0,
-            created: now,
-            updated: now,
-            definitions: vec![definition.into_definition(0, now)],
-            metadata: metadata.unwrap_or_default(),
-        };
-        let result = self
-            .store
-            .twins
-            .save(&twin)
-            .await
-            .map(|()| twin)
-            .map_err(Into::into);
-        if let Ok(twin) = &result
-            && let Err(e) = self.lookup.cache().save(twin).await
-        {
-            tracing::warn!(twin = %twin.id, error = %e, "cache not updated on create");
-        }
-        self.report(&id, "create", &result).await;
-        result
-    }
-
-    #[tracing::instrument(name = "twins.view", skip_all, fields(twin.id = id))]
-    pub async fn view(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
-        let id = parse_twin_id(id)?;
-        let result = self.retrieve(owner, &id).await;
-        self.report(&id, "get", &result).await;
-        result
+    pub fn new(store: Store) -> Self {
+        Self { store }
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
@@ -135,44 +119,12 @@ impl TwinsService {
             .ok_or(ServiceError::NotFound)
     }
 
-    #[tracing::instrument(name = "twins.list", skip_all)]
-    pub async fn list(
-        &self,
-        owner: &str,
-        filter: &TwinFilter,
-        page: PageRequest,
-    ) -> ServiceResult<Page<Twin>> {
-        Ok(self.store.twins.list(owner, filter, page).await?)
-    }
-
-    /// Applies the update and returns the twin as stored. Concurrent updates of one
-    /// twin never lose each other's definitions: the write is conditional on the
-    /// revision that was read, and retried on a fresh read when it changed.
-    #[tracing::instrument(name = "twins.update", skip_all, fields(twin.id = id))]
-    pub async fn update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
-        let id = parse_twin_id(id)?;
-        let result = self.apply_update(owner, &id, update).await;
-        if let Ok(twin) = &result {
-            self.lookup.invalidate(&twin.id);
-            if let Err(e) = self.lookup.cache().update(twin).await {
-                tracing::warn!(twin = %twin.id, error = %e, "cache not updated on update");
-            }
-        }
-        self.report(&id, "update", &result).await;
-        result
-    }
-
     async fn apply_update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
         let update = update
             .effective()
             .ok_or_else(|| crate::domain::ValidationError::new("nothing to update"))?;
         for _ in 0..UPDATE_ATTEMPTS {
-            let mut twin = self
-                .store
-                .twins
-                .retrieve(owner, id)
-                .await?
-                .ok_or(ServiceError::NotFound)?;
+            let mut twin = self.retrieve(owner, id).await?;
             let read_revision = twin.revision;
             let now = now_millis().max(twin.updated);
             if let Some(name) = &update.name {
@@ -196,44 +148,57 @@ impl TwinsService {
             "the twin is being updated concurrently; retry".into(),
         ))
     }
+}
 
-    /// Removes the twin if the caller owns it; Ok(None) when nothing was deleted, which
-    /// callers report exactly like a deletion (no existence leak).
-    #[tracing::instrument(name = "twins.remove", skip_all, fields(twin.id = id))]
-    pub async fn remove(&self, owner: &str, id: &str) -> ServiceResult<Option<String>> {
+#[async_trait]
+impl Twins for TwinsService {
+    async fn create(&self, owner: &str, new: NewTwin) -> ServiceResult<Twin> {
+        let now = now_millis();
+        let definition = new.definition.unwrap_or_else(NewDefinition::empty);
+        let twin = Twin {
+            owner: owner.to_owned(),
+            id: new.id,
+            name: new.name.into_inner(),
+            revision: 0,
+            created: now,
+            updated: now,
+            definitions: vec![definition.into_definition(0, now)],
+            metadata: new.metadata.unwrap_or_default(),
+        };
+        self.store.twins.save(&twin).await?;
+        Ok(twin)
+    }
+
+    async fn view(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
+        let id = parse_twin_id(id)?;
+        self.retrieve(owner, &id).await
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> ServiceResult<Page<Twin>> {
+        Ok(self.store.twins.list(owner, filter, page).await?)
+    }
+
+    /// Concurrent updates of one twin never lose each other's definitions: the write is
+    /// conditional on the revision that was read, and retried on a fresh read when it
+    /// changed.
+    async fn update(&self, owner: &str, id: &str, update: TwinUpdate) -> ServiceResult<Twin> {
+        let id = parse_twin_id(id)?;
+        self.apply_update(owner, &id, update).await
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> ServiceResult<Option<String>> {
         let Ok(id) = parse_twin_id(id) else {
             return Ok(None);
         };
-        let result = self
-            .store
-            .twins
-            .remove(owner, &id)
-            .await
-            .map_err(ServiceError::from);
-        match &result {
-            Ok(true) => {
-                self.lookup.invalidate(&id);
-                if let Err(e) = self.lookup.cache().remove(&id).await {
-                    tracing::warn!(twin = %id, error = %e, "cache not updated on remove");
-                }
-                self.notifier
-                    .notify_json(&id, "remove", &serde_json::json!({ "deleted": id }))
-                    .instrument(notifier::publish_span("remove"))
-                    .await;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                self.notifier
-                    .notify(&id, "remove", Err(e))
-                    .instrument(notifier::publish_span("remove"))
-                    .await
-            }
-        }
-        Ok(result?.then_some(id))
+        Ok(self.store.twins.remove(owner, &id).await?.then_some(id))
     }
 
-    #[tracing::instrument(name = "twins.list_states", skip_all, fields(twin.id = twin_id))]
-    pub async fn list_states(
+    async fn list_states(
         &self,
         owner: &str,
         twin_id: &str,

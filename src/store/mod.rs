@@ -17,11 +17,12 @@ use async_trait::async_trait;
 use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
-use crate::domain::twin::{Metadata, Twin};
+use crate::domain::twin::Twin;
+pub use crate::domain::twin::TwinFilter;
 use crate::domain::{Page, PageRequest};
 
 /// The cause of an error, kept whole for logs and `source()` chains.
-pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::error::Cause;
 
 /// Why a store operation failed. Each kind keeps the backend's error as its source.
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +48,6 @@ impl StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
-
-/// Filters of a twin listing besides the owner.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TwinFilter {
-    /// Exact name.
-    pub name: Option<String>,
-    /// Every top-level key must be present with an equal value.
-    pub metadata: Option<Metadata>,
-}
 
 #[async_trait]
 pub trait TwinRepository: Send + Sync {

@@ -1,0 +1,97 @@
+//! The inband document API's transport (SPEC section 7): requests devices publish on
+//! their channel are answered on that channel, and trusted back-end callers are
+//! answered over NATS request/reply. What a request means is the service's
+//! ([`crate::service::inband`]).
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::service::documents::Access;
+use crate::service::inband::{self, Inband, Target};
+
+/// Subject of request/reply callers: `twins.<twinID>.<document>.<op>`.
+pub const REQUEST_SUBJECTS: &str = "twins.*.*.*";
+
+/// Answers inband requests over the broker.
+#[derive(Clone)]
+pub struct Responder {
+    inband: Inband,
+    client: async_nats::Client,
+}
+
+impl Responder {
+    pub fn new(inband: Inband, client: async_nats::Client) -> Self {
+        Self { inband, client }
+    }
+
+    /// Executes a request a device published on `channel` and answers on that channel
+    /// with subtopic `<request subtopic>.response.<success|error>`.
+    #[tracing::instrument(name = "inband.request", skip_all,
+        fields(otel.kind = "consumer", twin.id = target.twin_id, document = target.document, op = ?target.op))]
+    pub async fn on_channel_message(
+        &self,
+        channel: &str,
+        subtopic: &str,
+        target: Target<'_>,
+        payload: &[u8],
+    ) {
+        let (ok, body) = self
+            .inband
+            .answer(Access::Channel(channel), target, payload)
+            .await;
+        let outcome = if ok { "success" } else { "error" };
+        let subtopic = format!("{subtopic}.response.{outcome}");
+        let answer = super::envelope(channel, &subtopic, body.to_string().into_bytes());
+        let subject = super::subject(channel, &subtopic);
+        if let Err(e) = super::publish(&self.client, subject, super::encode(&answer).into()).await {
+            tracing::warn!(error = %e, "inband response not published");
+        }
+    }
+
+    /// Answers request/reply callers on [`REQUEST_SUBJECTS`] until `stop` is cancelled.
+    /// Instances share the subject through the queue group `group`.
+    pub async fn serve(self, group: String, stop: CancellationToken) {
+        let mut sub = match self.client.queue_subscribe(REQUEST_SUBJECTS, group).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "inband request subject not subscribed");
+                return;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = sub.next() => m,
+                () = stop.cancelled() => break,
+            };
+            let Some(msg) = msg else { break };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let span = tracing::info_span!(
+                "inband.reply",
+                otel.kind = "server",
+                messaging.destination.name = msg.subject.as_str(),
+            );
+            crate::telemetry::set_message_parent(&span, msg.headers.as_ref());
+            self.reply(&msg, reply).instrument(span).await;
+        }
+        let _ = sub.unsubscribe().await;
+    }
+
+    /// Executes a request/reply request and answers on its reply subject.
+    async fn reply(&self, msg: &async_nats::Message, reply: async_nats::Subject) {
+        let body = match inband::parse(msg.subject.as_str()) {
+            Some(target) => {
+                self.inband
+                    .answer(Access::Trusted, target, &msg.payload)
+                    .await
+                    .1
+            }
+            None => inband::bad_address(),
+        };
+        if let Err(e) = super::publish(&self.client, reply, body.to_string().into()).await {
+            tracing::warn!(error = %e, "inband reply not published");
+        }
+    }
+}
