@@ -34,6 +34,7 @@ pub struct DocumentList {
 
 /// Query of `DELETE /twins/{id}/documents/{name}`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// Delete only at this version.
     #[param(value_type = Option<i64>)]
@@ -42,6 +43,7 @@ pub struct DeleteQuery {
 
 /// Query of `GET /twins/{id}/documents/{name}/delta`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeltaQuery {
     /// Name of the document to compare with (required).
     against: Option<String>,

@@ -118,6 +118,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
 
 /// Where a listing's page starts and how long it is.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Items to skip (default 0).
     #[param(value_type = Option<u64>)]

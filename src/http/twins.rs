@@ -32,6 +32,7 @@ pub struct TwinRequest {
 
 /// Query of `GET /twins`.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListTwinsQuery {
     /// Items to skip (default 0).
     #[param(value_type = Option<u64>)]
