@@ -10,15 +10,13 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::contention::Contention;
 use super::twins::parse_twin_id;
 use super::{ServiceError, ServiceResult, VersionMismatch};
 use crate::domain::document::{self, Difference, Document, DocumentName, DocumentSummary};
 use crate::domain::time::now_millis;
 use crate::domain::twin::Twin;
 use crate::store::{Store, Versioned};
-
-/// How often an unconditional write is retried when other writes keep winning.
-const WRITE_ATTEMPTS: usize = 32;
 
 /// On whose behalf a document is accessed.
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +137,8 @@ impl DocumentsService {
             check_size(data)?;
         }
         let twin = self.twin(access, twin_id).await?;
-        for _ in 0..WRITE_ATTEMPTS {
+        let mut contention = Contention::default();
+        while contention.next().await {
             let current = self.store.documents.get(&twin.id, name.as_str()).await?;
             let stored = current.as_ref().map(|d| d.version);
             check_version(&twin.id, &name, version, stored)?;
@@ -181,7 +180,8 @@ impl DocumentsService {
     ) -> ServiceResult<Document> {
         let name = DocumentName::parse(name)?;
         let twin = self.twin(access, twin_id).await?;
-        for _ in 0..WRITE_ATTEMPTS {
+        let mut contention = Contention::default();
+        while contention.next().await {
             let current = self
                 .store
                 .documents

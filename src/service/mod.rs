@@ -8,6 +8,7 @@
 //! publishes outcomes, [`metered::Metered`] counts ingestion,
 //! [`lookup::CacheMaintaining`] keeps the channel cache exact.
 
+mod contention;
 pub mod documents;
 pub mod health;
 pub mod inband;

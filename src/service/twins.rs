@@ -12,11 +12,8 @@ use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinFilter, TwinName};
 use crate::domain::{Page, PageRequest};
 use crate::store::Store;
 
+use super::contention::Contention;
 use super::{ServiceError, ServiceResult};
-
-/// How many times an update is retried when another update to the same twin landed
-/// between our read and our write.
-const UPDATE_ATTEMPTS: usize = 8;
 
 /// A twin id taken from a client: a UUID, normalised to lowercase hyphenated form.
 /// Anything else names no twin.
@@ -123,7 +120,9 @@ impl TwinsService {
         let update = update
             .effective()
             .ok_or_else(|| crate::domain::ValidationError::new("nothing to update"))?;
-        for _ in 0..UPDATE_ATTEMPTS {
+        // Another update landing between our read and our write makes us read again.
+        let mut contention = Contention::default();
+        while contention.next().await {
             let mut twin = self.retrieve(owner, id).await?;
             let read_revision = twin.revision;
             let now = now_millis().max(twin.updated);
