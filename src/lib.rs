@@ -6,6 +6,7 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod domain;
+pub mod error;
 pub mod healthcheck;
 pub mod http;
 pub mod proto;

@@ -20,8 +20,7 @@ use crate::domain::state::State;
 use crate::domain::twin::{Metadata, Twin};
 use crate::domain::{Page, PageRequest};
 
-/// The cause of an error, kept whole for logs and `source()` chains.
-pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::error::Cause;
 
 /// Why a store operation failed. Each kind keeps the backend's error as its source.
 #[derive(Debug, thiserror::Error)]
