@@ -10,15 +10,15 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
-use crate::auth::Authenticator;
 use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
+use crate::auth::{AuthError, Authenticator};
 use crate::broker::consumer::Ingestor;
 use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
-use crate::cache::TwinCache;
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
+use crate::cache::{CacheError, TwinCache};
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::tls::TlsListener;
 use crate::http::{self, AppState};
@@ -39,13 +39,13 @@ pub enum StartError {
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("auth: {0}")]
-    Auth(String),
-    #[error("broker: {0}")]
-    Broker(String),
-    #[error("cache: {0}")]
-    Cache(String),
+    Auth(#[source] AuthError),
+    #[error("{0}")]
+    Broker(#[source] crate::broker::ConnectError),
+    #[error("{0}")]
+    Cache(#[source] CacheError),
     #[error("HTTPS: {0}")]
-    Tls(String),
+    Tls(#[source] http::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -71,7 +71,7 @@ impl Application {
         let tls = config
             .http_tls
             .as_ref()
-            .map(http::tls::server_config)
+            .map(|files| http::tls::server_config(&files.cert, &files.key))
             .transpose()
             .map_err(StartError::Tls)?;
         let store = Store::connect(&config.db_url).await?;
@@ -83,7 +83,7 @@ impl Application {
             Some(url) => Arc::new(
                 RedisCache::connect(url, &config.cache_prefix)
                     .await
-                    .map_err(|e| StartError::Cache(e.to_string()))?,
+                    .map_err(StartError::Cache)?,
             ),
             None => Arc::new(MemoryCache::default()),
         };
@@ -286,11 +286,14 @@ fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> 
         AuthMode::Grpc { url, timeout, tls } => {
             let mut endpoint = grpc::endpoint_for(url, tls.enabled).map_err(StartError::Auth)?;
             if tls.enabled {
-                endpoint = endpoint
-                    .tls_config(client_tls(tls)?)
-                    .map_err(|e| StartError::Auth(format!("TLS: {e}")))?;
+                endpoint = endpoint.tls_config(client_tls(tls)?).map_err(|e| {
+                    StartError::Auth(AuthError::Setup {
+                        what: "TLS to the auth service".into(),
+                        source: e.into(),
+                    })
+                })?;
             }
-            Arc::new(GrpcAuth::with_endpoint(endpoint, *timeout).map_err(StartError::Auth)?)
+            Arc::new(GrpcAuth::with_endpoint(endpoint, *timeout))
         }
         AuthMode::Development => {
             let dev = Standalone::development();
@@ -306,7 +309,12 @@ fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> 
 
 fn client_tls(tls: &GrpcTls) -> Result<ClientTlsConfig, StartError> {
     let read = |path: &str| {
-        std::fs::read(path).map_err(|e| StartError::Auth(format!("cannot read {path}: {e}")))
+        std::fs::read(path).map_err(|e| {
+            StartError::Auth(AuthError::Setup {
+                what: format!("cannot read {path}"),
+                source: e.into(),
+            })
+        })
     };
     let mut config = ClientTlsConfig::new();
     config = match &tls.ca_certs {

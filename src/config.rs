@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::telemetry::LogFormat;
+use crate::telemetry::Settings as TelemetrySettings;
+
 /// Default HTTP port of the twins service.
 pub const DEFAULT_HTTP_PORT: u16 = 9018;
 /// Embedded store used when no database is configured.
@@ -65,13 +68,6 @@ struct RawEnv {
     mg_send_telemetry: Option<String>,
     mg_twins_shutdown_timeout: Option<String>,
     mg_twins_ingest_lease: Option<String>,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Certificate and key files in PEM format.
@@ -131,6 +127,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// What telemetry needs of this configuration.
+    pub fn telemetry(&self) -> TelemetrySettings {
+        TelemetrySettings {
+            log_level: self.log_level.clone(),
+            log_format: self.log_format,
+            export_url: self.jaeger_url.clone(),
+            trace_ratio: self.jaeger_trace_ratio,
+            instance_id: self.instance_id.clone(),
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())
@@ -307,8 +314,7 @@ fn auth_mode(
     let Some(url) = url else {
         return Ok(AuthMode::Development);
     };
-    crate::auth::grpc::endpoint(&url)
-        .map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_URL", &url, e))?;
+    check_grpc_url(&url).map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_URL", &url, e))?;
     let timeout = match timeout {
         None => Duration::from_secs(1),
         Some(t) => {
@@ -333,6 +339,39 @@ fn auth_mode(
             client,
         },
     })
+}
+
+/// Checks the auth service URL the way the gRPC client will take it: `host:port` (the
+/// Go service's form) or `http(s)://host[:port][/]`, with a host and a valid port. The
+/// client itself is built at start-up, from the same string.
+fn check_grpc_url(url: &str) -> Result<(), String> {
+    let full = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let uri: axum::http::Uri = full.parse().map_err(|e| format!("not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(format!(
+                "unsupported scheme {other:?}; expected http or https"
+            ));
+        }
+        None => return Err("missing scheme; expected http or https".into()),
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err("missing host; expected host:port".into());
+    };
+    // The URI parser leaves the port unchecked; a port that is there must be a number.
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    let has_port = host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.contains(']'));
+    if has_port && authority.port_u16().is_none() {
+        return Err("invalid port; expected host:port".into());
+    }
+    Ok(())
 }
 
 fn tls_pair(
@@ -449,6 +488,24 @@ mod tests {
             let err = cfg(&vars).expect_err(var).to_string();
             assert!(err.starts_with(var), "{var}={value}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_auth_url_needs_an_http_scheme_and_a_host() {
+        for good in [
+            "auth:7001",
+            "http://auth:7001",
+            "https://auth:7001/",
+            "[::1]:7001",
+        ] {
+            assert!(cfg(&[("MG_AUTH_GRPC_URL", good)]).is_ok(), "{good}");
+        }
+        for bad in ["not a url", "ftp://auth:7001", "http://", "auth:port"] {
+            let err = cfg(&[("MG_AUTH_GRPC_URL", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.starts_with("MG_AUTH_GRPC_URL"), "{bad}: {err}");
         }
     }
 

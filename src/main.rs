@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use twins::app::{Application, shutdown_signal};
 use twins::config::Config;
+use twins::error::chain;
 
 /// Longest wait for the trace exporter to send the last spans on exit.
 const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         }
     };
     // Before the runtime: the exporter runs on threads of its own.
-    let telemetry = twins::telemetry::init(&config);
+    let telemetry = twins::telemetry::init(&config.telemetry());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -51,15 +52,17 @@ async fn serve(config: Config) -> ExitCode {
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
-            tracing::error!(error = %e, "start-up failed");
-            eprintln!("twins: start-up failed: {e}");
+            // The whole chain: which component failed, and the driver's reason why.
+            let error = chain(&e);
+            tracing::error!(%error, "start-up failed");
+            eprintln!("twins: start-up failed: {error}");
             return ExitCode::from(1);
         }
     };
     match app.run_until(signal).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "server failed");
+            tracing::error!(error = %chain(&e), "server failed");
             ExitCode::from(1)
         }
     }

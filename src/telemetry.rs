@@ -27,8 +27,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::config::{Config, LogFormat};
-
 /// Service name reported to the trace backend (the Go service's name).
 pub const SERVICE_NAME: &str = "twins";
 /// Port of OTLP over HTTP, where the old Jaeger collector URL is mapped to.
@@ -47,6 +45,56 @@ fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What [`init`] needs, taken from the configuration by its reader (this module does
+/// not read the environment).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// A level (`debug`) or a full filter (`info,twins=debug`).
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Where spans are exported (`MG_JAEGER_URL`, see [`otlp_traces_endpoint`]); none
+    /// means no export at all.
+    pub export_url: Option<String>,
+    /// Share of new traces sampled, between 0 and 1.
+    pub trace_ratio: f64,
+    /// Reported as `service.instance.id`.
+    pub instance_id: String,
+}
+
+/// Why traces cannot be exported as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("not a URL ({0}); expected http://host:4318/v1/traces")]
+    InvalidUrl(#[source] axum::http::uri::InvalidUri),
+    #[error(
+        "https is not supported; export to a plain-HTTP OTLP endpoint such as \
+         http://jaeger:4318/v1/traces"
+    )]
+    Https,
+    #[error("unsupported scheme {0:?}; expected http")]
+    UnsupportedScheme(String),
+    #[error("missing scheme; expected http://host:4318/v1/traces")]
+    MissingScheme,
+    #[error("missing host; expected http://host:4318/v1/traces")]
+    MissingHost,
+    #[error("cannot build the trace exporter: {0}")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
+}
+
+impl TelemetryError {
+    /// Never: the URL or the exporter setup stays wrong until the configuration changes.
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
 /// The installed telemetry; call [`Telemetry::shutdown`] before exiting so that the
 /// spans still buffered are exported.
 #[must_use = "shut telemetry down on exit to flush buffered spans"]
@@ -55,11 +103,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports the buffered spans (waiting at most `timeout`) and stops the exporter.
     /// Blocks the calling thread: call it outside the async runtime.
     pub fn shutdown(self, timeout: Duration) {
@@ -72,10 +115,9 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber and, when `MG_JAEGER_URL` is set, the OTLP exporter.
-/// `MG_TWINS_LOG_LEVEL` takes a level (`debug`) or a full filter (`info,twins=debug`);
-/// an invalid one falls back to `info` with a warning.
-pub fn init(config: &Config) -> Telemetry {
+/// Installs the global subscriber and, when an export URL is set, the OTLP exporter.
+/// An invalid log filter falls back to `info` with a warning.
+pub fn init(config: &Settings) -> Telemetry {
     let (filter, bad_filter) = match EnvFilter::try_new(&config.log_level) {
         Ok(f) => (f, false),
         Err(_) => (EnvFilter::new("info"), true),
@@ -88,14 +130,14 @@ pub fn init(config: &Config) -> Telemetry {
     };
 
     let mut export_error = None;
-    let provider = match config.jaeger_url.as_deref().map(otlp_traces_endpoint) {
+    let provider = match config.export_url.as_deref().map(otlp_traces_endpoint) {
         None => None,
         Some(Err(e)) => {
             export_error = Some(e);
             None
         }
         Some(Ok(endpoint)) => {
-            match tracer_provider(&endpoint, config.jaeger_trace_ratio, &config.instance_id) {
+            match tracer_provider(&endpoint, config.trace_ratio, &config.instance_id) {
                 Ok(p) => Some((p, endpoint)),
                 Err(e) => {
                     export_error = Some(e);
@@ -123,13 +165,13 @@ pub fn init(config: &Config) -> Telemetry {
         tracing::warn!(level = %config.log_level, "invalid MG_TWINS_LOG_LEVEL, using info");
     }
     if let Some(e) = export_error {
-        tracing::warn!(error = %e, "traces are not exported");
+        tracing::warn!(error = %crate::error::chain(&e), "traces are not exported");
     }
     if let Some((_, endpoint)) = &provider {
         EXPORTING.store(installed, Ordering::Relaxed);
         tracing::info!(
             %endpoint,
-            ratio = config.jaeger_trace_ratio,
+            ratio = config.trace_ratio,
             "exporting traces over OTLP/HTTP"
         );
     }
@@ -142,14 +184,14 @@ fn tracer_provider(
     endpoint: &str,
     ratio: f64,
     instance_id: &str,
-) -> Result<SdkTracerProvider, String> {
+) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(endpoint)
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(TelemetryError::Exporter)?;
     let resource = Resource::builder()
         .with_service_name(SERVICE_NAME)
         .with_attributes([
@@ -175,31 +217,23 @@ fn tracer_provider(
 ///   OTLP/HTTP on the same host: `http://host:4318/v1/traces`.
 ///
 /// Only plain `http` is supported (the exporter carries no TLS stack).
-pub fn otlp_traces_endpoint(url: &str) -> Result<String, String> {
+pub fn otlp_traces_endpoint(url: &str) -> Result<String, TelemetryError> {
     let full = if url.contains("://") {
         url.to_owned()
     } else {
         format!("http://{url}")
     };
-    let uri: axum::http::Uri = full
-        .parse()
-        .map_err(|e| format!("not a URL ({e}); expected http://host:4318/v1/traces"))?;
+    let uri: axum::http::Uri = full.parse().map_err(TelemetryError::InvalidUrl)?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https is not supported; export to a plain-HTTP OTLP endpoint \
-                        such as http://jaeger:4318/v1/traces"
-                    .into(),
-            );
-        }
-        Some(other) => return Err(format!("unsupported scheme {other:?}; expected http")),
-        None => return Err("missing scheme; expected http://host:4318/v1/traces".into()),
+        Some("https") => return Err(TelemetryError::Https),
+        Some(other) => return Err(TelemetryError::UnsupportedScheme(other.to_owned())),
+        None => return Err(TelemetryError::MissingScheme),
     }
     let authority = uri
         .authority()
         .filter(|a| !a.host().is_empty())
-        .ok_or("missing host; expected http://host:4318/v1/traces")?;
+        .ok_or(TelemetryError::MissingHost)?;
     let path = uri.path();
     let legacy = path.starts_with("/api/traces") || matches!(uri.port_u16(), Some(14268 | 4317));
     if legacy {
@@ -367,7 +401,11 @@ mod tests {
                 "http://collector:9999/custom/path",
             ),
         ] {
-            assert_eq!(otlp_traces_endpoint(given).as_deref(), Ok(want), "{given}");
+            assert_eq!(
+                otlp_traces_endpoint(given).ok().as_deref(),
+                Some(want),
+                "{given}"
+            );
         }
         for bad in [
             "https://jaeger:4318",
@@ -377,6 +415,19 @@ mod tests {
         ] {
             assert!(otlp_traces_endpoint(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_malformed_export_url_keeps_the_parser_error() {
+        let e = otlp_traces_endpoint("http://jae ger:4318").expect_err("a space in the host");
+        assert!(matches!(e, TelemetryError::InvalidUrl(_)), "{e}");
+        assert!(!e.is_transient());
+        let source = std::error::Error::source(&e).expect("the parser error");
+        assert!(
+            source
+                .downcast_ref::<axum::http::uri::InvalidUri>()
+                .is_some()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{AuthError, Authenticator, Identity};
+use crate::error::redact_url;
 use crate::proto::magistrala::IdentityReq;
 use crate::proto::magistrala::auth_service_client::AuthServiceClient;
 
@@ -17,43 +18,42 @@ pub struct GrpcAuth {
 }
 
 impl GrpcAuth {
-    /// Builds a lazily connecting client: an auth service that is down at start-up
-    /// makes requests fail with 503 until it comes back, instead of stopping the service.
-    /// `url` is `host:port` (as the Go service takes it) or `http(s)://host:port`.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        Self::with_endpoint(endpoint(url)?, timeout)
-    }
-
-    /// Like [`GrpcAuth::new`] with an endpoint already configured (e.g. with TLS).
-    pub fn with_endpoint(endpoint: Endpoint, timeout: Duration) -> Result<Self, String> {
+    /// Builds a lazily connecting client on an endpoint from [`endpoint_for`] (TLS
+    /// settings included): an auth service that is down at start-up makes requests fail
+    /// with 503 until it comes back, instead of stopping the service.
+    pub fn with_endpoint(endpoint: Endpoint, timeout: Duration) -> Self {
         let channel = endpoint
             .connect_timeout(timeout)
             .timeout(timeout)
             .connect_lazy();
-        Ok(Self {
+        Self {
             client: AuthServiceClient::new(channel),
             timeout,
-        })
+        }
     }
 }
 
-/// Parses the configured URL, defaulting to plain `http://` when it has no scheme.
-pub fn endpoint(url: &str) -> Result<Endpoint, String> {
-    endpoint_for(url, false)
-}
-
-/// Parses the configured URL for a plain or a TLS connection. The transport only
-/// speaks TLS to `https://` URIs, so with TLS on, a URL without a scheme (the Go
-/// service's `host:port`) or with `http://` is taken as `https://`.
-pub fn endpoint_for(url: &str, tls: bool) -> Result<Endpoint, String> {
+/// Parses the configured URL (`host:port` as the Go service takes it, or
+/// `http(s)://host:port`) for a plain or a TLS connection. The transport only speaks
+/// TLS to `https://` URIs, so with TLS on, a URL without a scheme or with `http://` is
+/// taken as `https://`; without TLS, no scheme means `http://`.
+pub fn endpoint_for(url: &str, tls: bool) -> Result<Endpoint, AuthError> {
     let scheme = if tls { "https" } else { "http" };
     let uri = match url.split_once("://") {
         None => format!("{scheme}://{url}"),
         Some(("http", rest)) if tls => format!("https://{rest}"),
         Some(_) => url.to_owned(),
     };
-    Endpoint::from_shared(uri).map_err(|e| format!("invalid auth service URL {url:?}: {e}"))
+    Endpoint::from_shared(uri).map_err(|e| AuthError::Setup {
+        what: format!("invalid auth service URL {:?}", redact_url(url)),
+        source: e.into(),
+    })
 }
+
+/// The auth service did not answer a call in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {0:?}")]
+struct NoAnswer(Duration);
 
 #[async_trait]
 impl Authenticator for GrpcAuth {
@@ -67,7 +67,7 @@ impl Authenticator for GrpcAuth {
         };
         let call = client.identify(request);
         let response = match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => return Err(AuthError::Unavailable("timed out".into())),
+            Err(_) => return Err(AuthError::Unavailable(NoAnswer(self.timeout).into())),
             Ok(r) => r,
         };
         match response {
@@ -84,11 +84,7 @@ impl Authenticator for GrpcAuth {
                 | Code::PermissionDenied
                 | Code::InvalidArgument
                 | Code::NotFound => Err(AuthError::Unauthenticated),
-                _ => Err(AuthError::Unavailable(format!(
-                    "{:?}: {}",
-                    status.code(),
-                    status.message()
-                ))),
+                _ => Err(AuthError::Unavailable(status.into())),
             },
         }
     }
@@ -105,9 +101,9 @@ mod tests {
             ("http://auth:7001", "http://auth:7001/"),
             ("https://auth:7001", "https://auth:7001/"),
         ] {
-            assert_eq!(endpoint(given).unwrap().uri().to_string(), want);
+            assert_eq!(endpoint_for(given, false).unwrap().uri().to_string(), want);
         }
-        assert!(endpoint("not a url").is_err());
+        assert!(endpoint_for("not a url", false).is_err());
     }
 
     #[test]
@@ -123,5 +119,18 @@ mod tests {
                 "{given}"
             );
         }
+    }
+
+    #[test]
+    fn a_malformed_url_is_a_setup_error_without_the_password() {
+        let Err(e) = endpoint_for("http://user:hunter2@auth:7001/bad path", false) else {
+            panic!("a malformed URL was accepted");
+        };
+        assert!(matches!(e, AuthError::Setup { .. }), "{e}");
+        assert!(!e.is_transient());
+        assert!(std::error::Error::source(&e).is_some());
+        let text = crate::error::chain(&e);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("auth:7001"), "{text}");
     }
 }

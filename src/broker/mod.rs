@@ -66,14 +66,58 @@ pub async fn publish(
 
 /// Connects to NATS. Never fails because the server is down: the client keeps trying in
 /// the background (and after every disconnection), so the HTTP API serves meanwhile.
-pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
+pub async fn connect(url: &str) -> Result<async_nats::Client, ConnectError> {
     async_nats::ConnectOptions::new()
         .name("twins")
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connect(url)
         .await
-        .map_err(|e| format!("invalid broker URL {url:?}: {e}"))
+        .map_err(|source| ConnectError {
+            url: crate::error::redact_url(url),
+            source,
+        })
+}
+
+/// The broker client could not be set up; names the URL without its password.
+#[derive(Debug, thiserror::Error)]
+#[error("broker at {url}: {source}")]
+pub struct ConnectError {
+    url: String,
+    #[source]
+    source: async_nats::ConnectError,
+}
+
+impl ConnectError {
+    /// Whether connecting again can succeed: not for a malformed URL, rejected
+    /// credentials or a broken TLS setup, which stay until the configuration changes.
+    pub fn is_transient(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        matches!(
+            self.source.kind(),
+            Kind::Dns | Kind::TimedOut | Kind::Io | Kind::MaxReconnects
+        )
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_url_is_named_without_its_password() {
+        let Err(e) = connect("nats://u:hunter2@nats:notaport").await else {
+            panic!("a malformed URL was accepted");
+        };
+        assert!(!e.is_transient(), "{e}");
+        let text = crate::error::chain(&e);
+        assert!(text.contains("nats://u:***@nats:notaport"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let source = e.source().expect("the client error");
+        assert!(source.downcast_ref::<async_nats::ConnectError>().is_some());
+    }
 }
 
 /// The broker connection as a dependency of the service: not critical, since the API

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, RedisResult, Script};
+use redis::{RedisError, RedisResult, RetryMethod, Script};
 use tracing::Instrument;
 
 use super::{CacheError, CacheResult, TwinCache};
@@ -56,8 +56,7 @@ impl RedisCache {
     /// error: if Redis cannot be reached now, this logs a warning and every later call
     /// tries again, so the service starts and serves from the store meanwhile.
     pub async fn connect(url: &str, prefix: &str) -> CacheResult<Self> {
-        let client =
-            redis::Client::open(url).map_err(|e| CacheError(format!("invalid cache URL: {e}")))?;
+        let client = redis::Client::open(url).map_err(|e| CacheError::InvalidUrl(e.into()))?;
         let cache = Self {
             connection: connection_manager(client.clone(), DEFAULT_TIMEOUT)?,
             client,
@@ -110,7 +109,7 @@ impl RedisCache {
     /// is tried once more: the manager has started reconnecting by then, so the first
     /// call after a Redis restart succeeds instead of failing. Every operation here is
     /// idempotent, so a repeat is harmless even if the first attempt reached Redis.
-    async fn run<T, F, Fut>(&self, name: &str, op: F) -> CacheResult<T>
+    async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> CacheResult<T>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -133,11 +132,11 @@ impl RedisCache {
             .await
         {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(CacheError(format!("{name}: {e}"))),
-            Err(_) => Err(CacheError(format!(
-                "{name}: no answer within {:?}",
-                self.timeout
-            ))),
+            Ok(Err(e)) => Err(classify(name, e)),
+            Err(_) => Err(CacheError::Timeout {
+                operation: name,
+                after: self.timeout,
+            }),
         };
         if result.is_err() {
             span.record("otel.status_code", "ERROR");
@@ -145,7 +144,12 @@ impl RedisCache {
         result
     }
 
-    async fn replace_keys(&self, name: &str, twin_id: &str, keys: &[String]) -> CacheResult<()> {
+    async fn replace_keys(
+        &self,
+        name: &'static str,
+        twin_id: &str,
+        keys: &[String],
+    ) -> CacheResult<()> {
         let mut invocation = self.replace_script.key(self.twin_key(twin_id));
         invocation.key(keys).arg(twin_id);
         let invocation = &invocation;
@@ -163,8 +167,23 @@ fn connection_manager(client: redis::Client, timeout: Duration) -> CacheResult<C
         .set_number_of_retries(0)
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
-    ConnectionManager::new_lazy_with_config(client, config)
-        .map_err(|e| CacheError(format!("cache connection setup: {e}")))
+    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| classify("connect", e))
+}
+
+/// Sorts a Redis error by whether the same call can succeed later, as the driver
+/// itself would decide whether to retry it.
+fn classify(operation: &'static str, e: RedisError) -> CacheError {
+    if matches!(e.retry_method(), RetryMethod::NoRetry) {
+        CacheError::Failed {
+            operation,
+            source: e.into(),
+        }
+    } else {
+        CacheError::Unavailable {
+            operation,
+            source: e.into(),
+        }
+    }
 }
 
 fn is_connection_error(e: &RedisError) -> bool {
@@ -230,5 +249,36 @@ impl TwinCache for RedisCache {
 
     async fn remove(&self, twin_id: &str) -> CacheResult<()> {
         self.replace_keys("remove", twin_id, &[]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_lost_connection_is_transient_and_a_wrong_answer_is_not() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = classify("ids", refused);
+        assert!(e.is_transient(), "{e}");
+        let source = e.source().expect("the driver error");
+        assert!(source.downcast_ref::<RedisError>().is_some());
+
+        let wrong = RedisError::from((redis::ErrorKind::UnexpectedReturnType, "not a set"));
+        let e = classify("ids", wrong);
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.source().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_url_is_a_permanent_error_that_hides_the_password() {
+        let Err(e) = RedisCache::connect("redis://:hunter2@host:port/db", "").await else {
+            panic!("a malformed URL was accepted");
+        };
+        assert!(matches!(e, CacheError::InvalidUrl(_)), "{e}");
+        assert!(!e.is_transient());
+        assert!(!crate::error::chain(&e).contains("hunter2"), "{e}");
     }
 }

@@ -185,7 +185,6 @@ fn persisted(payload: &Payload, definition: &Definition) -> Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::state::payload_of;
     use crate::domain::time;
     use crate::domain::twin::{Attribute, WILDCARD_SUBTOPIC};
     use serde_json::json;
@@ -195,6 +194,10 @@ mod tests {
     const SUBTOPIC: &str = "engine";
     /// Base time of the fixtures: 2020-05-05T08:41:39Z.
     const T0: i64 = 1_588_668_099_000_000_000;
+
+    fn payload_of(pairs: impl IntoIterator<Item = (&'static str, Value)>) -> Payload {
+        pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
     const DELTA: i64 = 1_000_000_000;
 
     fn at(nanos: i64) -> DateTime<Utc> {

@@ -24,8 +24,3 @@ pub struct State {
     #[serde(serialize_with = "super::json::serialize_object")]
     pub payload: Payload,
 }
-
-/// Helper for building values in tests and fixtures.
-pub fn payload_of(pairs: impl IntoIterator<Item = (&'static str, Value)>) -> Payload {
-    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
-}

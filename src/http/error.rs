@@ -68,11 +68,20 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "missing or invalid bearer token".into(),
             ),
-            Self::Auth(AuthError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "authentication service unavailable");
+            Self::Auth(e @ AuthError::Unavailable(_)) => {
+                tracing::warn!(error = %crate::error::chain(e), "authentication failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "authentication service unavailable".into(),
+                )
+            }
+            // Only start-up builds auth clients, so a request never meets this; if one
+            // does, it is a bug, not the client's fault.
+            Self::Auth(e @ AuthError::Setup { .. }) => {
+                tracing::error!(error = %crate::error::chain(e), "authentication failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal server error".into(),
                 )
             }
             Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),

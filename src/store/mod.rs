@@ -21,7 +21,6 @@ use crate::domain::twin::Twin;
 pub use crate::domain::twin::TwinFilter;
 use crate::domain::{Page, PageRequest};
 
-/// The cause of an error, kept whole for logs and `source()` chains.
 pub use crate::error::Cause;
 
 /// Why a store operation failed. Each kind keeps the backend's error as its source.
