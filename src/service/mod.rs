@@ -6,6 +6,12 @@ pub mod ingest;
 pub mod lookup;
 pub mod twins;
 
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+#[path = "tests/mod.rs"]
+mod use_case_tests;
+
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
