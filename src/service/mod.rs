@@ -19,6 +19,12 @@ pub mod notify;
 pub mod traced;
 pub mod twins;
 
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+#[path = "tests/mod.rs"]
+mod use_case_tests;
+
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
