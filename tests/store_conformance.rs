@@ -56,6 +56,7 @@ macro_rules! conformance_cases {
             apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing,
             apply_from_zero_conflicts_once_a_cursor_exists,
             apply_keeps_going_past_a_conflicting_twin,
+            a_conflict_leaves_the_position_until_the_twin_is_redone,
             concurrent_applies_from_one_cursor_let_exactly_one_win,
             a_new_group_starts_at_the_given_position,
             the_lease_is_exclusive_until_released_or_run_out,
@@ -863,6 +864,46 @@ async fn apply_from_zero_conflicts_once_a_cursor_exists(store: &Store) {
     assert_eq!(conflicts, ["t"]);
     let c = cursor(store, "t").await;
     assert_eq!((c.seq, c.last.map(|s| s.id)), (1, Some(0)));
+}
+
+/// Where the test group's position is (leased as "h").
+async fn position(store: &Store) -> u64 {
+    store
+        .ingest
+        .lease(&lease("h", Duration::from_secs(60), 0))
+        .await
+        .unwrap()
+        .expect("the test group's lease")
+}
+
+async fn a_conflict_leaves_the_position_until_the_twin_is_redone(store: &Store) {
+    let t0 = state("t", 0, json!({}));
+    ingest(store, vec![writes("t", 0, vec![(Write::Insert(t0), 1)])]).await;
+    assert_eq!(position(store).await, 1);
+    let step = |twins| IngestStep {
+        group: GROUP.into(),
+        from: 1,
+        to: 2,
+        twins,
+    };
+    // "t" is stale (its sequence is 1), "u" is not: "u" is written, the position stays.
+    let stale = writes("t", 0, vec![(Write::Insert(state("t", 1, json!({}))), 2)]);
+    let fresh = writes("u", 0, vec![(Write::Insert(state("u", 0, json!({}))), 2)]);
+    let applied = store.ingest.apply(&step(vec![stale, fresh])).await.unwrap();
+    assert_eq!(
+        applied,
+        Applied::Done {
+            conflicts: vec!["t".into()]
+        }
+    );
+    assert_eq!(position(store).await, 1, "message 2 is not passed for t");
+    assert_eq!(cursor(store, "u").await.seq, 2);
+    // The redo of "t" from its stored sequence moves the position.
+    let redone = writes("t", 1, vec![(Write::Insert(state("t", 1, json!({}))), 2)]);
+    let applied = store.ingest.apply(&step(vec![redone])).await.unwrap();
+    assert_eq!(applied, Applied::Done { conflicts: vec![] });
+    assert_eq!(position(store).await, 2);
+    assert_eq!(cursor(store, "t").await.seq, 2);
 }
 
 async fn apply_keeps_going_past_a_conflicting_twin(store: &Store) {

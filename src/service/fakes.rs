@@ -15,6 +15,7 @@
 //! change just before the next write is compared, as a concurrent request would.
 //! [`Memory::calls`] counts what was called.
 
+use super::notify::{Outcome, Publish};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -568,7 +569,9 @@ impl IngestRepository for Memory {
             }
             data.sequences.insert(tw.twin_id.clone(), tw.new_seq());
         }
-        if let Some(g) = data.groups.get_mut(&step.group) {
+        if let Some(g) = data.groups.get_mut(&step.group)
+            && conflicts.is_empty()
+        {
             g.position = step.to;
         }
         Ok(Applied::Done { conflicts })
@@ -626,6 +629,26 @@ impl SetAside for RecordingSetAside {
         }
         lock(&self.kept).extend_from_slice(rejected);
         Ok(())
+    }
+}
+
+/// A notification port that keeps what it is given: `(twin, operation, outcome)`.
+#[derive(Default)]
+pub struct RecordingPublish {
+    published: Mutex<Vec<(String, String, Outcome)>>,
+}
+
+impl RecordingPublish {
+    /// Everything published so far, in order.
+    pub fn published(&self) -> Vec<(String, String, Outcome)> {
+        lock(&self.published).clone()
+    }
+}
+
+#[async_trait]
+impl Publish for RecordingPublish {
+    async fn publish(&self, twin_id: &str, op: &str, outcome: Outcome) {
+        lock(&self.published).push((twin_id.to_owned(), op.to_owned(), outcome));
     }
 }
 
@@ -717,17 +740,17 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err}");
         assert_eq!(db.position("g"), Some(2));
-        // A stale sequence is a conflict; the position still moves.
+        // A stale sequence is a conflict; the position waits for the redo.
         assert_eq!(
             store.ingest.apply(&step(2, 3, "t", 0, 1)).await.unwrap(),
             Applied::Done {
                 conflicts: vec!["t".into()]
             }
         );
-        assert_eq!(db.position("g"), Some(3));
+        assert_eq!(db.position("g"), Some(2));
         assert_eq!(db.states_of("t"), vec![state("t", 0)]);
         assert_eq!(
-            store.ingest.rewind("g", 3, 0).await.unwrap(),
+            store.ingest.rewind("g", 2, 0).await.unwrap(),
             Applied::Done { conflicts: vec![] }
         );
         assert_eq!(store.ingest.cursor("t").await.unwrap().seq, 0);

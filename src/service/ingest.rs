@@ -494,7 +494,7 @@ impl IngestService {
         };
         let mut done = self.remember(written, &conflicts);
         if !conflicts.is_empty() {
-            done.extend(self.redo(batch, &conflicts).await?);
+            done.extend(self.redo(batch, conflicts, aside, report).await?);
         }
         Ok(done)
     }
@@ -517,14 +517,17 @@ impl IngestService {
         done
     }
 
-    /// Plans twins that moved under a step again from their stored cursors. The group's
-    /// position is already `batch.to`, so these steps leave it there.
+    /// Plans twins that moved under a step again from their stored cursors. The step
+    /// left the position at `batch.from` (the store moves it past no conflicting twin),
+    /// so each attempt is again a step from `batch.from` to `batch.to`: when one fails,
+    /// the whole batch can be retried and nothing was passed over.
     async fn redo(
         &self,
         batch: &Batch<'_>,
-        twins: &[String],
+        mut pending: Vec<String>,
+        aside: &dyn SetAside,
+        report: &mut BatchReport,
     ) -> Result<Vec<TwinPlan>, IngestError> {
-        let mut pending: Vec<String> = twins.to_vec();
         let mut done = Vec::new();
         let messages: Vec<Message> = batch
             .messages
@@ -533,44 +536,47 @@ impl IngestService {
             .cloned()
             .collect();
         let sub = Batch {
-            group: batch.group,
-            from: batch.to,
-            to: batch.to,
             messages: &messages,
             rejected: &[],
+            ..*batch
         };
         for _ in 0..REDO_ATTEMPTS {
-            if pending.is_empty() {
-                return Ok(done);
-            }
             tracing::debug!(twins = pending.len(), "redoing twins that moved meanwhile");
             let only: HashSet<&str> = pending.iter().map(String::as_str).collect();
-            let mut report = BatchReport::default();
+            // What routing counts was counted for the whole batch already.
+            let mut routing = BatchReport::default();
             let mut rejected = Vec::new();
-            let (routed, mut per_twin) = self.route(&sub, &mut report, &mut rejected).await?;
+            let (routed, mut per_twin) = self.route(&sub, &mut routing, &mut rejected).await?;
             per_twin.retain(|id, _| only.contains(id.as_str()));
-            let plans: Vec<TwinPlan> = self
-                .plan_twins(&routed, &per_twin, &mut rejected)
-                .await?
+            rejected.clear();
+            let plans = self.plan_twins(&routed, &per_twin, &mut rejected).await?;
+            // Set aside before the position can move past them; counted once, when
+            // the attempt that moves the position succeeds.
+            if !rejected.is_empty() {
+                aside.set_aside(&rejected).await?;
+            }
+            let duplicates: usize = plans.iter().map(|(p, _)| p.duplicates).sum();
+            let plans: Vec<TwinPlan> = plans
                 .into_iter()
                 .map(|(p, _)| p)
                 .filter(|p| !p.writes.writes.is_empty())
                 .collect();
             let twins = plans.iter().map(|p| p.writes.clone()).collect();
             let conflicts = self
-                .step(batch, (batch.to, batch.to), twins)
+                .step(batch, (batch.from, batch.to), twins)
                 .await?
                 .map_err(IngestError::store)?;
             done.extend(self.remember(plans, &conflicts));
+            if conflicts.is_empty() {
+                report.rejected.extend(rejected);
+                report.duplicates += duplicates;
+                return Ok(done);
+            }
             pending = conflicts;
         }
-        if pending.is_empty() {
-            Ok(done)
-        } else {
-            Err(IngestError::Transient(
-                format!("{} twins kept changing under this instance", pending.len()).into(),
-            ))
-        }
+        Err(IngestError::Transient(
+            format!("{} twins kept changing under this instance", pending.len()).into(),
+        ))
     }
 
     /// Applies twin by twin after the store refused the whole step, sets aside the

@@ -141,7 +141,10 @@ pub struct IngestStep {
 /// What [`IngestRepository::apply`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    /// The position moved; these twins had moved meanwhile and were not written.
+    /// The twins without a conflict were written. The position moved to `to` only when
+    /// no twin conflicted; otherwise it stays at `from`, so that the conflicting twins'
+    /// messages are never passed before they are applied (the caller redoes them in a
+    /// step from `from`).
     Done { conflicts: Vec<String> },
     /// The group's position was not `from`: another holder is ingesting.
     Fenced,

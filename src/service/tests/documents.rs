@@ -1,5 +1,6 @@
 //! Documents: get, put, patch, delete, list and delta, with version checks and limits.
 
+use crate::service::documents::Documents as _;
 use serde_json::{Map, Value, json};
 
 use super::super::ServiceError;

@@ -5,6 +5,8 @@
 //! [`inband::parse`] and the documents use case is called with the channel the device
 //! published on ([`Access::Channel`]) or as a trusted caller ([`Access::Trusted`]).
 
+use crate::service::documents::Documents as _;
+use crate::service::twins::Twins as _;
 use serde_json::{Map, json};
 
 use super::super::ServiceError;

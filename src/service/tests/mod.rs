@@ -5,6 +5,7 @@
 //! methods and look at the outcome in the fake store; expected states come from the pure
 //! domain functions, not from hand-written numbers.
 
+mod decorators;
 mod documents;
 mod inband;
 mod ingest;
@@ -17,8 +18,8 @@ use serde_json::{Map, Value};
 use super::documents::DocumentsService;
 use super::fakes::{Memory, RecordingSetAside};
 use super::ingest::IngestService;
-use super::lookup::TwinLookup;
-use super::twins::TwinsService;
+use super::lookup::{CacheMaintaining, TwinLookup};
+use super::twins::{NewTwin, Twins, TwinsService};
 use crate::cache::memory::MemoryCache;
 use crate::domain::twin::{Attribute, DefinitionInput, NewDefinition, Twin, TwinName};
 use crate::store::Store;
@@ -26,12 +27,14 @@ use crate::store::Store;
 /// Owners of twins; each test's data is its own, so fixed ids are enough.
 const ALICE: &str = "alice-id";
 const BOB: &str = "bob-id";
+/// The channel notifications go to, which ingestion must never read as data.
+const OWN_CHANNEL: &str = "own-notifications";
 
 /// The fake backend and every service over it.
 struct Fixture {
     /// The backend, to inspect and to steer (failures, interleaved writers).
     db: Arc<Memory>,
-    /// The ports as the services see them, to seed data as another writer would.
+    /// The ports without this instance's decorators, to write as another instance would.
     store: Store,
     twins: TwinsService,
     documents: DocumentsService,
@@ -44,13 +47,16 @@ impl Fixture {
     fn new() -> Self {
         let db = Memory::new();
         let store = db.store();
-        let lookup = TwinLookup::new(store.clone(), Arc::new(MemoryCache::new()));
-        // The default notifier is the disabled one; naming it here would tie the use
-        // cases' tests to the transport that publishes notifications.
+        // As the application wires it: the use cases write twins through the
+        // cache-maintaining decorator, the lookup reads the plain repository. Tests
+        // write through the plain one, as another instance would.
+        let lookup = TwinLookup::new(store.twins.clone(), Arc::new(MemoryCache::new()));
+        let mut maintained = store.clone();
+        maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
         Self {
-            twins: TwinsService::new(store.clone(), lookup.clone(), Default::default()),
-            documents: DocumentsService::new(store.clone(), Default::default()),
-            ingest: IngestService::new(store.clone(), lookup, Default::default()),
+            twins: TwinsService::new(maintained.clone()),
+            documents: DocumentsService::new(maintained.clone()),
+            ingest: IngestService::new(maintained, lookup, Some(OWN_CHANNEL.into())),
             aside: RecordingSetAside::default(),
             store,
             db,
@@ -60,12 +66,11 @@ impl Fixture {
     /// A twin of `owner` created through the service, with these attributes (persisted)
     /// and sampling window.
     async fn twin(&self, owner: &str, name: &str, attributes: &[(&str, &str, &str)]) -> Twin {
+        let name = TwinName::parse(name.into()).expect("name");
         self.twins
             .create(
                 owner,
-                TwinName::parse(name.into()).expect("name"),
-                Some(definition(attributes, 0)),
-                None,
+                NewTwin::new(name, Some(definition(attributes, 0)), None),
             )
             .await
             .expect("twin created")

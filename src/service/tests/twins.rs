@@ -1,5 +1,8 @@
 //! Twins and states: create, view, list, update, remove, list states.
 
+use crate::service::documents::Documents as _;
+use crate::service::twins::NewTwin;
+use crate::service::twins::Twins as _;
 use serde_json::json;
 
 use super::super::ServiceError;
@@ -33,9 +36,11 @@ async fn create_stores_revision_zero_with_definition_zero() {
         .twins
         .create(
             ALICE,
-            name("pump"),
-            Some(definition(&[("temp", "ch", "engine")], 5)),
-            Some(object(json!({"site": "p1"}))),
+            NewTwin::new(
+                name("pump"),
+                Some(definition(&[("temp", "ch", "engine")], 5)),
+                Some(object(json!({"site": "p1"}))),
+            ),
         )
         .await
         .unwrap();
@@ -56,7 +61,11 @@ async fn create_stores_revision_zero_with_definition_zero() {
 #[tokio::test]
 async fn create_without_definition_gets_an_empty_one_with_the_default_delta() {
     let f = Fixture::new();
-    let created = f.twins.create(ALICE, name(""), None, None).await.unwrap();
+    let created = f
+        .twins
+        .create(ALICE, NewTwin::new(name(""), None, None))
+        .await
+        .unwrap();
     let def = created.current_definition().expect("definition 0");
     assert_eq!((def.id, def.delta), (0, DEFAULT_DELTA));
     assert!(def.attributes.is_empty());
@@ -74,7 +83,7 @@ async fn create_passes_each_store_failure_kind_through() {
         f.db.fail("twins.save", failure, 1);
         let err = f
             .twins
-            .create(ALICE, name("x"), None, None)
+            .create(ALICE, NewTwin::new(name("x"), None, None))
             .await
             .unwrap_err();
         let kind_kept = match failure {
@@ -147,7 +156,7 @@ async fn list_filters_by_name_and_metadata() {
     ] {
         let t = f
             .twins
-            .create(ALICE, name(n), None, Some(object(meta)))
+            .create(ALICE, NewTwin::new(name(n), None, Some(object(meta))))
             .await
             .unwrap();
         made.push(t);
@@ -303,7 +312,7 @@ async fn update_retries_when_another_update_wins() {
     assert_eq!(f.twins.view(ALICE, &t.id).await.unwrap(), updated);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn update_gives_up_as_transient_when_other_updates_keep_winning() {
     let f = Fixture::new();
     let t = f.twin(ALICE, "pump", &[]).await;

@@ -191,11 +191,17 @@ impl IngestRepository for MongoStore {
                 conflicts.push(tw.twin_id.clone());
             }
         }
+        // Past conflicting twins' messages only once they are applied.
+        let to = if conflicts.is_empty() {
+            step.to
+        } else {
+            step.from
+        };
         let moved = self
             .groups()
             .update_one(
                 group_at(&step.group, step.from),
-                doc! { "$set": { "seq": to_i64(step.to) } },
+                doc! { "$set": { "seq": to_i64(to) } },
             )
             .await
             .map_err(map_err)?;

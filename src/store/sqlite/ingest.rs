@@ -31,9 +31,9 @@ const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value,
 
 impl SqliteStore {
     /// Moves the group's position from `from` to `to`; false when it was elsewhere.
-    async fn move_position(tx: &mut WriteTx, step: &IngestStep) -> StoreResult<bool> {
+    async fn move_position(tx: &mut WriteTx, step: &IngestStep, to: u64) -> StoreResult<bool> {
         let done = sqlx::query("UPDATE ingest_groups SET seq = ? WHERE grp = ? AND seq = ?")
-            .bind(to_i64(step.to))
+            .bind(to_i64(to))
             .bind(&step.group)
             .bind(to_i64(step.from))
             .execute(tx.conn())
@@ -117,11 +117,17 @@ impl IngestRepository for SqliteStore {
         // connection serialises it with every other write of the process, and the
         // transaction holds SQLite's write lock against other processes.
         let mut tx = self.begin().await?;
-        if !Self::move_position(&mut tx, step).await? {
+        let mut stored = Self::twin_seqs(&mut tx, step).await?;
+        let conflicted = step
+            .twins
+            .iter()
+            .any(|tw| stored.get(&tw.twin_id).copied().unwrap_or(0) != tw.expected_seq);
+        // Past conflicting twins' messages only once they are applied.
+        let to = if conflicted { step.from } else { step.to };
+        if !Self::move_position(&mut tx, step, to).await? {
             tx.rollback().await?;
             return Ok(Applied::Fenced);
         }
-        let mut stored = Self::twin_seqs(&mut tx, step).await?;
         let mut conflicts = Vec::new();
         let (mut inserts, mut updates, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
         for tw in &step.twins {
@@ -190,7 +196,7 @@ impl IngestRepository for SqliteStore {
             to,
             twins: Vec::new(),
         };
-        if !Self::move_position(&mut tx, &step).await? {
+        if !Self::move_position(&mut tx, &step, step.to).await? {
             tx.rollback().await?;
             return Ok(Applied::Fenced);
         }
