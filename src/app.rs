@@ -97,7 +97,7 @@ impl Application {
             config.channel_id.as_ref().map(|channel| {
                 Arc::new(Notifier::new(broker.clone(), channel.clone())) as Arc<dyn Publish>
             }),
-            config.channel_id.clone(),
+            &config,
         );
         let inband = Responder::new(Inband::new(documents.clone()), broker.clone());
         let dependencies: Vec<Arc<dyn Dependency>> = vec![
@@ -261,10 +261,11 @@ fn use_cases(
     store: &Store,
     lookup: TwinLookup,
     publish: Option<Arc<dyn Publish>>,
-    own_channel: Option<String>,
+    config: &Config,
 ) -> (Arc<dyn Twins>, Arc<dyn Documents>, Arc<dyn Ingest>) {
-    let twins = TwinsService::new(store.clone());
+    let twins = TwinsService::new(store.clone(), config.max_definitions);
     let documents = DocumentsService::new(store.clone());
+    let own_channel = config.channel_id.clone();
     let ingest = Metered::new(IngestService::new(store.clone(), lookup, own_channel));
     match publish {
         Some(p) => (

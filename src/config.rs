@@ -68,7 +68,12 @@ struct RawEnv {
     mg_send_telemetry: Option<String>,
     mg_twins_shutdown_timeout: Option<String>,
     mg_twins_ingest_lease: Option<String>,
+    mg_twins_max_definitions: Option<String>,
 }
+
+/// Definitions a twin keeps by default: far more than any device model changes, and a
+/// twin of that many 1 KiB definitions still fits a MongoDB document with room to spare.
+pub const DEFAULT_MAX_DEFINITIONS: usize = 1000;
 
 /// Certificate and key files in PEM format.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +129,9 @@ pub struct Config {
     /// How long the group's ingestion lease lasts without renewal: how soon another
     /// instance takes over from one that died.
     pub ingest_lease: Duration,
+    /// Most definitions a twin keeps: every message reads them all, and MongoDB keeps
+    /// a twin in one document of at most 16 MiB.
+    pub max_definitions: usize,
 }
 
 impl Config {
@@ -253,6 +261,19 @@ impl Config {
                 Err(e) => return Err(ConfigError::invalid("MG_TWINS_INGEST_LEASE", &v, e)),
             },
         };
+        let max_definitions = match raw.mg_twins_max_definitions {
+            None => DEFAULT_MAX_DEFINITIONS,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "MG_TWINS_MAX_DEFINITIONS",
+                        &v,
+                        "must be a whole number of at least 1".to_owned(),
+                    ));
+                }
+            },
+        };
         Ok(Self {
             log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
             log_format,
@@ -277,6 +298,7 @@ impl Config {
                 .unwrap_or_else(|| "twins".into()),
             shutdown_timeout,
             ingest_lease,
+            max_definitions,
         })
     }
 }
@@ -461,6 +483,7 @@ mod tests {
         assert_eq!(c.cache_url, None);
         assert_eq!(c.instance_group, "twins");
         assert_eq!(c.jaeger_trace_ratio, 1.0);
+        assert_eq!(c.max_definitions, DEFAULT_MAX_DEFINITIONS);
     }
 
     #[test]
@@ -476,6 +499,8 @@ mod tests {
             ("MG_SEND_TELEMETRY", "perhaps"),
             ("MG_TWINS_SHUTDOWN_TIMEOUT", "-1s"),
             ("MG_JAEGER_URL", "https://jaeger:4318"),
+            ("MG_TWINS_MAX_DEFINITIONS", "0"),
+            ("MG_TWINS_MAX_DEFINITIONS", "many"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];

@@ -87,6 +87,20 @@ fn parse_time(v: &Value) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
+/// Waits until the clock, read to the millisecond as the service stamps times, is past
+/// `time`: an update made from then on is stamped later than it.
+async fn clock_passes(time: &Value) {
+    let time = parse_time(time);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while Utc::now() - chrono::Duration::milliseconds(1) <= time {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn random_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -103,7 +117,7 @@ fn body_of_size(size: usize) -> Vec<u8> {
 // ---------------------------------------------------------------- POST /twins
 
 async fn create_answers_201_with_location_and_the_created_twin() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let body = json!({
         "name": "grinding machine 2",
         "metadata": {"site": "plant 1", "floor": 2},
@@ -168,7 +182,7 @@ async fn create_answers_201_with_location_and_the_created_twin() {
 }
 
 async fn create_with_empty_object_gets_the_default_definition() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let twin = app.create_twin(ALICE, &json!({})).await;
     assert_eq!(twin["name"], "");
     assert_eq!(twin["revision"], 0);
@@ -180,7 +194,7 @@ async fn create_with_empty_object_gets_the_default_definition() {
 }
 
 async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     for definition in [
         json!({"attributes": [{"name": "a", "channel": "c"}], "delta": 0}),
         json!({"attributes": [{"name": "a", "channel": "c"}]}),
@@ -194,7 +208,7 @@ async fn create_with_zero_or_absent_delta_uses_one_millisecond() {
 }
 
 async fn create_accepts_json_content_type_with_parameters_or_other_case() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     for ct in [
         "application/json; charset=utf-8",
         "Application/JSON",
@@ -207,7 +221,7 @@ async fn create_accepts_json_content_type_with_parameters_or_other_case() {
 }
 
 async fn twin_names_up_to_1024_bytes_are_accepted() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let name = "n".repeat(1024);
     let twin = app.create_twin(ALICE, &json!({ "name": name })).await;
     assert_eq!(twin["name"], name);
@@ -218,7 +232,7 @@ async fn twin_names_up_to_1024_bytes_are_accepted() {
 }
 
 async fn timestamps_have_millisecond_precision_in_utc() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let twin = app.create_twin(ALICE, &json!({})).await;
     assert_timestamp(&twin["created"]);
     assert_timestamp(&twin["updated"]);
@@ -234,7 +248,7 @@ async fn timestamps_have_millisecond_precision_in_utc() {
 // ---------------------------------------------------------------- GET /twins
 
 async fn list_pages_only_the_callers_twins_with_totals() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let mut alice = BTreeSet::new();
     for i in 0..15 {
         alice.insert(
@@ -303,7 +317,7 @@ async fn list_pages_only_the_callers_twins_with_totals() {
 }
 
 async fn list_of_a_user_without_twins_is_an_empty_page() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     app.create_twin(ALICE, &json!({})).await;
     let page = app.list_twins(BOB, &[]).await;
     assert_eq!(
@@ -313,7 +327,7 @@ async fn list_of_a_user_without_twins_is_an_empty_page() {
 }
 
 async fn name_filter_matches_the_exact_name_only() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let pump = app.create_id(ALICE, &json!({"name": "pump"})).await;
     for name in ["pump 2", "Pump", "pum", " pump", ""] {
         app.create_twin(ALICE, &json!({ "name": name })).await;
@@ -334,7 +348,7 @@ async fn name_filter_matches_the_exact_name_only() {
 }
 
 async fn name_filter_over_1024_bytes_is_400() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let long = "n".repeat(1025);
     let resp = app.get_query("/twins", ALICE, &[("name", &long)]).await;
     assert_error(resp, StatusCode::BAD_REQUEST).await;
@@ -361,7 +375,7 @@ async fn assert_metadata_filters(app: &TestApp, cases: Vec<(Value, Vec<&String>)
 }
 
 async fn metadata_filter_requires_every_top_level_key_to_match() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let a1 = app
         .create_id(
             ALICE,
@@ -400,7 +414,7 @@ async fn metadata_filter_requires_every_top_level_key_to_match() {
 }
 
 async fn metadata_filter_takes_keys_and_values_literally() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let dotted = app
         .create_id(
             ALICE,
@@ -431,7 +445,7 @@ async fn metadata_filter_takes_keys_and_values_literally() {
 }
 
 async fn name_and_metadata_filters_combine() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let wanted = app
         .create_id(ALICE, &json!({"name": "pump", "metadata": {"site": "a"}}))
         .await;
@@ -447,7 +461,7 @@ async fn name_and_metadata_filters_combine() {
 }
 
 async fn metadata_query_that_is_not_a_json_object_is_400() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     app.create_twin(ALICE, &json!({"metadata": {"site": "a"}}))
         .await;
     for bad in [
@@ -466,7 +480,7 @@ async fn metadata_query_that_is_not_a_json_object_is_400() {
 }
 
 async fn bad_limit_or_offset_is_400_on_every_listing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let states = format!("/states/{id}");
     let bad = [
@@ -497,7 +511,7 @@ async fn bad_limit_or_offset_is_400_on_every_listing() {
 // ---------------------------------------------------------------- GET /twins/{id}
 
 async fn view_returns_the_twin_as_created() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app
         .create_twin(ALICE, &json!({"name": "press", "metadata": {"k": [1, 2]}}))
         .await;
@@ -506,7 +520,7 @@ async fn view_returns_the_twin_as_created() {
 }
 
 async fn view_of_missing_or_non_uuid_id_is_404() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     app.create_twin(ALICE, &json!({})).await;
     for id in [
         random_id().as_str(),
@@ -523,12 +537,12 @@ async fn view_of_missing_or_non_uuid_id_is_404() {
 // ---------------------------------------------------------------- PUT /twins/{id}
 
 async fn update_replaces_name_and_metadata_and_increments_revision() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app
         .create_twin(ALICE, &json!({"name": "old", "metadata": {"a": 1, "b": 2}}))
         .await;
     let id = id_of(&created);
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    clock_passes(&created["updated"]).await;
 
     let resp = app
         .put_twin(ALICE, &id, &json!({"name": "new", "metadata": {"c": 3}}))
@@ -579,11 +593,11 @@ async fn update_replaces_name_and_metadata_and_increments_revision() {
 }
 
 async fn update_appends_definitions_with_the_next_id() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "t"})).await;
     let id = id_of(&created);
     let def0 = created["definitions"][0].clone();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    clock_passes(&created["updated"]).await;
 
     let attrs1 = json!([{"name": "temp", "channel": "ch", "subtopic": ">", "persist_state": true}]);
     let one = json_of(
@@ -640,7 +654,7 @@ async fn update_appends_definitions_with_the_next_id() {
 }
 
 async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "a"})).await;
     let id = id_of(&created);
     let updated = json_of(
@@ -659,7 +673,7 @@ async fn update_with_an_empty_definition_and_a_name_changes_only_the_name() {
 }
 
 async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app
         .create_twin(ALICE, &json!({"name": "keep", "metadata": {"k": "v"}}))
         .await;
@@ -681,7 +695,7 @@ async fn update_with_nothing_to_change_is_400_and_changes_nothing() {
 }
 
 async fn update_of_missing_or_non_uuid_twin_is_404() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     for id in [random_id().as_str(), "not-a-uuid"] {
         let resp = app.put_twin(ALICE, id, &json!({"name": "x"})).await;
         assert_error(resp, StatusCode::NOT_FOUND).await;
@@ -690,7 +704,7 @@ async fn update_of_missing_or_non_uuid_twin_is_404() {
 }
 
 async fn concurrent_updates_never_lose_a_definition() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let bodies: Vec<Value> = (0..6)
         .map(|i| json!({"definition": {"attributes": [{"name": format!("a{i}"), "channel": "c"}]}}))
@@ -723,7 +737,7 @@ async fn concurrent_updates_never_lose_a_definition() {
 // ---------------------------------------------------------------- DELETE /twins/{id}
 
 async fn delete_removes_the_twin_and_its_states() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let keep = app.create_id(ALICE, &json!({})).await;
     save_states(&app, &id, 3).await;
@@ -744,7 +758,7 @@ async fn delete_removes_the_twin_and_its_states() {
     )
     .await;
     assert_eq!(
-        app.store.states.latest(&id).await.unwrap(),
+        app.store().states.latest(&id).await.unwrap(),
         None,
         "states are deleted"
     );
@@ -765,7 +779,7 @@ async fn delete_removes_the_twin_and_its_states() {
 }
 
 async fn delete_of_missing_or_non_uuid_id_is_204() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     for other in [random_id().as_str(), "not-a-uuid", "1"] {
         let resp = app.delete_twin(ALICE, other).await;
@@ -775,7 +789,7 @@ async fn delete_of_missing_or_non_uuid_id_is_204() {
 }
 
 async fn delete_of_a_foreign_twin_is_204_and_deletes_nothing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "mine"})).await;
     let id = id_of(&created);
     save_states(&app, &id, 2).await;
@@ -809,12 +823,12 @@ async fn save_states(app: &TestApp, twin_id: &str, n: i64) {
                 ("label".to_owned(), json!(format!("s{id}"))),
             ]),
         };
-        app.store.states.save(&state).await.expect("state saved");
+        app.store().states.save(&state).await.expect("state saved");
     }
 }
 
 async fn states_are_listed_by_ascending_id_with_totals() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let other = app.create_id(ALICE, &json!({})).await;
     save_states(&app, &id, 25).await;
@@ -878,7 +892,7 @@ async fn states_are_listed_by_ascending_id_with_totals() {
 }
 
 async fn states_of_a_twin_without_states_is_an_empty_page() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let page = app.list_states(ALICE, &id, &[]).await;
     assert_eq!(
@@ -888,7 +902,7 @@ async fn states_of_a_twin_without_states_is_an_empty_page() {
 }
 
 async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     save_states(&app, &id, 3).await;
     let cases = [
@@ -907,7 +921,7 @@ async fn states_of_unknown_foreign_or_non_uuid_twin_are_404() {
 /// As the Go service served them: it decoded numbers into float64 and wrote integral ones
 /// without a fraction.
 async fn integral_numbers_are_served_without_a_fraction() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let metadata = json!({"n": 3.0, "r": 0.5, "i": 7, "deep": {"list": [72.0, 1.25]}});
     let served = json!({"n": 3, "r": 0.5, "i": 7, "deep": {"list": [72, 1.25]}});
     let created = app.create_twin(ALICE, &json!({"metadata": metadata})).await;
@@ -927,7 +941,7 @@ async fn integral_numbers_are_served_without_a_fraction() {
             ("ratio".to_owned(), json!(0.25)),
         ]),
     };
-    app.store.states.save(&state).await.expect("state saved");
+    app.store().states.save(&state).await.expect("state saved");
     let states = app.list_states(ALICE, &id, &[]).await;
     assert_eq!(
         states["states"][0]["payload"],
@@ -945,7 +959,7 @@ async fn integral_numbers_are_served_without_a_fraction() {
 }
 
 async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app
         .create_twin(ALICE, &json!({"name": "alice's", "metadata": {"m": 1}}))
         .await;
@@ -978,7 +992,7 @@ async fn a_foreign_twin_is_indistinguishable_from_a_missing_one() {
 }
 
 async fn two_users_may_use_the_same_names() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let a = app.create_twin(ALICE, &json!({"name": "same"})).await;
     let b = app.create_twin(BOB, &json!({"name": "same"})).await;
     assert_eq!(a["owner"], ALICE_ID);
@@ -997,7 +1011,7 @@ async fn two_users_may_use_the_same_names() {
 // ---------------------------------------------------------------- 401
 
 async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
     let id = id_of(&created);
     let twin_path = format!("/twins/{id}");
@@ -1039,7 +1053,7 @@ async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
 }
 
 async fn an_identity_with_an_empty_id_is_401() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let resp = app.get("/twins", ANONYMOUS).await;
     assert_error(resp, StatusCode::UNAUTHORIZED).await;
     let resp = app.post_twin(ANONYMOUS, &json!({})).await;
@@ -1049,7 +1063,7 @@ async fn an_identity_with_an_empty_id_is_401() {
 // ---------------------------------------------------------------- 415, 413, 400
 
 async fn post_and_put_without_a_json_content_type_are_415() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
     let id = id_of(&created);
     let body = br#"{"name":"changed"}"#.to_vec();
@@ -1070,7 +1084,7 @@ async fn post_and_put_without_a_json_content_type_are_415() {
 }
 
 async fn a_body_over_one_mebibyte_is_413() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
     let id = id_of(&created);
     let resp = app
@@ -1086,7 +1100,7 @@ async fn a_body_over_one_mebibyte_is_413() {
 }
 
 async fn a_body_of_exactly_one_mebibyte_is_accepted() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let resp = app
         .post_raw(ALICE, Some("application/json"), body_of_size(MIB))
         .await;
@@ -1096,7 +1110,7 @@ async fn a_body_of_exactly_one_mebibyte_is_accepted() {
 }
 
 async fn empty_or_non_json_bodies_are_400() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app.create_twin(ALICE, &json!({"name": "x"})).await;
     let id = id_of(&created);
     for body in ["", " \n\t", "not json", "{", "{\"name\":\"x\"", "name=x"] {
@@ -1121,7 +1135,7 @@ async fn empty_or_non_json_bodies_are_400() {
 // ---------------------------------------------------------------- errors, routes
 
 async fn unknown_routes_and_methods_answer_json_errors() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let resp = app.get("/nowhere", ALICE).await;
     assert_error(resp, StatusCode::NOT_FOUND).await;
     let resp = send(app.authed(Method::PATCH, "/twins", ALICE)).await;
@@ -1131,20 +1145,21 @@ async fn unknown_routes_and_methods_answer_json_errors() {
 // ---------------------------------------------------------------- /health, /metrics, /openapi.json
 
 async fn health_reports_pass_with_build_information_and_needs_no_token() {
-    let app = spawn_app(&[("MG_TWINS_INSTANCE_ID", "instance-42")]).await;
+    let app = TestApp::builder()
+        .var("MG_TWINS_INSTANCE_ID", "instance-42")
+        .spawn()
+        .await;
     // The broker connection is made in the background just after start-up: until then
-    // the status is "warn"; it must reach "pass" with the store and broker up.
-    let mut health = serde_json::Value::Null;
-    for _ in 0..100 {
-        let resp = send(app.request(Method::GET, "/health")).await;
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(header(&resp, "content-type"), "application/health+json");
-        health = json_of(resp).await;
-        if health["status"] == "pass" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // the status is "warn"; it must reach "pass" with the store and broker up. Every
+    // answer on the way is 200 with the health content type.
+    let health = app
+        .health_until(|h| {
+            assert_eq!(h.status, StatusCode::OK);
+            assert_eq!(h.content_type, "application/health+json");
+            h.body["status"] == "pass"
+        })
+        .await
+        .body;
     assert_eq!(health["status"], "pass", "{health}");
     assert_eq!(health["checks"]["store"], "pass");
     assert_eq!(health["checks"]["broker"], "pass");
@@ -1165,7 +1180,7 @@ async fn health_reports_pass_with_build_information_and_needs_no_token() {
 }
 
 async fn metrics_count_requests_per_route_template() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     app.twin(ALICE, &id).await;
     let missing = random_id();
@@ -1225,7 +1240,7 @@ async fn metrics_count_requests_per_route_template() {
 }
 
 async fn openapi_document_lists_the_twins_and_states_paths() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let resp = send(app.request(Method::GET, "/openapi.json")).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(header(&resp, "content-type").starts_with("application/json"));
@@ -1251,7 +1266,7 @@ async fn openapi_document_lists_the_twins_and_states_paths() {
 async fn error_content_type_is_json_for_each_status() {
     // One request per error status produced by the API itself; assert_error checks the
     // body shape and the content type.
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     assert_error(app.get("/twins", STRANGER).await, StatusCode::UNAUTHORIZED).await;
     assert_error(
         app.get_query("/twins", ALICE, &[("limit", "0")]).await,
@@ -1282,7 +1297,7 @@ async fn error_content_type_is_json_for_each_status() {
 async fn unexpected_failures_are_500_without_the_cause() {
     use sqlx::Connection;
 
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({"name": "soon corrupt"})).await;
     // Corrupt the stored twin behind the service's back.
     let options =

@@ -2,10 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
-use async_nats::jetstream;
-use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use twins::broker;
@@ -52,7 +48,7 @@ async fn patch_doc(app: &TestApp, id: &str, name: &str, body: Value) -> reqwest:
 }
 
 async fn put_creates_then_replaces_with_versions_and_etag() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
 
     let resp = put_doc(&app, &id, "desired", json!({"data": {"armed": true}})).await;
@@ -93,7 +89,7 @@ async fn put_creates_then_replaces_with_versions_and_etag() {
 }
 
 async fn patch_is_a_json_merge_patch_and_creates_from_empty() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let resp = patch_doc(
         &app,
@@ -131,7 +127,7 @@ async fn patch_is_a_json_merge_patch_and_creates_from_empty() {
 }
 
 async fn stale_versions_get_409_with_both_versions() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     put_doc(&app, &id, "d", json!({"data": {"v": 1}})).await;
     put_doc(&app, &id, "d", json!({"data": {"v": 2}})).await;
@@ -184,7 +180,7 @@ async fn stale_versions_get_409_with_both_versions() {
 }
 
 async fn delete_with_and_without_version() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     put_doc(&app, &id, "d", json!({"data": {"v": 1}})).await;
     put_doc(&app, &id, "d", json!({"data": {"v": 2}})).await;
@@ -236,7 +232,7 @@ async fn delete_with_and_without_version() {
 }
 
 async fn bad_requests_and_foreign_twins() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     put_doc(&app, &id, "d", json!({"data": {"secret": 1}})).await;
 
@@ -336,7 +332,7 @@ async fn bad_requests_and_foreign_twins() {
 }
 
 async fn deleting_a_twin_deletes_its_documents() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     put_doc(&app, &id, "d", json!({"data": {}})).await;
     assert_eq!(
@@ -344,7 +340,7 @@ async fn deleting_a_twin_deletes_its_documents() {
         StatusCode::NO_CONTENT
     );
     assert!(
-        app.store
+        app.store()
             .documents
             .list(&id)
             .await
@@ -354,7 +350,7 @@ async fn deleting_a_twin_deletes_its_documents() {
 }
 
 async fn fifty_concurrent_conditional_patches_exactly_one_wins() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let v = json_of(put_doc(&app, &id, "d", json!({"data": {}})).await).await["version"]
         .as_i64()
@@ -382,7 +378,7 @@ async fn fifty_concurrent_conditional_patches_exactly_one_wins() {
 }
 
 async fn concurrent_unconditional_patches_on_distinct_keys_lose_nothing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     let requests =
         (0..30).map(|i| patch_doc(&app, &id, "d", json!({"data": {format!("k{i}"): i}})));
@@ -395,7 +391,7 @@ async fn concurrent_unconditional_patches_on_distinct_keys_lose_nothing() {
 }
 
 async fn delta_shows_what_the_device_has_not_applied() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let id = app.create_id(ALICE, &json!({})).await;
     put_doc(
         &app,
@@ -457,7 +453,7 @@ async fn delta_shows_what_the_device_has_not_applied() {
 }
 
 async fn openapi_lists_the_document_endpoints() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let doc = json_of(send(app.request(Method::GET, "/openapi.json")).await).await;
     for path in [
         "/twins/{id}/documents",
@@ -476,131 +472,104 @@ async fn openapi_lists_the_document_endpoints() {
 // ---------------------------------------------------------------- inband over the broker
 
 /// An app on a NATS server of the test's own: inband answers on shared subjects would
-/// otherwise come from every test's app at once.
-struct Broker {
-    app: TestApp,
-    nats: async_nats::Client,
-    js: jetstream::Context,
-    _server: Child,
-    _dir: tempfile::TempDir,
+/// otherwise come from every test's app at once. Returns once the app takes messages,
+/// so its inband subscriptions are in place too.
+async fn with_own_broker() -> TestApp {
+    let app = TestApp::builder().own_broker().spawn().await;
+    app.wait_ingesting().await;
+    app
 }
 
-async fn with_own_broker() -> Broker {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let server = own_nats(port, dir.path()).await;
-    let url = format!("nats://127.0.0.1:{port}");
-    let app = spawn_app(&[("MG_MESSAGE_BROKER_URL", url.as_str())]).await;
-    let nats = async_nats::connect(url.as_str()).await.expect("own NATS");
-    let js = jetstream::new(nats.clone());
-    // The consumer is created in the background: wait for it.
-    wait_for_consumer(&js, &app.group).await;
-    Broker {
-        app,
-        nats,
-        js,
-        _server: server,
-        _dir: dir,
-    }
+/// Publishes a device request on `channel` and returns the response envelope's subtopic
+/// suffix (`success`/`error`) and JSON payload.
+async fn device(
+    app: &TestApp,
+    channel: &str,
+    twin: &str,
+    doc: &str,
+    op: &str,
+    body: Value,
+) -> (String, Value) {
+    let subtopic = format!("twins.{twin}.{doc}.{op}");
+    let mut sub = app
+        .subscribe(format!("channels.{channel}.{subtopic}.response.*"))
+        .await;
+    app.publish_raw(
+        channel,
+        &subtopic,
+        envelope(channel, &subtopic, body.to_string().into_bytes()),
+    )
+    .await;
+    let msg = receive(&mut sub, "response").await;
+    let answer = broker::decode(&msg.payload).expect("envelope");
+    assert_eq!(answer.channel, channel);
+    assert_eq!(answer.publisher, "twins");
+    let outcome = answer
+        .subtopic
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    (
+        outcome,
+        serde_json::from_slice(&answer.payload).expect("JSON answer"),
+    )
 }
-
-impl Broker {
-    /// Publishes a device request on `channel` and returns the response envelope's
-    /// subtopic suffix (`success`/`error`) and JSON payload.
-    async fn device(
-        &self,
-        channel: &str,
-        twin: &str,
-        doc: &str,
-        op: &str,
-        body: Value,
-    ) -> (String, Value) {
-        let subtopic = format!("twins.{twin}.{doc}.{op}");
-        let mut sub = self
-            .nats
-            .subscribe(format!("channels.{channel}.{subtopic}.response.*"))
-            .await
-            .expect("subscribe");
-        self.nats.flush().await.expect("flush");
-        publish_device(&self.js, channel, &subtopic, body.to_string().into_bytes()).await;
-        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
-            .await
-            .expect("response within 5 s")
-            .expect("subscription open");
-        let answer = broker::decode(&msg.payload).expect("envelope");
-        assert_eq!(answer.channel, channel);
-        assert_eq!(answer.publisher, "twins");
-        let outcome = answer
-            .subtopic
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        (
-            outcome,
-            serde_json::from_slice(&answer.payload).expect("JSON answer"),
-        )
-    }
-}
-
 async fn inband_get_put_patch_delete_through_the_channel() {
     let b = with_own_broker().await;
     let ch = uuid::Uuid::new_v4().to_string();
     let id = b
-        .app
         .create_id(ALICE, &json!({"definition": {"attributes": [{"name": "x", "channel": ch, "persist_state": true}]}}))
         .await;
 
-    let (o, doc) = b
-        .device(
-            &ch,
-            &id,
-            "current",
-            "put",
-            json!({"data": {"armed": false}}),
-        )
-        .await;
+    let (o, doc) = device(
+        &b,
+        &ch,
+        &id,
+        "current",
+        "put",
+        json!({"data": {"armed": false}}),
+    )
+    .await;
     assert_eq!(o, "success", "{doc}");
     assert_eq!(doc["version"], 1);
-    let (o, doc) = b
-        .device(
-            &ch,
-            &id,
-            "current",
-            "patch",
-            json!({"version": 1, "data": {"zones": 1}}),
-        )
-        .await;
+    let (o, doc) = device(
+        &b,
+        &ch,
+        &id,
+        "current",
+        "patch",
+        json!({"version": 1, "data": {"zones": 1}}),
+    )
+    .await;
     assert_eq!(o, "success", "{doc}");
     assert_eq!(doc["data"], json!({"armed": false, "zones": 1}));
-    let (o, doc) = b.device(&ch, &id, "current", "get", json!({})).await;
+    let (o, doc) = device(&b, &ch, &id, "current", "get", json!({})).await;
     assert_eq!((o.as_str(), doc["version"].clone()), ("success", json!(2)));
 
-    let (o, err) = b
-        .device(
-            &ch,
-            &id,
-            "current",
-            "patch",
-            json!({"version": 1, "data": {"z": 0}}),
-        )
-        .await;
+    let (o, err) = device(
+        &b,
+        &ch,
+        &id,
+        "current",
+        "patch",
+        json!({"version": 1, "data": {"z": 0}}),
+    )
+    .await;
     assert_eq!(o, "error");
     assert_eq!(
         err,
         json!({"error": "document version mismatch", "twin_id": id, "document_name": "current",
                "expected_version": 1, "actual_version": 2})
     );
-    let (o, _) = b
-        .device(&ch, &id, "current", "delete", json!({"version": 2}))
-        .await;
+    let (o, _) = device(&b, &ch, &id, "current", "delete", json!({"version": 2})).await;
     assert_eq!(o, "success");
-    let (o, err) = b.device(&ch, &id, "current", "get", json!({})).await;
+    let (o, err) = device(&b, &ch, &id, "current", "get", json!({})).await;
     assert_eq!(o, "error");
     assert_eq!(err["error"], "entity not found");
 
     // The requests never became states.
-    let states = b.app.list_states(ALICE, &id, &[]).await;
+    let states = b.list_states(ALICE, &id, &[]).await;
     assert_eq!(states["total"], 0);
 }
 
@@ -611,50 +580,46 @@ async fn inband_on_an_unbound_channel_gets_an_error_and_no_data() {
         uuid::Uuid::new_v4().to_string(),
     );
     let id = b
-        .app
         .create_id(
             ALICE,
             &json!({"definition": {"attributes": [{"name": "x", "channel": bound}]}}),
         )
         .await;
     send(
-        b.app
-            .authed(Method::PUT, &doc_path(&id, "desired"), ALICE)
+        b.authed(Method::PUT, &doc_path(&id, "desired"), ALICE)
             .json(&json!({"data": {"secret": 1}})),
     )
     .await;
-    let (o, err) = b.device(&other, &id, "desired", "get", json!({})).await;
+    let (o, err) = device(&b, &other, &id, "desired", "get", json!({})).await;
     assert_eq!(o, "error");
     assert_eq!(err, json!({"error": "entity not found"}));
-    let (o, _) = b
-        .device(
-            &other,
-            &id,
-            "desired",
-            "put",
-            json!({"data": {"hijack": 1}}),
-        )
-        .await;
+    let (o, _) = device(
+        &b,
+        &other,
+        &id,
+        "desired",
+        "put",
+        json!({"data": {"hijack": 1}}),
+    )
+    .await;
     assert_eq!(o, "error");
-    let doc = json_of(b.app.get(&doc_path(&id, "desired"), ALICE).await).await;
+    let doc = json_of(b.get(&doc_path(&id, "desired"), ALICE).await).await;
     assert_eq!(doc["data"], json!({"secret": 1}));
     assert_eq!(doc["version"], 1);
 }
 
 async fn inband_request_reply_for_back_end_callers() {
     let b = with_own_broker().await;
-    let id = b.app.create_id(ALICE, &json!({})).await;
+    let id = b.create_id(ALICE, &json!({})).await;
     let ask = |op: &str, body: Value| {
-        let nats = b.nats.clone();
+        let nats = b.nats().clone();
         let subject = format!("twins.{id}.desired.{op}");
         async move {
-            let reply = tokio::time::timeout(
-                Duration::from_secs(5),
-                nats.request(subject, body.to_string().into()),
-            )
-            .await
-            .expect("reply within 5 s")
-            .expect("request answered");
+            let reply =
+                tokio::time::timeout(DEADLINE, nats.request(subject, body.to_string().into()))
+                    .await
+                    .expect("a reply")
+                    .expect("request answered");
             serde_json::from_slice::<Value>(&reply.payload).expect("JSON reply")
         }
     };
@@ -669,7 +634,7 @@ async fn inband_request_reply_for_back_end_callers() {
     assert_eq!(doc["version"], 2);
     let err = ask("get", json!("not an object")).await;
     assert!(err["error"].is_string());
-    let rest = json_of(b.app.get(&doc_path(&id, "desired"), ALICE).await).await;
+    let rest = json_of(b.get(&doc_path(&id, "desired"), ALICE).await).await;
     assert_eq!(rest["data"], json!({"armed": true, "zones": 3}));
 }
 
@@ -679,7 +644,6 @@ async fn alarm_panel_desired_current_round_trip() {
     let b = with_own_broker().await;
     let panel_channel = uuid::Uuid::new_v4().to_string();
     let panel = b
-        .app
         .create_id(
             ALICE,
             &json!({"name": "alarm panel", "definition": {"attributes": [
@@ -689,50 +653,45 @@ async fn alarm_panel_desired_current_round_trip() {
 
     // The app arms the alarm.
     let resp = send(
-        b.app
-            .authed(Method::PATCH, &doc_path(&panel, "desired"), ALICE)
+        b.authed(Method::PATCH, &doc_path(&panel, "desired"), ALICE)
             .json(&json!({"data": {"alarm": {"armed": true}}})),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
 
     // The device reads what is desired...
-    let (o, desired) = b
-        .device(&panel_channel, &panel, "desired", "get", json!({}))
-        .await;
+    let (o, desired) = device(&b, &panel_channel, &panel, "desired", "get", json!({})).await;
     assert_eq!(o, "success");
     assert_eq!(desired["data"]["alarm"]["armed"], true);
     // ...sees it differs from what it reported, applies it and reports back.
     let delta = json_of(
-        b.app
-            .get(
-                &format!("{}/delta?against=current", doc_path(&panel, "desired")),
-                ALICE,
-            )
-            .await,
+        b.get(
+            &format!("{}/delta?against=current", doc_path(&panel, "desired")),
+            ALICE,
+        )
+        .await,
     )
     .await;
     assert_eq!(delta["differences"][0]["path"], json!(["alarm"]));
-    let (o, current) = b
-        .device(
-            &panel_channel,
-            &panel,
-            "current",
-            "patch",
-            json!({"data": {"alarm": {"armed": true}}}),
-        )
-        .await;
+    let (o, current) = device(
+        &b,
+        &panel_channel,
+        &panel,
+        "current",
+        "patch",
+        json!({"data": {"alarm": {"armed": true}}}),
+    )
+    .await;
     assert_eq!(o, "success");
     assert_eq!(current["version"], 1);
 
     // The app sees nothing pending any more.
     let delta = json_of(
-        b.app
-            .get(
-                &format!("{}/delta?against=current", doc_path(&panel, "desired")),
-                ALICE,
-            )
-            .await,
+        b.get(
+            &format!("{}/delta?against=current", doc_path(&panel, "desired")),
+            ALICE,
+        )
+        .await,
     )
     .await;
     assert_eq!(delta["differences"], json!([]));

@@ -10,8 +10,6 @@
 //! `mongodb::<name>`, see `common::backend`).
 
 mod common;
-#[path = "support/ops.rs"]
-mod ops;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,8 +19,10 @@ use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
+use tokio::task::JoinHandle;
 
 use common::proxy::Proxy;
+use common::*;
 
 use twins::broker::{self, Envelope};
 use twins::domain::sampling::{self, Write};
@@ -30,176 +30,126 @@ use twins::domain::senml;
 use twins::domain::state::State;
 use twins::domain::twin::{Attribute, Definition};
 
-const TOKEN: &str = "fault-token";
-const OWNER: &str = "fault-owner";
 /// Sampling window of the twins: 1 s.
 const DELTA: i64 = 1_000_000_000;
 const T0: f64 = 1_700_000_000.0;
 /// Lease of the tests' instances: a killed holder is replaced within about this long.
 const LEASE: &str = "2s";
-
-fn uid() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
+/// How long a scenario may take to make the progress it waits for before it fails.
+const PROGRESS: Duration = Duration::from_secs(180);
 
 /// The scenarios run one at a time. Every instance reads the whole shared `channels`
 /// stream (messages no twin of its own listens to are looked up and ignored), so
 /// scenarios running together would each process all the others' messages too.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// One deployment: a database, a group and a broker shared by its instances.
+/// One deployment: the binary's instances of one group on one database and broker.
 struct Deployment {
+    app: TestApp,
     _turn: tokio::sync::MutexGuard<'static, ()>,
-    dir: TempDir,
-    db_url: String,
-    group: String,
-    nats_url: String,
-    js: jetstream::Context,
-    http: reqwest::Client,
+}
+
+/// Messages being published in the background, counted from the group's position
+/// when publishing started.
+struct Publishing {
+    base: u64,
+    task: JoinHandle<u64>,
+}
+
+impl Publishing {
+    /// The stream sequence of the last message, once all are published.
+    async fn finished(self) -> u64 {
+        self.task.await.expect("publisher")
+    }
 }
 
 impl Deployment {
     async fn new() -> Self {
-        Self::on(common::NATS_URL, None).await
+        Self::with(|b| b).await
     }
 
-    /// On the broker at `nats_url`, with the database at `db_url` (when None, a database
-    /// of the test's own on its backend).
-    async fn on(nats_url: &str, db_url: Option<String>) -> Self {
+    /// A deployment whose app is `configure`d on top of the scenarios' settings.
+    async fn with(configure: impl FnOnce(Builder) -> Builder) -> Self {
         let turn = ONE_AT_A_TIME.lock().await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db_url = db_url.unwrap_or_else(|| common::backend::database_url(dir.path()));
-        let nats = async_nats::connect(nats_url)
-            .await
-            .expect("NATS with JetStream must run (see .ci/run)");
+        let builder = TestApp::builder()
+            .process()
+            .auth(Auth::Standalone)
+            .var("MG_TWINS_INGEST_LEASE", LEASE);
         Self {
+            app: configure(builder).spawn().await,
             _turn: turn,
-            dir,
-            db_url,
-            group: format!("fault-{}", uid()),
-            nats_url: nats_url.to_owned(),
-            js: jetstream::new(nats),
-            http: common::client(),
         }
-    }
-
-    async fn start(&self) -> ops::Binary {
-        self.start_with(&[]).await
-    }
-
-    async fn start_with(&self, extra: &[(&str, &str)]) -> ops::Binary {
-        let mut vars = vec![
-            ("MG_TWINS_DB_URL", self.db_url.as_str()),
-            ("MG_MESSAGE_BROKER_URL", self.nats_url.as_str()),
-            ("MG_TWINS_INSTANCE_GROUP", self.group.as_str()),
-            ("MG_TWINS_STANDALONE_ID", OWNER),
-            ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
-            ("MG_TWINS_INGEST_LEASE", LEASE),
-            ("MG_TWINS_SHUTDOWN_TIMEOUT", "5s"),
-        ];
-        vars.extend_from_slice(extra);
-        ops::start_binary(&vars).await
     }
 
     /// Creates `n` twins, each listening on a channel of its own; (twin id, channel).
-    async fn twins(&self, app: &ops::Binary, n: usize) -> Vec<(String, String)> {
+    async fn twins(&self, n: usize) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let ch = format!("f{}", uid());
-            let resp = self
-                .http
-                .post(app.url("/twins"))
-                .bearer_auth(TOKEN)
-                .json(&json!({"definition": {
-                    "attributes": [{"name": "v", "channel": ch, "subtopic": "", "persist_state": true}],
-                    "delta": DELTA
-                }}))
-                .send()
-                .await
-                .expect("POST /twins");
-            assert_eq!(resp.status(), 201);
-            let twin: Value = resp.json().await.expect("twin JSON");
-            out.push((twin["id"].as_str().expect("id").to_owned(), ch));
+            let ch = unique("f");
+            let id = self
+                .app
+                .create_listening(&[attribute("v", &ch, "", true)])
+                .await;
+            out.push((id, ch));
         }
         out
-    }
-
-    /// Waits until the group's consumer exists: from then on, what is published is
-    /// the group's to apply.
-    async fn wait_ingesting(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(stream) = self.js.get_stream(broker::STREAM).await
-                && stream.consumer_info(&self.group).await.is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the group's consumer never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The stream sequence up to which the group's consumer has acked (0 when none).
-    async fn acked(&self) -> u64 {
-        match self.js.get_stream(broker::STREAM).await {
-            Ok(stream) => stream
-                .consumer_info(&self.group)
-                .await
-                .map(|i| i.ack_floor.stream_sequence)
-                .unwrap_or(0),
-            Err(_) => 0,
-        }
     }
 
     /// Waits until everything up to `seq` is applied (acked after it was made durable).
     async fn wait_applied(&self, seq: u64, within: Duration) {
         let deadline = Instant::now() + within;
-        while self.acked().await < seq {
+        while self.app.acked().await < seq {
             assert!(
                 Instant::now() < deadline,
                 "not applied up to {seq} within {within:?} (acked {})",
-                self.acked().await
+                self.app.acked().await
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    async fn states(&self, app: &ops::Binary, twin: &str) -> Vec<Value> {
-        let mut all = Vec::new();
-        loop {
-            let resp = self
-                .http
-                .get(app.url(&format!("/states/{twin}?limit=100&offset={}", all.len())))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .expect("GET /states");
-            assert_eq!(resp.status(), 200);
-            let page: Value = resp.json().await.expect("states page");
-            let items = page["states"].as_array().cloned().unwrap_or_default();
-            if items.is_empty() {
-                return all;
-            }
-            all.extend(items);
+    /// Starts publishing `messages` in the background.
+    async fn publish_in_background(&self, messages: &[Published]) -> Publishing {
+        let base = self.app.acked().await;
+        let js = self.app.js().clone();
+        let messages = messages.to_vec();
+        Publishing {
+            base,
+            task: tokio::spawn(async move { publish_on(&js, &messages).await }),
         }
+    }
+
+    /// Waits until the group has acked `count` of the messages `publishing`.
+    async fn wait_progress(&self, publishing: &Publishing, count: u64) {
+        let target = publishing.base + count;
+        let deadline = Instant::now() + PROGRESS;
+        while self.app.acked().await < target {
+            assert!(Instant::now() < deadline, "no progress to {target}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Publishes `messages` in the background and returns once `count` of them are
+    /// applied: the fault that follows strikes mid-ingest.
+    async fn publish_until(&self, messages: &[Published], count: u64) -> Publishing {
+        let publishing = self.publish_in_background(messages).await;
+        self.wait_progress(&publishing, count).await;
+        publishing
     }
 
     /// Asserts that every twin has exactly the oracle's states. The consumer's ack
     /// floor can run ahead of what the current holder applied (a late ack of an
     /// instance that lost the lease lands on the recreated consumer of the same name),
     /// so each twin is given until a deadline to match.
-    async fn assert_matches(&self, app: &ops::Binary, oracle: &Oracle) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    async fn assert_matches(&self, oracle: &Oracle) {
+        let deadline = Instant::now() + PROGRESS;
         for (twin, expected) in &oracle.states {
             let expected: Vec<Value> = expected
                 .iter()
                 .map(|s| serde_json::to_value(s).expect("state JSON"))
                 .collect();
             loop {
-                let served = self.states(app, twin).await;
+                let served = self.app.states(twin).await;
                 if served == expected {
                     break;
                 }
@@ -219,13 +169,14 @@ impl Deployment {
     }
 
     async fn publish(&self, messages: &[Published]) -> u64 {
-        publish_on(&self.js, messages).await
+        publish_on(self.app.js(), messages).await
     }
-}
 
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        common::delete_consumer_at(&self.nats_url, &self.group);
+    /// SIGTERM to the newest instance, which must exit 0.
+    async fn terminate(&mut self) {
+        self.app.instance().terminate();
+        let status = self.app.instance().wait(DEADLINE).await;
+        assert_eq!(status.code(), Some(0), "SIGTERM ends with exit code 0");
     }
 }
 
@@ -330,81 +281,56 @@ impl Oracle {
 }
 
 async fn sigkill_three_times_during_ingest_loses_and_duplicates_nothing() {
-    let d = Deployment::new().await;
-    let mut app = d.start().await;
-    let twins = d.twins(&app, 200).await;
-    d.wait_ingesting().await;
+    let mut d = Deployment::new().await;
+    let twins = d.twins(200).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..20_000);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
 
-    let js = d.js.clone();
-    let to_publish = all.clone();
-    let publisher = tokio::spawn(async move { publish_on(&js, &to_publish).await });
-    // The first message's sequence is unknown until published: count progress from
-    // the consumer's position when publishing started.
-    let base = d.acked().await;
-    for (i, share) in [0.15, 0.4, 0.7].into_iter().enumerate() {
-        let target = base + (20_000.0 * share) as u64;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while d.acked().await < target {
-            assert!(
-                Instant::now() < deadline,
-                "kill {i}: no progress to {target}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        app.kill().await;
-        app = d.start().await;
+    let publishing = d.publish_in_background(&all).await;
+    for share in [0.15, 0.4, 0.7] {
+        d.wait_progress(&publishing, (20_000.0 * share) as u64)
+            .await;
+        d.app.instance().kill().await;
+        d.app.start().await;
     }
-    let last = publisher.await.expect("publisher");
-    d.wait_applied(last, Duration::from_secs(180)).await;
-    d.assert_matches(&app, &oracle).await;
+    let last = publishing.finished().await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }
 
 async fn sigterm_mid_ingest_then_restart_loses_nothing_and_exits_zero() {
-    let d = Deployment::new().await;
-    let mut app = d.start().await;
-    let twins = d.twins(&app, 50).await;
-    d.wait_ingesting().await;
+    let mut d = Deployment::new().await;
+    let twins = d.twins(50).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..10_000);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
-    let base = d.acked().await;
-    let js = d.js.clone();
-    let to_publish = all.clone();
-    let publisher = tokio::spawn(async move { publish_on(&js, &to_publish).await });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while d.acked().await < base + 2_000 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    app.terminate();
-    let status = app.wait(Duration::from_secs(7)).await;
-    assert_eq!(status.code(), Some(0), "SIGTERM ends with exit code 0");
-    let app = d.start().await;
-    let last = publisher.await.expect("publisher");
-    d.wait_applied(last, Duration::from_secs(120)).await;
-    d.assert_matches(&app, &oracle).await;
+    let publishing = d.publish_until(&all, 2_000).await;
+    d.terminate().await;
+    d.app.start().await;
+    let last = publishing.finished().await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }
 
 async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
-    let d = Deployment::new().await;
-    let mut app = d.start().await;
-    let twins = d.twins(&app, 1).await;
-    d.wait_ingesting().await;
+    let mut d = Deployment::new().await;
+    let twins = d.twins(1).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..30);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
 
     // While the service is stopped, a client bound to the group's consumer takes the
     // first messages and never acks them.
-    app.terminate();
-    assert_eq!(app.wait(Duration::from_secs(7)).await.code(), Some(0));
+    d.terminate().await;
     d.publish(&all[..10]).await;
-    let stream = d.js.get_stream(broker::STREAM).await.expect("stream");
+    let group = d.app.group.clone();
+    let stream = d.app.js().get_stream(broker::STREAM).await.expect("stream");
     let consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer(&d.group)
+        .get_consumer(&group)
         .await
         .expect("the group's consumer");
     let mut taken = consumer
@@ -419,17 +345,17 @@ async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
     }
     assert_eq!(held.len(), 4, "the foreign client holds four messages");
 
-    let app = d.start().await;
-    d.wait_ingesting().await;
+    d.app.start().await;
+    d.app.wait_ingesting().await;
     // And while it runs, the foreign client keeps taking messages: each time a pull
     // request of its own waits beside the service's, a few messages are published.
     let mut stolen = 0;
     let mut last = 0;
     for chunk in all[10..].chunks(5) {
         // The service recreates the consumer after each theft: wait for the new one.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + DEADLINE;
         let consumer: jetstream::consumer::PullConsumer = loop {
-            match stream.get_consumer(&d.group).await {
+            match stream.get_consumer(&group).await {
                 Ok(c) => break c,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "the group's consumer: {e}");
@@ -454,9 +380,11 @@ async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
         });
         // The service keeps one pull request waiting; publish once the foreign one
         // waits beside it (or has ended, e.g. on a consumer the service recreated).
+        // Past the deadline, publishing anyway only makes a theft less likely, which
+        // the assertion on `stolen` below catches.
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline && !thief.is_finished() {
-            match stream.consumer_info(&d.group).await {
+            match stream.consumer_info(&group).await {
                 Ok(info) if info.num_waiting >= 2 => break,
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -470,61 +398,45 @@ async fn a_foreign_client_of_the_group_that_never_acks_loses_nothing() {
         stolen > 0,
         "the foreign client took no message while the service ran"
     );
-    d.wait_applied(last, Duration::from_secs(60)).await;
-    d.assert_matches(&app, &oracle).await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
     drop(held);
 }
 
 async fn a_broker_restart_mid_ingest_loses_nothing() {
-    let nats_dir = tempfile::tempdir().expect("temp dir");
-    let port = common::free_port();
-    let url = format!("nats://127.0.0.1:{port}");
-    let nats = common::own_nats(port, nats_dir.path()).await;
-    let d = Deployment::on(&url, None).await;
-    let app = d.start().await;
-    let twins = d.twins(&app, 20).await;
-    d.wait_ingesting().await;
+    let mut d = Deployment::with(Builder::own_broker).await;
+    let twins = d.twins(20).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..4_000);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
     d.publish(&all[..2_000]).await;
-    drop(nats);
-    let _nats = common::own_nats(port, nats_dir.path()).await;
-    // A fresh connection: the deployment's own reconnects in the background.
-    let js = jetstream::new(async_nats::connect(&url).await.expect("broker back"));
-    let last = publish_on(&js, &all[2_000..]).await;
-    d.wait_applied(last, Duration::from_secs(120)).await;
-    d.assert_matches(&app, &oracle).await;
+    d.app.restart_broker().await;
+    let last = d.publish(&all[2_000..]).await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }
 
-/// Two or three instances of one group on one database; one is killed mid-run.
-async fn several_instances(d: Deployment, instances: usize) {
-    let mut apps = Vec::new();
-    for _ in 0..instances {
-        apps.push(d.start().await);
+/// Two or three instances of one group on one database; the first one started is
+/// killed mid-run.
+async fn several_instances(mut d: Deployment, instances: usize) {
+    for _ in 1..instances {
+        d.app.start().await;
     }
-    let burst = d.twins(&apps[0], 1).await;
-    let spread = d.twins(&apps[instances - 1], 50).await;
-    d.wait_ingesting().await;
+    let burst = d.twins(1).await;
+    let spread = d.twins(50).await;
+    d.app.wait_ingesting().await;
     let mut all = messages(&burst, 0..500);
     all.extend(messages(&spread, 0..5_000));
     let mut oracle = Oracle::new(&burst);
     oracle.states.extend(Oracle::new(&spread).states);
     oracle.apply(&all);
-    let base = d.acked().await;
-    let js = d.js.clone();
-    let to_publish = all.clone();
-    let publisher = tokio::spawn(async move { publish_on(&js, &to_publish).await });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while d.acked().await < base + 1_000 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let publishing = d.publish_until(&all, 1_000).await;
     // Kill whichever instance; the lease moves to another if it was the holder.
-    apps[0].kill().await;
-    let last = publisher.await.expect("publisher");
-    d.wait_applied(last, Duration::from_secs(180)).await;
-    d.assert_matches(&apps[instances - 1], &oracle).await;
+    d.app.first_instance().kill().await;
+    let last = publishing.finished().await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }
 
 async fn two_instances_of_one_group_apply_every_message_once() {
@@ -547,53 +459,33 @@ crate::backend_matrix!(
 
 /// MongoDB only: the store is cut off (through a proxy) mid-ingest and comes back.
 async fn a_store_outage_mid_ingest_loses_nothing() {
-    let (_, db) = common::backend::mongodb_database();
-    let proxy = Proxy::to(&common::backend::mongodb_address()).await;
+    let (_, db) = backend::mongodb_database();
+    let proxy = Proxy::to(&backend::mongodb_address()).await;
     let url = format!(
         "mongodb://{}/{}?directConnection=true&serverSelectionTimeoutMS=1000",
         proxy.addr,
         db.name()
     );
-    let d = Deployment::on(common::NATS_URL, Some(url)).await;
-    let app = d.start().await;
-    let twins = d.twins(&app, 20).await;
-    d.wait_ingesting().await;
+    let d = Deployment::with(|b| b.database(url)).await;
+    let twins = d.twins(20).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..3_000);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
-    let base = d.acked().await;
-    let js = d.js.clone();
-    let to_publish = all.clone();
-    let publisher = tokio::spawn(async move { publish_on(&js, &to_publish).await });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while d.acked().await < base + 300 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let publishing = d.publish_until(&all, 300).await;
     proxy.cut();
     // The store is away: /health says so, and nothing acked is lost meanwhile.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let health = d.http.get(app.url("/health")).send().await.expect("health");
-        if health.status() == 503 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the store outage never showed in /health"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.app.health_until(|h| h.status == 503).await;
     proxy.restore();
-    let last = publisher.await.expect("publisher");
-    d.wait_applied(last, Duration::from_secs(120)).await;
-    d.assert_matches(&app, &oracle).await;
+    let last = publishing.finished().await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }
 
 #[tokio::test]
 async fn mongodb_store_outage_mid_ingest_loses_nothing() {
-    common::backend::run(
-        common::backend::Backend::MongoDb,
+    backend::run(
+        backend::Backend::MongoDb,
         a_store_outage_mid_ingest_loses_nothing(),
     )
     .await;
@@ -602,14 +494,12 @@ async fn mongodb_store_outage_mid_ingest_loses_nothing() {
 /// SQLite only: the twin is corrupted in the database file.
 #[tokio::test]
 async fn a_corrupt_twin_is_set_aside_and_the_others_keep_ingesting() {
-    let d = Deployment::new().await;
-    let mut app = d.start().await;
-    let twins = d.twins(&app, 2).await;
-    d.wait_ingesting().await;
-    app.terminate();
-    assert_eq!(app.wait(Duration::from_secs(7)).await.code(), Some(0));
+    let mut d = Deployment::new().await;
+    let twins = d.twins(2).await;
+    d.app.wait_ingesting().await;
+    d.terminate().await;
     let (bad, _) = &twins[0];
-    let path = d.dir.path().join("twins.db");
+    let path = d.app.dir.path().join("twins.db");
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("open the database");
@@ -620,12 +510,12 @@ async fn a_corrupt_twin_is_set_aside_and_the_others_keep_ingesting() {
         .expect("corrupt the twin");
     pool.close().await;
 
-    let nats = async_nats::connect(common::NATS_URL).await.expect("NATS");
-    let mut letters = nats
-        .subscribe("twins.deadletter.corrupt_twin")
-        .await
-        .expect("subscribe");
-    let app = d.start().await;
+    let mut letters = d
+        .app
+        .subscribe("twins.deadletter.corrupt_twin".into())
+        .await;
+    d.app.start().await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..40);
     let mut oracle = Oracle::new(&twins[1..]);
     oracle.apply(
@@ -635,11 +525,11 @@ async fn a_corrupt_twin_is_set_aside_and_the_others_keep_ingesting() {
             .collect::<Vec<_>>(),
     );
     let last = d.publish(&all).await;
-    d.wait_applied(last, Duration::from_secs(60)).await;
-    d.assert_matches(&app, &oracle).await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
     // Every message of the corrupt twin is on the dead-letter subject, with its twin.
     let mut seen = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
     while seen < 20 {
         let m = tokio::time::timeout_at(deadline, letters.next())
             .await
@@ -711,19 +601,17 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
         assert!(!is_root, "running as root, the tmpfs must mount");
         return;
     };
-    let d = Deployment::on(
-        common::NATS_URL,
-        Some(format!("sqlite://{}/twins.db", disk.dir.path().display())),
-    )
+    let mut d = Deployment::with(|b| {
+        b.database(format!("sqlite://{}/twins.db", disk.dir.path().display()))
+    })
     .await;
-    let mut app = d.start().await;
-    let twins = d.twins(&app, 5).await;
-    d.wait_ingesting().await;
+    let twins = d.twins(5).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..2_000);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
     let first = d.publish(&all[..500]).await;
-    d.wait_applied(first, Duration::from_secs(60)).await;
+    d.wait_applied(first, PROGRESS).await;
 
     let filler = disk.fill();
     // Writes now either succeed durably or are refused with 503.
@@ -731,13 +619,12 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
     let mut refused = 0;
     for i in 0..300 {
         let resp = d
-            .http
-            .post(app.url("/twins"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"name": format!("t{i}"), "metadata": {"pad": "x".repeat(2000)}}))
-            .send()
-            .await
-            .expect("POST /twins");
+            .app
+            .post_twin(
+                ALICE,
+                &json!({"name": format!("t{i}"), "metadata": {"pad": "x".repeat(2000)}}),
+            )
+            .await;
         match resp.status().as_u16() {
             201 => {
                 let t: Value = resp.json().await.expect("twin");
@@ -748,9 +635,8 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
         }
     }
     assert!(refused > 0, "the disk never filled up");
-    let health = d.http.get(app.url("/health")).send().await.expect("health");
     assert_eq!(
-        health.status(),
+        d.app.health().await.status,
         503,
         "the store is reported failing while writes fail"
     );
@@ -758,48 +644,42 @@ async fn a_full_disk_answers_503_and_loses_nothing_it_acknowledged() {
     let last = d.publish(&all[500..]).await;
 
     std::fs::remove_file(&filler).expect("free the space");
-    d.wait_applied(last, Duration::from_secs(120)).await;
-    d.assert_matches(&app, &oracle).await;
-    let check = |app: &ops::Binary, id: &String| {
-        let req = d
-            .http
-            .get(app.url(&format!("/twins/{id}")))
-            .bearer_auth(TOKEN);
-        async move { req.send().await.expect("GET /twins").status().as_u16() }
-    };
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
     for id in &created {
-        assert_eq!(check(&app, id).await, 200, "twin {id} answered 201");
+        assert_eq!(
+            d.app.get(&format!("/twins/{id}"), ALICE).await.status(),
+            200,
+            "twin {id} answered 201"
+        );
     }
-    app.kill().await;
-    let app = d.start().await;
+    d.app.instance().kill().await;
+    d.app.start().await;
     for id in &created {
-        assert_eq!(check(&app, id).await, 200, "twin {id} after a restart");
+        assert_eq!(
+            d.app.get(&format!("/twins/{id}"), ALICE).await.status(),
+            200,
+            "twin {id} after a restart"
+        );
     }
-    d.assert_matches(&app, &oracle).await;
+    d.assert_matches(&oracle).await;
 }
 
 async fn a_stream_recreated_behind_the_position_is_followed_from_its_start() {
-    let port = common::free_port();
-    let url = format!("nats://127.0.0.1:{port}");
-    let first_dir = tempfile::tempdir().expect("temp dir");
-    let nats = common::own_nats(port, first_dir.path()).await;
-    let d = Deployment::on(&url, None).await;
-    let app = d.start().await;
-    let twins = d.twins(&app, 3).await;
-    d.wait_ingesting().await;
+    let mut d = Deployment::with(Builder::own_broker).await;
+    let twins = d.twins(3).await;
+    d.app.wait_ingesting().await;
     let all = messages(&twins, 0..300);
     let mut oracle = Oracle::new(&twins);
     oracle.apply(&all);
     let last = d.publish(&all[..200]).await;
-    d.wait_applied(last, Duration::from_secs(60)).await;
+    d.wait_applied(last, PROGRESS).await;
     // The broker comes back empty: the stream starts again at sequence 1, below the
     // group's stored position.
-    drop(nats);
-    let second_dir = tempfile::tempdir().expect("temp dir");
-    let _nats = common::own_nats(port, second_dir.path()).await;
-    d.wait_ingesting().await;
+    d.app.restart_broker_empty().await;
+    d.app.wait_ingesting().await;
     let last = d.publish(&all[200..]).await;
     assert!(last < 200, "the new stream numbers from 1 again");
-    d.wait_applied(last, Duration::from_secs(60)).await;
-    d.assert_matches(&app, &oracle).await;
+    d.wait_applied(last, PROGRESS).await;
+    d.assert_matches(&oracle).await;
 }

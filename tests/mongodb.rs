@@ -5,13 +5,9 @@
 
 mod common;
 
-use std::time::Duration;
-
-use async_nats::jetstream;
 use bson::{Bson, Document, doc};
-use futures::StreamExt;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use twins::broker;
 use twins::domain::time::{format, from_nanos};
 
@@ -116,28 +112,9 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// The app on `db_url`, with its durable consumer ready to take messages.
-async fn app_consuming(db_url: &str) -> (TestApp, jetstream::Context) {
-    let app = spawn_app(&[("MG_TWINS_DB_URL", db_url)]).await;
-    let js = jetstream::new(async_nats::connect(NATS_URL).await.expect("NATS"));
-    wait_for_consumer(&js, &app.group).await;
-    (app, js)
-}
-
-async fn publish(js: &jetstream::Context, channel: &str, subtopic: &str, senml: Value) {
-    publish_device(js, channel, subtopic, senml.to_string().into_bytes()).await;
-}
-
-/// The twin's states once `done` holds (10 s at most).
-async fn states_until(app: &TestApp, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
-        let page = app.list_states(ALICE, id, &[("limit", "100")]).await;
-        if done(&page) {
-            return page;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    app.list_states(ALICE, id, &[("limit", "100")]).await
+/// The app on the Go service's database at `db_url`.
+async fn app_on(db_url: &str) -> TestApp {
+    TestApp::builder().database(db_url).spawn().await
 }
 
 async fn raw(db: &::mongodb::Database, collection: &str, filter: Document) -> Document {
@@ -164,7 +141,7 @@ async fn go_written_twins_and_states_are_served_filtered_updated_and_fed() {
         .insert_many((0..3).map(|i| go_state(&a, i, 70.0 + i as f64)))
         .await
         .expect("Go states written");
-    let (app, js) = app_consuming(&url).await;
+    let app = app_on(&url).await;
 
     // Read: Int32 and Int64 fields, null slices and maps, doubles served as Go did.
     let attribute = |name: &str, persist: bool| json!({"name": name, "channel": channel, "subtopic": "engine", "persist_state": persist});
@@ -258,26 +235,23 @@ async fn go_written_twins_and_states_are_served_filtered_updated_and_fed() {
     // Ingestion continues the Go ids: a record an hour later is a new state 3, one within
     // the delta updates it.
     let at = |ms: i64| ms as f64 / 1000.0;
-    publish(
-        &js,
+    app.publish(
         &channel,
         "engine",
         json!([{"n": "temperature", "v": 75.5, "t": at(T0_MS + 3_600_000)}]),
     )
     .await;
-    publish(
-        &js,
+    app.publish(
         &channel,
         "engine",
         json!([{"n": "temperature", "v": 76.0, "t": at(T0_MS + 3_600_500)}]),
     )
     .await;
-    let states = states_until(&app, &a, |p| {
-        p["total"] == 4 && p["states"][3]["payload"]["temperature"] == 76
-    })
-    .await;
+    let states = app
+        .states_until(&a, |s| s.len() == 4 && s[3]["payload"]["temperature"] == 76)
+        .await;
     assert_eq!(
-        states["states"][3],
+        states[3],
         json!({
             "twin_id": a, "id": 3, "definition": 1, "created": time_of(T0_MS + 3_600_000),
             "payload": {"temperature": 76},
@@ -286,9 +260,9 @@ async fn go_written_twins_and_states_are_served_filtered_updated_and_fed() {
     let stored = raw(&db, "states", doc! { "twinid": &a, "id": 3_i64 }).await;
     assert_eq!(stored.get("id"), Some(&Bson::Int64(3)));
     assert_eq!(stored.get("definition"), Some(&Bson::Int32(1)));
-    publish(&js, &other_channel, "", json!([{"v": 1}])).await;
-    let states = states_until(&app, &bare, |p| p["total"] == 1).await;
-    assert_eq!(states["states"][0]["payload"], json!({"x": 1}));
+    app.publish(&other_channel, "", json!([{"v": 1}])).await;
+    let states = app.states_until(&bare, |s| s.len() == 1).await;
+    assert_eq!(states[0]["payload"], json!({"x": 1}));
 
     // Delete takes the Go states along.
     let resp = app.delete_twin(ALICE, &a).await;
@@ -310,7 +284,7 @@ async fn corrupt_go_data_is_500_without_the_cause() {
         .insert_one(twin)
         .await
         .expect("corrupt twin written");
-    let app = spawn_app(&[("MG_TWINS_DB_URL", url.as_str())]).await;
+    let app = app_on(&url).await;
     for resp in [
         app.get(&format!("/twins/{id}"), ALICE).await,
         app.get("/twins", ALICE).await,
@@ -349,33 +323,29 @@ async fn an_unreachable_store_shows_no_internals() {
         proxy.addr,
         db.name()
     );
-    let notifications = new_id();
-    let app = spawn_app(&[
-        ("MG_TWINS_DB_URL", url.as_str()),
-        ("MG_TWINS_CHANNEL_ID", notifications.as_str()),
-    ])
-    .await;
+    let app = TestApp::builder()
+        .database(url)
+        .notifications()
+        .spawn()
+        .await;
+    let notifications = app
+        .notifications
+        .as_deref()
+        .expect("a notification channel");
     let id = app.create_id(ALICE, &json!({"name": "soon away"})).await;
-    let nats = async_nats::connect(NATS_URL).await.expect("NATS");
-    let mut failures = nats
+    let mut failures = app
         .subscribe(format!("channels.{notifications}.messages.{id}.*.failure"))
-        .await
-        .expect("subscribe");
-    nats.flush().await.expect("flush");
+        .await;
 
     proxy.cut();
-    let mut health = Value::Null;
-    for _ in 0..100 {
-        let resp = send(app.request(reqwest::Method::GET, "/health")).await;
-        let status = resp.status();
-        health = json_of(resp).await;
-        // The other fields hold random ids that could contain the port's digits.
-        assert_no_internals(&health["checks"].to_string(), &proxy);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let health = app
+        .health_until(|h| {
+            // The other fields hold random ids that could contain the port's digits.
+            assert_no_internals(&h.body["checks"].to_string(), &proxy);
+            h.status == StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await
+        .body;
     assert_eq!(health["status"], "fail", "{health}");
     assert_eq!(health["checks"]["store"], "unavailable", "{health}");
 
@@ -387,10 +357,7 @@ async fn an_unreachable_store_shows_no_internals() {
     assert_no_internals(&message, &proxy);
 
     for op in ["get", "remove"] {
-        let msg = tokio::time::timeout(Duration::from_secs(5), failures.next())
-            .await
-            .expect("failure notification within 5 s")
-            .expect("subscription open");
+        let msg = receive(&mut failures, "failure notification").await;
         assert!(
             msg.subject.ends_with(&format!(".{op}.failure")),
             "{}",

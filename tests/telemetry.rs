@@ -7,67 +7,39 @@
 //! Each test runs its own NATS server, so no other test's service consumes its messages.
 
 mod common;
-#[path = "support/ops.rs"]
-mod ops;
 
-use std::time::Duration;
-
-use async_nats::jetstream;
-use futures::StreamExt;
 use serde_json::json;
 
-use ops::{ReceivedSpan, TOKEN, USER};
+use common::otlp::{self, Collector, ReceivedSpan};
+use common::*;
 use twins::broker::{self, Envelope};
 
+/// The binary on a broker of its own, exporting to an in-test collector.
 struct Fixture {
-    _nats: common::Child,
-    nats_url: String,
-    _dir: tempfile::TempDir,
-    collector: ops::Collector,
-    binary: ops::Binary,
-    group: String,
+    app: TestApp,
+    collector: Collector,
 }
 
-async fn start(extra: &[(&str, &str)]) -> Fixture {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = common::free_port();
-    let nats = common::own_nats(port, &dir.path().join("nats")).await;
-    let nats_url = format!("nats://127.0.0.1:{port}");
-    let collector = ops::spawn_collector().await;
-    let group = common::unique_group();
-    let db = format!("sqlite://{}/twins.db", dir.path().display());
-    let jaeger = collector.url();
-    let mut vars = vec![
-        ("MG_TWINS_DB_URL", db.as_str()),
-        ("MG_MESSAGE_BROKER_URL", nats_url.as_str()),
-        ("MG_TWINS_INSTANCE_GROUP", group.as_str()),
-        ("MG_TWINS_STANDALONE_ID", USER),
-        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
-        ("MG_JAEGER_URL", jaeger.as_str()),
-        ("MG_TWINS_SHUTDOWN_TIMEOUT", "5s"),
-    ];
-    vars.extend_from_slice(extra);
-    let binary = ops::start_binary(&vars).await;
+async fn start(notifications: bool) -> Fixture {
+    let collector = otlp::spawn_collector().await;
+    let mut builder = TestApp::builder()
+        .process()
+        .own_broker()
+        .auth(Auth::Standalone)
+        .var("MG_JAEGER_URL", &collector.url());
+    if notifications {
+        builder = builder.notifications();
+    }
     Fixture {
-        _nats: nats,
-        nats_url,
-        _dir: dir,
+        app: builder.spawn().await,
         collector,
-        binary,
-        group,
     }
 }
 
 impl Fixture {
     /// SIGTERM, a clean exit, and the spans the collector got.
     async fn stop(&mut self) -> Vec<ReceivedSpan> {
-        self.binary.terminate();
-        let status = self.binary.wait(Duration::from_secs(20)).await;
-        assert!(
-            status.success(),
-            "exit {status:?}; logs {:#?}",
-            self.binary.logs()
-        );
+        self.app.stop().await;
         self.collector.spans()
     }
 }
@@ -92,20 +64,19 @@ fn names(spans: &[ReceivedSpan]) -> Vec<&str> {
 
 #[tokio::test]
 async fn http_request_exports_a_span_tree_with_route_status_and_the_callers_trace() {
-    let notif = uuid::Uuid::new_v4().simple().to_string();
-    let mut fx = start(&[("MG_TWINS_CHANNEL_ID", notif.as_str())]).await;
-    let nats = async_nats::connect(&fx.nats_url).await.expect("connect");
-    let mut notifications = nats
-        .subscribe(format!("channels.{notif}.>"))
-        .await
-        .expect("subscribe");
-    nats.flush().await.expect("flush");
+    let mut fx = start(true).await;
+    let notif = fx
+        .app
+        .notifications
+        .clone()
+        .expect("a notification channel");
+    let mut notifications = fx.app.subscribe(format!("channels.{notif}.>")).await;
 
-    let (trace, caller) = ops::random_trace();
-    let resp = common::client()
-        .post(fx.binary.url("/twins"))
-        .bearer_auth(TOKEN)
-        .header("traceparent", ops::traceparent(&trace, &caller))
+    let (trace, caller) = otlp::random_trace();
+    let resp = fx
+        .app
+        .authed(reqwest::Method::POST, "/twins", ALICE)
+        .header("traceparent", otlp::traceparent(&trace, &caller))
         .json(&json!({"name": "traced"}))
         .send()
         .await
@@ -115,10 +86,7 @@ async fn http_request_exports_a_span_tree_with_route_status_and_the_callers_trac
     let twin_id = twin["id"].as_str().expect("id").to_owned();
 
     // The notification continues the request's trace.
-    let note = tokio::time::timeout(Duration::from_secs(10), notifications.next())
-        .await
-        .expect("a notification")
-        .expect("subscription open");
+    let note = receive(&mut notifications, "notification").await;
     assert_eq!(
         note.subject.as_str(),
         format!("channels.{notif}.messages.{twin_id}.create.success")
@@ -135,13 +103,7 @@ async fn http_request_exports_a_span_tree_with_route_status_and_the_callers_trac
     );
 
     // A request without trace headers starts a trace of its own.
-    let resp = common::client()
-        .get(fx.binary.url(&format!("/twins/{twin_id}")))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
+    fx.app.twin(ALICE, &twin_id).await;
 
     let spans = fx.stop().await;
     let http = find(&spans, "POST /twins");
@@ -185,31 +147,20 @@ async fn http_request_exports_a_span_tree_with_route_status_and_the_callers_trac
 
 #[tokio::test]
 async fn consumed_message_span_links_to_the_publishers_context() {
-    let mut fx = start(&[]).await;
-    let channel = uuid::Uuid::new_v4().to_string();
-    let resp = common::client()
-        .post(fx.binary.url("/twins"))
-        .bearer_auth(TOKEN)
-        .json(&json!({
-            "name": "fed",
-            "definition": {"attributes": [
-                {"name": "temperature", "channel": channel, "subtopic": "engine", "persist_state": true}
-            ]}
-        }))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 201);
-    let twin: serde_json::Value = resp.json().await.expect("JSON");
-    let twin_id = twin["id"].as_str().expect("id").to_owned();
+    let mut fx = start(false).await;
+    let channel = unique("ch-");
+    let twin_id = fx
+        .app
+        .create_listening(&[attribute("temperature", &channel, "engine", true)])
+        .await;
+    fx.app.wait_ingesting().await;
 
-    let nats = async_nats::connect(&fx.nats_url).await.expect("connect");
-    let js = jetstream::new(nats);
-    wait_for_consumer(&js, &fx.group).await;
-
-    let (trace, publisher) = ops::random_trace();
+    let (trace, publisher) = otlp::random_trace();
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("traceparent", ops::traceparent(&trace, &publisher).as_str());
+    headers.insert(
+        "traceparent",
+        otlp::traceparent(&trace, &publisher).as_str(),
+    );
     let envelope = Envelope {
         channel: channel.clone(),
         subtopic: "engine".into(),
@@ -220,34 +171,20 @@ async fn consumed_message_span_links_to_the_publishers_context() {
             .into_bytes(),
         created: 0,
     };
-    js.publish_with_headers(
-        broker::subject(&channel, "engine"),
-        headers,
-        broker::encode(&envelope).into(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("stream ack");
+    fx.app
+        .js()
+        .publish_with_headers(
+            broker::subject(&channel, "engine"),
+            headers,
+            broker::encode(&envelope).into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stream ack");
 
-    let mut applied = false;
-    for _ in 0..100 {
-        let states: serde_json::Value = common::client()
-            .get(fx.binary.url(&format!("/states/{twin_id}")))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("request")
-            .json()
-            .await
-            .expect("JSON");
-        if states["total"].as_u64().unwrap_or(0) > 0 {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(applied, "the message became a state");
+    // The message became a state.
+    fx.app.states_until(&twin_id, |s| !s.is_empty()).await;
 
     let spans = fx.stop().await;
     let consume = spans
@@ -276,44 +213,18 @@ async fn consumed_message_span_links_to_the_publishers_context() {
     );
 }
 
-async fn wait_for_consumer(js: &jetstream::Context, group: &str) {
-    for _ in 0..200 {
-        if let Ok(stream) = js.get_stream(broker::STREAM).await
-            && stream
-                .consumer_info(group)
-                .await
-                .is_ok_and(|i| i.num_waiting > 0)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the service's consumer did not appear");
-}
-
 #[tokio::test]
 async fn no_exporter_without_jaeger_url_and_logs_are_json() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let port = common::free_port();
-    let _nats = common::own_nats(port, &dir.path().join("nats")).await;
-    let nats_url = format!("nats://127.0.0.1:{port}");
-    let db = format!("sqlite://{}/twins.db", dir.path().display());
-    let mut binary = ops::start_binary(&[
-        ("MG_TWINS_DB_URL", db.as_str()),
-        ("MG_MESSAGE_BROKER_URL", nats_url.as_str()),
-        ("MG_TWINS_STANDALONE_ID", USER),
-        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
-    ])
-    .await;
-    let resp = common::client()
-        .get(binary.url("/health"))
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
-    binary.terminate();
-    assert!(binary.wait(Duration::from_secs(20)).await.success());
-    let logs = binary.logs();
+    let mut app = TestApp::builder()
+        .process()
+        .own_broker()
+        .auth(Auth::Standalone)
+        .spawn()
+        .await;
+    assert_eq!(app.health().await.status, 200);
+    app.instance().terminate();
+    assert!(app.instance().wait(DEADLINE).await.success());
+    let logs = app.instance().logs();
     assert!(
         !logs.iter().any(|l| l.contains("exporting traces")),
         "{logs:#?}"

@@ -3,15 +3,14 @@
 //! over TLS and mutual TLS against an in-test tonic server.
 
 mod common;
-#[path = "support/ops.rs"]
-mod ops;
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use ops::{Pki, TOKEN, USER, Users, path};
+use common::tls::{self as certs, Pki, path};
+use common::{ALICE, Auth, AuthServer, STRANGER, TestApp};
 use twins::app::{Application, StartError};
 use twins::config::Config;
 
@@ -19,20 +18,21 @@ fn config(vars: &[(&str, &str)]) -> Config {
     Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).expect("config")
 }
 
-async fn https_app(pki: &Pki, cert_var: &str, key_var: &str) -> common::TestApp {
-    common::spawn_app_with(&[
-        (cert_var, path(&pki.server_cert)),
-        (key_var, path(&pki.server_key)),
-        ("MG_TWINS_STANDALONE_ID", USER),
-        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
-    ])
-    .await
+/// A standalone app serving HTTPS with `pki`'s server certificate, given in the
+/// variables `cert_var` and `key_var`.
+async fn https_app(pki: &Pki, cert_var: &str, key_var: &str) -> TestApp {
+    TestApp::builder()
+        .auth(Auth::Standalone)
+        .var(cert_var, path(&pki.server_cert))
+        .var(key_var, path(&pki.server_key))
+        .spawn()
+        .await
 }
 
 #[tokio::test]
 async fn https_serves_the_api_and_refuses_plain_http() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let pki = ops::make_pki(dir.path(), "https");
+    let pki = certs::make_pki(dir.path(), "https");
     let app = https_app(
         &pki,
         "MG_TWINS_HTTP_SERVER_CERT",
@@ -40,17 +40,17 @@ async fn https_serves_the_api_and_refuses_plain_http() {
     )
     .await;
 
-    let health = ops::https_request(app.addr, &pki.ca_pem, "GET", "/health", None)
+    let health = certs::https_request(app.addr(), &pki.ca_pem, "GET", "/health", None)
         .await
         .expect("HTTPS request");
     assert_eq!(health.status, 200, "{}", health.body);
-    let listed = ops::https_request(app.addr, &pki.ca_pem, "GET", "/twins", Some(TOKEN))
+    let listed = certs::https_request(app.addr(), &pki.ca_pem, "GET", "/twins", Some(ALICE))
         .await
         .expect("HTTPS request");
     assert_eq!(listed.status, 200, "{}", listed.body);
     let page: serde_json::Value = serde_json::from_str(&listed.body).expect("JSON body");
     assert_eq!(page["total"], 0);
-    let anonymous = ops::https_request(app.addr, &pki.ca_pem, "GET", "/twins", None)
+    let anonymous = certs::https_request(app.addr(), &pki.ca_pem, "GET", "/twins", None)
         .await
         .expect("HTTPS request");
     assert_eq!(anonymous.status, 401);
@@ -60,15 +60,15 @@ async fn https_serves_the_api_and_refuses_plain_http() {
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
 
     // A client that does not trust the issuing CA refuses the server.
-    let stranger = ops::make_pki(dir.path(), "stranger");
+    let stranger = certs::make_pki(dir.path(), "stranger");
     assert!(
-        ops::https_request(app.addr, &stranger.ca_pem, "GET", "/health", None)
+        certs::https_request(app.addr(), &stranger.ca_pem, "GET", "/health", None)
             .await
             .is_err()
     );
 
     // The service still serves after those failed handshakes.
-    let again = ops::https_request(app.addr, &pki.ca_pem, "GET", "/health", None)
+    let again = certs::https_request(app.addr(), &pki.ca_pem, "GET", "/health", None)
         .await
         .expect("HTTPS request");
     assert_eq!(again.status, 200);
@@ -77,9 +77,9 @@ async fn https_serves_the_api_and_refuses_plain_http() {
 #[tokio::test]
 async fn seed_certificate_variables_also_turn_https_on() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let pki = ops::make_pki(dir.path(), "alias");
+    let pki = certs::make_pki(dir.path(), "alias");
     let app = https_app(&pki, "MG_TWINS_SERVER_CERT", "MG_TWINS_SERVER_KEY").await;
-    let health = ops::https_request(app.addr, &pki.ca_pem, "GET", "/health", None)
+    let health = certs::https_request(app.addr(), &pki.ca_pem, "GET", "/health", None)
         .await
         .expect("HTTPS request");
     assert_eq!(health.status, 200);
@@ -126,15 +126,15 @@ fn check_against(addr: std::net::SocketAddr, tls: Option<&Pki>) -> Result<(), St
 #[tokio::test]
 async fn healthcheck_probes_https_and_requires_the_configured_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let pki = ops::make_pki(dir.path(), "served");
-    let other = ops::make_pki(dir.path(), "other");
+    let pki = certs::make_pki(dir.path(), "served");
+    let other = certs::make_pki(dir.path(), "other");
     let app = https_app(
         &pki,
         "MG_TWINS_HTTP_SERVER_CERT",
         "MG_TWINS_HTTP_SERVER_KEY",
     )
     .await;
-    let addr = app.addr;
+    let addr = app.addr();
     let (served, wrong, plain) = tokio::task::spawn_blocking(move || {
         (
             check_against(addr, Some(&pki)),
@@ -151,7 +151,7 @@ async fn healthcheck_probes_https_and_requires_the_configured_certificate() {
 
 #[tokio::test]
 async fn healthcheck_binary_probes_plain_http() {
-    let app = common::spawn_app_with(&[]).await;
+    let app = TestApp::builder().auth(Auth::Unset).spawn().await;
     let probe = |port: u16| {
         std::process::Command::new(env!("CARGO_BIN_EXE_twins"))
             .arg("--healthcheck")
@@ -163,7 +163,7 @@ async fn healthcheck_binary_probes_plain_http() {
             .status()
             .expect("the binary runs")
     };
-    let port = app.addr.port();
+    let port = app.addr().port();
     let healthy = tokio::task::spawn_blocking(move || probe(port))
         .await
         .expect("probe");
@@ -188,25 +188,31 @@ fn server_tls(pki: &Pki, require_client_certificate: bool) -> ServerTlsConfig {
 
 /// What `GET /twins` answers with `token` on an app configured with `vars`.
 async fn list_status(vars: &[(&str, &str)], token: &str) -> StatusCode {
-    let mut all = vec![("MG_AUTH_GRPC_TIMEOUT", "3s")];
-    all.extend_from_slice(vars);
-    let app = common::spawn_app_with(&all).await;
+    let app = TestApp::builder()
+        .auth(Auth::Unset)
+        .var("MG_AUTH_GRPC_TIMEOUT", "3s")
+        .vars(vars)
+        .spawn()
+        .await;
     app.get("/twins", token).await.status()
 }
 
 #[tokio::test]
 async fn auth_service_over_tls() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let pki = ops::make_pki(dir.path(), "grpc");
-    let auth = ops::spawn_auth(Users::quick(), Some(server_tls(&pki, false))).await;
+    let pki = certs::make_pki(dir.path(), "grpc");
+    let auth = AuthServer::builder()
+        .tls(server_tls(&pki, false))
+        .start()
+        .await;
     // host:port without a scheme, as the Go service takes it.
     let url = format!("localhost:{}", auth.addr.port());
     let tls = [
         ("MG_AUTH_GRPC_URL", url.as_str()),
         ("MG_AUTH_GRPC_SERVER_CA_CERTS", path(&pki.ca)),
     ];
-    assert_eq!(list_status(&tls, TOKEN).await, StatusCode::OK);
-    assert_eq!(list_status(&tls, "wrong").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(list_status(&tls, ALICE).await, StatusCode::OK);
+    assert_eq!(list_status(&tls, STRANGER).await, StatusCode::UNAUTHORIZED);
     // The seed's names: MG_TWINS_CA_CERTS with MG_TWINS_CLIENT_TLS, and an IP address.
     let by_ip = format!("127.0.0.1:{}", auth.addr.port());
     assert_eq!(
@@ -216,25 +222,25 @@ async fn auth_service_over_tls() {
                 ("MG_TWINS_CA_CERTS", path(&pki.ca)),
                 ("MG_TWINS_CLIENT_TLS", "true"),
             ],
-            TOKEN
+            ALICE
         )
         .await,
         StatusCode::OK
     );
     // Plain gRPC to a TLS-only service does not authenticate anyone.
     assert_eq!(
-        list_status(&[("MG_AUTH_GRPC_URL", url.as_str())], TOKEN).await,
+        list_status(&[("MG_AUTH_GRPC_URL", url.as_str())], ALICE).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
     // Nor does TLS with a CA that did not issue the server's certificate.
-    let stranger = ops::make_pki(dir.path(), "stranger");
+    let stranger = certs::make_pki(dir.path(), "stranger");
     assert_eq!(
         list_status(
             &[
                 ("MG_AUTH_GRPC_URL", url.as_str()),
                 ("MG_AUTH_GRPC_SERVER_CA_CERTS", path(&stranger.ca)),
             ],
-            TOKEN
+            ALICE
         )
         .await,
         StatusCode::SERVICE_UNAVAILABLE
@@ -244,8 +250,11 @@ async fn auth_service_over_tls() {
 #[tokio::test]
 async fn auth_service_over_mutual_tls() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let pki = ops::make_pki(dir.path(), "mtls");
-    let auth = ops::spawn_auth(Users::quick(), Some(server_tls(&pki, true))).await;
+    let pki = certs::make_pki(dir.path(), "mtls");
+    let auth = AuthServer::builder()
+        .tls(server_tls(&pki, true))
+        .start()
+        .await;
     let url = format!("https://localhost:{}", auth.addr.port());
     let with_client_cert = [
         ("MG_AUTH_GRPC_URL", url.as_str()),
@@ -253,14 +262,14 @@ async fn auth_service_over_mutual_tls() {
         ("MG_AUTH_GRPC_CLIENT_CERT", path(&pki.client_cert)),
         ("MG_AUTH_GRPC_CLIENT_KEY", path(&pki.client_key)),
     ];
-    assert_eq!(list_status(&with_client_cert, TOKEN).await, StatusCode::OK);
+    assert_eq!(list_status(&with_client_cert, ALICE).await, StatusCode::OK);
     // Without a client certificate the service refuses the connection.
     assert_eq!(
-        list_status(&with_client_cert[..2], TOKEN).await,
+        list_status(&with_client_cert[..2], ALICE).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
     // A client certificate from another CA is refused as well.
-    let stranger = ops::make_pki(dir.path(), "stranger");
+    let stranger = certs::make_pki(dir.path(), "stranger");
     assert_eq!(
         list_status(
             &[
@@ -269,7 +278,7 @@ async fn auth_service_over_mutual_tls() {
                 ("MG_AUTH_GRPC_CLIENT_CERT", path(&stranger.client_cert)),
                 ("MG_AUTH_GRPC_CLIENT_KEY", path(&stranger.client_key)),
             ],
-            TOKEN
+            ALICE
         )
         .await,
         StatusCode::SERVICE_UNAVAILABLE

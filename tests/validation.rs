@@ -134,7 +134,7 @@ fn non_object_bodies() -> Vec<(&'static str, &'static str)> {
 
 #[tokio::test]
 async fn invalid_create_bodies_are_400_and_create_nothing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     for (label, body) in invalid_bodies() {
         let resp = app.post_twin(ALICE, &body).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{label}");
@@ -156,7 +156,7 @@ async fn invalid_create_bodies_are_400_and_create_nothing() {
 
 #[tokio::test]
 async fn invalid_update_bodies_are_400_and_change_nothing() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let created = app
         .create_twin(
             ALICE,
@@ -199,7 +199,7 @@ async fn invalid_update_bodies_are_400_and_change_nothing() {
 async fn near_miss_bodies_are_accepted() {
     // The valid neighbours of the invalid rows: each must be accepted, so that the
     // table above fails for the reason its label gives.
-    let app = spawn_app(&[]).await;
+    let app = spawn_app().await;
     let cases = [
         ("name of 1024 bytes", json!({ "name": "n".repeat(1024) })),
         ("empty metadata", json!({"metadata": {}})),

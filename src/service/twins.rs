@@ -101,11 +101,16 @@ pub trait Twins: Send + Sync {
 #[derive(Clone)]
 pub struct TwinsService {
     store: Store,
+    /// Most definitions a twin keeps (appending one more is refused).
+    max_definitions: usize,
 }
 
 impl TwinsService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, max_definitions: usize) -> Self {
+        Self {
+            store,
+            max_definitions,
+        }
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> ServiceResult<Twin> {
@@ -133,6 +138,12 @@ impl TwinsService {
                 twin.metadata = metadata.clone();
             }
             if let Some(def) = &update.definition {
+                if twin.definitions.len() >= self.max_definitions {
+                    return Err(ServiceError::TooLarge(format!(
+                        "a twin keeps at most {} definitions; create a new twin for a new model",
+                        self.max_definitions
+                    )));
+                }
                 let next_id = twin.current_definition().map_or(0, |d| d.id + 1);
                 twin.definitions
                     .push(def.clone().into_definition(next_id, now));

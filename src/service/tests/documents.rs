@@ -1,6 +1,5 @@
 //! Documents: get, put, patch, delete, list and delta, with version checks and limits.
 
-use crate::service::documents::Documents as _;
 use serde_json::{Map, Value, json};
 
 use super::super::ServiceError;
@@ -8,6 +7,7 @@ use super::super::documents::{Access, Change};
 use super::{ALICE, BOB, Fixture, object};
 use crate::domain::document::{self, Document, DocumentSummary, MAX_DATA_BYTES};
 use crate::domain::twin::Twin;
+use crate::service::documents::Documents as _;
 use crate::service::fakes::Failure;
 
 const OWNER: Access<'static> = Access::Owner(ALICE);

@@ -5,8 +5,6 @@
 //! [`inband::parse`] and the documents use case is called with the channel the device
 //! published on ([`Access::Channel`]) or as a trusted caller ([`Access::Trusted`]).
 
-use crate::service::documents::Documents as _;
-use crate::service::twins::Twins as _;
 use serde_json::{Map, json};
 
 use super::super::ServiceError;
@@ -15,6 +13,8 @@ use super::super::inband::{self, Op, Target};
 use super::super::twins::TwinUpdate;
 use super::{ALICE, BOB, Fixture, definition, object};
 use crate::domain::twin::Twin;
+use crate::service::documents::Documents as _;
+use crate::service::twins::Twins as _;
 
 /// The target of `twins.<twin>.<document>.<op>`.
 fn target(address: &str) -> Target<'_> {

@@ -27,6 +27,8 @@ use crate::store::Store;
 /// Owners of twins; each test's data is its own, so fixed ids are enough.
 const ALICE: &str = "alice-id";
 const BOB: &str = "bob-id";
+/// Definitions a twin keeps in these tests: few, so that the limit is easy to reach.
+const MAX_DEFINITIONS: usize = 5;
 /// The channel notifications go to, which ingestion must never read as data.
 const OWN_CHANNEL: &str = "own-notifications";
 
@@ -54,7 +56,7 @@ impl Fixture {
         let mut maintained = store.clone();
         maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
         Self {
-            twins: TwinsService::new(maintained.clone()),
+            twins: TwinsService::new(maintained.clone(), MAX_DEFINITIONS),
             documents: DocumentsService::new(maintained.clone()),
             ingest: IngestService::new(maintained, lookup, Some(OWN_CHANNEL.into())),
             aside: RecordingSetAside::default(),

@@ -1,8 +1,5 @@
 //! Twins and states: create, view, list, update, remove, list states.
 
-use crate::service::documents::Documents as _;
-use crate::service::twins::NewTwin;
-use crate::service::twins::Twins as _;
 use serde_json::json;
 
 use super::super::ServiceError;
@@ -11,7 +8,10 @@ use super::{ALICE, BOB, Fixture, attribute, definition, object};
 use crate::domain::PageRequest;
 use crate::domain::state::State;
 use crate::domain::twin::{DEFAULT_DELTA, TwinName};
+use crate::service::documents::Documents as _;
 use crate::service::fakes::Failure;
+use crate::service::twins::NewTwin;
+use crate::service::twins::Twins as _;
 use crate::store::TwinFilter;
 
 fn name(raw: &str) -> TwinName {
@@ -236,6 +236,33 @@ async fn update_appends_a_definition_with_the_next_id() {
     assert_eq!(current.attributes, vec![attribute(("temp", "new", ">"))]);
     assert_eq!(current.created, updated.updated);
     assert_eq!(updated.name, "pump", "absent fields stay");
+}
+
+#[tokio::test]
+async fn appending_beyond_the_definitions_limit_is_too_large_and_writes_nothing() {
+    let f = Fixture::new();
+    let t = f.twin(ALICE, "pump", &[("temp", "c0", "")]).await;
+    let append = |i: usize| TwinUpdate {
+        definition: Some(definition(&[("temp", &format!("c{i}"), "")], 0)),
+        ..TwinUpdate::default()
+    };
+    for i in 1..super::MAX_DEFINITIONS {
+        f.twins.update(ALICE, &t.id, append(i)).await.unwrap();
+    }
+    let err = f
+        .twins
+        .update(ALICE, &t.id, append(super::MAX_DEFINITIONS))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::TooLarge(_)), "{err:?}");
+    assert!(err.to_string().contains("at most 5 definitions"), "{err}");
+    let stored = f.store.twins.retrieve(ALICE, &t.id).await.unwrap().unwrap();
+    assert_eq!(stored.definitions.len(), super::MAX_DEFINITIONS);
+    // A twin at the limit can still be renamed.
+    f.twins
+        .update(ALICE, &t.id, renamed("still"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
