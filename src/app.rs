@@ -177,7 +177,16 @@ impl Application {
             own_channel: config.channel_id.clone(),
         };
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
-        let inband = tokio::spawn(inband.serve(config.instance_group.clone(), stop.clone()));
+        let inband = tokio::spawn({
+            let (group, stop) = (config.instance_group.clone(), stop.clone());
+            let prefix = config.request_reply.clone();
+            async move {
+                match prefix {
+                    Some(prefix) => inband.serve(prefix, group, stop).await,
+                    None => tracing::debug!("inband request/reply is off"),
+                }
+            }
+        });
         let signal = {
             let stop = stop.clone();
             async move {

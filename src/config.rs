@@ -69,6 +69,8 @@ struct RawEnv {
     mg_twins_shutdown_timeout: Option<String>,
     mg_twins_ingest_lease: Option<String>,
     mg_twins_max_definitions: Option<String>,
+    mg_twins_request_reply: Option<String>,
+    mg_twins_request_reply_prefix: Option<String>,
 }
 
 /// Definitions a twin keeps by default: far more than any device model changes, and a
@@ -132,6 +134,10 @@ pub struct Config {
     /// Most definitions a twin keeps: every message reads them all, and MongoDB keeps
     /// a twin in one document of at most 16 MiB.
     pub max_definitions: usize,
+    /// The subject prefix on which trusted callers use the inband API over NATS
+    /// request/reply; None (the default) when that is off, since it carries no
+    /// credentials.
+    pub request_reply: Option<String>,
 }
 
 impl Config {
@@ -274,6 +280,10 @@ impl Config {
                 }
             },
         };
+        let request_reply = request_reply(
+            raw.mg_twins_request_reply,
+            raw.mg_twins_request_reply_prefix,
+        )?;
         Ok(Self {
             log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
             log_format,
@@ -299,6 +309,7 @@ impl Config {
             shutdown_timeout,
             ingest_lease,
             max_definitions,
+            request_reply,
         })
     }
 }
@@ -414,6 +425,34 @@ fn tls_pair(
     }
 }
 
+/// The request/reply prefix when request/reply is on. The prefix is one or more NATS
+/// subject tokens (no wildcards, no empty tokens), so the subscription covers exactly
+/// `<prefix>.<twinID>.<document>.<op>`.
+fn request_reply(
+    enabled: Option<String>,
+    prefix: Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    let enabled = match enabled {
+        Some(v) => parse_bool("MG_TWINS_REQUEST_REPLY", &v)?,
+        None => false,
+    };
+    let prefix = prefix.unwrap_or_else(|| "twins".into());
+    let valid = prefix.split('.').all(|token| {
+        !token.is_empty()
+            && token
+                .chars()
+                .all(|c| !c.is_whitespace() && c != '*' && c != '>')
+    });
+    if !valid {
+        return Err(ConfigError::invalid(
+            "MG_TWINS_REQUEST_REPLY_PREFIX",
+            &prefix,
+            "must be NATS subject tokens separated by dots, without wildcards or spaces".to_owned(),
+        ));
+    }
+    Ok(enabled.then_some(prefix))
+}
+
 fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "t" | "yes" => Ok(true),
@@ -484,6 +523,22 @@ mod tests {
         assert_eq!(c.instance_group, "twins");
         assert_eq!(c.jaeger_trace_ratio, 1.0);
         assert_eq!(c.max_definitions, DEFAULT_MAX_DEFINITIONS);
+        assert_eq!(
+            c.request_reply, None,
+            "request/reply is off unless asked for"
+        );
+    }
+
+    #[test]
+    fn request_reply_takes_a_prefix_of_subject_tokens() {
+        let on = cfg(&[("MG_TWINS_REQUEST_REPLY", "true")]).unwrap();
+        assert_eq!(on.request_reply.as_deref(), Some("twins"));
+        let prefixed = cfg(&[
+            ("MG_TWINS_REQUEST_REPLY", "true"),
+            ("MG_TWINS_REQUEST_REPLY_PREFIX", "site-a.twins"),
+        ])
+        .unwrap();
+        assert_eq!(prefixed.request_reply.as_deref(), Some("site-a.twins"));
     }
 
     #[test]
@@ -501,6 +556,9 @@ mod tests {
             ("MG_JAEGER_URL", "https://jaeger:4318"),
             ("MG_TWINS_MAX_DEFINITIONS", "0"),
             ("MG_TWINS_MAX_DEFINITIONS", "many"),
+            ("MG_TWINS_REQUEST_REPLY", "sometimes"),
+            ("MG_TWINS_REQUEST_REPLY_PREFIX", "a.*"),
+            ("MG_TWINS_REQUEST_REPLY_PREFIX", "a..b"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];

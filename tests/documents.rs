@@ -23,6 +23,8 @@ crate::backend_matrix!(
     inband_get_put_patch_delete_through_the_channel,
     inband_on_an_unbound_channel_gets_an_error_and_no_data,
     inband_request_reply_for_back_end_callers,
+    request_reply_is_off_unless_asked_for,
+    request_reply_answers_under_its_configured_prefix,
     alarm_panel_desired_current_round_trip,
 );
 
@@ -608,21 +610,47 @@ async fn inband_on_an_unbound_channel_gets_an_error_and_no_data() {
     assert_eq!(doc["version"], 1);
 }
 
+/// An app on a broker of its own answering request/reply under `prefix`.
+async fn with_request_reply(prefix: &str) -> TestApp {
+    let app = TestApp::builder()
+        .own_broker()
+        .var("MG_TWINS_REQUEST_REPLY", "true")
+        .var("MG_TWINS_REQUEST_REPLY_PREFIX", prefix)
+        .spawn()
+        .await;
+    app.wait_ingesting().await;
+    app
+}
+
+/// Sends a request/reply request; the raw outcome (an error when nobody answers).
+async fn request(
+    app: &TestApp,
+    subject: String,
+    body: &Value,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    let nats = app.nats().clone();
+    tokio::time::timeout(DEADLINE, nats.request(subject, body.to_string().into()))
+        .await
+        .expect("the broker answers within the deadline")
+}
+
+/// Asks until the service's subscription is in place, then returns the JSON reply.
+async fn ask_until_answered(app: &TestApp, subject: String, body: Value) -> Value {
+    let reply = eventually(
+        "a request/reply answer",
+        || request(app, subject.clone(), &body),
+        Result::is_ok,
+    )
+    .await
+    .expect("answered");
+    serde_json::from_slice(&reply.payload).expect("JSON reply")
+}
+
 async fn inband_request_reply_for_back_end_callers() {
-    let b = with_own_broker().await;
+    let b = with_request_reply("twins").await;
     let id = b.create_id(ALICE, &json!({})).await;
-    let ask = |op: &str, body: Value| {
-        let nats = b.nats().clone();
-        let subject = format!("twins.{id}.desired.{op}");
-        async move {
-            let reply =
-                tokio::time::timeout(DEADLINE, nats.request(subject, body.to_string().into()))
-                    .await
-                    .expect("a reply")
-                    .expect("request answered");
-            serde_json::from_slice::<Value>(&reply.payload).expect("JSON reply")
-        }
-    };
+    let ask =
+        |op: &str, body: Value| ask_until_answered(&b, format!("twins.{id}.desired.{op}"), body);
     let doc = ask("put", json!({"data": {"armed": true}})).await;
     assert_eq!(doc["version"], 1);
     let doc = ask("patch", json!({"data": {"zones": 3}})).await;
@@ -636,6 +664,34 @@ async fn inband_request_reply_for_back_end_callers() {
     assert!(err["error"].is_string());
     let rest = json_of(b.get(&doc_path(&id, "desired"), ALICE).await).await;
     assert_eq!(rest["data"], json!({"armed": true, "zones": 3}));
+}
+
+async fn request_reply_is_off_unless_asked_for() {
+    let b = with_own_broker().await;
+    let id = b.create_id(ALICE, &json!({})).await;
+    let put = json!({"data": {"hijack": 1}});
+    let answer = request(&b, format!("twins.{id}.desired.put"), &put).await;
+    assert!(answer.is_err(), "nobody answers: {answer:?}");
+    let resp = b.get(&doc_path(&id, "desired"), ALICE).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "nothing was written");
+}
+
+async fn request_reply_answers_under_its_configured_prefix() {
+    let b = with_request_reply("site-a.twins").await;
+    let id = b.create_id(ALICE, &json!({})).await;
+    let subject = format!("site-a.twins.{id}.desired.put");
+    let doc = ask_until_answered(&b, subject, json!({"data": {"on": true}})).await;
+    assert_eq!(doc["version"], 1);
+    // The default prefix is not answered by this deployment.
+    let answer = request(&b, format!("twins.{id}.desired.get"), &json!({})).await;
+    assert!(answer.is_err(), "{answer:?}");
+    let bad = ask_until_answered(&b, "site-a.twins.x.y.merge".into(), json!({})).await;
+    assert!(
+        bad["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("site-a.twins.<twinID>")),
+        "{bad}"
+    );
 }
 
 /// The alarm panel of the seed: the app asks for a state in `desired`, the device

@@ -2,6 +2,11 @@
 //! their channel are answered on that channel, and trusted back-end callers are
 //! answered over NATS request/reply. What a request means is the service's
 //! ([`crate::service::inband`]).
+//!
+//! Request/reply carries no credentials: anyone who may publish on its subjects may
+//! read and write every twin's documents. It is off unless `MG_TWINS_REQUEST_REPLY` is
+//! set, under a configurable subject prefix, and a deployment restricts who may publish
+//! there with NATS permissions (see the README).
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -9,9 +14,6 @@ use tracing::Instrument;
 
 use crate::service::documents::Access;
 use crate::service::inband::{self, Inband, Target};
-
-/// Subject of request/reply callers: `twins.<twinID>.<document>.<op>`.
-pub const REQUEST_SUBJECTS: &str = "twins.*.*.*";
 
 /// Answers inband requests over the broker.
 #[derive(Clone)]
@@ -49,10 +51,12 @@ impl Responder {
         }
     }
 
-    /// Answers request/reply callers on [`REQUEST_SUBJECTS`] until `stop` is cancelled.
-    /// Instances share the subject through the queue group `group`.
-    pub async fn serve(self, group: String, stop: CancellationToken) {
-        let mut sub = match self.client.queue_subscribe(REQUEST_SUBJECTS, group).await {
+    /// Answers request/reply callers on `<prefix>.<twinID>.<document>.<op>` until `stop`
+    /// is cancelled. Instances share the subjects through the queue group `group`.
+    pub async fn serve(self, prefix: String, group: String, stop: CancellationToken) {
+        let subjects = format!("{prefix}.*.*.*");
+        tracing::info!(%subjects, "answering inband requests over request/reply");
+        let mut sub = match self.client.queue_subscribe(subjects, group).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "inband request subject not subscribed");
@@ -74,21 +78,21 @@ impl Responder {
                 messaging.destination.name = msg.subject.as_str(),
             );
             crate::telemetry::set_message_parent(&span, msg.headers.as_ref());
-            self.reply(&msg, reply).instrument(span).await;
+            self.reply(&prefix, &msg, reply).instrument(span).await;
         }
         let _ = sub.unsubscribe().await;
     }
 
     /// Executes a request/reply request and answers on its reply subject.
-    async fn reply(&self, msg: &async_nats::Message, reply: async_nats::Subject) {
-        let body = match inband::parse(msg.subject.as_str()) {
+    async fn reply(&self, prefix: &str, msg: &async_nats::Message, reply: async_nats::Subject) {
+        let body = match inband::parse_request(prefix, msg.subject.as_str()) {
             Some(target) => {
                 self.inband
                     .answer(Access::Trusted, target, &msg.payload)
                     .await
                     .1
             }
-            None => inband::bad_address(),
+            None => inband::bad_address(prefix),
         };
         if let Err(e) = super::publish(&self.client, reply, body.to_string().into()).await {
             tracing::warn!(error = %e, "inband reply not published");

@@ -64,16 +64,20 @@ pub struct Target<'a> {
     pub op: Op,
 }
 
-/// Parses `twins.<twinID>.<document>.<op>`; None for anything else, responses included.
+/// Parses the subtopic `twins.<twinID>.<document>.<op>`; None for anything else,
+/// responses included.
 pub fn parse(address: &str) -> Option<Target<'_>> {
-    let mut parts = address.split('.');
-    let (Some("twins"), Some(twin_id), Some(document), Some(op), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    parse_request("twins", address)
+}
+
+/// Parses `<prefix>.<twinID>.<document>.<op>` (a request/reply subject under a
+/// configured prefix); None for anything else.
+pub fn parse_request<'a>(prefix: &str, address: &'a str) -> Option<Target<'a>> {
+    let rest = address.strip_prefix(prefix)?.strip_prefix('.')?;
+    let mut parts = rest.split('.');
+    let (Some(twin_id), Some(document), Some(op), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
     let op = match op {
@@ -106,8 +110,10 @@ pub struct Inband {
 }
 
 /// The answer to a request/reply subject that is no inband address.
-pub fn bad_address() -> Value {
-    serde_json::json!({"error": "subject must be twins.<twinID>.<document>.<get|put|patch|delete>"})
+pub fn bad_address(prefix: &str) -> Value {
+    serde_json::json!({
+        "error": format!("subject must be {prefix}.<twinID>.<document>.<get|put|patch|delete>")
+    })
 }
 
 impl Inband {
