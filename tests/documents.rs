@@ -24,6 +24,7 @@ crate::backend_matrix!(
     inband_on_an_unbound_channel_gets_an_error_and_no_data,
     inband_request_reply_for_back_end_callers,
     request_reply_is_off_unless_asked_for,
+    inband_requests_for_made_up_ids_are_not_answered,
     request_reply_answers_under_its_configured_prefix,
     alarm_panel_desired_current_round_trip,
 );
@@ -664,6 +665,38 @@ async fn inband_request_reply_for_back_end_callers() {
     assert!(err["error"].is_string());
     let rest = json_of(b.get(&doc_path(&id, "desired"), ALICE).await).await;
     assert_eq!(rest["data"], json!({"armed": true, "zones": 3}));
+}
+
+async fn inband_requests_for_made_up_ids_are_not_answered() {
+    let b = with_own_broker().await;
+    let ch = uuid::Uuid::new_v4().to_string();
+    let id = b
+        .create_id(
+            ALICE,
+            &json!({"definition": {"attributes": [{"name": "x", "channel": ch}]}}),
+        )
+        .await;
+    let mut answers = b
+        .subscribe(format!("channels.{ch}.twins.*.*.*.response.*"))
+        .await;
+    let made_up = "twins.not-a-uuid.desired.get";
+    b.publish_raw(&ch, made_up, envelope(&ch, made_up, b"{}".to_vec()))
+        .await;
+    // A request for the real twin after it: requests are answered in stream order, so
+    // its answer arriving first proves the made-up one was passed over.
+    let (o, _) = device(&b, &ch, &id, "desired", "get", json!({})).await;
+    assert_eq!(o, "error", "the document does not exist yet");
+    let first = receive(&mut answers, "an answer").await;
+    assert!(
+        first.subject.as_str().contains(&id),
+        "the first answer is the real twin's: {}",
+        first.subject
+    );
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.contains("twins_inband_unanswered_total{reason=\"not_a_twin_id\"}"),
+        "counted"
+    );
 }
 
 async fn request_reply_is_off_unless_asked_for() {

@@ -15,6 +15,9 @@ use tracing::Instrument;
 use crate::service::documents::Access;
 use crate::service::inband::{self, Inband, Target};
 
+/// Counter of inband requests on a channel that were not answered, by reason.
+pub const UNANSWERED: &str = "twins_inband_unanswered_total";
+
 /// Answers inband requests over the broker.
 #[derive(Clone)]
 pub struct Responder {
@@ -38,6 +41,12 @@ impl Responder {
         target: Target<'_>,
         payload: &[u8],
     ) {
+        if !target.names_a_twin() {
+            // The answer's subject would carry the made-up id: no answer, counted.
+            tracing::debug!("inband request for an id that names no twin: not answered");
+            metrics::counter!(UNANSWERED, "reason" => "not_a_twin_id").increment(1);
+            return;
+        }
         let (ok, body) = self
             .inband
             .answer(Access::Channel(channel), target, payload)

@@ -94,6 +94,14 @@ pub fn parse_request<'a>(prefix: &str, address: &'a str) -> Option<Target<'a>> {
     })
 }
 
+impl Target<'_> {
+    /// Whether the address names a twin at all (a UUID). Requests that do not are not
+    /// answered, so that no id a client made up reaches a broker subject.
+    pub fn names_a_twin(&self) -> bool {
+        super::twins::parse_twin_id(self.twin_id).is_ok()
+    }
+}
+
 /// Payload of a request: the REST body (`{"version"?, "data"?}`).
 #[derive(Debug, Default, Deserialize)]
 struct Body {

@@ -403,6 +403,8 @@ impl IngestService {
                 }
             };
             let Some(definition) = twin.current_definition() else {
+                // Every stored twin has definition 0: one without is corrupt data.
+                reject_all("corrupt_twin", &"the twin has no definition");
                 continue;
             };
             let cached = self.lock_cursors().get(twin_id).cloned();
