@@ -3,7 +3,7 @@
 //! a 5xx, a response outside the document, or a request the document allows that the
 //! service refuses (or one it forbids that the service accepts).
 //!
-//! The tools are Python programs that `scripts/test` installs and names through
+//! The tools are Python programs (pip packages `openapi-spec-validator`, `schemathesis`) named by
 //! `TWINS_TEST_OPENAPI_VALIDATOR` and `TWINS_TEST_SCHEMATHESIS`; without them (a plain
 //! `cargo test`) these tests say they were skipped and pass.
 
@@ -26,7 +26,7 @@ fn tool(var: &str) -> Option<String> {
         // Straight to stderr: the harness swallows the output of passing tests.
         let _ = writeln!(
             std::io::stderr(),
-            "OpenAPI test skipped: {var} is not set (scripts/test sets it)"
+            "OpenAPI test skipped: {var} is not set (the path of the tool)"
         );
     }
     path
