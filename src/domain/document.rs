@@ -117,11 +117,9 @@ pub struct Difference {
     pub path: Vec<String>,
     /// Value in the document asked about; absent when the key is missing there.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub value: Option<Value>,
     /// Value in the document compared against; absent when missing there.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub against: Option<Value>,
 }
 

@@ -32,7 +32,10 @@ pub struct TwinFilter {
 /// An attribute binds a named value of the twin to a channel and subtopic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Attribute {
+    /// Unique within its definition.
+    #[schema(min_length = 1)]
     pub name: String,
+    #[schema(min_length = 1)]
     pub channel: String,
     #[serde(default)]
     pub subtopic: String,
@@ -111,10 +114,12 @@ impl TwinName {
 /// A definition as a client sends it, before validation.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct DefinitionInput {
+    /// Attribute names are unique within a definition (not expressible in the schema).
     #[serde(default, deserialize_with = "json_object::list")]
     pub attributes: Vec<Attribute>,
     /// Sampling window in nanoseconds; 0 or absent means 1 ms.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub delta: i64,
 }
 

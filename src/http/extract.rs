@@ -116,29 +116,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     }
 }
 
-/// Where a listing's page starts and how long it is.
+/// Where a listing's page starts and how long it is. The bounds in the document are
+/// those [`PageRequest::new`] enforces (`MAX_LIMIT`, `i64::MAX`); a unit test of the
+/// document keeps them equal, as attribute values must be literals.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Items to skip (default 0).
-    #[param(value_type = Option<u64>)]
+    #[param(value_type = u64, required = false, minimum = 0, maximum = 9223372036854775807_i64)]
     pub offset: Option<String>,
-    /// Page size, 1 to 100 (default 10).
-    #[param(value_type = Option<u64>)]
+    /// Page size (default 10).
+    #[param(value_type = u64, required = false, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
 }
 
 impl PageQuery {
+    /// `offset` (>= 0, default 0) and `limit` (1..=100, default 10).
     pub fn page(&self) -> Result<PageRequest, ApiError> {
-        page(self.offset.as_deref(), self.limit.as_deref())
+        let offset = number("offset", self.offset.as_deref(), 0)?;
+        let limit = number("limit", self.limit.as_deref(), DEFAULT_LIMIT)?;
+        Ok(PageRequest::new(offset, limit)?)
     }
-}
-
-/// `offset` (>= 0, default 0) and `limit` (1..=100, default 10).
-pub fn page(offset: Option<&str>, limit: Option<&str>) -> Result<PageRequest, ApiError> {
-    let offset = number("offset", offset, 0)?;
-    let limit = number("limit", limit, DEFAULT_LIMIT)?;
-    Ok(PageRequest::new(offset, limit)?)
 }
 
 fn number(key: &str, value: Option<&str>, default: u64) -> Result<u64, ApiError> {
@@ -148,4 +146,35 @@ fn number(key: &str, value: Option<&str>, default: u64) -> Result<u64, ApiError>
             ApiError::BadRequest(format!("{key} must be a non-negative integer, got {v:?}"))
         }),
     }
+}
+
+/// The twin of a path such as `/twins/{id}`. Ids are UUIDs, but any text is accepted:
+/// one that is not a UUID names no twin (404, or 204 on delete), so no format is declared.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TwinPath {
+    /// Twin id (a UUID).
+    pub id: String,
+}
+
+/// A document of a twin, `/twins/{id}/documents/{name}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DocumentPath {
+    /// Twin id (a UUID).
+    pub id: String,
+    /// Document name (`DocumentName` parses it; the pattern is its rule).
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub name: String,
+}
+
+/// `If-Match` of a conditional document write, read by the handlers from the headers;
+/// declared here so the document says which values are accepted.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfMatchHeader {
+    /// Expected version: `"3"`, `W/"3"` or `3` (the `IF_MATCH_PATTERN` of the handlers).
+    #[param(rename = "If-Match", value_type = String, required = false,
+        pattern = r#"^(W/)?("[0-9]{1,18}"|[0-9]{1,18})$"#)]
+    pub if_match: Option<String>,
 }

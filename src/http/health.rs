@@ -34,9 +34,12 @@ pub struct Health {
 }
 
 /// Service health.
-#[utoipa::path(get, path = "/health", tag = "health",
-    responses((status = 200, body = Health, content_type = "application/health+json"),
-        (status = 503, body = Health, content_type = "application/health+json")))]
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "health",
+    responses(
+        (status = 200, description = "Serving; `warn` when the broker is away", body = Health,
+            content_type = "application/health+json"),
+        (status = 503, description = "The store is unavailable", body = Health,
+            content_type = "application/health+json")))]
 pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
     let report = app.health.check().await;
     let checks = report

@@ -23,7 +23,7 @@ use crate::service::documents::DeltaView;
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
-        twins::TwinRequest, ErrorBody, health::Health, Document, DocumentSummary, Difference,
+        twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, Document, DocumentSummary, Difference,
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList
     )),
     modifiers(&BearerAuth)

@@ -1,0 +1,98 @@
+//! The served OpenAPI document against the service that serves it: a valid OpenAPI
+//! document, and one a schema-driven fuzzer (schemathesis) cannot catch out, whether by
+//! a 5xx, a response outside the document, or a request the document allows that the
+//! service refuses (or one it forbids that the service accepts).
+//!
+//! The tools are Python programs (pip packages `openapi-spec-validator`, `schemathesis`) named by
+//! `TWINS_TEST_OPENAPI_VALIDATOR` and `TWINS_TEST_SCHEMATHESIS`; without them (a plain
+//! `cargo test`) these tests say they were skipped and pass.
+
+mod common;
+
+use std::process::{Command, Output};
+
+/// The one identity of the standalone mode the fuzzer authenticates as.
+const TOKEN: &str = "openapi-test-token";
+
+/// Test cases per operation and phase: enough to reach every constraint of the document
+/// and keep the run to about two minutes on two cores.
+const MAX_EXAMPLES: &str = "30";
+
+/// The tool named by `var`, or None (after saying so) when the variable is unset.
+fn tool(var: &str) -> Option<String> {
+    let path = std::env::var(var).ok().filter(|v| !v.is_empty());
+    if path.is_none() {
+        use std::io::Write as _;
+        // Straight to stderr: the harness swallows the output of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "OpenAPI test skipped: {var} is not set (the path of the tool)"
+        );
+    }
+    path
+}
+
+/// Runs `command` off the runtime (the service under test shares it) and fails the test,
+/// with everything the tool printed, unless it exits 0.
+async fn run_clean(what: &str, mut command: Command) {
+    let shown = format!("{command:?}");
+    let output: Output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("tool thread")
+        .unwrap_or_else(|e| panic!("{what} did not start ({shown}): {e}"));
+    assert!(
+        output.status.success(),
+        "{what} found problems ({}):\n{shown}\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+async fn spawn_standalone() -> common::TestApp {
+    common::spawn_app_with(&[
+        ("MG_TWINS_STANDALONE_ID", "openapi"),
+        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn served_document_is_valid_openapi() {
+    let Some(validator) = tool("TWINS_TEST_OPENAPI_VALIDATOR") else {
+        return;
+    };
+    let app = spawn_standalone().await;
+    let document = app
+        .request(reqwest::Method::GET, "/openapi.json")
+        .send()
+        .await
+        .expect("GET /openapi.json")
+        .bytes()
+        .await
+        .expect("document");
+    let file = app.dir.path().join("openapi.json");
+    std::fs::write(&file, &document).expect("write the document");
+    let mut command = Command::new(validator);
+    command.arg(&file);
+    run_clean("openapi-spec-validator", command).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_keeps_to_its_document_under_schemathesis() {
+    let Some(schemathesis) = tool("TWINS_TEST_SCHEMATHESIS") else {
+        return;
+    };
+    let app = spawn_standalone().await;
+    let mut command = Command::new(schemathesis);
+    command
+        .arg("run")
+        .arg(app.url("/openapi.json"))
+        .args(["--checks", "all", "--max-examples", MAX_EXAMPLES])
+        .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
+        // Nothing written into the working tree, no colour codes in the failure text.
+        .args(["--generation-database", "none", "--no-color"])
+        .current_dir(app.dir.path())
+        .env("NO_PROXY", "*");
+    run_clean("schemathesis", command).await;
+}
