@@ -11,9 +11,6 @@ mod common;
 
 use std::process::{Command, Output};
 
-/// The one identity of the standalone mode the fuzzer authenticates as.
-const TOKEN: &str = "openapi-test-token";
-
 /// Test cases per operation and phase: enough to reach every constraint of the document
 /// and keep the run to about two minutes on two cores.
 const MAX_EXAMPLES: &str = "30";
@@ -50,11 +47,10 @@ async fn run_clean(what: &str, mut command: Command) {
 }
 
 async fn spawn_standalone() -> common::TestApp {
-    common::spawn_app_with(&[
-        ("MG_TWINS_STANDALONE_ID", "openapi"),
-        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
-    ])
-    .await
+    common::TestApp::builder()
+        .auth(common::Auth::Standalone)
+        .spawn()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,7 +85,7 @@ async fn service_keeps_to_its_document_under_schemathesis() {
         .arg("run")
         .arg(app.url("/openapi.json"))
         .args(["--checks", "all", "--max-examples", MAX_EXAMPLES])
-        .args(["--header", &format!("Authorization: Bearer {TOKEN}")])
+        .args(["--header", &format!("Authorization: Bearer {}", common::ALICE)])
         // Nothing written into the working tree, no colour codes in the failure text.
         .args(["--generation-database", "none", "--no-color"])
         .current_dir(app.dir.path())
