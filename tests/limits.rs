@@ -152,6 +152,21 @@ async fn a_request_head_sent_too_slowly_is_closed_after_the_header_timeout() {
     let mut silent = TcpStream::connect(app.addr).await.expect("connect");
     closed_by_server(&mut silent).await;
 
+    // So is one that keeps sending a byte of its head now and then: the clock runs from
+    // the first byte, not from the last.
+    let trickle = TcpStream::connect(app.addr).await.expect("connect");
+    let (mut reading, mut writing) = trickle.into_split();
+    let writer = tokio::spawn(async move {
+        let mut next: &[u8] = b"GET /health HTTP/1.1\r\n";
+        while writing.write_all(next).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            next = b"x";
+        }
+    });
+    let answer = closed_by_server(&mut reading).await;
+    writer.abort();
+    assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+
     // Others are served meanwhile and after.
     assert!(served(app.addr).await.is_some());
 }
