@@ -279,3 +279,67 @@ async fn a_request_past_the_request_timeout_gets_a_json_503() {
         .expect("an answer before the deadline");
     common::assert_error(resp, StatusCode::SERVICE_UNAVAILABLE).await;
 }
+
+/// Waits until `count` log lines of `binary` contain `text`, and returns how many do.
+async fn log_lines(binary: &ops::Binary, text: &str, count: usize) -> usize {
+    let matching = || binary.logs().iter().filter(|l| l.contains(text)).count();
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while matching() < count && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    matching()
+}
+
+#[tokio::test]
+async fn a_burst_of_refused_connections_is_logged_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = format!("sqlite://{}/twins.db", dir.path().display());
+    let group = common::unique_group();
+    let mut binary = ops::start_binary(&[
+        ("MG_TWINS_DB_URL", db.as_str()),
+        ("MG_MESSAGE_BROKER_URL", common::NATS_URL),
+        ("MG_TWINS_INSTANCE_GROUP", group.as_str()),
+        ("MG_TWINS_STANDALONE_ID", USER),
+        ("MG_TWINS_STANDALONE_TOKEN", TOKEN),
+        ("MG_TWINS_HTTP_MAX_CONNECTIONS", "2"),
+    ])
+    .await;
+    let held = [hold(binary.addr).await, hold(binary.addr).await];
+    for _ in 0..5 {
+        assert!(served(binary.addr).await.is_none(), "served past the cap");
+    }
+    let reached = "connection limit reached";
+    assert_eq!(
+        log_lines(&binary, reached, 1).await,
+        1,
+        "{:#?}",
+        binary.logs()
+    );
+
+    // Once a connection is taken with room to spare, the burst is over. The server
+    // gives the held slots back when it notices they closed: ask until it has.
+    drop(held);
+    let again = "below the cap again";
+    for _ in 0..100 {
+        drop(hold(binary.addr).await);
+        if binary.logs().iter().any(|l| l.contains(again)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        log_lines(&binary, again, 1).await,
+        1,
+        "{:#?}",
+        binary.logs()
+    );
+    assert_eq!(
+        log_lines(&binary, reached, 1).await,
+        1,
+        "{:#?}",
+        binary.logs()
+    );
+
+    binary.kill().await;
+    common::delete_consumer(&group);
+}

@@ -68,8 +68,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let closing = CancellationToken::new();
     let mut connections = JoinSet::new();
-    // Refusals since the cap was last reached: one log line per burst, not per refusal.
-    let mut refused: u64 = 0;
+    let mut cap_log = CapLog::default();
     let mut signal = std::pin::pin!(signal);
     loop {
         tokio::select! {
@@ -86,20 +85,11 @@ pub async fn serve(
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     ::metrics::counter!(metrics::CONNECTIONS_REFUSED).increment(1);
-                    if refused == 0 {
-                        tracing::warn!(
-                            limit = limits.max_connections,
-                            "connection limit reached: new connections are closed until one ends"
-                        );
-                    }
-                    refused += 1;
+                    cap_log.refused(limits.max_connections);
                     drop(tcp);
                     continue;
                 };
-                if refused > 0 {
-                    tracing::info!(refused, "connection limit: accepting connections again");
-                    refused = 0;
-                }
+                cap_log.accepted(slots.available_permits());
                 let connection = Connection {
                     addr,
                     router: router.clone(),
@@ -116,6 +106,48 @@ pub async fn serve(
     closing.cancel();
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// How often the warning is repeated while connections go on being refused.
+const CAP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The log lines of the connection cap: one when refusals start (repeated at most every
+/// [`CAP_LOG_EVERY`] while they go on), one when the burst is over; never one per
+/// connection.
+#[derive(Default)]
+struct CapLog {
+    /// Refusals since the last line.
+    refused: u64,
+    /// When the last warning was written; set while refusals go on.
+    warned: Option<Instant>,
+}
+
+impl CapLog {
+    fn refused(&mut self, limit: usize) {
+        self.refused += 1;
+        if self.warned.is_none_or(|at| at.elapsed() >= CAP_LOG_EVERY) {
+            tracing::warn!(
+                limit,
+                refused = self.refused,
+                "connection limit reached: new connections are closed until one ends"
+            );
+            self.warned = Some(Instant::now());
+            self.refused = 0;
+        }
+    }
+
+    /// A connection was taken, leaving `free` slots. At the cap a freed slot is taken at
+    /// once, so only room to spare ends the burst: churn at the cap writes no pair of
+    /// lines per connection.
+    fn accepted(&mut self, free: usize) {
+        if self.warned.is_some() && free > 0 {
+            tracing::info!(
+                refused = self.refused,
+                "connection limit: below the cap again"
+            );
+            *self = Self::default();
+        }
+    }
 }
 
 /// Errors of `accept` that concern one connection (the client gave up before it was
