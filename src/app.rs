@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -20,7 +19,6 @@ use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::cache::{CacheError, TwinCache};
 use crate::config::{AuthMode, Config, GrpcTls};
-use crate::http::tls::TlsListener;
 use crate::http::{self, AppState};
 use crate::service::documents::{Documents, DocumentsService};
 use crate::service::health::{Dependency, Health};
@@ -119,7 +117,7 @@ impl Application {
         Ok(Self {
             listener,
             tls,
-            router: http::router(state),
+            router: http::router(state, config.http_limits.request_timeout),
             store,
             broker,
             ingest,
@@ -199,11 +197,13 @@ impl Application {
                 }
             }
         };
-        let server: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls {
-            Some(tls) => Box::pin(serve(TlsListener::new(listener, tls), router, signal)),
-            None => Box::pin(serve(listener, router, signal)),
-        };
-        let mut server = server;
+        let mut server = Box::pin(http::server::serve(
+            listener,
+            tls,
+            router,
+            config.http_limits,
+            signal,
+        ));
         let early = tokio::select! {
             served = &mut server => Some(served),
             () = stop.cancelled() => None,
@@ -246,22 +246,6 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// Serves `router` on `listener` until `signal`, then waits for open connections to
-/// finish their requests.
-async fn serve<L>(
-    listener: L,
-    router: axum::Router,
-    signal: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router)
-        .with_graceful_shutdown(signal)
-        .await
 }
 
 /// The use cases with their decorators, outermost first: spans, notifications (when a

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::http::server::Limits as HttpLimits;
 pub use crate::telemetry::LogFormat;
 use crate::telemetry::Settings as TelemetrySettings;
 
@@ -18,6 +19,13 @@ pub const DEFAULT_HTTP_PORT: u16 = 9018;
 pub const DEFAULT_DB_URL: &str = "sqlite://./data/twins.db";
 /// Broker used when none is configured.
 pub const DEFAULT_BROKER_URL: &str = "nats://localhost:4222";
+/// What clients may hold when nothing is configured; the README says why these.
+pub const DEFAULT_HTTP_LIMITS: HttpLimits = HttpLimits {
+    header_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(75),
+    max_connections: 512,
+    request_timeout: Duration::from_secs(30),
+};
 
 /// A configuration problem, already phrased for the operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +79,10 @@ struct RawEnv {
     mg_twins_max_definitions: Option<String>,
     mg_twins_request_reply: Option<String>,
     mg_twins_request_reply_prefix: Option<String>,
+    mg_twins_http_header_timeout: Option<String>,
+    mg_twins_http_idle_timeout: Option<String>,
+    mg_twins_http_max_connections: Option<String>,
+    mg_twins_http_request_timeout: Option<String>,
 }
 
 /// Definitions a twin keeps by default: far more than any device model changes, and a
@@ -116,6 +128,7 @@ pub struct Config {
     pub http_host: String,
     pub http_port: u16,
     pub http_tls: Option<TlsFiles>,
+    pub http_limits: HttpLimits,
     pub jaeger_url: Option<String>,
     pub jaeger_trace_ratio: f64,
     pub db_url: String,
@@ -284,12 +297,47 @@ impl Config {
             raw.mg_twins_request_reply,
             raw.mg_twins_request_reply_prefix,
         )?;
+        let defaults = DEFAULT_HTTP_LIMITS;
+        let http_limits = HttpLimits {
+            header_timeout: positive_duration(
+                "MG_TWINS_HTTP_HEADER_TIMEOUT",
+                raw.mg_twins_http_header_timeout,
+                defaults.header_timeout,
+            )?,
+            idle_timeout: positive_duration(
+                "MG_TWINS_HTTP_IDLE_TIMEOUT",
+                raw.mg_twins_http_idle_timeout,
+                defaults.idle_timeout,
+            )?,
+            max_connections: match raw.mg_twins_http_max_connections {
+                None => defaults.max_connections,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if n >= 1 => n,
+                    Ok(_) => {
+                        return Err(ConfigError::invalid(
+                            "MG_TWINS_HTTP_MAX_CONNECTIONS",
+                            &v,
+                            "must be at least 1",
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(ConfigError::invalid("MG_TWINS_HTTP_MAX_CONNECTIONS", &v, e));
+                    }
+                },
+            },
+            request_timeout: positive_duration(
+                "MG_TWINS_HTTP_REQUEST_TIMEOUT",
+                raw.mg_twins_http_request_timeout,
+                defaults.request_timeout,
+            )?,
+        };
         Ok(Self {
             log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
             log_format,
             http_host: raw.mg_twins_http_host.unwrap_or_else(|| "0.0.0.0".into()),
             http_port,
             http_tls,
+            http_limits,
             jaeger_url: raw.mg_jaeger_url,
             jaeger_trace_ratio,
             db_url,
@@ -453,6 +501,23 @@ fn request_reply(
     Ok(enabled.then_some(prefix))
 }
 
+/// A duration that must be more than zero (a zero limit would close every connection
+/// or fail every request), or `default` when unset.
+fn positive_duration(
+    var: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    match parse_duration(&v) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(ConfigError::invalid(var, &v, "must be more than 0")),
+        Err(e) => Err(ConfigError::invalid(var, &v, e)),
+    }
+}
+
 fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "t" | "yes" => Ok(true),
@@ -527,6 +592,7 @@ mod tests {
             c.request_reply, None,
             "request/reply is off unless asked for"
         );
+        assert_eq!(c.http_limits, DEFAULT_HTTP_LIMITS);
     }
 
     #[test]
@@ -539,6 +605,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(prefixed.request_reply.as_deref(), Some("site-a.twins"));
+    }
+
+    #[test]
+    fn http_limits_are_read_from_their_variables() {
+        let c = cfg(&[
+            ("MG_TWINS_HTTP_HEADER_TIMEOUT", "2s"),
+            ("MG_TWINS_HTTP_IDLE_TIMEOUT", "1m"),
+            ("MG_TWINS_HTTP_MAX_CONNECTIONS", "7"),
+            ("MG_TWINS_HTTP_REQUEST_TIMEOUT", "500ms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.http_limits,
+            HttpLimits {
+                header_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 7,
+                request_timeout: Duration::from_millis(500),
+            }
+        );
     }
 
     #[test]
@@ -559,6 +645,11 @@ mod tests {
             ("MG_TWINS_REQUEST_REPLY", "sometimes"),
             ("MG_TWINS_REQUEST_REPLY_PREFIX", "a.*"),
             ("MG_TWINS_REQUEST_REPLY_PREFIX", "a..b"),
+            ("MG_TWINS_HTTP_HEADER_TIMEOUT", "0s"),
+            ("MG_TWINS_HTTP_IDLE_TIMEOUT", "soon"),
+            ("MG_TWINS_HTTP_MAX_CONNECTIONS", "0"),
+            ("MG_TWINS_HTTP_MAX_CONNECTIONS", "many"),
+            ("MG_TWINS_HTTP_REQUEST_TIMEOUT", "0"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];

@@ -33,6 +33,9 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request outlived `MG_TWINS_HTTP_REQUEST_TIMEOUT`.
+    #[error("the request did not complete in time; retry later")]
+    Timeout,
 }
 
 impl From<ValidationError> for ApiError {
@@ -89,6 +92,13 @@ impl ApiError {
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, self.to_string()),
             Self::RouteNotFound => (StatusCode::NOT_FOUND, self.to_string()),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, self.to_string()),
+            // 503, not 408: the time ran out on the service's side (a slow store or auth
+            // service, or a slow body upload, which the header timeout does not cover),
+            // and 503 is what clients already retry.
+            Self::Timeout => {
+                tracing::warn!("request timed out");
+                (StatusCode::SERVICE_UNAVAILABLE, self.to_string())
+            }
         }
     }
 }

@@ -16,6 +16,10 @@ use super::AppState;
 pub const REQUESTS: &str = "twins_http_requests_total";
 /// Name of the request latency histogram.
 pub const LATENCY: &str = "twins_http_request_duration_seconds";
+/// Name of the counter of connections closed unserved because the cap was reached.
+pub const CONNECTIONS_REFUSED: &str = "twins_http_connections_refused_total";
+/// Name of the gauge of open connections (TLS handshakes in progress included).
+pub const CONNECTIONS_OPEN: &str = "twins_http_connections_open";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

@@ -7,6 +7,7 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod pages;
+pub mod server;
 pub mod states;
 pub mod tls;
 pub mod twins;
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::middleware;
-use axum::response::Response;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::trace::TraceLayer;
@@ -43,8 +44,9 @@ pub struct AppState {
     pub instance_id: Arc<str>,
 }
 
-/// The complete HTTP application.
-pub fn router(state: AppState) -> Router {
+/// The complete HTTP application; a request taking longer than `request_timeout` gets
+/// a JSON 503.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
         .route("/twins", get(twins::list).post(twins::create))
         .route(
@@ -67,6 +69,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Inside the metrics and the span, so that they see the timeout's 503.
+        .layer(middleware::from_fn(move |req, next| {
+            request_deadline(request_timeout, req, next)
+        }))
         .layer(middleware::from_fn(metrics::track))
         .layer(
             TraceLayer::new_for_http()
@@ -75,6 +81,16 @@ pub fn router(state: AppState) -> Router {
                 .on_response(record_response),
         )
         .with_state(state)
+}
+
+/// Answers 503 when the handler is not done within `limit`. The handler is dropped at
+/// its next await point: a write it had started may or may not have been applied, as
+/// with any 503.
+async fn request_deadline(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 /// The span of one request, named after the route template (`GET /twins/{id}`) and

@@ -1,26 +1,15 @@
-//! HTTPS: the HTTP listener wrapped in rustls (ring crypto).
+//! HTTPS: the server's rustls configuration (ring crypto) from PEM files.
 //!
-//! [`TlsListener`] plugs into `axum::serve` like a plain `TcpListener`, so HTTP and
-//! HTTPS share one server loop and one graceful shutdown. Handshakes run concurrently
-//! and are bounded in time, so a slow or silent client never holds up the others; a
+//! Handshakes run in `http::server`, one per connection under the connection cap and
+//! within the header timeout, so a slow or silent client never holds up the others; a
 //! client speaking plain HTTP fails its handshake and is disconnected.
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::server::TlsStream;
-
-/// Longest a client may take to complete its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server's TLS configuration could not be built; each kind names the file at
 /// fault and keeps the parser's error as its source.
@@ -91,63 +80,6 @@ pub fn server_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, TlsErro
     // The server speaks HTTP/1.1 only.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-type Handshake = Option<(TlsStream<TcpStream>, SocketAddr)>;
-
-/// A TCP listener whose connections are TLS sessions.
-pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Handshake>,
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> Self {
-        Self {
-            tcp,
-            acceptor: TlsAcceptor::from(config),
-            handshakes: JoinSet::new(),
-        }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            tokio::select! {
-                // axum's accept loop: retries transient errors and backs off on others.
-                (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp) => {
-                    let acceptor = self.acceptor.clone();
-                    self.handshakes.spawn(async move {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => Some((stream, addr)),
-                            Ok(Err(e)) => {
-                                tracing::debug!(%addr, error = %e, "TLS handshake failed");
-                                None
-                            }
-                            Err(_) => {
-                                tracing::debug!(%addr, "TLS handshake timed out");
-                                None
-                            }
-                        }
-                    });
-                }
-                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }
 
 #[cfg(test)]
