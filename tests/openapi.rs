@@ -4,8 +4,9 @@
 //! service refuses (or one it forbids that the service accepts).
 //!
 //! The tools are Python programs (pip packages `openapi-spec-validator`, `schemathesis`) named by
-//! `TWINS_TEST_OPENAPI_VALIDATOR` and `TWINS_TEST_SCHEMATHESIS`; without them (a plain
-//! `cargo test`) these tests say they were skipped and pass.
+//! `TWINS_TEST_OPENAPI_VALIDATOR` and `TWINS_TEST_SCHEMATHESIS` (`scripts/test` installs
+//! both, pinned, and sets the variables); without them (a plain `cargo test`) these tests
+//! say they were skipped and pass.
 
 mod common;
 
