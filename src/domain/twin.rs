@@ -118,7 +118,7 @@ pub struct DefinitionInput {
     #[serde(default, deserialize_with = "json_object::list")]
     pub attributes: Vec<Attribute>,
     /// Sampling window in nanoseconds; 0 or absent means 1 ms.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::whole_i64")]
     #[schema(minimum = 0)]
     pub delta: i64,
 }
@@ -305,6 +305,16 @@ mod tests {
                 (got, want) => panic!("{label}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn definition_delta_may_be_written_as_a_whole_number_float() {
+        let input: DefinitionInput =
+            serde_json::from_value(serde_json::json!({"delta": 263.0})).expect("an integer");
+        assert_eq!(input.delta, 263);
+        assert!(
+            serde_json::from_value::<DefinitionInput>(serde_json::json!({"delta": 263.5})).is_err()
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::service::documents::{Access, Change, DeltaView};
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DocumentRequest {
     /// Write only if this is the stored version (0: only if the document is absent).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::json::optional_whole_i64")]
     #[schema(minimum = 0)]
     pub version: Option<i64>,
     /// New data (`PUT`) or a JSON merge patch (`PATCH`).
