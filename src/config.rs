@@ -63,6 +63,7 @@ struct RawEnv {
     mg_twins_client_tls: Option<String>,
     mg_twins_cache_url: Option<String>,
     mg_twins_cache_prefix: Option<String>,
+    mg_twins_lookup_cache_size: Option<String>,
     mg_twins_instance_id: Option<String>,
     mg_twins_instance_group: Option<String>,
     mg_send_telemetry: Option<String>,
@@ -118,6 +119,9 @@ pub struct Config {
     pub cache_url: Option<String>,
     /// Prepended to every Redis key, so deployments can share one Redis.
     pub cache_prefix: String,
+    /// Store answers for a (channel, subtopic) remembered in process, "no twin"
+    /// included (at least 1).
+    pub lookup_cache_size: usize,
     pub instance_id: String,
     pub instance_group: String,
     pub shutdown_timeout: Duration,
@@ -253,6 +257,19 @@ impl Config {
                 Err(e) => return Err(ConfigError::invalid("MG_TWINS_INGEST_LEASE", &v, e)),
             },
         };
+        let lookup_cache_size = match raw.mg_twins_lookup_cache_size {
+            None => crate::service::lookup::DEFAULT_ANSWERS,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "MG_TWINS_LOOKUP_CACHE_SIZE",
+                        &v,
+                        "must be a whole number of at least 1".to_owned(),
+                    ));
+                }
+            },
+        };
         Ok(Self {
             log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
             log_format,
@@ -269,6 +286,7 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_BROKER_URL.into()),
             cache_url: raw.mg_twins_cache_url,
             cache_prefix: raw.mg_twins_cache_prefix.unwrap_or_default(),
+            lookup_cache_size,
             instance_id: raw
                 .mg_twins_instance_id
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
@@ -461,6 +479,22 @@ mod tests {
         assert_eq!(c.cache_url, None);
         assert_eq!(c.instance_group, "twins");
         assert_eq!(c.jaeger_trace_ratio, 1.0);
+    }
+
+    #[test]
+    fn lookup_cache_size_has_a_default_and_is_at_least_one() {
+        assert_eq!(
+            cfg(&[]).unwrap().lookup_cache_size,
+            crate::service::lookup::DEFAULT_ANSWERS
+        );
+        let c = cfg(&[("MG_TWINS_LOOKUP_CACHE_SIZE", "50")]).unwrap();
+        assert_eq!(c.lookup_cache_size, 50);
+        for bad in ["0", "-1", "many"] {
+            let err = cfg(&[("MG_TWINS_LOOKUP_CACHE_SIZE", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.starts_with("MG_TWINS_LOOKUP_CACHE_SIZE"), "{err}");
+        }
     }
 
     #[test]

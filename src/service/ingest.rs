@@ -285,6 +285,18 @@ impl IngestService {
         self.cursors.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Drops the cursors of twins deleted since the last batch: they get no more
+    /// messages, and their ids are never reused.
+    fn forget_removed(&self) {
+        let removed = self.lookup.take_removed();
+        if !removed.is_empty() {
+            let mut cursors = self.lock_cursors();
+            for id in removed {
+                cursors.remove(&id);
+            }
+        }
+    }
+
     async fn apply_inner(
         &self,
         batch: &Batch<'_>,
@@ -294,6 +306,7 @@ impl IngestService {
             received: batch.messages.len() + batch.rejected.len(),
             ..BatchReport::default()
         };
+        self.forget_removed();
         let mut rejected = batch.rejected.to_vec();
         let (routed, per_twin) = self.route(batch, &mut report, &mut rejected).await?;
         let plans = self.plan_twins(&routed, &per_twin, &mut rejected).await?;
@@ -393,6 +406,7 @@ impl IngestService {
             let twin = match self.lookup.twin(twin_id).await {
                 Ok(Some(t)) => t,
                 Ok(None) => {
+                    self.lock_cursors().remove(twin_id);
                     reject_all("unknown_twin", &"no such twin");
                     continue;
                 }
