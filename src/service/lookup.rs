@@ -3,8 +3,8 @@
 //!
 //! (channel, subtopic) -> twin ids comes from the cache (Redis, shared by instances) when
 //! it has an answer it can vouch for ([`TwinCache::is_complete`]); otherwise from a
-//! bounded in-process memory of the store's recent answers, "no twin" included, and
-//! last from the store. That memory is only asked when the shared cache has nothing, so
+//! bounded in-process memory of the store's recent answers ("no twin", and any answer
+//! while the cache is away or not trusted), and last from the store. That memory is only asked when the shared cache has nothing, so
 //! a twin that another instance creates is seen at once while Redis is up (its keys
 //! are there); while Redis is away, another instance's new twin is seen within
 //! [`ANSWER_TTL`]. A store answer is written back to Redis under the keys of the
@@ -132,9 +132,12 @@ impl TwinLookup {
         metrics::counter!(STORE_LOOKUPS).increment(1);
         let ids = self.twins.ids_by_attribute(channel, subtopic).await?;
         if answered && !ids.is_empty() {
+            // The cache has the answer from now on, kept exact by every instance's
+            // writes: remembering it here too would only let it go stale.
             self.refill(channel, subtopic, &ids).await;
+        } else {
+            self.remember(channel, subtopic, &ids, generation);
         }
-        self.remember(channel, subtopic, &ids, generation);
         Ok(ids)
     }
 
@@ -454,7 +457,7 @@ mod tests {
             ]
         );
         assert!(store_reads(&f) <= 2, "{} store reads", store_reads(&f));
-        assert_eq!(f.lookup.answers(), 1);
+        assert_eq!(f.lookup.answers(), 0, "the cache has the answer");
     }
 
     #[tokio::test]
