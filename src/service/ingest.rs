@@ -762,4 +762,53 @@ mod tests {
         assert!(p.writes.writes.is_empty());
         assert_eq!(p.after, cursor);
     }
+
+    #[tokio::test]
+    async fn a_deleted_twin_leaves_no_cursor_behind() {
+        use std::sync::Arc;
+
+        use crate::cache::flaky::{self, Flaky};
+        use crate::service::fakes::{Memory, RecordingSetAside};
+        use crate::service::lookup::CacheMaintaining;
+        use crate::store::{Lease, TwinRepository};
+
+        let db = Memory::new();
+        let store = db.store();
+        let lookup = TwinLookup::new(store.twins.clone(), Arc::new(Flaky::default()));
+        let twins = CacheMaintaining::new(store.twins.clone(), lookup.clone());
+        let ingest = IngestService::new(store.clone(), lookup, None);
+        let lease = Lease {
+            group: "g".into(),
+            holder: "h".into(),
+            ttl: std::time::Duration::from_secs(60),
+            start: 0,
+        };
+        store.ingest.lease(&lease).await.unwrap();
+        twins
+            .save(&flaky::twin("t", 1, &[("ch", "")]))
+            .await
+            .unwrap();
+        let messages = [Message {
+            seq: 1,
+            channel: "ch".into(),
+            subtopic: String::new(),
+            payload: json!([{"v": 1}]).to_string().into_bytes(),
+            created: 1_600_000_000_000_000_000,
+        }];
+        let mut batch = Batch {
+            group: "g",
+            from: 0,
+            to: 1,
+            messages: &messages,
+            rejected: &[],
+        };
+        let aside = RecordingSetAside::default();
+        ingest.apply(&batch, &aside).await.unwrap();
+        assert!(ingest.lock_cursors().contains_key("t"));
+
+        assert!(twins.remove("o", "t").await.unwrap());
+        (batch.from, batch.messages) = (1, &[]);
+        ingest.apply(&batch, &aside).await.unwrap();
+        assert!(ingest.lock_cursors().is_empty());
+    }
 }
