@@ -17,11 +17,12 @@ use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
+use crate::cache::repair::Repairing;
 use crate::cache::{CacheError, TwinCache};
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::{self, AppState};
 use crate::service::documents::{Documents, DocumentsService};
-use crate::service::health::{Dependency, Health};
+use crate::service::health::{CacheHealth, Dependency, Health};
 use crate::service::inband::Inband;
 use crate::service::ingest::{Ingest, IngestService};
 use crate::service::lookup::{CacheMaintaining, TwinLookup};
@@ -78,15 +79,17 @@ impl Application {
             .await
             .map_err(StartError::Broker)?;
         let cache: Arc<dyn TwinCache> = match &config.cache_url {
-            Some(url) => Arc::new(
+            // Shared and remote: what fails to reach it is made again once it is back.
+            Some(url) => Arc::new(Repairing::new(Arc::new(
                 RedisCache::connect(url, &config.cache_prefix)
                     .await
                     .map_err(StartError::Cache)?,
-            ),
+            ))),
             None => Arc::new(MemoryCache::default()),
         };
         // The use cases see a store whose twins repository keeps the cache exact.
-        let lookup = TwinLookup::new(store.twins.clone(), cache);
+        let lookup = TwinLookup::new(store.twins.clone(), cache.clone())
+            .with_answers(config.lookup_cache_size);
         let mut maintained = store.clone();
         maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
         let (twins, documents, ingest) = use_cases(
@@ -101,6 +104,7 @@ impl Application {
         let dependencies: Vec<Arc<dyn Dependency>> = vec![
             Arc::new(store.clone()),
             Arc::new(crate::broker::Connection(broker.clone())),
+            Arc::new(CacheHealth(cache)),
         ];
         let state = AppState {
             twins,

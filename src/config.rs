@@ -71,6 +71,7 @@ struct RawEnv {
     mg_twins_client_tls: Option<String>,
     mg_twins_cache_url: Option<String>,
     mg_twins_cache_prefix: Option<String>,
+    mg_twins_lookup_cache_size: Option<String>,
     mg_twins_instance_id: Option<String>,
     mg_twins_instance_group: Option<String>,
     mg_send_telemetry: Option<String>,
@@ -138,6 +139,9 @@ pub struct Config {
     pub cache_url: Option<String>,
     /// Prepended to every Redis key, so deployments can share one Redis.
     pub cache_prefix: String,
+    /// Store answers for a (channel, subtopic) remembered in process, "no twin"
+    /// included (at least 1).
+    pub lookup_cache_size: usize,
     pub instance_id: String,
     pub instance_group: String,
     pub shutdown_timeout: Duration,
@@ -293,6 +297,19 @@ impl Config {
                 }
             },
         };
+        let lookup_cache_size = match raw.mg_twins_lookup_cache_size {
+            None => crate::service::lookup::DEFAULT_ANSWERS,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "MG_TWINS_LOOKUP_CACHE_SIZE",
+                        &v,
+                        "must be a whole number of at least 1".to_owned(),
+                    ));
+                }
+            },
+        };
         let request_reply = request_reply(
             raw.mg_twins_request_reply,
             raw.mg_twins_request_reply_prefix,
@@ -348,6 +365,7 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_BROKER_URL.into()),
             cache_url: raw.mg_twins_cache_url,
             cache_prefix: raw.mg_twins_cache_prefix.unwrap_or_default(),
+            lookup_cache_size,
             instance_id: raw
                 .mg_twins_instance_id
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
@@ -625,6 +643,22 @@ mod tests {
                 request_timeout: Duration::from_millis(500),
             }
         );
+    }
+
+    #[test]
+    fn lookup_cache_size_has_a_default_and_is_at_least_one() {
+        assert_eq!(
+            cfg(&[]).unwrap().lookup_cache_size,
+            crate::service::lookup::DEFAULT_ANSWERS
+        );
+        let c = cfg(&[("MG_TWINS_LOOKUP_CACHE_SIZE", "50")]).unwrap();
+        assert_eq!(c.lookup_cache_size, 50);
+        for bad in ["0", "-1", "many"] {
+            let err = cfg(&[("MG_TWINS_LOOKUP_CACHE_SIZE", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.starts_with("MG_TWINS_LOOKUP_CACHE_SIZE"), "{err}");
+        }
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! map when no cache URL is configured (single instance only). Every attribute of a
 //! twin's current definition is cached, persisted or not.
 
+#[cfg(test)]
+pub mod flaky;
 pub mod memory;
 pub mod redis;
+pub mod repair;
 
 use std::time::Duration;
 
@@ -66,6 +69,17 @@ pub trait TwinCache: Send + Sync {
     async fn ids(&self, channel: &str, subtopic: &str) -> CacheResult<Vec<String>>;
     /// Forgets the twin everywhere.
     async fn remove(&self, twin_id: &str) -> CacheResult<()>;
+    /// Whether the cache answers now; an in-process cache always does.
+    async fn ping(&self) -> CacheResult<()> {
+        Ok(())
+    }
+    /// Whether a non-empty answer of [`TwinCache::ids`] lists every twin of the key. False
+    /// while writes that failed are not yet made again (see [`repair`]): an answer may
+    /// then name another twin and not the one whose write was lost, so the caller must
+    /// ask the store.
+    fn is_complete(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

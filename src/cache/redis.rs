@@ -64,12 +64,7 @@ impl RedisCache {
             timeout: DEFAULT_TIMEOUT,
             replace_script: Script::new(REPLACE_KEYS),
         };
-        match cache
-            .run("ping", |mut con| async move {
-                redis::cmd("PING").query_async::<()>(&mut con).await
-            })
-            .await
-        {
+        match cache.ping().await {
             Ok(()) => tracing::info!("connected to the Redis cache"),
             Err(e) => {
                 tracing::warn!(error = %e, "Redis cache unreachable at start-up; retrying on use")
@@ -249,6 +244,13 @@ impl TwinCache for RedisCache {
 
     async fn remove(&self, twin_id: &str) -> CacheResult<()> {
         self.replace_keys("remove", twin_id, &[]).await
+    }
+
+    async fn ping(&self) -> CacheResult<()> {
+        self.run("ping", |mut con| async move {
+            redis::cmd("PING").query_async::<()>(&mut con).await
+        })
+        .await
     }
 }
 

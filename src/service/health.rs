@@ -1,13 +1,14 @@
 //! Health of the service's dependencies, as `GET /health` reports it.
 //!
 //! Each dependency is a [`Dependency`] port: the store is critical (the service fails
-//! without it), the broker is not (the API keeps serving while it is away and the
-//! consumer reconnects by itself).
+//! without it), the broker and the cache are not (the API keeps serving while they are
+//! away, the consumer reconnects by itself, lookups go to the store).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::cache::TwinCache;
 use crate::store::Store;
 
 /// One dependency's answer.
@@ -92,6 +93,28 @@ impl Dependency for Store {
                 tracing::warn!(error = %e, "health: store unavailable");
                 Check::Down("unavailable")
             }
+        }
+    }
+}
+
+/// The channel cache as a dependency.
+pub struct CacheHealth(pub Arc<dyn TwinCache>);
+
+#[async_trait]
+impl Dependency for CacheHealth {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    fn critical(&self) -> bool {
+        false
+    }
+
+    async fn check(&self) -> Check {
+        // The cache logs its outages once each; a line per health check would repeat it.
+        match self.0.ping().await {
+            Ok(()) => Check::Pass,
+            Err(_) => Check::Down("unavailable"),
         }
     }
 }

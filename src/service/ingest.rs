@@ -285,6 +285,18 @@ impl IngestService {
         self.cursors.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Drops the cursors of twins deleted since the last batch: they get no more
+    /// messages, and their ids are never reused.
+    fn forget_removed(&self) {
+        let removed = self.lookup.take_removed();
+        if !removed.is_empty() {
+            let mut cursors = self.lock_cursors();
+            for id in removed {
+                cursors.remove(&id);
+            }
+        }
+    }
+
     async fn apply_inner(
         &self,
         batch: &Batch<'_>,
@@ -294,6 +306,7 @@ impl IngestService {
             received: batch.messages.len() + batch.rejected.len(),
             ..BatchReport::default()
         };
+        self.forget_removed();
         let mut rejected = batch.rejected.to_vec();
         let (routed, per_twin) = self.route(batch, &mut report, &mut rejected).await?;
         let plans = self.plan_twins(&routed, &per_twin, &mut rejected).await?;
@@ -393,6 +406,7 @@ impl IngestService {
             let twin = match self.lookup.twin(twin_id).await {
                 Ok(Some(t)) => t,
                 Ok(None) => {
+                    self.lock_cursors().remove(twin_id);
                     reject_all("unknown_twin", &"no such twin");
                     continue;
                 }
@@ -749,5 +763,54 @@ mod tests {
         let p = run(&cursor, &[]);
         assert!(p.writes.writes.is_empty());
         assert_eq!(p.after, cursor);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_twin_leaves_no_cursor_behind() {
+        use std::sync::Arc;
+
+        use crate::cache::flaky::{self, Flaky};
+        use crate::service::fakes::{Memory, RecordingSetAside};
+        use crate::service::lookup::CacheMaintaining;
+        use crate::store::{Lease, TwinRepository};
+
+        let db = Memory::new();
+        let store = db.store();
+        let lookup = TwinLookup::new(store.twins.clone(), Arc::new(Flaky::default()));
+        let twins = CacheMaintaining::new(store.twins.clone(), lookup.clone());
+        let ingest = IngestService::new(store.clone(), lookup, None);
+        let lease = Lease {
+            group: "g".into(),
+            holder: "h".into(),
+            ttl: std::time::Duration::from_secs(60),
+            start: 0,
+        };
+        store.ingest.lease(&lease).await.unwrap();
+        twins
+            .save(&flaky::twin("t", 1, &[("ch", "")]))
+            .await
+            .unwrap();
+        let messages = [Message {
+            seq: 1,
+            channel: "ch".into(),
+            subtopic: String::new(),
+            payload: json!([{"v": 1}]).to_string().into_bytes(),
+            created: 1_600_000_000_000_000_000,
+        }];
+        let mut batch = Batch {
+            group: "g",
+            from: 0,
+            to: 1,
+            messages: &messages,
+            rejected: &[],
+        };
+        let aside = RecordingSetAside::default();
+        ingest.apply(&batch, &aside).await.unwrap();
+        assert!(ingest.lock_cursors().contains_key("t"));
+
+        assert!(twins.remove("o", "t").await.unwrap());
+        (batch.from, batch.messages) = (1, &[]);
+        ingest.apply(&batch, &aside).await.unwrap();
+        assert!(ingest.lock_cursors().is_empty());
     }
 }
