@@ -92,15 +92,12 @@ pub struct RawResponse {
     pub body: String,
 }
 
-/// Sends one HTTP/1.1 request over TLS to `addr`, verifying the server against `ca_pem`
-/// for the name `localhost`.
-pub async fn https_request(
+/// A TLS session with the service at `addr`, verifying it against `ca_pem` for the
+/// name `localhost`.
+pub async fn tls_connect(
     addr: SocketAddr,
     ca_pem: &str,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> std::io::Result<RawResponse> {
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots
@@ -114,9 +111,21 @@ pub async fn https_request(
         .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
-    let mut tls = TlsConnector::from(Arc::new(config))
+    TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
-        .await?;
+        .await
+}
+
+/// Sends one HTTP/1.1 request over TLS to `addr`, verifying the server against `ca_pem`
+/// for the name `localhost`.
+pub async fn https_request(
+    addr: SocketAddr,
+    ca_pem: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::io::Result<RawResponse> {
+    let mut tls = tls_connect(addr, ca_pem).await?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
