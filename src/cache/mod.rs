@@ -5,6 +5,7 @@
 //! twin's current definition is cached, persisted or not.
 
 #[cfg(test)]
+#[cfg(test)]
 pub mod flaky;
 pub mod memory;
 pub mod redis;
