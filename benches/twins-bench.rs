@@ -10,7 +10,14 @@
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
 //! temporary directory, in-process cache) against the NATS at `--nats`
 //! (default `nats://127.0.0.1:4222`), prints progress on stderr and one JSON summary
-//! line per scenario on stdout. `--url http://host:port` runs `api` against a service
+//! line per scenario on stdout.
+//!
+//! `--db postgres://user@host:port/db` runs every scenario on PostgreSQL instead: each
+//! store the run needs is a database of its own created on that server (the URL's user
+//! needs CREATEDB) and dropped at the end. `--instances N` starts N processes of one
+//! instance group sharing the store and a Redis lookup cache (`--redis`, default
+//! `redis://127.0.0.1:6379`); the API load is spread over them and any of them may
+//! ingest. `--url http://host:port` runs `api` against a service
 //! that is already running (its auth must accept the tokens `bench-token-0..9`).
 
 use std::collections::HashMap;
@@ -23,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sqlx::Row;
+use std::str::FromStr;
 use tokio::sync::Mutex;
 use twins::broker::{self, Envelope};
 use twins::domain::sampling::Write;
@@ -32,10 +39,7 @@ use twins::domain::time::now_millis;
 use twins::domain::twin::{Attribute, Definition, Twin};
 use twins::proto::magistrala::auth_service_server::{AuthService, AuthServiceServer};
 use twins::proto::magistrala::{IdentityReq, IdentityRes};
-use twins::store::sqlite::SqliteStore;
-use twins::store::{
-    Applied, IngestRepository, IngestStep, Lease, SeqWrite, TwinRepository, TwinWrites,
-};
+use twins::store::{Applied, IngestStep, Lease, SeqWrite, Store, TwinWrites};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -55,6 +59,9 @@ struct Opts {
     seconds: u64,
     nats: String,
     url: Option<String>,
+    db: Option<String>,
+    instances: usize,
+    redis: String,
 }
 
 fn parse_opts() -> Res<Opts> {
@@ -68,6 +75,9 @@ fn parse_opts() -> Res<Opts> {
         seconds: 5,
         nats: "nats://127.0.0.1:4222".into(),
         url: None,
+        db: None,
+        instances: 1,
+        redis: "redis://127.0.0.1:6379".into(),
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -79,9 +89,18 @@ fn parse_opts() -> Res<Opts> {
             "--seconds" => o.seconds = val()?.parse()?,
             "--nats" => o.nats = val()?,
             "--url" => o.url = Some(val()?),
+            "--db" => o.db = Some(val()?),
+            "--instances" => o.instances = val()?.parse::<usize>()?.max(1),
+            "--redis" => o.redis = val()?,
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
+    }
+    if let Some(db) = &o.db
+        && !db.starts_with("postgres://")
+        && !db.starts_with("postgresql://")
+    {
+        return Err(format!("--db {db}: only postgres:// URLs (SQLite is the default)").into());
     }
     if o.scenario.is_empty() {
         return Err("usage: twins-bench <ingest|ingest-growth|api|all> [options]".into());
@@ -97,6 +116,128 @@ fn free_port() -> Res<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+// ---------------------------------------------------------------- databases
+
+/// A store of the run's own: a SQLite file in a temporary directory, or a PostgreSQL
+/// database created for it and dropped with it.
+struct Database {
+    url: String,
+    /// The server's URL and the database's name, on PostgreSQL.
+    created: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Database {
+    async fn create(o: &Opts) -> Res<Self> {
+        let dir = tempfile::tempdir()?;
+        let Some(server) = &o.db else {
+            return Ok(Self {
+                url: format!("sqlite://{}/twins.db", dir.path().display()),
+                created: None,
+                _dir: dir,
+            });
+        };
+        let name = format!("twins_bench_{}", uid());
+        postgres_admin(server, &format!("CREATE DATABASE \"{name}\"")).await?;
+        let (head, _) = server
+            .rsplit_once('/')
+            .ok_or("--db needs a database in its URL")?;
+        let query = server
+            .split_once('?')
+            .map_or(String::new(), |(_, q)| format!("?{q}"));
+        Ok(Self {
+            url: format!("{head}/{name}{query}"),
+            created: Some((server.clone(), name)),
+            _dir: dir,
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.created.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    }
+
+    async fn store(&self) -> Res<Store> {
+        Ok(Store::connect(&self.url).await?)
+    }
+
+    /// A reader for the bench's own polling (ingest cursors, state counts).
+    async fn reader(&self) -> Res<Reader> {
+        Ok(match &self.created {
+            None => Reader::Sqlite(
+                sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(
+                        sqlx::sqlite::SqliteConnectOptions::from_str(&self.url)?.read_only(true),
+                    )
+                    .await?,
+            ),
+            Some(_) => Reader::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&self.url)
+                    .await?,
+            ),
+        })
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        if let Some((server, name)) = self.created.take() {
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = rt.block_on(postgres_admin(&server, &drop));
+                }
+            })
+            .join();
+        }
+    }
+}
+
+async fn postgres_admin(server: &str, statement: &str) -> Res<()> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(server).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// The bench's own connection to the store, to watch ingestion from outside.
+enum Reader {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Reader {
+    /// Every twin's ingest sequence.
+    async fn cursors(&self) -> Res<Vec<(String, i64)>> {
+        const SQL: &str = "SELECT twin_id, seq FROM ingest_cursors";
+        let rows: Vec<(String, i64)> = match self {
+            Self::Sqlite(p) => sqlx::query_as(SQL).fetch_all(p).await?,
+            Self::Postgres(p) => sqlx::query_as(SQL).fetch_all(p).await?,
+        };
+        Ok(rows)
+    }
+
+    async fn states(&self) -> Res<i64> {
+        const SQL: &str = "SELECT COUNT(*) FROM states";
+        Ok(match self {
+            Self::Sqlite(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
+            Self::Postgres(p) => sqlx::query_scalar(SQL).fetch_one(p).await?,
+        })
+    }
+}
+
 // ---------------------------------------------------------------- the service process
 
 struct Service {
@@ -104,14 +245,28 @@ struct Service {
     base: String,
     group: String,
     nats: String,
-    db: String,
+}
+
+/// `n` instances of one group on one store, sharing a Redis lookup cache when more
+/// than one.
+async fn start_services(o: &Opts, db: &Database, extra: &[(&str, String)]) -> Res<Vec<Service>> {
+    let group = format!("bench-{}", uid());
+    let mut vars: Vec<(&str, String)> = extra.to_vec();
+    if o.instances > 1 {
+        vars.push(("MG_TWINS_CACHE_URL", o.redis.clone()));
+        vars.push(("MG_TWINS_CACHE_PREFIX", format!("bench-{}:", uid())));
+    }
+    let mut services = Vec::with_capacity(o.instances);
+    for _ in 0..o.instances {
+        services.push(Service::start(&db.url, &o.nats, &group, &vars).await?);
+    }
+    Ok(services)
 }
 
 impl Service {
-    async fn start(dir: &std::path::Path, nats: &str, extra: &[(&str, String)]) -> Res<Self> {
+    async fn start(db: &str, nats: &str, group: &str, extra: &[(&str, String)]) -> Res<Self> {
         let port = free_port()?;
-        let group = format!("bench-{}", uid());
-        let db = format!("{}/twins.db", dir.display());
+        let group = group.to_owned();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_twins"));
         for (k, _) in std::env::vars() {
             if k.starts_with("MG_") {
@@ -120,7 +275,7 @@ impl Service {
         }
         cmd.env("MG_TWINS_HTTP_HOST", "127.0.0.1")
             .env("MG_TWINS_HTTP_PORT", port.to_string())
-            .env("MG_TWINS_DB_URL", format!("sqlite://{db}"))
+            .env("MG_TWINS_DB_URL", db)
             .env("MG_MESSAGE_BROKER_URL", nats)
             .env("MG_TWINS_INSTANCE_GROUP", &group)
             .env("MG_TWINS_LOG_LEVEL", "warn")
@@ -135,7 +290,6 @@ impl Service {
             base: format!("http://127.0.0.1:{port}"),
             group,
             nats: nats.to_owned(),
-            db,
         };
         let http = reqwest::Client::new();
         for _ in 0..200 {
@@ -227,7 +381,7 @@ fn twin(owner: &str, channel: &str) -> Twin {
 }
 
 /// Writes `per_twin[i]` states for twin i through the store, in batches.
-async fn fill_states(store: &SqliteStore, twins: &[Twin], per_twin: &[usize]) -> Res<()> {
+async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<()> {
     let t0 = now_millis();
     let mut batch = Vec::new();
     let mut pending = 0;
@@ -272,14 +426,16 @@ async fn fill_states(store: &SqliteStore, twins: &[Twin], per_twin: &[usize]) ->
 
 /// Applies state writes as ingestion does: one step of a bench group, moving its
 /// position by one.
-async fn store_apply(store: &SqliteStore, twins: Vec<TwinWrites>) -> Res<()> {
+async fn store_apply(store: &Store, twins: Vec<TwinWrites>) -> Res<()> {
     let lease = Lease {
         group: "bench".into(),
         holder: "bench".into(),
         ttl: Duration::from_secs(3600),
         start: 0,
     };
-    let from = IngestRepository::lease(store, &lease)
+    let from = store
+        .ingest
+        .lease(&lease)
         .await?
         .ok_or("bench group leased elsewhere")?;
     let step = IngestStep {
@@ -288,7 +444,7 @@ async fn store_apply(store: &SqliteStore, twins: Vec<TwinWrites>) -> Res<()> {
         to: from + 1,
         twins,
     };
-    match IngestRepository::apply(store, &step).await? {
+    match store.ingest.apply(&step).await? {
         Applied::Done { .. } => Ok(()),
         Applied::Fenced => Err("bench group fenced".into()),
     }
@@ -354,21 +510,15 @@ struct IngestRun {
 /// Ingests `messages` SenML messages spread over `twins` (each on its own channel)
 /// through a running service and measures publish start to last state persisted.
 async fn ingest_through(
-    svc: &Service,
+    svcs: &[Service],
+    db: &Database,
     js: &jetstream::Context,
     twins: &[Twin],
     messages: usize,
     states_before: u64,
 ) -> Res<IngestRun> {
-    svc.wait_consumer(js).await?;
-    let db = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&svc.db)
-                .read_only(true),
-        )
-        .await?;
+    svcs.first().ok_or("no service")?.wait_consumer(js).await?;
+    let db = db.reader().await?;
     let index: HashMap<&str, usize> = twins
         .iter()
         .enumerate()
@@ -399,14 +549,10 @@ async fn ingest_through(
     eprintln!("  published {messages} in {publish_secs:.2} s; waiting for the store");
     let deadline = Instant::now() + Duration::from_secs(600);
     let done_at = loop {
-        let rows = sqlx::query("SELECT twin_id, seq FROM ingest_cursors")
-            .fetch_all(&db)
-            .await?;
+        let rows = db.cursors().await?;
         let now = Instant::now();
         let mut seen = vec![0u64; twins.len()];
-        for r in rows {
-            let id: String = r.try_get("twin_id")?;
-            let seq: i64 = r.try_get("seq")?;
+        for (id, seq) in rows {
             if let Some(&i) = index.get(id.as_str()) {
                 seen[i] = seq.max(0) as u64;
             }
@@ -430,16 +576,14 @@ async fn ingest_through(
         .filter_map(|s| s.3.map(|d| (d - s.2).as_secs_f64() * 1000.0))
         .collect();
     lat.sort_by(f64::total_cmp);
-    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM states")
-        .fetch_one(&db)
-        .await?;
+    let created = db.states().await?;
     Ok(IngestRun {
         rate: messages as f64 / seconds,
         seconds,
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         created: (created.max(0) as u64).saturating_sub(states_before),
-        rss_peak_kib: svc.rss_peak_kib(),
+        rss_peak_kib: svcs.iter().map(Service::rss_peak_kib).max().unwrap_or(0),
     })
 }
 
@@ -488,9 +632,10 @@ async fn baseline_jetstream(js: &jetstream::Context, twins: usize, messages: usi
 
 /// Raw store: the same number of states written through the store API in the batches
 /// the service uses, without the service.
-async fn baseline_store(twins: usize, messages: usize) -> Res<f64> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&format!("{}/raw.db", dir.path().display())).await?;
+async fn baseline_store(o: &Opts, messages: usize) -> Res<f64> {
+    let twins = o.twins;
+    let db = Database::create(o).await?;
+    let store = db.store().await?;
     let ids: Vec<String> = (0..twins)
         .map(|_| uuid::Uuid::new_v4().to_string())
         .collect();
@@ -535,13 +680,12 @@ async fn baseline_store(twins: usize, messages: usize) -> Res<f64> {
     Ok(messages as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn seeded_twins(dir: &std::path::Path, n: usize, owner: &str) -> Res<Vec<Twin>> {
-    let store = SqliteStore::open(&format!("{}/twins.db", dir.display())).await?;
+async fn seeded_twins(store: &Store, n: usize, owner: &str) -> Res<Vec<Twin>> {
     let run = uid();
     let mut twins = Vec::with_capacity(n);
     for i in 0..n {
         let t = twin(owner, &format!("bench{run}-{i}"));
-        TwinRepository::save(&store, &t).await?;
+        store.twins.save(&t).await?;
         twins.push(t);
     }
     Ok(twins)
@@ -555,27 +699,26 @@ async fn scenario_ingest(o: &Opts) -> Res<Value> {
     let js_rate = baseline_jetstream(&js, o.twins, messages).await?;
     eprintln!("  {js_rate:.0} msg/s");
     eprintln!("ingest: baseline store, {messages} states in batches of {STORE_BATCH}");
-    let store_rate = baseline_store(o.twins, messages).await?;
+    let store_rate = baseline_store(o, messages).await?;
     eprintln!("  {store_rate:.0} states/s");
-    eprintln!("ingest: service, {} twins, {messages} messages", o.twins);
-    let dir = tempfile::tempdir()?;
-    let twins = seeded_twins(dir.path(), o.twins, "bench").await?;
-    let svc = Service::start(
-        dir.path(),
-        &o.nats,
-        &[
-            ("MG_TWINS_STANDALONE_ID", "bench".into()),
-            ("MG_TWINS_STANDALONE_TOKEN", "bench".into()),
-        ],
-    )
-    .await?;
-    let run = ingest_through(&svc, &js, &twins, messages, 0).await?;
+    let db = Database::create(o).await?;
+    eprintln!(
+        "ingest: service on {}, {} instance(s), {} twins, {messages} messages",
+        db.kind(),
+        o.instances,
+        o.twins
+    );
+    let twins = seeded_twins(&db.store().await?, o.twins, "bench").await?;
+    let svcs = start_services(o, &db, &standalone()).await?;
+    let run = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
     eprintln!(
         "  {:.0} msg/s end to end, p50 {:.1} ms, p99 {:.1} ms",
         run.rate, run.p50_ms, run.p99_ms
     );
     Ok(json!({
         "scenario": "ingest",
+        "db": db.kind(),
+        "instances": o.instances,
         "twins": o.twins,
         "messages": messages,
         "seconds": round(run.seconds),
@@ -599,28 +742,23 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
     let mut rates = Vec::new();
     for stored in [0, o.states] {
         eprintln!("ingest-growth: {messages} messages with {stored} states stored");
-        let dir = tempfile::tempdir()?;
-        let twins = seeded_twins(dir.path(), o.twins, "bench").await?;
+        let db = Database::create(o).await?;
+        let store = db.store().await?;
+        let twins = seeded_twins(&store, o.twins, "bench").await?;
         if stored > 0 {
-            let store = SqliteStore::open(&format!("{}/twins.db", dir.path().display())).await?;
             let per = vec![stored / o.twins; o.twins];
             fill_states(&store, &twins, &per).await?;
         }
-        let svc = Service::start(
-            dir.path(),
-            &o.nats,
-            &[
-                ("MG_TWINS_STANDALONE_ID", "bench".into()),
-                ("MG_TWINS_STANDALONE_TOKEN", "bench".into()),
-            ],
-        )
-        .await?;
-        let run = ingest_through(&svc, &js, &twins, messages, stored as u64).await?;
+        drop(store);
+        let svcs = start_services(o, &db, &standalone()).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64).await?;
         eprintln!("  {:.0} msg/s", run.rate);
         rates.push(run.rate);
     }
     Ok(json!({
         "scenario": "ingest-growth",
+        "db": if o.db.is_some() { "postgres" } else { "sqlite" },
+        "instances": o.instances,
         "twins": o.twins,
         "messages": messages,
         "states_stored": o.states,
@@ -683,7 +821,7 @@ struct Load {
 }
 
 async fn load(
-    base: &str,
+    bases: &[String],
     endpoint: Endpoint,
     twins_by_user: &Arc<Vec<Vec<String>>>,
     deep: &(usize, String, u64),
@@ -704,7 +842,8 @@ async fn load(
             errors.clone(),
             latencies.clone(),
         );
-        let (base, twins, deep) = (base.to_owned(), twins_by_user.clone(), deep.clone());
+        let base = bases[w % bases.len()].clone();
+        let (twins, deep) = (twins_by_user.clone(), deep.clone());
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             let mut i = w;
@@ -773,8 +912,8 @@ async fn load(
 }
 
 async fn scenario_api(o: &Opts) -> Res<Value> {
-    let dir = tempfile::tempdir()?;
-    let (base, _svc, twins_by_user, deep) = match &o.url {
+    let db = Database::create(o).await?;
+    let (bases, _svcs, twins_by_user, deep) = match &o.url {
         Some(url) => {
             return Err(format!(
                 "--url {url}: seed the target with the same fixtures first; only the embedded run is automated"
@@ -786,13 +925,13 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
                 "api: seeding 10000 twins of {USERS} users and {} states",
                 o.states
             );
-            let store = SqliteStore::open(&format!("{}/twins.db", dir.path().display())).await?;
+            let store = db.store().await?;
             let mut by_user = vec![Vec::new(); USERS];
             let mut all = Vec::new();
             for i in 0..10_000 {
                 let user = i % USERS;
                 let t = twin(&format!("bench-user-{user}"), &format!("api-{i}"));
-                TwinRepository::save(&store, &t).await?;
+                store.twins.save(&t).await?;
                 by_user[user].push(t.id.clone());
                 all.push(t);
             }
@@ -805,11 +944,11 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
             fill_states(&store, &all[..5001], &per).await?;
             drop(store);
             let auth = spawn_auth().await?;
-            let svc = Service::start(dir.path(), &o.nats, &[("MG_AUTH_GRPC_URL", auth)]).await?;
-            let base = svc.base.clone();
+            let svcs = start_services(o, &db, &[("MG_AUTH_GRPC_URL", auth)]).await?;
+            let bases: Vec<String> = svcs.iter().map(|s| s.base.clone()).collect();
             (
-                base,
-                Some(svc),
+                bases,
+                svcs,
                 Arc::new(by_user),
                 (0usize, all[0].id.clone(), deep_n as u64),
             )
@@ -817,6 +956,8 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
     };
     let mut out = serde_json::Map::new();
     out.insert("scenario".into(), json!("api"));
+    out.insert("db".into(), json!(db.kind()));
+    out.insert("instances".into(), json!(o.instances));
     out.insert("connections".into(), json!(o.connections));
     out.insert("seconds_per_endpoint".into(), json!(o.seconds));
     let mut health_rps = 0.0;
@@ -830,7 +971,7 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
         ("post_twin", Endpoint::PostTwin),
         ("put_twin", Endpoint::PutTwin),
     ] {
-        let l = load(&base, ep, &twins_by_user, &deep, o.connections, o.seconds).await?;
+        let l = load(&bases, ep, &twins_by_user, &deep, o.connections, o.seconds).await?;
         eprintln!(
             "  {name}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
             l.rps, l.p50_ms, l.p99_ms, l.errors
@@ -854,6 +995,13 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
         out.insert(name.into(), e);
     }
     Ok(Value::Object(out))
+}
+
+fn standalone() -> Vec<(&'static str, String)> {
+    vec![
+        ("MG_TWINS_STANDALONE_ID", "bench".into()),
+        ("MG_TWINS_STANDALONE_TOKEN", "bench".into()),
+    ]
 }
 
 fn round(x: f64) -> f64 {

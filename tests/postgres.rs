@@ -95,3 +95,38 @@ async fn connection_errors_never_show_the_password() {
     };
     assert!(!err.contains("s3cr3t-pw"), "{err}");
 }
+
+/// `sslmode` in the URL is followed through rustls: `require` encrypts (the store's
+/// connections show up as TLS in `pg_stat_ssl`), `verify-full` refuses a server whose
+/// certificate no trusted root signed (the machine's self-signed one).
+#[tokio::test]
+async fn tls_follows_the_url() {
+    backend::run(Backend::Postgres, async {
+        let url = backend::database_url(&std::env::temp_dir());
+        let database = url.rsplit('/').next().expect("a database").to_owned();
+        let store = Store::connect(&format!("{url}?sslmode=require"))
+            .await
+            .expect("a TLS connection (the server must have ssl = on)");
+        store.ping().await.expect("ping over TLS");
+        let mut plain = sqlx::PgConnection::connect(&format!("{url}?sslmode=disable"))
+            .await
+            .expect("connect without TLS");
+        let (tls, clear): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE s.ssl), COUNT(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+             WHERE a.datname = $1",
+        )
+        .bind(&database)
+        .fetch_one(&mut plain)
+        .await
+        .expect("read pg_stat_ssl");
+        assert!(tls >= 1, "no TLS connection of the store");
+        assert_eq!(clear, 1, "only this check's own connection is in the clear");
+        let refused = Store::connect(&format!("{url}?sslmode=verify-full")).await;
+        assert!(
+            refused.is_err(),
+            "a self-signed server certificate was accepted"
+        );
+    })
+    .await;
+}
