@@ -13,6 +13,7 @@
 
 mod ingest;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -462,6 +463,35 @@ impl TwinRepository for SqliteStore {
         .await
         .map_err(map_err)?;
         row.as_ref().map(twin_from_row).transpose()
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        // Chunks stay within SQLite's limit on bound parameters.
+        super::many_in_chunks(ids, |chunk| async move {
+            // Only placeholders are spliced in; the ids are bound.
+            let sql = format!(
+                "SELECT {TWIN_COLUMNS} FROM twins WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let rows = chunk
+                .iter()
+                .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, id| q.bind(id))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(map_err)?;
+            rows.iter()
+                .map(|row| {
+                    let id: String = row
+                        .try_get("id")
+                        .map_err(|e| StoreError::Internal(e.into()))?;
+                    Ok((id, twin_from_row(row)))
+                })
+                .collect()
+        })
+        .await
     }
 }
 
