@@ -12,9 +12,11 @@
 pub mod app;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod otlp;
 pub mod proxy;
 pub mod servers;
+pub mod stream;
 pub mod tls;
 
 pub use app::*;
