@@ -74,7 +74,7 @@ impl Application {
             .map(|files| http::tls::server_config(&files.cert, &files.key))
             .transpose()
             .map_err(StartError::Tls)?;
-        let store = Store::connect(&config.db_url).await?;
+        let store = Store::connect_with(&config.db_url, config.db_pool_size).await?;
         let auth = authenticator(&config.auth)?;
         let broker = crate::broker::connect(&config.broker_url)
             .await

@@ -72,6 +72,7 @@ struct RawEnv {
     mg_twins_cache_url: Option<String>,
     mg_twins_cache_prefix: Option<String>,
     mg_twins_lookup_cache_size: Option<String>,
+    mg_twins_db_pool_size: Option<String>,
     mg_twins_instance_id: Option<String>,
     mg_twins_instance_group: Option<String>,
     mg_send_telemetry: Option<String>,
@@ -142,6 +143,8 @@ pub struct Config {
     /// Store answers for a (channel, subtopic) remembered in process, "no twin"
     /// included (at least 1).
     pub lookup_cache_size: usize,
+    /// Most connections to a PostgreSQL store (at least 1).
+    pub db_pool_size: u32,
     pub instance_id: String,
     pub instance_group: String,
     pub shutdown_timeout: Duration,
@@ -155,6 +158,21 @@ pub struct Config {
     /// request/reply; None (the default) when that is off, since it carries no
     /// credentials.
     pub request_reply: Option<String>,
+}
+
+/// A whole number of at least 1 in `var`, `default` when unset.
+fn count(var: &'static str, value: Option<String>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(ConfigError::invalid(
+                var,
+                &v,
+                "must be a whole number of at least 1".to_owned(),
+            )),
+        },
+    }
 }
 
 impl Config {
@@ -297,32 +315,24 @@ impl Config {
                 Err(e) => return Err(ConfigError::invalid("MG_TWINS_INGEST_LEASE", &v, e)),
             },
         };
-        let max_definitions = match raw.mg_twins_max_definitions {
-            None => DEFAULT_MAX_DEFINITIONS,
-            Some(v) => match v.trim().parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "MG_TWINS_MAX_DEFINITIONS",
-                        &v,
-                        "must be a whole number of at least 1".to_owned(),
-                    ));
-                }
-            },
-        };
-        let lookup_cache_size = match raw.mg_twins_lookup_cache_size {
-            None => crate::service::lookup::DEFAULT_ANSWERS,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "MG_TWINS_LOOKUP_CACHE_SIZE",
-                        &v,
-                        "must be a whole number of at least 1".to_owned(),
-                    ));
-                }
-            },
-        };
+        let max_definitions = count(
+            "MG_TWINS_MAX_DEFINITIONS",
+            raw.mg_twins_max_definitions,
+            DEFAULT_MAX_DEFINITIONS,
+        )?;
+        let lookup_cache_size = count(
+            "MG_TWINS_LOOKUP_CACHE_SIZE",
+            raw.mg_twins_lookup_cache_size,
+            crate::service::lookup::DEFAULT_ANSWERS,
+        )?;
+        let db_pool_size = count(
+            "MG_TWINS_DB_POOL_SIZE",
+            raw.mg_twins_db_pool_size,
+            crate::store::postgres::DEFAULT_POOL_SIZE as usize,
+        )?;
+        let db_pool_size = u32::try_from(db_pool_size).map_err(|e| {
+            ConfigError::invalid("MG_TWINS_DB_POOL_SIZE", &db_pool_size.to_string(), e)
+        })?;
         let request_reply = request_reply(
             raw.mg_twins_request_reply,
             raw.mg_twins_request_reply_prefix,
@@ -379,6 +389,7 @@ impl Config {
             cache_url: raw.mg_twins_cache_url,
             cache_prefix: raw.mg_twins_cache_prefix.unwrap_or_default(),
             lookup_cache_size,
+            db_pool_size,
             instance_id: raw
                 .mg_twins_instance_id
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
@@ -656,6 +667,23 @@ mod tests {
                 request_timeout: Duration::from_millis(500),
             }
         );
+    }
+
+    #[test]
+    fn db_pool_size_has_a_default_and_is_at_least_one() {
+        assert_eq!(cfg(&[]).unwrap().db_pool_size, 10);
+        assert_eq!(
+            cfg(&[("MG_TWINS_DB_POOL_SIZE", "32")])
+                .unwrap()
+                .db_pool_size,
+            32
+        );
+        for bad in ["0", "-1", "lots", "99999999999"] {
+            let err = cfg(&[("MG_TWINS_DB_POOL_SIZE", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.starts_with("MG_TWINS_DB_POOL_SIZE"), "{err}");
+        }
     }
 
     #[test]

@@ -287,15 +287,11 @@ crate::backend_matrix!(
     three_instances_of_one_group_apply_every_message_once,
 );
 
-/// MongoDB only: the store is cut off (through a proxy) mid-ingest and comes back.
-async fn a_store_outage_mid_ingest_loses_nothing() {
-    let (_, db) = backend::mongodb_database();
-    let proxy = Proxy::to(&backend::mongodb_address()).await;
-    let url = format!(
-        "mongodb://{}/{}?directConnection=true&serverSelectionTimeoutMS=1000",
-        proxy.addr,
-        db.name()
-    );
+/// The store is cut off (through a proxy to `address`, the server's host:port) mid-ingest
+/// and comes back; `url` gives the service's database URL through the proxy's address.
+async fn a_store_outage_mid_ingest_loses_nothing(address: &str, url: impl FnOnce(&str) -> String) {
+    let proxy = Proxy::to(address).await;
+    let url = url(&proxy.addr.to_string());
     let d = Deployment::with(|b| b.database(url)).await;
     let twins = d.twins(20).await;
     d.app.wait_ingesting().await;
@@ -314,10 +310,27 @@ async fn a_store_outage_mid_ingest_loses_nothing() {
 
 #[tokio::test]
 async fn mongodb_store_outage_mid_ingest_loses_nothing() {
-    backend::run(
-        backend::Backend::MongoDb,
-        a_store_outage_mid_ingest_loses_nothing(),
-    )
+    backend::run(backend::Backend::MongoDb, async {
+        let (_, db) = backend::mongodb_database();
+        a_store_outage_mid_ingest_loses_nothing(&backend::mongodb_address(), |proxy| {
+            format!(
+                "mongodb://{proxy}/{}?directConnection=true&serverSelectionTimeoutMS=1000",
+                db.name()
+            )
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_store_outage_mid_ingest_loses_nothing() {
+    backend::run(backend::Backend::Postgres, async {
+        let url = backend::database_url(&std::env::temp_dir());
+        let address = backend::server_address(&url);
+        a_store_outage_mid_ingest_loses_nothing(&address, |proxy| url.replace(&address, proxy))
+            .await;
+    })
     .await;
 }
 

@@ -1,10 +1,11 @@
 //! Behaviour every store backend must show, written once and run against each.
 //!
 //! Each `async fn` below is one case taking a fresh, empty [`Store`], and runs as one
-//! test per backend: `sqlite::<case>` always, `mongodb::<case>` and
-//! `mongodb_replica_set::<case>` on the servers named by `TWINS_TEST_MONGODB_URL` and
-//! `TWINS_TEST_MONGODB_RS_URL` (see `common::backend`: asked for and unreachable is a
-//! failure; each case gets its own database, dropped afterwards).
+//! test per backend: `sqlite::<case>` always, `mongodb::<case>`,
+//! `mongodb_replica_set::<case>` and `postgres::<case>` on the servers named by
+//! `TWINS_TEST_MONGODB_URL`, `TWINS_TEST_MONGODB_RS_URL` and `TWINS_TEST_POSTGRES_URL`
+//! (see `common::backend`: asked for and unreachable is a failure; each case gets its own
+//! database, dropped afterwards).
 //!
 //! Times are whole milliseconds because that is what a BSON date holds.
 
@@ -96,6 +97,7 @@ macro_rules! every_backend {
         on_backend!(sqlite, Sqlite, $($case),*);
         on_backend!(mongodb, MongoDb, $($case),*);
         on_backend!(mongodb_replica_set, MongoDbReplicaSet, $($case),*);
+        on_backend!(postgres, Postgres, $($case),*);
     };
 }
 

@@ -2,10 +2,13 @@
 //!
 //! Every twin query made on behalf of a client takes the owner, so a foreign twin is
 //! indistinguishable from a missing one at this level already. Backends: `sqlite`
-//! (embedded default) and `mongo` (the Go service's database); PostgreSQL will implement
-//! the same traits. `tests/store_conformance.rs` runs one suite against each.
+//! (embedded default), `mongo` (the Go service's database) and `postgres` (several
+//! instances on the database an operator already runs); the two SQL stores share their
+//! statements through `sql`. `tests/store_conformance.rs` runs one suite against each.
 
 pub mod mongo;
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 pub mod traced;
 
@@ -307,8 +310,14 @@ impl Store {
         self.health.ping().await
     }
 
-    /// Opens the backend named by the URL scheme.
+    /// Opens the backend named by the URL scheme, with the default pool size.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, postgres::DEFAULT_POOL_SIZE).await
+    }
+
+    /// Opens the backend named by the URL scheme; `pool_size` bounds the connections of
+    /// a PostgreSQL store.
+    pub async fn connect_with(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
             return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
@@ -317,9 +326,14 @@ impl Store {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
             return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
         }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let s = Arc::new(postgres::PostgresStore::connect(url, pool_size).await?);
+            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
+        }
         Err(StoreError::Internal(
             format!(
-                "unsupported database URL scheme in {url:?} (expected sqlite:// or mongodb://)"
+                "unsupported database URL scheme in {} (expected sqlite://, mongodb:// or postgres://)",
+                crate::error::redact_url(url)
             )
             .into(),
         ))

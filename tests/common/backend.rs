@@ -3,10 +3,10 @@
 //! A test is written once and run per backend by [`backend_matrix!`](crate::backend_matrix)
 //! (or a suite's own macro calling [`run`]): the backend is a task-local of the test, and
 //! whatever starts an application or opens a store asks [`database_url`] for a database
-//! of the test's own. SQLite is always there; MongoDB runs when its URL variable is set
-//! and then must answer: a suite that was asked for fails rather than passing unseen.
-//! Without the variable, each MongoDB test passes at once and the test binary prints one
-//! line saying so. Every database a test created is dropped when it ends, pass or fail,
+//! of the test's own. SQLite is always there; MongoDB and PostgreSQL run when their URL
+//! variable is set and then must answer: a suite that was asked for fails rather than
+//! passing unseen. Without the variable, each such test passes at once and the test
+//! binary prints one line saying so (`scripts/test` sets them all). Every database a test created is dropped when it ends, pass or fail,
 //! once the applications it started have stopped writing.
 
 use std::future::Future;
@@ -25,7 +25,11 @@ pub const MONGODB_URL_VAR: &str = "TWINS_TEST_MONGODB_URL";
 /// streams exist there only.
 pub const MONGODB_RS_URL_VAR: &str = "TWINS_TEST_MONGODB_RS_URL";
 
-/// How long a test waits for its MongoDB server before failing.
+/// A PostgreSQL server (`postgres://user@host:port/db`) on which each test creates a
+/// database of its own (the URL's user needs CREATEDB) and drops it afterwards.
+pub const POSTGRES_URL_VAR: &str = "TWINS_TEST_POSTGRES_URL";
+
+/// How long a test waits for its server before failing.
 const REACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a test waits for its stopping applications before dropping their databases.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -35,6 +39,7 @@ pub enum Backend {
     Sqlite,
     MongoDb,
     MongoDbReplicaSet,
+    Postgres,
 }
 
 impl Backend {
@@ -44,14 +49,23 @@ impl Backend {
             Self::Sqlite => None,
             Self::MongoDb => Some(MONGODB_URL_VAR),
             Self::MongoDbReplicaSet => Some(MONGODB_RS_URL_VAR),
+            Self::Postgres => Some(POSTGRES_URL_VAR),
         }
     }
 }
 
+/// The server of a backend that has one, as the running test reaches it.
+enum Server {
+    /// Its URL and a client.
+    MongoDb(String, mongodb::Client),
+    /// Its URL (each database is created and dropped over a connection of its own).
+    Postgres(String),
+}
+
 /// What the running test has on its backend.
 struct Scope {
-    /// The MongoDB server and a client of it; None on SQLite.
-    mongodb: Option<(String, mongodb::Client)>,
+    /// None on SQLite.
+    server: Option<Server>,
     databases: Mutex<Vec<String>>,
     stopping: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -63,10 +77,14 @@ tokio::task_local! {
 /// Runs `test` on `backend`: skipped when the backend's server was not asked for, failed
 /// when it was and does not answer, and followed by dropping every database it created.
 pub async fn run(backend: Backend, test: impl Future<Output = ()>) {
-    let mongodb = match backend.url_var() {
+    let server = match backend.url_var() {
         None => None,
         Some(var) => match std::env::var(var).ok().filter(|v| !v.is_empty()) {
-            Some(base) => Some((base.clone(), reach(var, &base).await)),
+            Some(base) if backend == Backend::Postgres => {
+                reach_postgres(var, &base).await;
+                Some(Server::Postgres(base))
+            }
+            Some(base) => Some(Server::MongoDb(base.clone(), reach(var, &base).await)),
             None => {
                 skipped(backend, var);
                 return;
@@ -74,7 +92,7 @@ pub async fn run(backend: Backend, test: impl Future<Output = ()>) {
         },
     };
     let scope = Arc::new(Scope {
-        mongodb,
+        server,
         databases: Mutex::default(),
         stopping: Mutex::default(),
     });
@@ -115,16 +133,59 @@ async fn reach(var: &str, base: &str) -> mongodb::Client {
     client
 }
 
+/// Fails the test with a clear message when no PostgreSQL server answers at `base`.
+async fn reach_postgres(var: &str, base: &str) {
+    let connected = tokio::time::timeout(REACH_TIMEOUT, sqlx::PgPool::connect(base)).await;
+    match connected {
+        Ok(Ok(pool)) => pool.close().await,
+        Ok(Err(e)) => panic!(
+            "{var}={base} asks for the PostgreSQL tests, but no server answers there: {e}. \
+             Start one (scripts/test needs it) or unset {var} to skip them."
+        ),
+        Err(_) => panic!("{var}={base}: no PostgreSQL answer within {REACH_TIMEOUT:?}"),
+    }
+}
+
+/// Runs one statement on the server at `base`, on a thread and runtime of its own so
+/// that synchronous code (a database name asked for while a test is set up) can wait
+/// for it.
+fn postgres_admin(base: &str, statement: String) -> Result<(), String> {
+    let base = base.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&base)
+                .await
+                .map_err(|e| e.to_string())?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.close().await.map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .map_err(|_| "the PostgreSQL admin thread panicked".to_owned())?
+}
+
 /// Says once per test binary and backend that its tests did not run.
 fn skipped(backend: Backend, var: &str) {
-    static ONCE: [Once; 2] = [Once::new(), Once::new()];
-    let once = &ONCE[usize::from(backend == Backend::MongoDbReplicaSet)];
-    once.call_once(|| {
+    static ONCE: [Once; 3] = [Once::new(), Once::new(), Once::new()];
+    let (index, what) = match backend {
+        Backend::Postgres => (2, "PostgreSQL"),
+        Backend::MongoDbReplicaSet => (1, "MongoDB"),
+        _ => (0, "MongoDB"),
+    };
+    ONCE[index].call_once(|| {
         use std::io::Write as _;
         // Straight to stderr: the harness swallows the output of passing tests.
         let _ = writeln!(
             std::io::stderr(),
-            "MongoDB tests skipped: {var} is not set (scripts/test sets it)"
+            "{what} tests skipped: {var} is not set (scripts/test sets it)"
         );
     });
 }
@@ -141,9 +202,6 @@ impl Scope {
         for task in stopping {
             let _ = tokio::time::timeout_at(deadline, task).await;
         }
-        let Some((_, client)) = &self.mongodb else {
-            return;
-        };
         let names: Vec<_> = self
             .databases
             .lock()
@@ -151,43 +209,81 @@ impl Scope {
             .drain(..)
             .collect();
         for name in names {
-            if let Err(e) = client.database(&name).drop().await {
-                panic!("test database {name} not dropped: {e}");
+            let dropped = match &self.server {
+                None => Ok(()),
+                Some(Server::MongoDb(_, client)) => client
+                    .database(&name)
+                    .drop()
+                    .await
+                    .map_err(|e| e.to_string()),
+                Some(Server::Postgres(base)) => {
+                    let base = base.clone();
+                    tokio::task::spawn_blocking(move || {
+                        postgres_admin(
+                            &base,
+                            format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+                        )
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                }
+            };
+            if let Err(e) = dropped {
+                panic!("a test database was not dropped: {e}");
             }
         }
     }
 
-    /// A MongoDB database with a fresh name, dropped when the test ends: its URL and a
-    /// handle on it. None on SQLite.
-    fn new_database(&self) -> Option<(String, mongodb::Database)> {
-        let (base, client) = self.mongodb.as_ref()?;
+    /// A fresh database name, dropped when the test ends.
+    fn new_name(&self) -> String {
         let name = format!("twins_test_{}", uuid::Uuid::new_v4().simple());
         self.databases
             .lock()
             .expect("scope lock")
             .push(name.clone());
+        name
+    }
+
+    /// A database of the test's own on its server: its URL. None on SQLite.
+    fn new_database_url(&self) -> Option<String> {
+        match self.server.as_ref()? {
+            Server::MongoDb(base, _) => Some(with_database(base, &self.new_name())),
+            Server::Postgres(base) => {
+                let name = self.new_name();
+                if let Err(e) = postgres_admin(base, format!("CREATE DATABASE \"{name}\"")) {
+                    panic!("cannot create the test database {name} on {base}: {e}");
+                }
+                Some(with_database(base, &name))
+            }
+        }
+    }
+
+    /// A MongoDB database with a fresh name, dropped when the test ends: its URL and a
+    /// handle on it. None on other backends.
+    fn new_mongodb_database(&self) -> Option<(String, mongodb::Database)> {
+        let Some(Server::MongoDb(base, client)) = &self.server else {
+            return None;
+        };
+        let name = self.new_name();
         Some((with_database(base, &name), client.database(&name)))
     }
 }
 
 /// A database of the test's own on its backend: a SQLite file in `dir`, or a MongoDB
-/// database with a fresh name, dropped when the test ends.
+/// or PostgreSQL database with a fresh name, dropped when the test ends.
 pub fn database_url(dir: &Path) -> String {
     SCOPE
-        .try_with(|s| s.new_database())
+        .try_with(|s| s.new_database_url())
         .ok()
         .flatten()
-        .map_or_else(
-            || format!("sqlite://{}/twins.db", dir.display()),
-            |(url, _)| url,
-        )
+        .unwrap_or_else(|| format!("sqlite://{}/twins.db", dir.display()))
 }
 
 /// A MongoDB database of the test's own, dropped when the test ends: its URL, and a handle
 /// for reading and writing behind the service's back. Only in MongoDB tests.
 pub fn mongodb_database() -> (String, mongodb::Database) {
     SCOPE
-        .try_with(|s| s.new_database())
+        .try_with(|s| s.new_mongodb_database())
         .ok()
         .flatten()
         .expect("a MongoDB test (backend::run with a MongoDB backend)")
@@ -196,20 +292,31 @@ pub fn mongodb_database() -> (String, mongodb::Database) {
 /// The address of the test's MongoDB server (its first host).
 pub fn mongodb_address() -> String {
     let base = SCOPE
-        .try_with(|s| s.mongodb.as_ref().map(|(base, _)| base.clone()))
+        .try_with(|s| match &s.server {
+            Some(Server::MongoDb(base, _)) => Some(base.clone()),
+            _ => None,
+        })
         .ok()
         .flatten()
         .expect("a MongoDB test (backend::run with a MongoDB backend)");
-    let hosts = base
-        .split_once("://")
-        .map_or(base.as_str(), |(_, rest)| rest);
+    server_address(&base)
+}
+
+/// The `host:port` of a database URL's (first) server, the port defaulted by scheme.
+pub fn server_address(url: &str) -> String {
+    let default_port = if url.starts_with("postgres") {
+        5432
+    } else {
+        27017
+    };
+    let hosts = url.split_once("://").map_or(url, |(_, rest)| rest);
     let hosts = hosts.split(['/', '?']).next().unwrap_or(hosts);
     let first = hosts.split(',').next().unwrap_or(hosts);
     let host = first.rsplit_once('@').map_or(first, |(_, host)| host);
     if host.contains(':') {
         host.to_owned()
     } else {
-        format!("{host}:27017")
+        format!("{host}:{default_port}")
     }
 }
 
@@ -229,7 +336,9 @@ pub fn track(task: JoinHandle<()>) {
 
 /// `url` with its database (the path) replaced by `name`, options kept.
 pub fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a mongodb:// URL");
+    let (scheme, rest) = url
+        .split_once("://")
+        .expect("a mongodb:// or postgres:// URL");
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (rest, String::new()),
@@ -238,9 +347,9 @@ pub fn with_database(url: &str, name: &str) -> String {
     format!("{scheme}://{hosts}/{name}{query}")
 }
 
-/// Turns a list of `async fn()` tests into one test per backend: `sqlite::<name>` and
-/// `mongodb::<name>`; `replica_set: ...` adds `mongodb_replica_set::<name>`, and
-/// `only_mongodb: ...` makes `mongodb::<name>` alone.
+/// Turns a list of `async fn()` tests into one test per backend: `sqlite::<name>`,
+/// `mongodb::<name>` and `postgres::<name>`; `replica_set: ...` adds
+/// `mongodb_replica_set::<name>`, and `only_mongodb: ...` makes `mongodb::<name>` alone.
 #[macro_export]
 macro_rules! backend_matrix {
     (@module $module:ident, $backend:ident, $($test:ident),*) => {
@@ -267,5 +376,6 @@ macro_rules! backend_matrix {
     ($($test:ident),* $(,)?) => {
         $crate::backend_matrix!(@module sqlite, Sqlite, $($test),*);
         $crate::backend_matrix!(@module mongodb, MongoDb, $($test),*);
+        $crate::backend_matrix!(@module postgres, Postgres, $($test),*);
     };
 }

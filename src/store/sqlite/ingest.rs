@@ -11,18 +11,11 @@ use sqlx::Row;
 use super::{SqliteStore, WriteTx, map_err, to_json};
 use crate::domain::sampling::Write;
 use crate::domain::time::to_nanos;
+use crate::store::sql::{self, seq_of, to_i64};
 use crate::store::{
     Applied, IngestCursor, IngestRepository, IngestStep, Lease, StateRepository, StoreError,
     StoreResult,
 };
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn seq_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
 
 /// Rows of a batch travel as one JSON array per statement, unpacked by `json_each`.
 const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
@@ -32,7 +25,7 @@ const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value,
 impl SqliteStore {
     /// Moves the group's position from `from` to `to`; false when it was elsewhere.
     async fn move_position(tx: &mut WriteTx, step: &IngestStep, to: u64) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE ingest_groups SET seq = ? WHERE grp = ? AND seq = ?")
+        let done = sqlx::query(sql::MOVE_POSITION)
             .bind(to_i64(to))
             .bind(&step.group)
             .bind(to_i64(step.from))
@@ -70,27 +63,22 @@ impl IngestRepository for SqliteStore {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease.ttl).unwrap_or(chrono::Duration::MAX);
         let mut tx = self.begin().await?;
-        let seq: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO ingest_groups (grp, seq, holder, until) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (grp) DO UPDATE SET holder = excluded.holder, until = excluded.until
-             WHERE ingest_groups.holder = excluded.holder OR ingest_groups.until < ?5
-             RETURNING seq",
-        )
-        .bind(&lease.group)
-        .bind(to_i64(lease.start))
-        .bind(&lease.holder)
-        .bind(to_nanos(&until))
-        .bind(to_nanos(&now))
-        .fetch_optional(tx.conn())
-        .await
-        .map_err(map_err)?;
+        let seq: Option<i64> = sqlx::query_scalar(sql::TAKE_LEASE)
+            .bind(&lease.group)
+            .bind(to_i64(lease.start))
+            .bind(&lease.holder)
+            .bind(to_nanos(&until))
+            .bind(to_nanos(&now))
+            .fetch_optional(tx.conn())
+            .await
+            .map_err(map_err)?;
         tx.commit().await?;
         Ok(seq.map(seq_of))
     }
 
     async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE ingest_groups SET until = 0 WHERE grp = ? AND holder = ?")
+        sqlx::query(sql::RELEASE_LEASE)
             .bind(group)
             .bind(holder)
             .execute(tx.conn())
@@ -100,12 +88,11 @@ impl IngestRepository for SqliteStore {
     }
 
     async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM ingest_cursors WHERE twin_id = ?")
-                .bind(twin_id)
-                .fetch_optional(&self.reader)
-                .await
-                .map_err(map_err)?;
+        let seq: Option<i64> = sqlx::query_scalar(sql::TWIN_SEQ)
+            .bind(twin_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
         Ok(IngestCursor {
             last: self.latest(twin_id).await?,
             seq: seq.map_or(0, seq_of),
@@ -200,7 +187,7 @@ impl IngestRepository for SqliteStore {
             tx.rollback().await?;
             return Ok(Applied::Fenced);
         }
-        sqlx::query("DELETE FROM ingest_cursors")
+        sqlx::query(sql::FORGET_SEQS)
             .execute(tx.conn())
             .await
             .map_err(map_err)?;

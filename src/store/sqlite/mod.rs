@@ -28,6 +28,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite};
 
+use super::sql::{self, Columns};
 use super::{
     DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
     TwinRepository, Versioned,
@@ -35,7 +36,7 @@ use super::{
 use crate::domain::document::{Document, DocumentSummary};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
-use crate::domain::time::{from_nanos, to_nanos};
+use crate::domain::time::to_nanos;
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
 
@@ -211,7 +212,7 @@ impl SqliteStore {
     }
 
     async fn replace_attributes(tx: &mut WriteTx, twin: &Twin) -> StoreResult<()> {
-        sqlx::query("DELETE FROM twin_attributes WHERE twin_id = ?")
+        sqlx::query(sql::DELETE_ATTRIBUTES)
             .bind(&twin.id)
             .execute(tx.conn())
             .await
@@ -220,15 +221,13 @@ impl SqliteStore {
             return Ok(());
         };
         for attr in &def.attributes {
-            sqlx::query(
-                "INSERT INTO twin_attributes (twin_id, channel, subtopic) VALUES (?, ?, ?)",
-            )
-            .bind(&twin.id)
-            .bind(&attr.channel)
-            .bind(&attr.subtopic)
-            .execute(tx.conn())
-            .await
-            .map_err(map_err)?;
+            sqlx::query(sql::INSERT_ATTRIBUTE)
+                .bind(&twin.id)
+                .bind(&attr.channel)
+                .bind(&attr.subtopic)
+                .execute(tx.conn())
+                .await
+                .map_err(map_err)?;
         }
         Ok(())
     }
@@ -267,41 +266,21 @@ fn from_json<T: serde::de::DeserializeOwned>(raw: &str, what: &str) -> StoreResu
         .map_err(|e| StoreError::Internal(format!("corrupt {what}: {e}").into()))
 }
 
-fn twin_from_row(row: &SqliteRow) -> StoreResult<Twin> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
-    Ok(Twin {
-        id: row.try_get("id").map_err(get_err)?,
-        owner: row.try_get("owner").map_err(get_err)?,
-        name: row.try_get("name").map_err(get_err)?,
-        revision: row.try_get("revision").map_err(get_err)?,
-        created: from_nanos(row.try_get("created").map_err(get_err)?),
-        updated: from_nanos(row.try_get("updated").map_err(get_err)?),
-        definitions: from_json(
-            &row.try_get::<String, _>("definitions").map_err(get_err)?,
-            "definitions",
-        )?,
-        metadata: from_json(
-            &row.try_get::<String, _>("metadata").map_err(get_err)?,
-            "metadata",
-        )?,
-    })
-}
+impl Columns for SqliteRow {
+    fn text(&self, column: &str) -> StoreResult<String> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
 
-fn state_from_row(row: &SqliteRow) -> StoreResult<State> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
-    Ok(State {
-        twin_id: row.try_get("twin_id").map_err(get_err)?,
-        id: row.try_get("id").map_err(get_err)?,
-        definition: row.try_get("definition").map_err(get_err)?,
-        created: from_nanos(row.try_get("created").map_err(get_err)?),
-        payload: from_json(
-            &row.try_get::<String, _>("payload").map_err(get_err)?,
-            "payload",
-        )?,
-    })
-}
+    fn int(&self, column: &str) -> StoreResult<i64> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
 
-const TWIN_COLUMNS: &str = "id, owner, name, revision, created, updated, definitions, metadata";
+    fn json<T: serde::de::DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T> {
+        from_json(&self.text(column)?, what)
+    }
+}
 
 // Owner, optional exact name (?2) and optional metadata object (?3) whose top-level keys
 // must all be present with equal values (integers and reals compare numerically).
@@ -319,42 +298,36 @@ const LIST_FILTER: &str = "owner = ?1
 impl TwinRepository for SqliteStore {
     async fn save(&self, twin: &Twin) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO twins (id, owner, name, revision, created, updated, definitions, metadata)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&twin.id)
-        .bind(&twin.owner)
-        .bind(&twin.name)
-        .bind(twin.revision)
-        .bind(to_nanos(&twin.created))
-        .bind(to_nanos(&twin.updated))
-        .bind(to_json(&twin.definitions)?)
-        .bind(to_json(&twin.metadata)?)
-        .execute(tx.conn())
-        .await
-        .map_err(map_err)?;
+        sqlx::query(sql::INSERT_TWIN)
+            .bind(&twin.id)
+            .bind(&twin.owner)
+            .bind(&twin.name)
+            .bind(twin.revision)
+            .bind(to_nanos(&twin.created))
+            .bind(to_nanos(&twin.updated))
+            .bind(to_json(&twin.definitions)?)
+            .bind(to_json(&twin.metadata)?)
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
         Self::replace_attributes(&mut tx, twin).await?;
         tx.commit().await
     }
 
     async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "UPDATE twins SET name = ?, revision = ?, updated = ?, definitions = ?, metadata = ?
-             WHERE id = ? AND owner = ? AND revision = ?",
-        )
-        .bind(&twin.name)
-        .bind(twin.revision)
-        .bind(to_nanos(&twin.updated))
-        .bind(to_json(&twin.definitions)?)
-        .bind(to_json(&twin.metadata)?)
-        .bind(&twin.id)
-        .bind(&twin.owner)
-        .bind(expected_revision)
-        .execute(tx.conn())
-        .await
-        .map_err(map_err)?;
+        let done = sqlx::query(sql::UPDATE_TWIN)
+            .bind(&twin.name)
+            .bind(twin.revision)
+            .bind(to_nanos(&twin.updated))
+            .bind(to_json(&twin.definitions)?)
+            .bind(to_json(&twin.metadata)?)
+            .bind(&twin.id)
+            .bind(&twin.owner)
+            .bind(expected_revision)
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 0 {
             tx.rollback().await?;
             return Ok(false);
@@ -365,16 +338,13 @@ impl TwinRepository for SqliteStore {
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
-        let row = sqlx::query(
-            "SELECT id, owner, name, revision, created, updated, definitions, metadata
-             FROM twins WHERE id = ? AND owner = ?",
-        )
-        .bind(id)
-        .bind(owner)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.as_ref().map(twin_from_row).transpose()
+        let row = sqlx::query(sql::SELECT_TWIN)
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::twin_from_row).transpose()
     }
 
     async fn list(
@@ -394,7 +364,8 @@ impl TwinRepository for SqliteStore {
         .await
         .map_err(map_err)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {TWIN_COLUMNS} FROM twins WHERE {LIST_FILTER} ORDER BY rowid LIMIT ?4 OFFSET ?5"
+            "SELECT {} FROM twins WHERE {LIST_FILTER} ORDER BY rowid LIMIT ?4 OFFSET ?5",
+            sql::TWIN_COLUMNS
         )))
         .bind(owner)
         .bind(filter.name.as_deref())
@@ -408,13 +379,16 @@ impl TwinRepository for SqliteStore {
             total: total.max(0) as u64,
             offset: page.offset,
             limit: page.limit,
-            items: rows.iter().map(twin_from_row).collect::<StoreResult<_>>()?,
+            items: rows
+                .iter()
+                .map(sql::twin_from_row)
+                .collect::<StoreResult<_>>()?,
         })
     }
 
     async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query("DELETE FROM twins WHERE id = ? AND owner = ?")
+        let done = sqlx::query(sql::DELETE_TWIN)
             .bind(id)
             .bind(owner)
             .execute(tx.conn())
@@ -424,12 +398,7 @@ impl TwinRepository for SqliteStore {
             tx.rollback().await?;
             return Ok(false);
         }
-        for stmt in [
-            "DELETE FROM twin_attributes WHERE twin_id = ?",
-            "DELETE FROM states WHERE twin_id = ?",
-            "DELETE FROM ingest_cursors WHERE twin_id = ?",
-            "DELETE FROM documents WHERE twin_id = ?",
-        ] {
+        for stmt in sql::DELETE_TWIN_ROWS {
             sqlx::query(stmt)
                 .bind(id)
                 .execute(tx.conn())
@@ -441,28 +410,22 @@ impl TwinRepository for SqliteStore {
     }
 
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar(
-            "SELECT DISTINCT twin_id FROM twin_attributes
-             WHERE channel = ? AND (subtopic = ? OR subtopic = ?)",
-        )
-        .bind(channel)
-        .bind(subtopic)
-        .bind(WILDCARD_SUBTOPIC)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)
+        sqlx::query_scalar(sql::IDS_BY_ATTRIBUTE)
+            .bind(channel)
+            .bind(subtopic)
+            .bind(WILDCARD_SUBTOPIC)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)
     }
 
     async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
-        let row = sqlx::query(
-            "SELECT id, owner, name, revision, created, updated, definitions, metadata
-             FROM twins WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.as_ref().map(twin_from_row).transpose()
+        let row = sqlx::query(sql::SELECT_ANY_TWIN)
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::twin_from_row).transpose()
     }
 
     async fn retrieve_many(
@@ -510,62 +473,46 @@ impl StateRepository for SqliteStore {
     }
 
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
-        let row = sqlx::query(
-            "SELECT twin_id, id, definition, created, payload FROM states
-             WHERE twin_id = ? ORDER BY id DESC LIMIT 1",
-        )
-        .bind(twin_id)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.as_ref().map(state_from_row).transpose()
+        let row = sqlx::query(sql::LATEST_STATE)
+            .bind(twin_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::state_from_row).transpose()
     }
 
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
         // State ids are a gap-free sequence from 0, so the total is the latest id + 1 and
         // a page starts at id = offset: both come straight from the primary key, however
         // deep the offset.
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM states WHERE twin_id = ? ORDER BY id DESC LIMIT 1")
-                .bind(twin_id)
-                .fetch_optional(&self.reader)
-                .await
-                .map_err(map_err)?;
-        let total = last.map_or(0, |id| id.max(-1) + 1) as u64;
-        let rows = sqlx::query(
-            "SELECT twin_id, id, definition, created, payload FROM states
-             WHERE twin_id = ? AND id >= ? ORDER BY id LIMIT ?",
-        )
-        .bind(twin_id)
-        .bind(page.offset as i64)
-        .bind(page.limit as i64)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
+        let last: Option<i64> = sqlx::query_scalar(sql::LATEST_STATE_ID)
+            .bind(twin_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        let total = sql::states_total(last);
+        let rows = sqlx::query(sql::STATES_FROM)
+            .bind(twin_id)
+            .bind(page.offset as i64)
+            .bind(page.limit as i64)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
         Ok(Page {
             total,
             offset: page.offset,
             limit: page.limit,
             items: rows
                 .iter()
-                .map(state_from_row)
+                .map(sql::state_from_row)
                 .collect::<StoreResult<_>>()?,
         })
     }
 }
 
 async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
-    let (sql, state) = match write {
-        Write::Insert(s) => (
-            "INSERT INTO states (definition, created, payload, twin_id, id) VALUES (?, ?, ?, ?, ?)",
-            s,
-        ),
-        Write::Update(s) => (
-            "UPDATE states SET definition = ?, created = ?, payload = ? WHERE twin_id = ? AND id = ?",
-            s,
-        ),
-    };
-    sqlx::query(sql)
+    let (statement, state) = sql::state_write(write);
+    sqlx::query(statement)
         .bind(state.definition)
         .bind(to_nanos(&state.created))
         .bind(to_json(&state.payload)?)
@@ -577,20 +524,6 @@ async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
     Ok(())
 }
 
-fn document_from_row(row: &SqliteRow) -> StoreResult<Document> {
-    let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
-    Ok(Document {
-        twin_id: row.try_get("twin_id").map_err(get_err)?,
-        document_name: row.try_get("name").map_err(get_err)?,
-        version: row.try_get("version").map_err(get_err)?,
-        updated: from_nanos(row.try_get("updated").map_err(get_err)?),
-        data: from_json(
-            &row.try_get::<String, _>("data").map_err(get_err)?,
-            "document",
-        )?,
-    })
-}
-
 impl SqliteStore {
     /// The stored version, read inside the transaction that failed to write.
     async fn document_version(
@@ -598,7 +531,7 @@ impl SqliteStore {
         twin_id: &str,
         name: &str,
     ) -> StoreResult<Option<i64>> {
-        sqlx::query_scalar("SELECT version FROM documents WHERE twin_id = ? AND name = ?")
+        sqlx::query_scalar(sql::DOCUMENT_VERSION)
             .bind(twin_id)
             .bind(name)
             .fetch_optional(tx.conn())
@@ -610,66 +543,37 @@ impl SqliteStore {
 #[async_trait]
 impl DocumentRepository for SqliteStore {
     async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>> {
-        let rows = sqlx::query(
-            "SELECT name, version, updated FROM documents WHERE twin_id = ? ORDER BY name",
-        )
-        .bind(twin_id)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
-        let get_err = |e: sqlx::Error| StoreError::Internal(e.into());
-        rows.iter()
-            .map(|r| {
-                Ok(DocumentSummary {
-                    document_name: r.try_get("name").map_err(get_err)?,
-                    version: r.try_get("version").map_err(get_err)?,
-                    updated: from_nanos(r.try_get("updated").map_err(get_err)?),
-                })
-            })
-            .collect()
+        let rows = sqlx::query(sql::DOCUMENT_SUMMARIES)
+            .bind(twin_id)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(sql::summary_from_row).collect()
     }
 
     async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
-        let row = sqlx::query(
-            "SELECT twin_id, name, version, updated, data FROM documents WHERE twin_id = ? AND name = ?",
-        )
-        .bind(twin_id)
-        .bind(name)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.as_ref().map(document_from_row).transpose()
+        let row = sqlx::query(sql::SELECT_DOCUMENT)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
     }
 
     async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
         let data = to_json(&doc.data)?;
         let mut tx = self.begin().await?;
-        let done = match expected {
-            None => sqlx::query(
-                "INSERT INTO documents (twin_id, name, version, updated, data) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (twin_id, name) DO NOTHING",
-            )
+        let mut query = sqlx::query(sql::document_write(expected))
             .bind(&doc.twin_id)
             .bind(&doc.document_name)
             .bind(doc.version)
             .bind(to_nanos(&doc.updated))
-            .bind(&data)
-            .execute(tx.conn())
-            .await,
-            Some(v) => sqlx::query(
-                "UPDATE documents SET version = ?, updated = ?, data = ?
-                 WHERE twin_id = ? AND name = ? AND version = ?",
-            )
-            .bind(doc.version)
-            .bind(to_nanos(&doc.updated))
-            .bind(&data)
-            .bind(&doc.twin_id)
-            .bind(&doc.document_name)
-            .bind(v)
-            .execute(tx.conn())
-            .await,
+            .bind(&data);
+        if let Some(v) = expected {
+            query = query.bind(v);
         }
-        .map_err(map_err)?;
+        let done = query.execute(tx.conn()).await.map_err(map_err)?;
         if done.rows_affected() == 1 {
             tx.commit().await?;
             return Ok(Versioned::Done);
@@ -686,15 +590,13 @@ impl DocumentRepository for SqliteStore {
         expected: Option<i64>,
     ) -> StoreResult<Versioned> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query(
-            "DELETE FROM documents WHERE twin_id = ? AND name = ? AND (?3 IS NULL OR version = ?3)",
-        )
-        .bind(twin_id)
-        .bind(name)
-        .bind(expected)
-        .execute(tx.conn())
-        .await
-        .map_err(map_err)?;
+        let done = sqlx::query(sql::DELETE_DOCUMENT)
+            .bind(twin_id)
+            .bind(name)
+            .bind(expected)
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
         if done.rows_affected() == 1 {
             tx.commit().await?;
             return Ok(Versioned::Done);

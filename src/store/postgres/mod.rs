@@ -1,0 +1,466 @@
+//! PostgreSQL backend (`postgres://` or `postgresql://`): the store for several instances
+//! on the database an operator already runs.
+//!
+//! The statements are those of the SQLite store wherever the dialects agree
+//! ([`super::sql`]); the twin list's metadata filter and the batch writes of ingestion are
+//! PostgreSQL's own. Tables and indexes come from the migrations in
+//! `migrations/postgres`, run at start under sqlx's advisory lock, so instances starting
+//! together apply each migration once. TLS follows the URL (`sslmode=require`,
+//! `verify-ca`, `verify-full`, with `sslrootcert`), through rustls.
+
+mod ingest;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, SqlSafeStr, Transaction};
+
+use super::sql::{self, Columns};
+use super::{
+    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
+    TwinRepository, Versioned,
+};
+use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::sampling::Write;
+use crate::domain::state::State;
+use crate::domain::time::to_nanos;
+use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
+use crate::domain::{Page, PageRequest};
+use crate::error::redact_url;
+
+/// Connections of a store by default (`MG_TWINS_DB_POOL_SIZE`).
+pub const DEFAULT_POOL_SIZE: u32 = 10;
+/// How long a call waits for a free connection (or a new one) before the store counts
+/// as unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema's migrations, oldest first, compiled into the binary.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "schema",
+    include_str!("../../../migrations/postgres/0001_schema.sql"),
+)];
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects with a pool of at most `pool_size` connections and brings the schema up
+    /// to date.
+    pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            StoreError::Internal(format!("invalid PostgreSQL URL {}: {e}", redact_url(url)).into())
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, name, text)| {
+                Migration::new(
+                    *version,
+                    (*name).into(),
+                    MigrationType::Simple,
+                    text.into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+            .run(&pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => map_err(e),
+                other => StoreError::Internal(other.into()),
+            })?;
+        Ok(Self { pool })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(map_err)
+    }
+
+    async fn replace_attributes(
+        tx: &mut Transaction<'static, Postgres>,
+        twin: &Twin,
+    ) -> StoreResult<()> {
+        sqlx::query(sql::DELETE_ATTRIBUTES)
+            .bind(&twin.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        let Some(def) = twin.current_definition() else {
+            return Ok(());
+        };
+        let (channels, subtopics): (Vec<&str>, Vec<&str>) = def
+            .attributes
+            .iter()
+            .map(|a| (a.channel.as_str(), a.subtopic.as_str()))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO twin_attributes (twin_id, channel, subtopic)
+             SELECT $1, c, s FROM UNNEST($2::text[], $3::text[]) AS a(c, s)",
+        )
+        .bind(&twin.id)
+        .bind(&channels)
+        .bind(&subtopics)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn document_version(
+        tx: &mut Transaction<'static, Postgres>,
+        twin_id: &str,
+        name: &str,
+    ) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar(sql::DOCUMENT_VERSION)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err)
+    }
+}
+
+/// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
+fn map_err(e: sqlx::Error) -> StoreError {
+    let transient = match &e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            return StoreError::Conflict(e.into());
+        }
+        sqlx::Error::Database(db) => is_transient_code(db.code().as_deref()),
+        _ => false,
+    };
+    if transient {
+        StoreError::Unavailable(e.into())
+    } else {
+        StoreError::Internal(e.into())
+    }
+}
+
+/// SQLSTATEs after which the same call can succeed later: connection exceptions (class
+/// 08), insufficient resources (53: disk full, out of memory, too many connections),
+/// operator intervention (57P: shutdown, cannot connect now), serialization failures and
+/// deadlocks (40001, 40P01).
+fn is_transient_code(code: Option<&str>) -> bool {
+    code.is_some_and(|c| {
+        c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c.starts_with("40")
+    })
+}
+
+impl Columns for PgRow {
+    fn text(&self, column: &str) -> StoreResult<String> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
+
+    fn int(&self, column: &str) -> StoreResult<i64> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T> {
+        self.try_get::<Json<T>, _>(column)
+            .map(|j| j.0)
+            .map_err(|e| StoreError::Internal(format!("corrupt {what}: {e}").into()))
+    }
+}
+
+/// Owner ($1), optional exact name ($2) and optional metadata object ($3) whose
+/// top-level keys must all be present with equal values: a containment on the GIN index,
+/// refined to equality (containment alone would let `{"a": [1, 2]}` match `{"a": [1]}`).
+/// Keys are compared literally.
+const LIST_FILTER: &str = "owner = $1
+    AND ($2::text IS NULL OR name = $2)
+    AND ($3::jsonb IS NULL OR (metadata @> $3 AND NOT EXISTS (
+        SELECT 1 FROM jsonb_each($3) AS f WHERE twins.metadata -> f.key <> f.value
+    )))";
+
+#[async_trait]
+impl TwinRepository for PostgresStore {
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(sql::INSERT_TWIN)
+            .bind(&twin.id)
+            .bind(&twin.owner)
+            .bind(&twin.name)
+            .bind(twin.revision)
+            .bind(to_nanos(&twin.created))
+            .bind(to_nanos(&twin.updated))
+            .bind(Json(&twin.definitions))
+            .bind(Json(&twin.metadata))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        Self::replace_attributes(&mut tx, twin).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(sql::UPDATE_TWIN)
+            .bind(&twin.name)
+            .bind(twin.revision)
+            .bind(to_nanos(&twin.updated))
+            .bind(Json(&twin.definitions))
+            .bind(Json(&twin.metadata))
+            .bind(&twin.id)
+            .bind(&twin.owner)
+            .bind(expected_revision)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        Self::replace_attributes(&mut tx, twin).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
+        let row = sqlx::query(sql::SELECT_TWIN)
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::twin_from_row).transpose()
+    }
+
+    async fn list(
+        &self,
+        owner: &str,
+        filter: &TwinFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Twin>> {
+        let metadata = filter.metadata.as_ref().map(Json);
+        let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM twins WHERE {LIST_FILTER}"
+        )))
+        .bind(owner)
+        .bind(filter.name.as_deref())
+        .bind(metadata)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM twins WHERE {LIST_FILTER} ORDER BY pos LIMIT $4 OFFSET $5",
+            sql::TWIN_COLUMNS
+        )))
+        .bind(owner)
+        .bind(filter.name.as_deref())
+        .bind(metadata)
+        .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
+        .bind(i64::try_from(page.offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(Page {
+            total: total.max(0) as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::twin_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(sql::DELETE_TWIN)
+            .bind(id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for stmt in sql::DELETE_TWIN_ROWS {
+            sqlx::query(stmt)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(true)
+    }
+
+    async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(sql::IDS_BY_ATTRIBUTE)
+            .bind(channel)
+            .bind(subtopic)
+            .bind(WILDCARD_SUBTOPIC)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
+        let row = sqlx::query(sql::SELECT_ANY_TWIN)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::twin_from_row).transpose()
+    }
+}
+
+async fn write_state(tx: &mut Transaction<'static, Postgres>, write: &Write) -> StoreResult<()> {
+    let (statement, state) = sql::state_write(write);
+    sqlx::query(statement)
+        .bind(state.definition)
+        .bind(to_nanos(&state.created))
+        .bind(Json(&state.payload))
+        .bind(&state.twin_id)
+        .bind(state.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl StateRepository for PostgresStore {
+    async fn save(&self, state: &State) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        write_state(&mut tx, &Write::Insert(state.clone())).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn update(&self, state: &State) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        write_state(&mut tx, &Write::Update(state.clone())).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>> {
+        let row = sqlx::query(sql::LATEST_STATE)
+            .bind(twin_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::state_from_row).transpose()
+    }
+
+    async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
+        let last: Option<i64> = sqlx::query_scalar(sql::LATEST_STATE_ID)
+            .bind(twin_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let rows = sqlx::query(sql::STATES_FROM)
+            .bind(twin_id)
+            .bind(i64::try_from(page.offset).unwrap_or(i64::MAX))
+            .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(Page {
+            total: sql::states_total(last),
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::state_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+}
+
+/// Keeps the transaction's writes when one row changed; otherwise rolls back and says
+/// which version is stored.
+async fn versioned(
+    mut tx: Transaction<'static, Postgres>,
+    changed: u64,
+    twin_id: &str,
+    name: &str,
+) -> StoreResult<Versioned> {
+    if changed == 1 {
+        tx.commit().await.map_err(map_err)?;
+        return Ok(Versioned::Done);
+    }
+    let actual = PostgresStore::document_version(&mut tx, twin_id, name).await?;
+    tx.rollback().await.map_err(map_err)?;
+    Ok(Versioned::Stale { actual })
+}
+
+#[async_trait]
+impl DocumentRepository for PostgresStore {
+    async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>> {
+        let rows = sqlx::query(sql::DOCUMENT_SUMMARIES)
+            .bind(twin_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(sql::summary_from_row).collect()
+    }
+
+    async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::SELECT_DOCUMENT)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
+    }
+
+    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+        let mut tx = self.begin().await?;
+        let mut query = sqlx::query(sql::document_write(expected))
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(doc.version)
+            .bind(to_nanos(&doc.updated))
+            .bind(Json(&doc.data));
+        if let Some(v) = expected {
+            query = query.bind(v);
+        }
+        let done = query.execute(&mut *tx).await.map_err(map_err)?;
+        versioned(tx, done.rows_affected(), &doc.twin_id, &doc.document_name).await
+    }
+
+    async fn delete(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+    ) -> StoreResult<Versioned> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(sql::DELETE_DOCUMENT)
+            .bind(twin_id)
+            .bind(name)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        versioned(tx, done.rows_affected(), twin_id, name).await
+    }
+}
+
+#[async_trait]
+impl HealthCheck for PostgresStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}

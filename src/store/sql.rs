@@ -1,0 +1,189 @@
+//! What the SQLite and PostgreSQL stores share: the statements both dialects run word for
+//! word (numbered `$n` parameters, which both accept), and the decoding of rows into
+//! domain values. Each store keeps only what its dialect does differently: the twin
+//! list's metadata filter, batch writes (`json_each` against `UNNEST`), transactions and
+//! error codes.
+//!
+//! Both keep times as Unix nanoseconds in a 64-bit integer and JSON as text (SQLite) or
+//! `jsonb` (PostgreSQL); a row's JSON column is read through [`Columns::json`].
+
+use serde::de::DeserializeOwned;
+
+use super::StoreResult;
+use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::sampling::Write;
+use crate::domain::state::State;
+use crate::domain::time::from_nanos;
+use crate::domain::twin::Twin;
+
+pub const TWIN_COLUMNS: &str = "id, owner, name, revision, created, updated, definitions, metadata";
+
+pub const INSERT_TWIN: &str = "INSERT INTO twins
+    (id, owner, name, revision, created, updated, definitions, metadata)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+pub const UPDATE_TWIN: &str = "UPDATE twins
+    SET name = $1, revision = $2, updated = $3, definitions = $4, metadata = $5
+    WHERE id = $6 AND owner = $7 AND revision = $8";
+
+pub const SELECT_TWIN: &str =
+    "SELECT id, owner, name, revision, created, updated, definitions, metadata
+    FROM twins WHERE id = $1 AND owner = $2";
+
+pub const SELECT_ANY_TWIN: &str =
+    "SELECT id, owner, name, revision, created, updated, definitions, metadata
+    FROM twins WHERE id = $1";
+
+pub const DELETE_TWIN: &str = "DELETE FROM twins WHERE id = $1 AND owner = $2";
+
+/// What goes with a deleted twin, each bound to its id.
+pub const DELETE_TWIN_ROWS: [&str; 4] = [
+    "DELETE FROM twin_attributes WHERE twin_id = $1",
+    "DELETE FROM states WHERE twin_id = $1",
+    "DELETE FROM ingest_cursors WHERE twin_id = $1",
+    "DELETE FROM documents WHERE twin_id = $1",
+];
+
+pub const DELETE_ATTRIBUTES: &str = "DELETE FROM twin_attributes WHERE twin_id = $1";
+
+pub const INSERT_ATTRIBUTE: &str =
+    "INSERT INTO twin_attributes (twin_id, channel, subtopic) VALUES ($1, $2, $3)";
+
+/// Channel, subtopic, wildcard subtopic.
+pub const IDS_BY_ATTRIBUTE: &str = "SELECT DISTINCT twin_id FROM twin_attributes
+    WHERE channel = $1 AND (subtopic = $2 OR subtopic = $3)";
+
+/// Definition, created, payload, twin id, id (the same order for both statements).
+pub const INSERT_STATE: &str =
+    "INSERT INTO states (definition, created, payload, twin_id, id) VALUES ($1, $2, $3, $4, $5)";
+pub const UPDATE_STATE: &str =
+    "UPDATE states SET definition = $1, created = $2, payload = $3 WHERE twin_id = $4 AND id = $5";
+
+/// The statement of a state write and the state it binds.
+pub fn state_write(write: &Write) -> (&'static str, &State) {
+    match write {
+        Write::Insert(s) => (INSERT_STATE, s),
+        Write::Update(s) => (UPDATE_STATE, s),
+    }
+}
+
+pub const LATEST_STATE: &str = "SELECT twin_id, id, definition, created, payload FROM states
+    WHERE twin_id = $1 ORDER BY id DESC LIMIT 1";
+
+pub const LATEST_STATE_ID: &str =
+    "SELECT id FROM states WHERE twin_id = $1 ORDER BY id DESC LIMIT 1";
+
+/// Twin id, first id, limit.
+pub const STATES_FROM: &str = "SELECT twin_id, id, definition, created, payload FROM states
+    WHERE twin_id = $1 AND id >= $2 ORDER BY id LIMIT $3";
+
+pub const DOCUMENT_SUMMARIES: &str =
+    "SELECT name, version, updated FROM documents WHERE twin_id = $1 ORDER BY name";
+
+pub const SELECT_DOCUMENT: &str =
+    "SELECT twin_id, name, version, updated, data FROM documents WHERE twin_id = $1 AND name = $2";
+
+pub const DOCUMENT_VERSION: &str = "SELECT version FROM documents WHERE twin_id = $1 AND name = $2";
+
+/// Twin id, name, version, updated, data.
+pub const CREATE_DOCUMENT: &str = "INSERT INTO documents (twin_id, name, version, updated, data)
+    VALUES ($1, $2, $3, $4, $5) ON CONFLICT (twin_id, name) DO NOTHING";
+
+/// Twin id, name, new version, updated, data, expected version.
+pub const REPLACE_DOCUMENT: &str = "UPDATE documents SET version = $3, updated = $4, data = $5
+    WHERE twin_id = $1 AND name = $2 AND version = $6";
+
+/// The conditional write of a document: [`CREATE_DOCUMENT`] when it must not exist yet,
+/// [`REPLACE_DOCUMENT`] (one more parameter, the expected version) when it must have a
+/// given version.
+pub fn document_write(expected: Option<i64>) -> &'static str {
+    match expected {
+        None => CREATE_DOCUMENT,
+        Some(_) => REPLACE_DOCUMENT,
+    }
+}
+
+/// Twin id, name, expected version (any when null).
+pub const DELETE_DOCUMENT: &str =
+    "DELETE FROM documents WHERE twin_id = $1 AND name = $2 AND ($3 IS NULL OR version = $3)";
+
+/// Group, start position, holder, until, now: the group's position when `holder` has
+/// (or now takes) its lease, no row while another holder's lease runs.
+pub const TAKE_LEASE: &str =
+    "INSERT INTO ingest_groups (grp, seq, holder, until) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (grp) DO UPDATE SET holder = excluded.holder, until = excluded.until
+    WHERE ingest_groups.holder = excluded.holder OR ingest_groups.until < $5
+    RETURNING seq";
+
+pub const RELEASE_LEASE: &str = "UPDATE ingest_groups SET until = 0 WHERE grp = $1 AND holder = $2";
+
+/// New position, group, expected position.
+pub const MOVE_POSITION: &str = "UPDATE ingest_groups SET seq = $1 WHERE grp = $2 AND seq = $3";
+
+pub const TWIN_SEQ: &str = "SELECT seq FROM ingest_cursors WHERE twin_id = $1";
+
+pub const FORGET_SEQS: &str = "DELETE FROM ingest_cursors";
+
+/// Reads a row's columns by name; each store implements it for its row type.
+pub trait Columns {
+    fn text(&self, column: &str) -> StoreResult<String>;
+    fn int(&self, column: &str) -> StoreResult<i64>;
+    /// A JSON column, deserialized; `what` names it in the error of a corrupt value.
+    fn json<T: DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T>;
+}
+
+pub fn twin_from_row(row: &impl Columns) -> StoreResult<Twin> {
+    Ok(Twin {
+        id: row.text("id")?,
+        owner: row.text("owner")?,
+        name: row.text("name")?,
+        revision: row.int("revision")?,
+        created: from_nanos(row.int("created")?),
+        updated: from_nanos(row.int("updated")?),
+        definitions: row.json("definitions", "definitions")?,
+        metadata: row.json("metadata", "metadata")?,
+    })
+}
+
+pub fn state_from_row(row: &impl Columns) -> StoreResult<State> {
+    Ok(State {
+        twin_id: row.text("twin_id")?,
+        id: row.int("id")?,
+        definition: row.int("definition")?,
+        created: from_nanos(row.int("created")?),
+        payload: row.json("payload", "payload")?,
+    })
+}
+
+pub fn document_from_row(row: &impl Columns) -> StoreResult<Document> {
+    Ok(Document {
+        twin_id: row.text("twin_id")?,
+        document_name: row.text("name")?,
+        version: row.int("version")?,
+        updated: from_nanos(row.int("updated")?),
+        data: row.json("data", "document")?,
+    })
+}
+
+pub fn summary_from_row(row: &impl Columns) -> StoreResult<DocumentSummary> {
+    Ok(DocumentSummary {
+        document_name: row.text("name")?,
+        version: row.int("version")?,
+        updated: from_nanos(row.int("updated")?),
+    })
+}
+
+/// A page's total from the latest state id: ids are a gap-free sequence from 0.
+pub fn states_total(latest_id: Option<i64>) -> u64 {
+    latest_id.map_or(0, |id| id.max(-1) + 1) as u64
+}
+
+/// A stream sequence or position as stored (a signed 64-bit integer).
+pub fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored sequence or position as the stream counts it.
+pub fn seq_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
