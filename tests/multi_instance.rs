@@ -6,7 +6,8 @@
 //! configuration logs when another live instance shares its group.
 //!
 //! The cluster scenarios run on the stores that several instances can share
-//! (`mongodb::<name>`, `mongodb_replica_set::<name>`, see `common::backend`).
+//! (`mongodb::<name>`, `mongodb_replica_set::<name>`, `postgres::<name>`, see
+//! `common::backend`).
 
 mod common;
 
@@ -356,6 +357,7 @@ macro_rules! shared_stores {
     ($($test:ident),* $(,)?) => {
         $crate::backend_matrix!(@module mongodb, MongoDb, $($test),*);
         $crate::backend_matrix!(@module mongodb_replica_set, MongoDbReplicaSet, $($test),*);
+        $crate::backend_matrix!(@module postgres, Postgres, $($test),*);
     };
 }
 

@@ -436,7 +436,8 @@ impl TwinRepository for SqliteStore {
         super::many_in_chunks(ids, |chunk| async move {
             // Only placeholders are spliced in; the ids are bound.
             let sql = format!(
-                "SELECT {TWIN_COLUMNS} FROM twins WHERE id IN ({})",
+                "SELECT {} FROM twins WHERE id IN ({})",
+                sql::TWIN_COLUMNS,
                 vec!["?"; chunk.len()].join(",")
             );
             let rows = chunk
@@ -445,14 +446,7 @@ impl TwinRepository for SqliteStore {
                 .fetch_all(&self.reader)
                 .await
                 .map_err(map_err)?;
-            rows.iter()
-                .map(|row| {
-                    let id: String = row
-                        .try_get("id")
-                        .map_err(|e| StoreError::Internal(e.into()))?;
-                    Ok((id, twin_from_row(row)))
-                })
-                .collect()
+            rows.iter().map(sql::twin_with_id).collect()
         })
         .await
     }
