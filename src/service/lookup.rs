@@ -334,6 +334,13 @@ impl TwinRepository for CacheMaintaining {
     async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
         self.inner.retrieve_any(id).await
     }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        self.inner.retrieve_many(ids).await
+    }
 }
 
 #[cfg(test)]
