@@ -15,6 +15,7 @@ use crate::auth::{AuthError, Authenticator};
 use crate::broker::consumer::Ingestor;
 use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
+use crate::broker::presence::{Hello, Presence};
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::cache::repair::Repairing;
@@ -178,7 +179,16 @@ impl Application {
             inband: Some(inband.clone()),
             own_channel: config.channel_id.clone(),
         };
+        let presence = Presence {
+            client: broker.clone(),
+            group: config.instance_group.clone(),
+            me: Hello {
+                holder: ingestor.holder.clone(),
+                single: config.single_instance(),
+            },
+        };
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
+        let presence = tokio::spawn(presence.run(stop.clone()));
         let inband = tokio::spawn({
             let (group, stop) = (config.instance_group.clone(), stop.clone());
             let prefix = config.request_reply.clone();
@@ -228,8 +238,12 @@ impl Application {
         drop(server);
         // The consumer hands back what it buffered and releases its lease; what it had
         // not applied stays unacked below the stored position, for the next holder.
-        let aborts = [consumer.abort_handle(), inband.abort_handle()];
-        let tasks = futures::future::join(consumer, inband);
+        let aborts = [
+            consumer.abort_handle(),
+            inband.abort_handle(),
+            presence.abort_handle(),
+        ];
+        let tasks = futures::future::join3(consumer, inband, presence);
         if tokio::time::timeout_at(deadline, tasks).await.is_err() {
             tracing::warn!(
                 ?grace,

@@ -187,6 +187,19 @@ impl Config {
         }
     }
 
+    /// Why this configuration serves one instance only (SPEC section 13): a SQLite
+    /// store, the in-process cache, or both; None when instances can share the group.
+    pub fn single_instance(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if self.db_url.starts_with("sqlite://") {
+            why.push("SQLite store");
+        }
+        if self.cache_url.is_none() {
+            why.push("in-process cache");
+        }
+        (!why.is_empty()).then(|| why.join(", "))
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())

@@ -11,32 +11,21 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::task::JoinHandle;
 
 use common::proxy::Proxy;
+use common::stream::{self, Oracle, PROGRESS, Published, Publishing, messages, publish_on};
 use common::*;
 
-use twins::broker::{self, Envelope};
-use twins::domain::sampling::{self, Write};
-use twins::domain::senml;
-use twins::domain::state::State;
-use twins::domain::twin::{Attribute, Definition};
+use twins::broker;
 
-/// Sampling window of the twins: 1 s.
-const DELTA: i64 = 1_000_000_000;
-const T0: f64 = 1_700_000_000.0;
 /// Lease of the tests' instances: a killed holder is replaced within about this long.
 const LEASE: &str = "2s";
-/// How long a scenario may take to make the progress it waits for before it fails.
-const PROGRESS: Duration = Duration::from_secs(180);
 
 /// The scenarios run one at a time. Every instance reads the whole shared `channels`
 /// stream (messages no twin of its own listens to are looked up and ignored), so
@@ -47,20 +36,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 struct Deployment {
     app: TestApp,
     _turn: tokio::sync::MutexGuard<'static, ()>,
-}
-
-/// Messages being published in the background, counted from the group's position
-/// when publishing started.
-struct Publishing {
-    base: u64,
-    task: JoinHandle<u64>,
-}
-
-impl Publishing {
-    /// The stream sequence of the last message, once all are published.
-    async fn finished(self) -> u64 {
-        self.task.await.expect("publisher")
-    }
 }
 
 impl Deployment {
@@ -97,36 +72,17 @@ impl Deployment {
 
     /// Waits until everything up to `seq` is applied (acked after it was made durable).
     async fn wait_applied(&self, seq: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.app.acked().await < seq {
-            assert!(
-                Instant::now() < deadline,
-                "not applied up to {seq} within {within:?} (acked {})",
-                self.app.acked().await
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        stream::wait_applied(&self.app, seq, within).await;
     }
 
     /// Starts publishing `messages` in the background.
     async fn publish_in_background(&self, messages: &[Published]) -> Publishing {
-        let base = self.app.acked().await;
-        let js = self.app.js().clone();
-        let messages = messages.to_vec();
-        Publishing {
-            base,
-            task: tokio::spawn(async move { publish_on(&js, &messages).await }),
-        }
+        stream::publish_in_background(&self.app, messages).await
     }
 
     /// Waits until the group has acked `count` of the messages `publishing`.
     async fn wait_progress(&self, publishing: &Publishing, count: u64) {
-        let target = publishing.base + count;
-        let deadline = Instant::now() + PROGRESS;
-        while self.app.acked().await < target {
-            assert!(Instant::now() < deadline, "no progress to {target}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        stream::wait_progress(&self.app, publishing, count).await;
     }
 
     /// Publishes `messages` in the background and returns once `count` of them are
@@ -137,35 +93,9 @@ impl Deployment {
         publishing
     }
 
-    /// Asserts that every twin has exactly the oracle's states. The consumer's ack
-    /// floor can run ahead of what the current holder applied (a late ack of an
-    /// instance that lost the lease lands on the recreated consumer of the same name),
-    /// so each twin is given until a deadline to match.
+    /// Asserts that every twin has exactly the oracle's states.
     async fn assert_matches(&self, oracle: &Oracle) {
-        let deadline = Instant::now() + PROGRESS;
-        for (twin, expected) in &oracle.states {
-            let expected: Vec<Value> = expected
-                .iter()
-                .map(|s| serde_json::to_value(s).expect("state JSON"))
-                .collect();
-            loop {
-                let served = self.app.states(twin).await;
-                if served == expected {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    assert_eq!(
-                        served.len(),
-                        expected.len(),
-                        "twin {twin}: {} states served, {} expected",
-                        served.len(),
-                        expected.len()
-                    );
-                    assert_eq!(served, expected, "twin {twin}");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        stream::assert_matches(&self.app, oracle).await;
     }
 
     async fn publish(&self, messages: &[Published]) -> u64 {
@@ -177,106 +107,6 @@ impl Deployment {
         self.app.instance().terminate();
         let status = self.app.instance().wait(DEADLINE).await;
         assert_eq!(status.code(), Some(0), "SIGTERM ends with exit code 0");
-    }
-}
-
-/// A message as the device sends it: on a twin's channel, one record.
-#[derive(Clone)]
-struct Published {
-    twin: String,
-    channel: String,
-    payload: Vec<u8>,
-}
-
-/// Messages `k in range` spread over `twins` in turn, each with an explicit time such
-/// that about half of them open a new state and half update the last one.
-fn messages(twins: &[(String, String)], range: std::ops::Range<usize>) -> Vec<Published> {
-    range
-        .map(|k| {
-            let (twin, channel) = &twins[k % twins.len()];
-            let round = (k / twins.len()) as f64;
-            let senml = json!([{"n": "v", "v": k, "t": T0 + round * 0.6}]);
-            Published {
-                twin: twin.clone(),
-                channel: channel.clone(),
-                payload: senml.to_string().into_bytes(),
-            }
-        })
-        .collect()
-}
-
-/// Publishes with acks, 512 in flight; the stream sequence of the last one.
-async fn publish_on(js: &jetstream::Context, messages: &[Published]) -> u64 {
-    let mut last = 0;
-    for chunk in messages.chunks(512) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for m in chunk {
-            let env = Envelope {
-                channel: m.channel.clone(),
-                subtopic: String::new(),
-                publisher: "fault-test".into(),
-                protocol: "nats".into(),
-                payload: m.payload.clone(),
-                created: 0,
-            };
-            acks.push(
-                js.publish(broker::subject(&m.channel, ""), broker::encode(&env).into())
-                    .await
-                    .expect("publish"),
-            );
-        }
-        for ack in acks {
-            last = last.max(ack.await.expect("publish ack").sequence);
-        }
-    }
-    last
-}
-
-/// The states each twin must have: its messages applied once each, in order.
-#[derive(Default)]
-struct Oracle {
-    states: HashMap<String, Vec<State>>,
-}
-
-impl Oracle {
-    fn new(twins: &[(String, String)]) -> Self {
-        Self {
-            states: twins.iter().map(|(t, _)| (t.clone(), Vec::new())).collect(),
-        }
-    }
-
-    fn apply(&mut self, messages: &[Published]) {
-        for m in messages {
-            let definition = Definition {
-                id: 0,
-                created: Utc.timestamp_opt(0, 0).single().expect("time"),
-                attributes: vec![Attribute {
-                    name: "v".into(),
-                    channel: m.channel.clone(),
-                    subtopic: String::new(),
-                    persist_state: true,
-                }],
-                delta: DELTA,
-            };
-            let records = senml::resolve(&m.payload, Utc::now()).expect("SenML");
-            let states = self.states.entry(m.twin.clone()).or_default();
-            for w in sampling::fold(
-                &m.twin,
-                states.last().cloned(),
-                &definition,
-                &m.channel,
-                "",
-                &records,
-            ) {
-                match w {
-                    Write::Insert(s) => states.push(s),
-                    Write::Update(s) => {
-                        let i = usize::try_from(s.id).expect("state id");
-                        states[i] = s;
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -37,6 +37,7 @@ macro_rules! conformance_cases {
             store_answers_ping,
             saved_twin_is_retrieved_unchanged,
             twins_are_scoped_to_their_owner,
+            many_twins_are_read_together_whoever_owns_them,
             saving_an_existing_twin_id_is_a_conflict,
             list_pages_in_creation_order_with_the_total,
             list_filters_by_exact_name,
@@ -313,6 +314,24 @@ async fn twins_are_scoped_to_their_owner(store: &Store) {
         .await
         .unwrap();
     assert_eq!((bobs.total, bobs.items.len()), (0, 0));
+}
+
+async fn many_twins_are_read_together_whoever_owns_them(store: &Store) {
+    let mut saved = Vec::new();
+    // More than one query's worth of ids.
+    for i in 0..600 {
+        let t = plain_twin(if i % 2 == 0 { ALICE } else { BOB }, &format!("t{i}"));
+        store.twins.save(&t).await.unwrap();
+        saved.push(t);
+    }
+    let mut ids: Vec<String> = saved.iter().map(|t| t.id.clone()).collect();
+    ids.push("no-such-twin".into());
+    let found = store.twins.retrieve_many(&ids).await.unwrap();
+    assert_eq!(found.len(), saved.len());
+    for t in &saved {
+        assert_eq!(found.get(&t.id).map(|r| r.as_ref().ok()), Some(Some(t)));
+    }
+    assert!(store.twins.retrieve_many(&[]).await.unwrap().is_empty());
 }
 
 async fn saving_an_existing_twin_id_is_a_conflict(store: &Store) {

@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod inband;
 pub mod notifier;
+pub mod presence;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -355,6 +355,20 @@ impl TwinRepository for Memory {
         self.enter("twins.retrieve_any")?;
         Ok(self.data().twins.iter().find(|t| t.id == id).cloned())
     }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        self.enter("twins.retrieve_many")?;
+        Ok(self
+            .data()
+            .twins
+            .iter()
+            .filter(|t| ids.contains(&t.id))
+            .map(|t| (t.id.clone(), Ok(t.clone())))
+            .collect())
+    }
 }
 
 #[async_trait]

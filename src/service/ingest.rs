@@ -393,6 +393,10 @@ impl IngestService {
         rejected: &mut Vec<Rejected>,
     ) -> Result<Vec<(TwinPlan, Vec<u64>)>, IngestError> {
         let mut plans = Vec::with_capacity(per_twin.len());
+        // The twins as stored now, in one read: changes made through any instance
+        // before these messages were published are seen.
+        let ids: Vec<String> = per_twin.keys().cloned().collect();
+        let mut twins = self.lookup.twins(&ids).await.map_err(IngestError::store)?;
         for (twin_id, indexes) in per_twin {
             let seqs: Vec<u64> = indexes.iter().map(|&i| routed[i].message.seq).collect();
             let mut reject_all = |reason: &'static str, error: &dyn std::fmt::Display| {
@@ -403,15 +407,14 @@ impl IngestService {
                     twin_id: Some(twin_id.clone()),
                 }));
             };
-            let twin = match self.lookup.twin(twin_id).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
+            let twin = match twins.remove(twin_id) {
+                Some(Ok(t)) => t,
+                None => {
                     self.lock_cursors().remove(twin_id);
                     reject_all("unknown_twin", &"no such twin");
                     continue;
                 }
-                Err(e) if e.is_transient() => return Err(IngestError::store(e)),
-                Err(e) => {
+                Some(Err(e)) => {
                     reject_all("corrupt_twin", &e);
                     continue;
                 }

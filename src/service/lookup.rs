@@ -11,9 +11,13 @@
 //! attributes that produced it, never under each concrete subtopic a device publishes
 //! on, so Redis holds as many keys as twins have attributes, whatever devices send.
 //!
-//! Twins themselves are kept in memory: this instance drops an entry when it updates or
-//! deletes the twin, and entries expire after [`TWIN_TTL`] so changes made by other
-//! instances are seen.
+//! Twins themselves are not kept between batches: ingestion reads the twins a batch
+//! needs from the store, all in one read ([`TwinLookup::twins`]). So a twin updated or
+//! deleted through any instance of the group is seen by the next batch, with no
+//! in-process copy that only the instance which made the change would know to drop: a
+//! message published after the change was answered is applied with the new definition,
+//! or to no twin. (An earlier version kept twins for five seconds, and another
+//! instance's change went unseen for that long.)
 //!
 //! [`CacheMaintaining`] is the decorator of the twins repository that keeps the cache
 //! and these memories in step with every write, so the use cases never mention them.
@@ -30,10 +34,6 @@ use crate::domain::twin::{Twin, TwinFilter, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
 use crate::store::{StoreResult, TwinRepository};
 
-/// How long a twin read from the store is trusted without re-reading it.
-pub const TWIN_TTL: Duration = Duration::from_secs(5);
-/// Entries beyond which the in-memory twins are dropped wholesale (bounded memory).
-const MAX_TWINS: usize = 100_000;
 /// How long a store answer for a (channel, subtopic) is reused when the shared cache
 /// has none: the longest another instance's new twin can go unseen while Redis is
 /// away, and the longest a channel nobody listens to costs no store read.
@@ -58,13 +58,9 @@ pub const ANSWERS: &str = "twins_lookup_answers";
 pub struct TwinLookup {
     twins: Arc<dyn TwinRepository>,
     cache: Arc<dyn TwinCache>,
-    memory: Arc<Mutex<TwinMap>>,
     answers: Arc<Mutex<Answers>>,
     removed: Arc<Mutex<VecDeque<String>>>,
 }
-
-/// Twin id -> the twin and when it was read from the store.
-type TwinMap = HashMap<String, (Arc<Twin>, Instant)>;
 
 /// Recent store answers by (channel, subtopic), least recently used dropped first.
 struct Answers {
@@ -92,7 +88,6 @@ impl TwinLookup {
         Self {
             twins,
             cache,
-            memory: Arc::default(),
             answers: Arc::new(Mutex::new(Answers::new(DEFAULT_ANSWERS))),
             removed: Arc::default(),
         }
@@ -231,40 +226,24 @@ impl TwinLookup {
         self.removed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The twin, from memory when fresh; None when it no longer exists, in which case
-    /// the cache entries that named it are dropped too.
-    pub async fn twin(&self, id: &str) -> StoreResult<Option<Arc<Twin>>> {
-        if let Some((twin, at)) = self.lock().get(id)
-            && at.elapsed() < TWIN_TTL
-        {
-            return Ok(Some(twin.clone()));
-        }
-        let twin = self.twins.retrieve_any(id).await?.map(Arc::new);
-        match &twin {
-            Some(t) => {
-                let mut map = self.lock();
-                if map.len() >= MAX_TWINS {
-                    map.clear();
-                }
-                map.insert(id.to_owned(), (t.clone(), Instant::now()));
+    /// The twins with these ids as stored now, in one store read, each with its own
+    /// result (a twin that cannot be read fails alone). A twin that no longer exists is
+    /// absent, and the cache entries that named it are dropped.
+    pub async fn twins(&self, ids: &[String]) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        let found = match self.twins.retrieve_many(ids).await {
+            Ok(found) => found,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "twins not read together; reading them one by one");
+                crate::store::retrieve_one_by_one(&*self.twins, ids).await?
             }
-            None => {
-                self.invalidate(id);
-                if let Err(e) = self.cache.remove(id).await {
-                    tracing::debug!(error = %e, "stale cache entry not removed");
-                }
+        };
+        for id in ids.iter().filter(|id| !found.contains_key(*id)) {
+            if let Err(e) = self.cache.remove(id).await {
+                tracing::debug!(error = %e, "stale cache entry not removed");
             }
         }
-        Ok(twin)
-    }
-
-    /// Forgets the in-memory copy after this instance changed or deleted the twin.
-    pub fn invalidate(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    fn lock(&self) -> MutexGuard<'_, TwinMap> {
-        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+        Ok(found)
     }
 }
 
@@ -284,7 +263,6 @@ impl CacheMaintaining {
 
     /// Drops what the lookup remembers that this version of the twin contradicts.
     fn changed(&self, twin: &Twin) {
-        self.lookup.invalidate(&twin.id);
         let channels: Vec<&str> = twin
             .current_definition()
             .into_iter()
@@ -334,7 +312,6 @@ impl TwinRepository for CacheMaintaining {
     async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
         let removed = self.inner.remove(owner, id).await?;
         if removed {
-            self.lookup.invalidate(id);
             self.lookup.forget_answers(id, &[]);
             {
                 let mut removed = self.lookup.lock_removed();
@@ -356,6 +333,13 @@ impl TwinRepository for CacheMaintaining {
 
     async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
         self.inner.retrieve_any(id).await
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        self.inner.retrieve_many(ids).await
     }
 }
 

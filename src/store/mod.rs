@@ -12,6 +12,7 @@ pub mod sql;
 pub mod sqlite;
 pub mod traced;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Most ids one query of [`TwinRepository::retrieve_many`] names: within SQLite's bound
+/// on parameters, and a filter of bounded size on the other backends.
+const MANY: usize = 500;
+
 #[async_trait]
 pub trait TwinRepository: Send + Sync {
     /// Inserts a new twin.
@@ -76,6 +81,57 @@ pub trait TwinRepository: Send + Sync {
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>>;
     /// The twin with this id whoever owns it. Used by ingestion only.
     async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>>;
+    /// The twins with these ids whoever owns them, as stored now: each found twin with
+    /// its own decoding result (a corrupt twin fails alone), missing ids absent. Err only
+    /// when the read as a whole failed. Used by ingestion, once per batch, so that a
+    /// twin changed through any instance is seen by the next batch. Backends answer in
+    /// one round trip; this default asks twin by twin.
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        retrieve_one_by_one(self, ids).await
+    }
+}
+
+/// [`TwinRepository::retrieve_many`] for a backend whose query `read` answers for at most
+/// [`MANY`] ids: the twins it found, each with its own decoding result.
+pub(crate) async fn many_in_chunks<'a, F, Fut>(
+    ids: &'a [String],
+    mut read: F,
+) -> StoreResult<HashMap<String, StoreResult<Twin>>>
+where
+    F: FnMut(&'a [String]) -> Fut,
+    Fut: std::future::Future<Output = StoreResult<Vec<(String, StoreResult<Twin>)>>>,
+{
+    let mut found = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(MANY) {
+        found.extend(read(chunk).await?);
+    }
+    Ok(found)
+}
+
+/// [`TwinRepository::retrieve_many`] made of one [`TwinRepository::retrieve_any`] per
+/// id: the default, and what a caller falls back to when the one read failed for good
+/// (so that one twin that cannot be read does not stop the others).
+pub async fn retrieve_one_by_one<R: TwinRepository + ?Sized>(
+    twins: &R,
+    ids: &[String],
+) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+    let mut found = HashMap::with_capacity(ids.len());
+    for id in ids {
+        match twins.retrieve_any(id).await {
+            Ok(Some(twin)) => {
+                found.insert(id.clone(), Ok(twin));
+            }
+            Ok(None) => {}
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                found.insert(id.clone(), Err(e));
+            }
+        }
+    }
+    Ok(found)
 }
 
 #[async_trait]

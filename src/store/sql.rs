@@ -34,6 +34,11 @@ pub const SELECT_ANY_TWIN: &str =
     "SELECT id, owner, name, revision, created, updated, definitions, metadata
     FROM twins WHERE id = $1";
 
+/// The twins whose ids are in the array `$1` (PostgreSQL; SQLite spells out the list).
+pub const SELECT_ANY_TWINS: &str =
+    "SELECT id, owner, name, revision, created, updated, definitions, metadata
+    FROM twins WHERE id = ANY($1)";
+
 pub const DELETE_TWIN: &str = "DELETE FROM twins WHERE id = $1 AND owner = $2";
 
 /// What goes with a deleted twin, each bound to its id.
@@ -130,6 +135,12 @@ pub trait Columns {
     fn int(&self, column: &str) -> StoreResult<i64>;
     /// A JSON column, deserialized; `what` names it in the error of a corrupt value.
     fn json<T: DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T>;
+}
+
+/// A twin row's id with the twin, decoded on its own: a row that cannot be decoded
+/// fails alone (see [`super::TwinRepository::retrieve_many`]).
+pub fn twin_with_id(row: &impl Columns) -> StoreResult<(String, StoreResult<Twin>)> {
+    Ok((row.text("id")?, twin_from_row(row)))
 }
 
 pub fn twin_from_row(row: &impl Columns) -> StoreResult<Twin> {

@@ -5,6 +5,7 @@
 //! no arguments (ids and payloads stay out of traces) and are marked as errors when the
 //! call fails. Ingestion calls the store once per batch or per twin, never per message.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -80,6 +81,13 @@ impl TwinRepository for Traced<dyn TwinRepository> {
 
     async fn retrieve_any(&self, id: &str) -> StoreResult<Option<Twin>> {
         traced("store.twins.retrieve_any", self.0.retrieve_any(id)).await
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        traced("store.twins.retrieve_many", self.0.retrieve_many(ids)).await
     }
 }
 

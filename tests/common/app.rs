@@ -372,6 +372,22 @@ impl TestApp {
         self.instances.push(instance);
     }
 
+    /// Every running instance, oldest first.
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// Instance `i`, oldest first.
+    pub fn instance_at(&mut self, i: usize) -> &mut Instance {
+        &mut self.instances[i]
+    }
+
+    /// Takes instance `i` out of the app, to kill or stop it: requests no longer go
+    /// to it.
+    pub fn take_instance(&mut self, i: usize) -> Instance {
+        self.instances.remove(i)
+    }
+
     /// The newest instance.
     pub fn instance(&mut self) -> &mut Instance {
         self.instances.last_mut().expect("a started instance")
@@ -949,13 +965,21 @@ impl Instance {
         }
     }
 
+    /// Every log line of the process so far (none for an instance in this process).
+    pub fn log_lines(&self) -> Vec<String> {
+        match &self.run {
+            Run::Process(p) => p.logs.lock().expect("logs").clone(),
+            Run::InProcess { .. } => Vec::new(),
+        }
+    }
+
     /// Every log line of the process so far.
     pub fn logs(&mut self) -> Vec<String> {
         self.process_mut().logs.lock().expect("logs").clone()
     }
 
     /// Stops gracefully: the service's task ends without error, the process exits 0.
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         if let Run::Process(_) = self.run {
             self.terminate();
             let status = self.wait(DEADLINE).await;

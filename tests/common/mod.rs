@@ -1,7 +1,9 @@
 //! Shared harness of the black-box tests: the service started by [`TestApp::builder`]
 //! (see [`app`]) with a database of its own on the test's backend (see [`backend`]),
 //! the in-test auth service ([`auth`]), servers of a test's own ([`servers`]),
-//! certificates ([`tls`]), a trace receiver ([`otlp`]) and a TCP proxy ([`proxy`]).
+//! certificates ([`tls`]), a trace receiver ([`otlp`]), a TCP proxy ([`proxy`]), a
+//! stream of messages with its oracle ([`stream`]) and several instances of one group
+//! as one deployment ([`cluster`]).
 //!
 //! Every test gets its own temporary directory, database, consumer group and auth
 //! server, so tests run in parallel without seeing each other's twins.
@@ -12,9 +14,11 @@
 pub mod app;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 pub mod otlp;
 pub mod proxy;
 pub mod servers;
+pub mod stream;
 pub mod tls;
 
 pub use app::*;

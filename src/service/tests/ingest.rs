@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::super::ingest::{Batch, BatchReport, Ingest, IngestError, Message, Rejected, plan};
 use super::super::twins::{NewTwin, Twins};
-use super::{ALICE, Fixture, definition};
+use super::{ALICE, Fixture, definition, object};
 use crate::domain::sampling;
 use crate::domain::senml;
 use crate::domain::state::State;
@@ -335,6 +335,30 @@ async fn messages_for_a_twin_removed_elsewhere_are_set_aside() {
 }
 
 #[tokio::test]
+async fn a_twin_updated_elsewhere_is_read_anew_by_the_next_batch() {
+    let f = Fixture::new();
+    let t = twin(&f, &[("temp", "ch", "")]).await;
+    lease(&f).await;
+    let first = [message(1, "ch", "", senml(0, 1.0))];
+    f.ingest.apply(&batch(0, &first), &f.aside).await.unwrap();
+    // Another instance gives the twin a new definition: the channel now feeds `pressure`.
+    let mut changed = t.clone();
+    let mut moved = t.current_definition().expect("definition").clone();
+    moved.id += 1;
+    moved.attributes[0].name = "pressure".into();
+    changed.definitions.push(moved);
+    changed.revision += 1;
+    assert!(f.store.twins.update(&changed, t.revision).await.unwrap());
+    let second = [message(2, "ch", "", senml(30, 2.0))];
+    f.ingest.apply(&batch(1, &second), &f.aside).await.unwrap();
+    let states = f.db.states_of(&t.id);
+    let last = states.last().expect("a state");
+    assert_eq!((states.len(), last.definition), (2, 1), "{states:?}");
+    assert_eq!(last.payload, object(json!({"pressure": 2})));
+    assert_eq!(f.db.calls("twins.retrieve_many"), 2, "one read per batch");
+}
+
+#[tokio::test]
 async fn messages_a_twin_already_has_are_skipped() {
     let f = Fixture::new();
     let t = twin(&f, &[("temp", "ch", "")]).await;
@@ -443,7 +467,7 @@ async fn a_twin_that_cannot_be_redone_has_its_messages_set_aside() {
 async fn a_transient_store_failure_moves_nothing_and_the_batch_can_be_retried() {
     for call in [
         "twins.ids_by_attribute",
-        "twins.retrieve_any",
+        "twins.retrieve_many",
         "ingest.cursor",
         "ingest.apply",
     ] {

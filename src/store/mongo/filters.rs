@@ -67,6 +67,11 @@ pub fn twin_any_owner(id: &str) -> Document {
     doc! { "id": id }
 }
 
+/// The twins with these ids, whoever owns them.
+pub fn twins_any_owner(ids: &[String]) -> Document {
+    doc! { "id": { "$in": ids } }
+}
+
 /// The owner's twin, only while it still has the revision the caller read.
 pub fn twin_at_revision(twin: &Twin, expected_revision: i64) -> Document {
     doc! { "id": &twin.id, "owner": &twin.owner, "revision": expected_revision }

@@ -15,6 +15,7 @@ mod codec;
 mod filters;
 mod ingest;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -302,6 +303,31 @@ impl TwinRepository for MongoStore {
             .as_ref()
             .map(codec::twin_from_bson)
             .transpose()
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        super::many_in_chunks(ids, |chunk| async move {
+            let docs = collect(
+                self.twins
+                    .find(filters::twins_any_owner(chunk))
+                    .await
+                    .map_err(map_err)?,
+            )
+            .await?;
+            // The filter matched string ids only.
+            Ok(docs
+                .iter()
+                .filter_map(|d| {
+                    codec::id_from_bson(d, "twin")
+                        .ok()
+                        .map(|id| (id, codec::twin_from_bson(d)))
+                })
+                .collect())
+        })
+        .await
     }
 }
 

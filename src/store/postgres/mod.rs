@@ -10,6 +10,7 @@
 
 mod ingest;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -318,6 +319,21 @@ impl TwinRepository for PostgresStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(sql::twin_from_row).transpose()
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        super::many_in_chunks(ids, |chunk| async move {
+            let rows = sqlx::query(sql::SELECT_ANY_TWINS)
+                .bind(chunk.to_vec())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_err)?;
+            rows.iter().map(sql::twin_with_id).collect()
+        })
+        .await
     }
 }
 

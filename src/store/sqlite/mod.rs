@@ -13,6 +13,7 @@
 
 mod ingest;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -425,6 +426,29 @@ impl TwinRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(sql::twin_from_row).transpose()
+    }
+
+    async fn retrieve_many(
+        &self,
+        ids: &[String],
+    ) -> StoreResult<HashMap<String, StoreResult<Twin>>> {
+        // Chunks stay within SQLite's limit on bound parameters.
+        super::many_in_chunks(ids, |chunk| async move {
+            // Only placeholders are spliced in; the ids are bound.
+            let sql = format!(
+                "SELECT {} FROM twins WHERE id IN ({})",
+                sql::TWIN_COLUMNS,
+                vec!["?"; chunk.len()].join(",")
+            );
+            let rows = chunk
+                .iter()
+                .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, id| q.bind(id))
+                .fetch_all(&self.reader)
+                .await
+                .map_err(map_err)?;
+            rows.iter().map(sql::twin_with_id).collect()
+        })
+        .await
     }
 }
 
