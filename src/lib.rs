@@ -9,6 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod healthcheck;
 pub mod http;
+pub mod migrate;
 pub mod proto;
 pub mod service;
 pub mod store;

@@ -1,6 +1,7 @@
 //! Wiring only: configuration, telemetry, application, run until a signal.
 //!
-//! `twins --healthcheck` checks a running instance instead (see `healthcheck`).
+//! `twins --healthcheck` checks a running instance instead (see `healthcheck`);
+//! `twins migrate ...` copies the data of one store into another (see `migrate`).
 //!
 //! Exit codes: 0 after a graceful shutdown (SIGTERM or SIGINT) or a healthy check,
 //! 1 when start-up, serving or the check fails, 2 for an invalid configuration.
@@ -20,6 +21,10 @@ const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 fn main() -> ExitCode {
     if std::env::args().skip(1).any(|a| a == "--healthcheck") {
         return twins::healthcheck::run();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("migrate") {
+        return twins::migrate::main(&args[1..]);
     }
     let config = match Config::from_env() {
         Ok(c) => c,

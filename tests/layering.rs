@@ -21,7 +21,7 @@ fn rank(module: &str) -> Option<u8> {
         "store" | "cache" | "auth" => 2,
         "service" => 3,
         "http" | "broker" => 4,
-        "app" | "config" | "healthcheck" | "main" | "lib" => 5,
+        "app" | "config" | "healthcheck" | "migrate" | "main" | "lib" => 5,
         _ => return None,
     })
 }

@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 pub mod traced;
+pub mod transfer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -278,6 +279,8 @@ pub struct Store {
     pub states: Arc<dyn StateRepository>,
     pub documents: Arc<dyn DocumentRepository>,
     pub ingest: Arc<dyn IngestRepository>,
+    /// Bulk copy for `twins migrate`; the SQL stores have it.
+    pub transfer: Option<Arc<dyn transfer::Transfer>>,
     health: Arc<dyn HealthCheck>,
 }
 
@@ -302,8 +305,14 @@ impl Store {
             states: Arc::new(traced::Traced(states)),
             documents: Arc::new(traced::Traced(documents)),
             ingest: Arc::new(traced::Traced(ingest)),
+            transfer: None,
             health: Arc::new(traced::Traced(health)),
         }
+    }
+
+    fn with_transfer(mut self, transfer: Arc<dyn transfer::Transfer>) -> Self {
+        self.transfer = Some(transfer);
+        self
     }
 
     pub async fn ping(&self) -> StoreResult<()> {
@@ -320,7 +329,9 @@ impl Store {
     pub async fn connect_with(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
+            return Ok(
+                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
+            );
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
@@ -328,7 +339,9 @@ impl Store {
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let s = Arc::new(postgres::PostgresStore::connect(url, pool_size).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
+            return Ok(
+                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
+            );
         }
         Err(StoreError::Internal(
             format!(

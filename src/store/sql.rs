@@ -129,6 +129,45 @@ pub const TWIN_SEQ: &str = "SELECT seq FROM ingest_cursors WHERE twin_id = $1";
 
 pub const FORGET_SEQS: &str = "DELETE FROM ingest_cursors";
 
+/// After id ($1, '' for the first), limit ($2).
+pub const TWINS_AFTER: &str =
+    "SELECT id, owner, name, revision, created, updated, definitions, metadata
+    FROM twins WHERE id > $1 ORDER BY id LIMIT $2";
+
+pub const GROUP_POSITIONS: &str = "SELECT grp, seq FROM ingest_groups ORDER BY grp";
+pub const TWIN_SEQS: &str = "SELECT twin_id, seq FROM ingest_cursors ORDER BY twin_id";
+
+/// Group, position: a copied group holds no lease.
+pub const PUT_GROUP: &str =
+    "INSERT INTO ingest_groups (grp, seq, holder, until) VALUES ($1, $2, '', 0)
+    ON CONFLICT (grp) DO UPDATE SET seq = excluded.seq, holder = '', until = 0";
+
+pub const PUT_TWIN_SEQ: &str = "INSERT INTO ingest_cursors (twin_id, seq) VALUES ($1, $2)
+    ON CONFLICT (twin_id) DO UPDATE SET seq = excluded.seq";
+
+pub const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM twins), (SELECT COUNT(*) FROM states),
+    (SELECT COUNT(*) FROM documents), (SELECT COUNT(*) FROM ingest_groups),
+    (SELECT COUNT(*) FROM ingest_cursors)";
+
+/// The counts of [`COUNTS`]' row.
+pub fn counts(
+    (twins, states, documents, groups, cursors): (i64, i64, i64, i64, i64),
+) -> super::transfer::Counts {
+    let n = |v: i64| v.max(0) as u64;
+    super::transfer::Counts {
+        twins: n(twins),
+        states: n(states),
+        documents: n(documents),
+        groups: n(groups),
+        cursors: n(cursors),
+    }
+}
+
+/// Rows of [`GROUP_POSITIONS`] or [`TWIN_SEQS`] as stream positions.
+pub fn positions(rows: Vec<(String, i64)>) -> Vec<(String, u64)> {
+    rows.into_iter().map(|(k, v)| (k, seq_of(v))).collect()
+}
+
 /// Reads a row's columns by name; each store implements it for its row type.
 pub trait Columns {
     fn text(&self, column: &str) -> StoreResult<String>;

@@ -24,7 +24,7 @@ use crate::store::{
 
 /// Columns of a batch of state rows, bound as arrays and unpacked by `UNNEST`.
 #[derive(Default)]
-struct StateRows {
+pub(super) struct StateRows {
     twin_ids: Vec<String>,
     ids: Vec<i64>,
     definitions: Vec<i64>,
@@ -33,7 +33,7 @@ struct StateRows {
 }
 
 impl StateRows {
-    fn push(&mut self, state: &crate::domain::state::State) -> StoreResult<()> {
+    pub(super) fn push(&mut self, state: &crate::domain::state::State) -> StoreResult<()> {
         self.twin_ids.push(state.twin_id.clone());
         self.ids.push(state.id);
         self.definitions.push(state.definition);
@@ -44,7 +44,7 @@ impl StateRows {
         Ok(())
     }
 
-    async fn execute(
+    pub(super) async fn execute(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         statement: &'static str,

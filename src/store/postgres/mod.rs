@@ -9,6 +9,7 @@
 //! `verify-ca`, `verify-full`, with `sslrootcert`), through rustls.
 
 mod ingest;
+mod transfer;
 
 use std::collections::HashMap;
 use std::str::FromStr;

@@ -18,7 +18,8 @@ use crate::store::{
 };
 
 /// Rows of a batch travel as one JSON array per statement, unpacked by `json_each`.
-const ROWS: &str = "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
+pub(super) const ROWS: &str =
+    "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS i,
     json_extract(value, '$[2]') AS d, json_extract(value, '$[3]') AS c,
     json_extract(value, '$[4]') AS p FROM json_each(?)";
 

@@ -12,6 +12,7 @@
 //! pool opens a fresh one, known to be outside any transaction.
 
 mod ingest;
+mod transfer;
 
 use std::collections::HashMap;
 use std::path::Path;

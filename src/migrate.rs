@@ -1,0 +1,329 @@
+//! `twins migrate --from <url> --to <url> [--batch N]`: copies a deployment's data from
+//! one store to another — twins, then each twin's states and documents, then the ingest
+//! log (group positions and twin sequences) — and checks the counts at the end.
+//!
+//! The service must not write to the source while it runs (stop it, or at least stop
+//! ingestion and writes): the ingest positions are copied last, so the target resumes
+//! ingestion from exactly where the source stopped. Every write is idempotent, so a run
+//! that was interrupted is finished by running the same command again: twins and
+//! documents that are already there are compared and rewritten only when they differ,
+//! and a twin's states continue after the target's latest one.
+//!
+//! Both stores must be SQL stores (`sqlite://`, `postgres://`); MongoDB is not supported
+//! yet.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::error::{chain, redact_url};
+use crate::store::transfer::{Counts, Transfer};
+use crate::store::{Store, StoreError};
+
+const USAGE: &str = "usage: twins migrate --from <database URL> --to <database URL> [--batch N]";
+/// States per read and write by default.
+const DEFAULT_BATCH: usize = 5_000;
+/// Seconds between progress lines.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub from: String,
+    pub to: String,
+    pub batch: usize,
+}
+
+/// Parses the arguments after `migrate`.
+pub fn parse(args: &[String]) -> Result<Args, String> {
+    let (mut from, mut to, mut batch) = (None, None, DEFAULT_BATCH);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--from" => from = Some(value()?),
+            "--to" => to = Some(value()?),
+            "--batch" => {
+                let v = value()?;
+                batch = match v.parse::<usize>() {
+                    Ok(n) if n >= 1 => n,
+                    _ => return Err(format!("--batch {v:?}: a whole number of at least 1")),
+                };
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let from = from.ok_or("--from is missing")?;
+    let to = to.ok_or("--to is missing")?;
+    if from == to {
+        return Err("--from and --to name the same database".into());
+    }
+    Ok(Args { from, to, batch })
+}
+
+/// `twins migrate ...`: exit code 0 when everything was copied and counted, 1 when the
+/// copy failed or the counts differ, 2 for bad arguments.
+pub fn main(args: &[String]) -> ExitCode {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("twins migrate: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("twins migrate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(&args)) {
+        Ok(counts) => {
+            eprintln!(
+                "twins migrate: done: {} twins, {} states, {} documents, {} groups, {} twin sequences; counts equal",
+                counts.twins, counts.states, counts.documents, counts.groups, counts.cursors
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("twins migrate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn open(url: &str) -> Result<(Store, std::sync::Arc<dyn Transfer>), String> {
+    let store = Store::connect(url)
+        .await
+        .map_err(|e| format!("cannot open {}: {}", redact_url(url), chain(&e)))?;
+    let transfer = store.transfer.clone().ok_or(format!(
+        "{}: only sqlite:// and postgres:// stores can be migrated for now",
+        redact_url(url)
+    ))?;
+    Ok((store, transfer))
+}
+
+fn failed(what: &str) -> impl Fn(StoreError) -> String + '_ {
+    move |e| format!("{what}: {}", chain(&e))
+}
+
+/// Copies everything and returns the counts, equal on both sides.
+pub async fn run(args: &Args) -> Result<Counts, String> {
+    let (source, from) = open(&args.from).await?;
+    let (target, to) = open(&args.to).await?;
+    let total = from.counts().await.map_err(failed("counting the source"))?;
+    let started = Instant::now();
+    let mut progress = Progress {
+        total,
+        done: Counts::default(),
+        started,
+        last: started,
+    };
+    let mut after: Option<String> = None;
+    loop {
+        let twins = from
+            .twins_after(after.as_deref(), 100)
+            .await
+            .map_err(failed("reading twins"))?;
+        let Some(last) = twins.last() else { break };
+        after = Some(last.id.clone());
+        for twin in &twins {
+            match target
+                .twins
+                .retrieve_any(&twin.id)
+                .await
+                .map_err(failed("reading a twin of the target"))?
+            {
+                None => target
+                    .twins
+                    .save(twin)
+                    .await
+                    .map_err(failed("writing a twin"))?,
+                Some(t) if &t != twin => {
+                    if !target
+                        .twins
+                        .update(twin, t.revision)
+                        .await
+                        .map_err(failed("rewriting a twin"))?
+                    {
+                        return Err(format!("twin {} changed in the target meanwhile", twin.id));
+                    }
+                }
+                Some(_) => {}
+            }
+            progress.done.twins += 1;
+            copy_states(
+                &source,
+                &target,
+                to.as_ref(),
+                &twin.id,
+                args.batch,
+                &mut progress,
+            )
+            .await?;
+            copy_documents(&source, &target, &twin.id, &mut progress).await?;
+        }
+    }
+    let log = from
+        .ingest_log()
+        .await
+        .map_err(failed("reading the ingest log"))?;
+    to.put_ingest_log(&log)
+        .await
+        .map_err(failed("writing the ingest log"))?;
+    let copied = to.counts().await.map_err(failed("counting the target"))?;
+    let now = from.counts().await.map_err(failed("counting the source"))?;
+    if copied != now {
+        return Err(format!(
+            "counts differ: source {now:?}, target {copied:?} (was the source written to meanwhile, or the target not empty?)"
+        ));
+    }
+    Ok(copied)
+}
+
+async fn copy_states(
+    source: &Store,
+    target: &Store,
+    to: &dyn Transfer,
+    twin_id: &str,
+    batch: usize,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    // State ids run from 0 without gaps: the target's latest says where to go on.
+    let mut next = match target
+        .states
+        .latest(twin_id)
+        .await
+        .map_err(failed("reading the target's latest state"))?
+    {
+        Some(s) => {
+            progress.done.states += u64::try_from(s.id + 1).unwrap_or(0);
+            u64::try_from(s.id + 1).unwrap_or(0)
+        }
+        None => 0,
+    };
+    loop {
+        let page = source
+            .states
+            .list(
+                twin_id,
+                crate::domain::PageRequest {
+                    offset: next,
+                    limit: batch as u64,
+                },
+            )
+            .await
+            .map_err(failed("reading states"))?;
+        if page.items.is_empty() {
+            return Ok(());
+        }
+        to.put_states(&page.items)
+            .await
+            .map_err(failed("writing states"))?;
+        next += page.items.len() as u64;
+        progress.done.states += page.items.len() as u64;
+        progress.tick();
+    }
+}
+
+async fn copy_documents(
+    source: &Store,
+    target: &Store,
+    twin_id: &str,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    let names = source
+        .documents
+        .list(twin_id)
+        .await
+        .map_err(failed("listing documents"))?;
+    for summary in names {
+        let Some(doc) = source
+            .documents
+            .get(twin_id, &summary.document_name)
+            .await
+            .map_err(failed("reading a document"))?
+        else {
+            continue;
+        };
+        let there = target
+            .documents
+            .get(twin_id, &doc.document_name)
+            .await
+            .map_err(failed("reading a document of the target"))?;
+        if there.as_ref() != Some(&doc) {
+            target
+                .documents
+                .write(&doc, there.map(|d| d.version))
+                .await
+                .map_err(failed("writing a document"))?;
+        }
+        progress.done.documents += 1;
+    }
+    Ok(())
+}
+
+/// A line on stderr at most every second.
+struct Progress {
+    total: Counts,
+    done: Counts,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn tick(&mut self) {
+        if self.last.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        eprintln!(
+            "twins migrate: twins {}/{}, states {}/{} ({:.0}/s), documents {}/{}",
+            self.done.twins,
+            self.total.twins,
+            self.done.states,
+            self.total.states,
+            self.done.states as f64 / secs,
+            self.done.documents,
+            self.total.documents
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn arguments_are_checked() {
+        let ok = parse(&args(&["--from", "sqlite://a", "--to", "postgres://b/c"])).unwrap();
+        assert_eq!(ok.batch, DEFAULT_BATCH);
+        assert_eq!(
+            parse(&args(&["--from", "a", "--to", "b", "--batch", "7"]))
+                .unwrap()
+                .batch,
+            7
+        );
+        for bad in [
+            &["--from", "a"][..],
+            &["--to", "b"],
+            &["--from", "a", "--to", "a"],
+            &["--from", "a", "--to", "b", "--batch", "0"],
+            &["--from", "a", "--to", "b", "--bogus"],
+            &["--from"],
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+}

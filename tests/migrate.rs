@@ -1,0 +1,354 @@
+//! `twins migrate`, run as the real binary between SQLite and PostgreSQL (on the server
+//! named by `TWINS_TEST_POSTGRES_URL`): everything arrives unchanged, an interrupted run
+//! is finished by the next one without duplicates, and bad arguments are refused.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+
+use common::backend::{self, Backend};
+use twins::domain::PageRequest;
+use twins::domain::document::Document;
+use twins::domain::state::State;
+use twins::domain::time::from_nanos;
+use twins::domain::twin::{Attribute, Definition, Twin};
+use twins::store::Store;
+use twins::store::transfer::IngestLog;
+
+const BIN: &str = env!("CARGO_BIN_EXE_twins");
+const T0_MS: i64 = 1_588_668_099_142;
+
+fn at(ms: i64) -> DateTime<Utc> {
+    from_nanos(ms * 1_000_000)
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn twin(owner: &str, i: usize, definitions: usize) -> Twin {
+    Twin {
+        owner: owner.into(),
+        id: format!("{:08}-{}", i, uuid::Uuid::new_v4()),
+        name: format!("twin {i}"),
+        revision: definitions as i64 - 1,
+        created: at(T0_MS),
+        updated: at(T0_MS + 1),
+        definitions: (0..definitions)
+            .map(|d| Definition {
+                id: d as i64,
+                created: at(T0_MS + d as i64),
+                attributes: vec![Attribute {
+                    name: "temperature".into(),
+                    channel: format!("ch-{i}"),
+                    subtopic: format!("s{d}"),
+                    persist_state: true,
+                }],
+                delta: 1_000_000,
+            })
+            .collect(),
+        metadata: object(json!({"building": i % 3, "tags": ["a", i]})),
+    }
+}
+
+fn states(twin_id: &str, n: usize) -> Vec<State> {
+    (0..n as i64)
+        .map(|id| State {
+            twin_id: twin_id.into(),
+            id,
+            definition: 0,
+            created: at(T0_MS + id * 1000),
+            payload: object(json!({"temperature": id as f64 / 2.0, "n": id})),
+        })
+        .collect()
+}
+
+/// Twins with `per_twin` states each, documents on every third twin and an ingest log.
+async fn seed(store: &Store, twins: usize, per_twin: usize) {
+    let transfer = store.transfer.clone().expect("a SQL store");
+    let mut batch = Vec::new();
+    for i in 0..twins {
+        let t = twin(["alice", "bob", "carol"][i % 3], i, 1 + i % 2);
+        store.twins.save(&t).await.expect("save twin");
+        batch.extend(states(&t.id, per_twin));
+        if batch.len() >= 20_000 {
+            transfer.put_states(&batch).await.expect("put states");
+            batch.clear();
+        }
+        if i % 3 == 0 {
+            let doc = Document {
+                twin_id: t.id.clone(),
+                document_name: "desired".into(),
+                version: 3,
+                updated: at(T0_MS + 5),
+                data: object(json!({"setpoint": i, "mode": {"eco": true}})),
+            };
+            store.documents.write(&doc, None).await.expect("document");
+        }
+    }
+    transfer.put_states(&batch).await.expect("put states");
+    let first = transfer.twins_after(None, 2).await.expect("twins");
+    let log = IngestLog {
+        groups: vec![("twins".into(), 4_242), ("other".into(), 7)],
+        cursors: first.iter().map(|t| (t.id.clone(), 4_000)).collect(),
+    };
+    transfer.put_ingest_log(&log).await.expect("ingest log");
+}
+
+/// Everything a store holds, in a stable order.
+async fn dump(store: &Store) -> (Vec<Twin>, Vec<State>, Vec<Document>, IngestLog) {
+    let transfer = store.transfer.clone().expect("a SQL store");
+    let (mut twins, mut all_states, mut docs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut after: Option<String> = None;
+    loop {
+        let page = transfer
+            .twins_after(after.as_deref(), 500)
+            .await
+            .expect("twins");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for t in &page {
+            let s = store
+                .states
+                .list(
+                    &t.id,
+                    PageRequest {
+                        offset: 0,
+                        limit: 1_000_000,
+                    },
+                )
+                .await
+                .expect("states");
+            all_states.extend(s.items);
+            for d in store.documents.list(&t.id).await.expect("documents") {
+                docs.push(
+                    store
+                        .documents
+                        .get(&t.id, &d.document_name)
+                        .await
+                        .expect("document")
+                        .expect("listed"),
+                );
+            }
+        }
+        twins.extend(page);
+    }
+    (
+        twins,
+        all_states,
+        docs,
+        transfer.ingest_log().await.expect("log"),
+    )
+}
+
+fn migrate(from: &str, to: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["migrate", "--from", from, "--to", to, "--batch", "1000"])
+        .env_clear()
+        .output()
+        .expect("run twins migrate")
+}
+
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "twins migrate failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// SQLite to PostgreSQL and back: every twin, state, document and ingest position
+/// arrives unchanged; a second run changes nothing.
+async fn a_round_trip_keeps_every_row() {
+    let dir = tempfile::tempdir().expect("dir");
+    let a = format!("sqlite://{}/a.db", dir.path().display());
+    let b = format!("sqlite://{}/b.db", dir.path().display());
+    let pg = backend::database_url(dir.path());
+    let source = Store::connect(&a).await.expect("open a");
+    seed(&source, 30, 120).await;
+    let expected = dump(&source).await;
+    assert_eq!(expected.1.len(), 30 * 120);
+
+    assert_ok(&migrate(&a, &pg));
+    assert_ok(&migrate(&pg, &b));
+    assert_ok(&migrate(&a, &pg));
+    let middle = dump(&Store::connect(&pg).await.expect("open pg")).await;
+    let back = dump(&Store::connect(&b).await.expect("open b")).await;
+    assert_eq!(middle, expected, "SQLite to PostgreSQL");
+    assert_eq!(back, expected, "and back to SQLite");
+}
+
+/// 1,000 twins with 1,000,000 states: a run killed mid-copy is finished by the next
+/// one, without a duplicate; then back to SQLite. Prints how long each copy took.
+async fn an_interrupted_run_is_finished_by_the_next() {
+    let dir = tempfile::tempdir().expect("dir");
+    let a = format!("sqlite://{}/a.db", dir.path().display());
+    let b = format!("sqlite://{}/b.db", dir.path().display());
+    let pg = backend::database_url(dir.path());
+    let source = Store::connect(&a).await.expect("open a");
+    let seeding = Instant::now();
+    seed(&source, 1_000, 1_000).await;
+    let counts = source
+        .transfer
+        .clone()
+        .expect("sql")
+        .counts()
+        .await
+        .expect("counts");
+    assert_eq!(counts.states, 1_000_000);
+    eprintln!("seeded 1,000,000 states in {:?}", seeding.elapsed());
+
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["migrate", "--from", &a, "--to", &pg])
+        .env_clear()
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run twins migrate");
+    let stderr = child.stderr.take().expect("stderr");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Killed once a progress line shows some states copied, well before the end.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = seen
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("a progress line within 2 minutes");
+        if line.contains("states ") && !line.contains("states 0/") {
+            assert!(
+                !line.contains("done"),
+                "finished before it could be killed: {line}"
+            );
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let partial = Store::connect(&pg).await.expect("open pg");
+    let halfway = partial
+        .transfer
+        .clone()
+        .expect("sql")
+        .counts()
+        .await
+        .expect("counts");
+    assert!(halfway.states < 1_000_000, "{halfway:?}");
+
+    assert_ok(&migrate(&a, &pg));
+    let to_pg = started.elapsed();
+    let there = partial
+        .transfer
+        .clone()
+        .expect("sql")
+        .counts()
+        .await
+        .expect("counts");
+    assert_eq!(there, counts, "after the second run");
+
+    let started = Instant::now();
+    assert_ok(&migrate(&pg, &b));
+    let to_sqlite = started.elapsed();
+    let back = Store::connect(&b).await.expect("open b");
+    assert_eq!(
+        back.transfer
+            .clone()
+            .expect("sql")
+            .counts()
+            .await
+            .expect("counts"),
+        counts
+    );
+    // Spot check: a twin's states are the same on both sides.
+    let (twins, ..) = (source
+        .transfer
+        .clone()
+        .expect("sql")
+        .twins_after(None, 1)
+        .await
+        .expect("twin"),);
+    let id = &twins[0].id;
+    let page = PageRequest {
+        offset: 0,
+        limit: 2_000,
+    };
+    assert_eq!(
+        back.states.list(id, page).await.expect("states").items,
+        source.states.list(id, page).await.expect("states").items
+    );
+    eprintln!(
+        "1,000,000 states: SQLite to PostgreSQL (killed once, then finished) {to_pg:?}, PostgreSQL to SQLite {to_sqlite:?}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_round_trip_keeps_every_row() {
+    backend::run(Backend::Postgres, a_round_trip_keeps_every_row()).await;
+}
+
+#[tokio::test]
+async fn postgres_an_interrupted_run_is_finished_by_the_next() {
+    backend::run(
+        Backend::Postgres,
+        an_interrupted_run_is_finished_by_the_next(),
+    )
+    .await;
+}
+
+#[test]
+fn bad_arguments_are_refused_with_exit_code_2() {
+    for args in [
+        &["migrate"][..],
+        &["migrate", "--from", "sqlite:///tmp/x.db"],
+        &[
+            "migrate",
+            "--from",
+            "sqlite:///tmp/x.db",
+            "--to",
+            "sqlite:///tmp/x.db",
+        ],
+        &["migrate", "--to", "sqlite:///tmp/x.db", "--bogus"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("usage: twins migrate"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_store_that_cannot_be_migrated_is_named() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = Command::new(BIN)
+        .args([
+            "migrate",
+            "--from",
+            "mongodb://127.0.0.1:1/x?serverSelectionTimeoutMS=200",
+            "--to",
+            &format!("sqlite://{}/x.db", dir.path().display()),
+        ])
+        .env_clear()
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("twins migrate:"), "{err}");
+}
