@@ -9,8 +9,10 @@
 //! documents that are already there are compared and rewritten only when they differ,
 //! and a twin's states continue after the target's latest one.
 //!
-//! Both stores must be SQL stores (`sqlite://`, `postgres://`); MongoDB is not supported
-//! yet.
+//! Any two stores: `sqlite://`, `postgres://`, `mongodb://`. MongoDB keeps a twin's
+//! sequence on its latest state rather than in a table (see the MongoDB store's
+//! `transfer` module), so only sequences of twins with states are copied and counted,
+//! on every store.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -103,7 +105,7 @@ async fn open(url: &str) -> Result<(Store, std::sync::Arc<dyn Transfer>), String
         .await
         .map_err(|e| format!("cannot open {}: {}", redact_url(url), chain(&e)))?;
     let transfer = store.transfer.clone().ok_or(format!(
-        "{}: only sqlite:// and postgres:// stores can be migrated for now",
+        "{}: this store cannot be migrated",
         redact_url(url)
     ))?;
     Ok((store, transfer))

@@ -1,6 +1,7 @@
-//! `twins migrate`, run as the real binary between SQLite and PostgreSQL (on the server
-//! named by `TWINS_TEST_POSTGRES_URL`): everything arrives unchanged, an interrupted run
-//! is finished by the next one without duplicates, and bad arguments are refused.
+//! `twins migrate`, run as the real binary between SQLite and PostgreSQL or MongoDB (on
+//! the servers named by `TWINS_TEST_POSTGRES_URL` and `TWINS_TEST_MONGODB_URL`):
+//! everything arrives unchanged, an interrupted run is finished by the next one without
+//! duplicates, and bad arguments are refused.
 
 mod common;
 
@@ -73,7 +74,10 @@ fn states(twin_id: &str, n: usize) -> Vec<State> {
 
 /// Twins with `per_twin` states each, documents on every third twin and an ingest log.
 async fn seed(store: &Store, twins: usize, per_twin: usize) {
-    let transfer = store.transfer.clone().expect("a SQL store");
+    let transfer = store
+        .transfer
+        .clone()
+        .expect("a store that can be migrated");
     let mut batch = Vec::new();
     for i in 0..twins {
         let t = twin(["alice", "bob", "carol"][i % 3], i, 1 + i % 2);
@@ -105,7 +109,10 @@ async fn seed(store: &Store, twins: usize, per_twin: usize) {
 
 /// Everything a store holds, in a stable order.
 async fn dump(store: &Store) -> (Vec<Twin>, Vec<State>, Vec<Document>, IngestLog) {
-    let transfer = store.transfer.clone().expect("a SQL store");
+    let transfer = store
+        .transfer
+        .clone()
+        .expect("a store that can be migrated");
     let (mut twins, mut all_states, mut docs) = (Vec::new(), Vec::new(), Vec::new());
     let mut after: Option<String> = None;
     loop {
@@ -166,37 +173,47 @@ fn assert_ok(out: &std::process::Output) {
     );
 }
 
-/// SQLite to PostgreSQL and back: every twin, state, document and ingest position
-/// arrives unchanged; a second run changes nothing.
+/// SQLite to the test's backend and back: every twin, state, document and ingest
+/// position arrives unchanged; a second run changes nothing, and states written twice
+/// (as by a run killed after a write it did not see acknowledged) are kept once.
 async fn a_round_trip_keeps_every_row() {
     let dir = tempfile::tempdir().expect("dir");
     let a = format!("sqlite://{}/a.db", dir.path().display());
     let b = format!("sqlite://{}/b.db", dir.path().display());
-    let pg = backend::database_url(dir.path());
+    let target = backend::database_url(dir.path());
     let source = Store::connect(&a).await.expect("open a");
     seed(&source, 30, 120).await;
     let expected = dump(&source).await;
     assert_eq!(expected.1.len(), 30 * 120);
 
-    assert_ok(&migrate(&a, &pg));
-    assert_ok(&migrate(&pg, &b));
-    assert_ok(&migrate(&a, &pg));
-    let middle = dump(&Store::connect(&pg).await.expect("open pg")).await;
+    assert_ok(&migrate(&a, &target));
+    assert_ok(&migrate(&target, &b));
+    assert_ok(&migrate(&a, &target));
+    let target = Store::connect(&target).await.expect("open the target");
+    let twice = &expected.1[..150];
+    let transfer = target
+        .transfer
+        .clone()
+        .expect("a store that can be migrated");
+    let before = transfer.counts().await.expect("counts");
+    transfer.put_states(twice).await.expect("states again");
+    assert_eq!(transfer.counts().await.expect("counts"), before);
+    let middle = dump(&target).await;
     let back = dump(&Store::connect(&b).await.expect("open b")).await;
-    assert_eq!(middle, expected, "SQLite to PostgreSQL");
+    assert_eq!(middle, expected, "SQLite to the backend");
     assert_eq!(back, expected, "and back to SQLite");
 }
 
-/// 1,000 twins with 1,000,000 states: a run killed mid-copy is finished by the next
-/// one, without a duplicate; then back to SQLite. Prints how long each copy took.
-async fn an_interrupted_run_is_finished_by_the_next() {
+/// `twins` twins with `per_twin` states each: a run killed mid-copy is finished by the
+/// next one, without a duplicate; then back to SQLite. Prints how long each copy took.
+async fn an_interrupted_run_is_finished_by_the_next(twins: usize, per_twin: usize) {
     let dir = tempfile::tempdir().expect("dir");
     let a = format!("sqlite://{}/a.db", dir.path().display());
     let b = format!("sqlite://{}/b.db", dir.path().display());
-    let pg = backend::database_url(dir.path());
+    let target = backend::database_url(dir.path());
     let source = Store::connect(&a).await.expect("open a");
     let seeding = Instant::now();
-    seed(&source, 1_000, 1_000).await;
+    seed(&source, twins, per_twin).await;
     let counts = source
         .transfer
         .clone()
@@ -204,12 +221,13 @@ async fn an_interrupted_run_is_finished_by_the_next() {
         .counts()
         .await
         .expect("counts");
-    assert_eq!(counts.states, 1_000_000);
-    eprintln!("seeded 1,000,000 states in {:?}", seeding.elapsed());
+    let total = (twins * per_twin) as u64;
+    assert_eq!(counts.states, total);
+    eprintln!("seeded {total} states in {:?}", seeding.elapsed());
 
     let started = Instant::now();
     let mut child = Command::new(BIN)
-        .args(["migrate", "--from", &a, "--to", &pg])
+        .args(["migrate", "--from", &a, "--to", &target])
         .env_clear()
         .stderr(Stdio::piped())
         .spawn()
@@ -239,7 +257,7 @@ async fn an_interrupted_run_is_finished_by_the_next() {
     }
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
-    let partial = Store::connect(&pg).await.expect("open pg");
+    let partial = Store::connect(&target).await.expect("open the target");
     let halfway = partial
         .transfer
         .clone()
@@ -247,10 +265,10 @@ async fn an_interrupted_run_is_finished_by_the_next() {
         .counts()
         .await
         .expect("counts");
-    assert!(halfway.states < 1_000_000, "{halfway:?}");
+    assert!(halfway.states < total, "{halfway:?}");
 
-    assert_ok(&migrate(&a, &pg));
-    let to_pg = started.elapsed();
+    assert_ok(&migrate(&a, &target));
+    let to_target = started.elapsed();
     let there = partial
         .transfer
         .clone()
@@ -261,7 +279,7 @@ async fn an_interrupted_run_is_finished_by_the_next() {
     assert_eq!(there, counts, "after the second run");
 
     let started = Instant::now();
-    assert_ok(&migrate(&pg, &b));
+    assert_ok(&migrate(&target, &b));
     let to_sqlite = started.elapsed();
     let back = Store::connect(&b).await.expect("open b");
     assert_eq!(
@@ -291,7 +309,7 @@ async fn an_interrupted_run_is_finished_by_the_next() {
         source.states.list(id, page).await.expect("states").items
     );
     eprintln!(
-        "1,000,000 states: SQLite to PostgreSQL (killed once, then finished) {to_pg:?}, PostgreSQL to SQLite {to_sqlite:?}"
+        "{total} states: SQLite to the backend (killed once, then finished) {to_target:?}, back to SQLite {to_sqlite:?}"
     );
 }
 
@@ -301,10 +319,24 @@ async fn postgres_round_trip_keeps_every_row() {
 }
 
 #[tokio::test]
+async fn mongodb_round_trip_keeps_every_row() {
+    backend::run(Backend::MongoDb, a_round_trip_keeps_every_row()).await;
+}
+
+#[tokio::test]
 async fn postgres_an_interrupted_run_is_finished_by_the_next() {
     backend::run(
         Backend::Postgres,
-        an_interrupted_run_is_finished_by_the_next(),
+        an_interrupted_run_is_finished_by_the_next(1_000, 1_000),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn mongodb_an_interrupted_run_is_finished_by_the_next() {
+    backend::run(
+        Backend::MongoDb,
+        an_interrupted_run_is_finished_by_the_next(200, 1_000),
     )
     .await;
 }
@@ -335,7 +367,7 @@ fn bad_arguments_are_refused_with_exit_code_2() {
 }
 
 #[test]
-fn a_store_that_cannot_be_migrated_is_named() {
+fn a_store_that_cannot_be_opened_is_named() {
     let dir = tempfile::tempdir().expect("dir");
     let out = Command::new(BIN)
         .args([
@@ -350,5 +382,8 @@ fn a_store_that_cannot_be_migrated_is_named() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("twins migrate:"), "{err}");
+    assert!(
+        err.contains("twins migrate: cannot open mongodb://127.0.0.1:1/x"),
+        "{err}"
+    );
 }

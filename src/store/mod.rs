@@ -335,7 +335,9 @@ impl Store {
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
-            return Ok(Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s));
+            return Ok(
+                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
+            );
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let s = Arc::new(postgres::PostgresStore::connect(url, pool_size).await?);

@@ -135,7 +135,12 @@ pub const TWINS_AFTER: &str =
     FROM twins WHERE id > $1 ORDER BY id LIMIT $2";
 
 pub const GROUP_POSITIONS: &str = "SELECT grp, seq FROM ingest_groups ORDER BY grp";
-pub const TWIN_SEQS: &str = "SELECT twin_id, seq FROM ingest_cursors ORDER BY twin_id";
+/// The sequences of twins that have states: a sequence above 0 of a twin with no state
+/// (a deleted twin's, say) says nothing the group's position does not, and MongoDB,
+/// which keeps a twin's sequence on its latest state, could not hold it.
+pub const TWIN_SEQS: &str = "SELECT c.twin_id, c.seq FROM ingest_cursors c
+    WHERE c.seq > 0 AND EXISTS (SELECT 1 FROM states s WHERE s.twin_id = c.twin_id)
+    ORDER BY c.twin_id";
 
 /// Group, position: a copied group holds no lease.
 pub const PUT_GROUP: &str =
@@ -147,7 +152,8 @@ pub const PUT_TWIN_SEQ: &str = "INSERT INTO ingest_cursors (twin_id, seq) VALUES
 
 pub const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM twins), (SELECT COUNT(*) FROM states),
     (SELECT COUNT(*) FROM documents), (SELECT COUNT(*) FROM ingest_groups),
-    (SELECT COUNT(*) FROM ingest_cursors)";
+    (SELECT COUNT(*) FROM ingest_cursors c
+        WHERE c.seq > 0 AND EXISTS (SELECT 1 FROM states s WHERE s.twin_id = c.twin_id))";
 
 /// The counts of [`COUNTS`]' row.
 pub fn counts(

@@ -32,7 +32,7 @@ fn to_i64(v: u64) -> i64 {
 
 /// The stream sequence a state document carries; 0 for states written before this
 /// field existed (or by the Go service).
-fn seq_in(doc: &Document) -> u64 {
+pub(super) fn seq_in(doc: &Document) -> u64 {
     match doc.get("seq") {
         Some(Bson::Int64(v)) => u64::try_from(*v).unwrap_or(0),
         Some(Bson::Int32(v)) => u64::try_from(*v).unwrap_or(0),

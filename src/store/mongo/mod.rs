@@ -14,6 +14,7 @@
 mod codec;
 mod filters;
 mod ingest;
+mod transfer;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -118,6 +119,16 @@ impl MongoStore {
             .as_ref()
             .map(codec::version_from_bson)
             .transpose()
+    }
+
+    /// The `fields` of the twin's latest state, through the (twinid, id) index.
+    async fn latest_fields(&self, twin_id: &str, fields: &[&str]) -> StoreResult<Option<Document>> {
+        self.states
+            .find_one(filters::states_of(twin_id))
+            .sort(filters::by("id", -1))
+            .projection(filters::only(fields))
+            .await
+            .map_err(map_err)
     }
 
     async fn write_state(&self, write: &Write) -> StoreResult<()> {
@@ -355,13 +366,7 @@ impl StateRepository for MongoStore {
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
         // As in SQLite: state ids are a gap-free sequence from 0, so the total is the
         // latest id + 1 and a page starts at id = offset, both straight from the index.
-        let last = self
-            .states
-            .find_one(filters::states_of(twin_id))
-            .sort(filters::by("id", -1))
-            .projection(filters::only(&["id"]))
-            .await
-            .map_err(map_err)?;
+        let last = self.latest_fields(twin_id, &["id"]).await?;
         let total = match &last {
             Some(d) => codec::state_id_from_bson(d)?.max(-1) + 1,
             None => 0,
