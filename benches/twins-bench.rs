@@ -373,6 +373,7 @@ fn twin(owner: &str, channel: &str) -> Twin {
                 channel: channel.into(),
                 subtopic: String::new(),
                 persist_state: true,
+                record: None,
             }],
             delta: 1_000_000,
         }],

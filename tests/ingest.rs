@@ -47,6 +47,7 @@ crate::backend_matrix!(replica_set:
     ingestion_falls_back_to_the_store_when_redis_stops,
     api_serves_while_the_broker_is_down_and_ingestion_resumes_after_restart,
     records_without_time_take_the_time_magistrala_received_them,
+    attributes_bound_to_records_take_only_their_record,
 );
 
 const T0: f64 = 1_700_000_000.0;
@@ -547,4 +548,47 @@ async fn records_without_time_take_the_time_magistrala_received_them() {
     let s = app.states_until(&tid, |s| s.len() == 2).await;
     assert_eq!(s[0]["created"], rfc3339(T0));
     assert_eq!(s[1]["created"], rfc3339(T0 + 10.0));
+}
+
+/// Two attributes of one channel/subtopic bound to the records `room/temperature` and
+/// `room/humidity` (`bn` + `n`), and one without a record: one message carrying both
+/// records (and a third) gives each bound attribute its own value; the unbound one takes
+/// every record's value, the last winning, as in the Go service. The record names come
+/// back in the twin's definition.
+async fn attributes_bound_to_records_take_only_their_record() {
+    let app = app().spawn().await;
+    let ch = channel();
+    let bound = |name: &str, record: &str| {
+        let mut a = attribute(name, &ch, "env", true);
+        a["record"] = json!(record);
+        a
+    };
+    let tid = app
+        .create_listening(&[
+            bound("temperature", "room/temperature"),
+            bound("humidity", "room/humidity"),
+            attribute("last", &ch, "env", true),
+        ])
+        .await;
+    let twin = app.twin(ALICE, &tid).await;
+    let attrs = &twin["definitions"][0]["attributes"];
+    assert_eq!(attrs[0]["record"], "room/temperature", "{twin}");
+    assert!(attrs[2].get("record").is_none(), "{twin}");
+
+    app.publish(
+        &ch,
+        "env",
+        json!([
+            {"bn": "room/", "bt": T0, "n": "temperature", "v": 21.5},
+            {"n": "humidity", "v": 40},
+            {"n": "pressure", "v": 1013},
+        ]),
+    )
+    .await;
+    let s = app.states_until(&tid, |s| s.len() == 1).await;
+    assert_eq!(
+        s[0]["payload"],
+        json!({"temperature": 21.5, "humidity": 40, "last": 1013}),
+        "{s:?}"
+    );
 }

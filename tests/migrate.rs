@@ -52,6 +52,7 @@ fn twin(owner: &str, i: usize, definitions: usize) -> Twin {
                     channel: format!("ch-{i}"),
                     subtopic: format!("s{d}"),
                     persist_state: true,
+                    record: None,
                 }],
                 delta: 1_000_000,
             })

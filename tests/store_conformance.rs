@@ -128,6 +128,7 @@ fn attr(name: &str, channel: &str, subtopic: &str, persist_state: bool) -> Attri
         channel: channel.into(),
         subtopic: subtopic.into(),
         persist_state,
+        record: None,
     }
 }
 
@@ -283,6 +284,10 @@ async fn saved_twin_is_retrieved_unchanged(store: &Store) {
             vec![
                 attr("engine temperature", "ch-1", "engine", true),
                 attr("rpm", "ch-1", ">", false),
+                Attribute {
+                    record: Some("engine/oil".into()),
+                    ..attr("oil", "ch-1", "engine", true)
+                },
             ],
         ],
     );

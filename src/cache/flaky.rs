@@ -34,6 +34,7 @@ pub fn twin(id: &str, revision: i64, listens: &[(&str, &str)]) -> Twin {
                     channel: (*channel).into(),
                     subtopic: (*subtopic).into(),
                     persist_state: true,
+                    record: None,
                 })
                 .collect(),
         }],

@@ -11,7 +11,6 @@
 //! persists, so a definition change drops stale keys the next time the twin is sampled.
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 
 use super::senml::Record;
 use super::state::{Payload, State};
@@ -50,10 +49,11 @@ impl Write {
     }
 }
 
-/// Applies one value received at `time` on `channel`/`subtopic` to a twin whose latest
-/// state is `last` and whose current definition is `definition`.
+/// Applies one record received on `channel`/`subtopic` to a twin whose latest state is
+/// `last` and whose current definition is `definition`.
 ///
-/// Every persisted attribute that matches gets `value`. The state is new when there is no
+/// Every persisted attribute that matches the channel and subtopic and takes the record
+/// (see [`super::twin::Attribute::takes`]) gets its value. The state is new when there is no
 /// `last` or `time` is more than `definition.delta` nanoseconds from `last.created`;
 /// exactly `delta` away still updates, the rule being strictly greater.
 pub fn apply(
@@ -62,13 +62,13 @@ pub fn apply(
     definition: &Definition,
     channel: &str,
     subtopic: &str,
-    value: &Value,
-    time: DateTime<Utc>,
+    record: &Record,
 ) -> Outcome {
+    let (value, time) = (&record.value, record.time);
     let targets: Vec<&str> = definition
         .attributes
         .iter()
-        .filter(|a| a.persist_state && a.matches(channel, subtopic))
+        .filter(|a| a.persist_state && a.matches(channel, subtopic) && a.takes(&record.name))
         .map(|a| a.name.as_str())
         .collect();
     if targets.is_empty() {
@@ -133,8 +133,7 @@ pub fn fold(
             definition,
             channel,
             subtopic,
-            &record.value,
-            record.time,
+            record,
         );
         match outcome {
             Outcome::Nothing => {}
@@ -187,7 +186,7 @@ mod tests {
     use super::*;
     use crate::domain::time;
     use crate::domain::twin::{Attribute, WILDCARD_SUBTOPIC};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     const TWIN: &str = "twin-1";
     const CHANNEL: &str = "ch";
@@ -210,6 +209,16 @@ mod tests {
             channel: channel.into(),
             subtopic: subtopic.into(),
             persist_state,
+            record: None,
+        }
+    }
+
+    fn record(name: &str, value: Value, time: DateTime<Utc>) -> Record {
+        Record {
+            name: name.into(),
+            unit: None,
+            value,
+            time,
         }
     }
 
@@ -276,8 +285,7 @@ mod tests {
                 &c.definition,
                 c.channel,
                 c.subtopic,
-                &c.value,
-                c.time,
+                &record("", c.value.clone(), c.time),
             );
             assert_eq!(got, c.want, "{}", c.label);
         }
@@ -387,8 +395,7 @@ mod tests {
             &def(0, DELTA, vec![kept("a")]),
             CHANNEL,
             SUBTOPIC,
-            &json!(1),
-            later,
+            &record("", json!(1), later),
         );
         let want = State {
             created: later,
@@ -493,8 +500,7 @@ mod tests {
                 &def(0, DELTA, vec![kept("a")]),
                 CHANNEL,
                 SUBTOPIC,
-                &value,
-                at(T0),
+                &record("", value.clone(), at(T0)),
             );
             let want = state(0, 0, T0, payload_of([("a", value.clone())]));
             assert_eq!(got, Outcome::Save(want), "{value}");
@@ -583,8 +589,7 @@ mod tests {
             &def(7, DELTA, vec![kept("a")]),
             CHANNEL,
             SUBTOPIC,
-            &json!(1),
-            at(T0),
+            &record("", json!(1), at(T0)),
         );
         let want = State {
             twin_id: "twin-2".into(),
@@ -596,13 +601,45 @@ mod tests {
     fn records(values: &[(i64, Value)]) -> Vec<Record> {
         values
             .iter()
-            .map(|(t, v)| Record {
-                name: String::new(),
-                unit: None,
-                value: v.clone(),
-                time: at(*t),
-            })
+            .map(|(t, v)| record("", v.clone(), at(*t)))
             .collect()
+    }
+
+    #[test]
+    fn an_attribute_with_a_record_takes_only_that_record() {
+        let bound = |name: &str, r: Option<&str>| Attribute {
+            record: r.map(Into::into),
+            ..kept(name)
+        };
+        let d = def(
+            0,
+            DELTA,
+            vec![
+                bound("temperature", Some("room/temperature")),
+                bound("humidity", Some("room/humidity")),
+                bound("any", None),
+            ],
+        );
+        let message = [
+            record("room/temperature", json!(21.5), at(T0)),
+            record("room/humidity", json!(40), at(T0)),
+            record("room/pressure", json!(1013), at(T0)),
+        ];
+        let writes = fold(TWIN, None, &d, CHANNEL, SUBTOPIC, &message);
+        let want = payload_of([
+            ("temperature", json!(21.5)),
+            ("humidity", json!(40)),
+            ("any", json!(1013)),
+        ]);
+        assert_eq!(writes, vec![Write::Insert(state(0, 0, T0, want))]);
+
+        // A record no attribute takes changes nothing, not even the time of a state.
+        let only_bound = def(0, DELTA, vec![bound("temperature", Some("t"))]);
+        let other = [record("h", json!(1), at(T0))];
+        assert_eq!(
+            fold(TWIN, None, &only_bound, CHANNEL, SUBTOPIC, &other),
+            vec![]
+        );
     }
 
     #[test]

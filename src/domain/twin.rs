@@ -41,12 +41,24 @@ pub struct Attribute {
     pub subtopic: String,
     #[serde(default)]
     pub persist_state: bool,
+    /// The SenML record (its resolved name, `bn` + `n`) this attribute takes its value
+    /// from; absent, every record of a matching message gives it a value (as in the Go
+    /// service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 1024)]
+    pub record: Option<String>,
 }
 
 impl Attribute {
     /// Whether a message on `channel`/`subtopic` carries this attribute's value.
     pub fn matches(&self, channel: &str, subtopic: &str) -> bool {
         self.channel == channel && (self.subtopic == subtopic || self.subtopic == WILDCARD_SUBTOPIC)
+    }
+
+    /// Whether the SenML record named `record` (resolved: `bn` + `n`) gives this
+    /// attribute its value.
+    pub fn takes(&self, record: &str) -> bool {
+        self.record.as_deref().is_none_or(|r| r == record)
     }
 }
 
@@ -186,6 +198,14 @@ impl NewDefinition {
                     a.name
                 )));
             }
+            if let Some(r) = &a.record
+                && (r.is_empty() || r.len() > MAX_NAME_BYTES)
+            {
+                return Err(ValidationError::new(format!(
+                    "attribute {:?}: record must be 1 to {MAX_NAME_BYTES} bytes",
+                    a.name
+                )));
+            }
             if !seen.insert(a.name.as_str()) {
                 return Err(ValidationError::new(format!(
                     "attribute name {:?} is used more than once",
@@ -236,6 +256,7 @@ mod tests {
             channel: channel.into(),
             subtopic: String::new(),
             persist_state: true,
+            record: None,
         }
     }
 
@@ -294,6 +315,39 @@ mod tests {
                     delta: 0,
                 },
                 Err("more than once"),
+            ),
+            (
+                "empty record",
+                DefinitionInput {
+                    attributes: vec![Attribute {
+                        record: Some(String::new()),
+                        ..attr("a", "c")
+                    }],
+                    delta: 0,
+                },
+                Err("record must be 1 to 1024 bytes"),
+            ),
+            (
+                "record too long",
+                DefinitionInput {
+                    attributes: vec![Attribute {
+                        record: Some("r".repeat(MAX_NAME_BYTES + 1)),
+                        ..attr("a", "c")
+                    }],
+                    delta: 0,
+                },
+                Err("record must be"),
+            ),
+            (
+                "a record is kept",
+                DefinitionInput {
+                    attributes: vec![Attribute {
+                        record: Some("room/temperature".into()),
+                        ..attr("a", "c")
+                    }],
+                    delta: 5,
+                },
+                Ok(5),
             ),
         ];
         for (label, input, want) in cases {

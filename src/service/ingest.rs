@@ -659,6 +659,7 @@ mod tests {
                 channel: "ch".into(),
                 subtopic: String::new(),
                 persist_state: true,
+                record: None,
             }],
             delta: DELTA,
         }

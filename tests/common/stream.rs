@@ -101,6 +101,7 @@ impl Oracle {
                     channel: m.channel.clone(),
                     subtopic: String::new(),
                     persist_state: true,
+                    record: None,
                 }],
                 delta: DELTA,
             };

@@ -49,6 +49,7 @@ pub fn attr(name: &str, channel: &str, subtopic: &str, persist_state: bool) -> A
         channel: channel.into(),
         subtopic: subtopic.into(),
         persist_state,
+        record: None,
     }
 }
 

@@ -86,6 +86,7 @@ fn attribute((name, channel, subtopic): (&str, &str, &str)) -> Attribute {
         channel: channel.into(),
         subtopic: subtopic.into(),
         persist_state: true,
+        record: None,
     }
 }
 

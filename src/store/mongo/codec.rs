@@ -89,18 +89,28 @@ pub fn twin_to_bson(t: &Twin) -> Document {
     }
 }
 
+/// An attribute in the Go service's shape; `record`, ours, only when set (the Go service
+/// ignores it).
+fn attribute_to_bson(a: &Attribute) -> Bson {
+    let mut d = doc! {
+        "name": &a.name,
+        "channel": &a.channel,
+        "subtopic": &a.subtopic,
+        "persiststate": a.persist_state,
+    };
+    if let Some(r) = &a.record {
+        d.insert("record", r);
+    }
+    Bson::Document(d)
+}
+
 pub fn definitions_to_bson(defs: &[Definition]) -> Vec<Bson> {
     defs.iter()
         .map(|d| {
             Bson::Document(doc! {
                 "id": go_int(d.id),
                 "created": date(&d.created),
-                "attributes": d.attributes.iter().map(|a| Bson::Document(doc! {
-                    "name": &a.name,
-                    "channel": &a.channel,
-                    "subtopic": &a.subtopic,
-                    "persiststate": a.persist_state,
-                })).collect::<Vec<_>>(),
+                "attributes": d.attributes.iter().map(attribute_to_bson).collect::<Vec<_>>(),
                 "delta": Bson::Int64(d.delta),
             })
         })
@@ -249,6 +259,7 @@ pub fn definitions_from_bson(twin: &Document) -> StoreResult<Vec<Definition>> {
                             channel: f.str("channel")?,
                             subtopic: f.str("subtopic")?,
                             persist_state: f.bool("persiststate")?,
+                            record: Some(f.str("record")?).filter(|r| !r.is_empty()),
                         })
                     })
                     .collect::<StoreResult<_>>()?,
@@ -380,6 +391,7 @@ mod tests {
             channel: "7ef6c61c-f514-402f-af4b-2401b588bfec".into(),
             subtopic: "engine".into(),
             persist_state,
+            record: None,
         };
         Twin {
             owner: "john.doe@email.net".into(),
@@ -449,6 +461,34 @@ mod tests {
         let ours = twin_to_bson(&expected_twin());
         assert_eq!(shape(&ours), shape(&go));
         assert_eq!(ours, go);
+    }
+
+    #[test]
+    fn a_record_binding_is_a_field_of_ours_only_when_set() {
+        let mut t = expected_twin();
+        t.definitions[1].attributes[0].record = Some("engine/temperature".into());
+        let encoded = twin_to_bson(&t);
+        let attrs = |d: &Document| -> Vec<Option<String>> {
+            d.get_array("definitions").unwrap()[1]
+                .as_document()
+                .unwrap()
+                .get_array("attributes")
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    a.as_document()
+                        .unwrap()
+                        .get_str("record")
+                        .ok()
+                        .map(Into::into)
+                })
+                .collect()
+        };
+        assert_eq!(
+            attrs(&encoded),
+            vec![Some("engine/temperature".to_owned()), None]
+        );
+        assert_eq!(twin_from_bson(&encoded).unwrap(), t);
     }
 
     #[test]

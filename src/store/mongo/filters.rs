@@ -274,6 +274,7 @@ mod tests {
                     channel: "c".into(),
                     subtopic: ">".into(),
                     persist_state: true,
+                    record: None,
                 }],
                 delta: 5,
             }],
