@@ -14,26 +14,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_fds(fds)?;
 
-    println!("cargo:rerun-if-changed=.git/HEAD");
+    watch_git_head();
     // Builds without a git checkout (container images) pass the commit in TWINS_COMMIT.
     println!("cargo:rerun-if-env-changed=TWINS_COMMIT");
     let from_env = std::env::var("TWINS_COMMIT")
         .ok()
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty() && s != "unknown");
-    let commit = from_env.unwrap_or_else(|| {
-        Command::new("git")
-            .args(["rev-parse", "--short=12", "HEAD"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "unknown".into())
-    });
+    let commit = from_env
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=TWINS_COMMIT={commit}");
     let built = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     println!("cargo:rustc-env=TWINS_BUILD_TIME={built}");
     Ok(())
+}
+
+/// Makes cargo rerun this script when the checked-out commit changes: HEAD itself (a
+/// switch of branch or a detached checkout), the branch it points at (a commit), and the
+/// packed refs (a branch whose ref was packed). Works in worktrees, where `.git` is a
+/// file, by asking git where its directories are.
+fn watch_git_head() {
+    let Some(git_dir) = git(&["rev-parse", "--git-dir"]) else {
+        return;
+    };
+    let common = git(&["rev-parse", "--git-common-dir"]).unwrap_or_else(|| git_dir.clone());
+    println!("cargo:rerun-if-changed={git_dir}/HEAD");
+    println!("cargo:rerun-if-changed={common}/packed-refs");
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        println!("cargo:rerun-if-changed={common}/{branch}");
+    }
+}
+
+/// What `git <args>` prints, trimmed; None when git fails or prints nothing.
+fn git(args: &[&str]) -> Option<String> {
+    Command::new("git")
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }

@@ -36,8 +36,13 @@ use crate::store::Store;
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    #[error("store at {url}: {source}")]
+    Store {
+        /// Without its password.
+        url: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
     #[error("auth: {0}")]
     Auth(#[source] AuthError),
     #[error("{0}")]
@@ -74,7 +79,12 @@ impl Application {
             .map(|files| http::tls::server_config(&files.cert, &files.key))
             .transpose()
             .map_err(StartError::Tls)?;
-        let store = Store::connect_with(&config.db_url, config.db_pool_size).await?;
+        let store = Store::connect_with(&config.db_url, config.db_pool_size)
+            .await
+            .map_err(|source| StartError::Store {
+                url: crate::error::redact_url(&config.db_url),
+                source,
+            })?;
         let auth = authenticator(&config.auth)?;
         let broker = crate::broker::connect(&config.broker_url)
             .await

@@ -85,7 +85,49 @@ struct RawEnv {
     mg_twins_http_idle_timeout: Option<String>,
     mg_twins_http_max_connections: Option<String>,
     mg_twins_http_request_timeout: Option<String>,
+    /// Every other `MG_*` variable: those of other services are none of ours, but an
+    /// `MG_TWINS_*` one is probably misspelled.
+    #[serde(flatten)]
+    other: HashMap<String, String>,
 }
+
+/// Every `MG_TWINS_*` variable the service reads, for suggesting the closest to one it
+/// does not know (a unit test checks each is read).
+const KNOWN_TWINS_VARS: &[&str] = &[
+    "MG_TWINS_LOG_LEVEL",
+    "MG_TWINS_LOG_FORMAT",
+    "MG_TWINS_HTTP_HOST",
+    "MG_TWINS_HTTP_PORT",
+    "MG_TWINS_HTTP_SERVER_CERT",
+    "MG_TWINS_HTTP_SERVER_KEY",
+    "MG_TWINS_SERVER_CERT",
+    "MG_TWINS_SERVER_KEY",
+    "MG_TWINS_DB_URL",
+    "MG_TWINS_DB_HOST",
+    "MG_TWINS_DB_PORT",
+    "MG_TWINS_DB_NAME",
+    "MG_TWINS_DB",
+    "MG_TWINS_STANDALONE_ID",
+    "MG_TWINS_STANDALONE_TOKEN",
+    "MG_TWINS_CHANNEL_ID",
+    "MG_TWINS_CA_CERTS",
+    "MG_TWINS_CLIENT_TLS",
+    "MG_TWINS_CACHE_URL",
+    "MG_TWINS_CACHE_PREFIX",
+    "MG_TWINS_LOOKUP_CACHE_SIZE",
+    "MG_TWINS_DB_POOL_SIZE",
+    "MG_TWINS_INSTANCE_ID",
+    "MG_TWINS_INSTANCE_GROUP",
+    "MG_TWINS_SHUTDOWN_TIMEOUT",
+    "MG_TWINS_INGEST_LEASE",
+    "MG_TWINS_MAX_DEFINITIONS",
+    "MG_TWINS_REQUEST_REPLY",
+    "MG_TWINS_REQUEST_REPLY_PREFIX",
+    "MG_TWINS_HTTP_HEADER_TIMEOUT",
+    "MG_TWINS_HTTP_IDLE_TIMEOUT",
+    "MG_TWINS_HTTP_MAX_CONNECTIONS",
+    "MG_TWINS_HTTP_REQUEST_TIMEOUT",
+];
 
 /// Definitions a twin keeps by default: far more than any device model changes, and a
 /// twin of that many 1 KiB definitions still fits a MongoDB document with room to spare.
@@ -158,6 +200,8 @@ pub struct Config {
     /// request/reply; None (the default) when that is off, since it carries no
     /// credentials.
     pub request_reply: Option<String>,
+    /// Things worth a warning once logging runs (misspelled variables, say).
+    pub warnings: Vec<String>,
 }
 
 /// A whole number of at least 1 in `var`, `default` when unset.
@@ -218,6 +262,15 @@ impl Config {
     }
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let warnings = unknown_vars(&raw.other);
+        let log_level = log_level(raw.mg_twins_log_level)?;
+        let instance_group = instance_group(raw.mg_twins_instance_group)?;
+        if let Some(url) = &raw.mg_message_broker_url {
+            check_broker_url(url)?;
+        }
+        if let Some(url) = &raw.mg_twins_cache_url {
+            check_cache_url(url)?;
+        }
         let log_format = match raw.mg_twins_log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -280,6 +333,7 @@ impl Config {
             }
             (None, None) => DEFAULT_DB_URL.into(),
         };
+        check_db_url(&db_url)?;
         let auth = auth_mode(
             raw.mg_twins_standalone_id.or(raw.mg_things_standalone_id),
             raw.mg_twins_standalone_token
@@ -372,7 +426,7 @@ impl Config {
             )?,
         };
         Ok(Self {
-            log_level: raw.mg_twins_log_level.unwrap_or_else(|| "info".into()),
+            log_level,
             log_format,
             http_host: raw.mg_twins_http_host.unwrap_or_else(|| "0.0.0.0".into()),
             http_port,
@@ -393,13 +447,12 @@ impl Config {
             instance_id: raw
                 .mg_twins_instance_id
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            instance_group: raw
-                .mg_twins_instance_group
-                .unwrap_or_else(|| "twins".into()),
+            instance_group,
             shutdown_timeout,
             ingest_lease,
             max_definitions,
             request_reply,
+            warnings,
         })
     }
 }
@@ -418,6 +471,22 @@ fn auth_mode(
     timeout: Option<String>,
     tls: GrpcTlsRaw,
 ) -> Result<AuthMode, ConfigError> {
+    // Checked whichever mode is chosen: a bad value is a mistake even when unused.
+    if let Some(url) = &url {
+        check_grpc_url(url).map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_URL", url, e))?;
+    }
+    if let Some(t) = &timeout {
+        parse_duration(t).map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_TIMEOUT", t, e))?;
+    }
+    for (var, file) in [
+        ("MG_AUTH_GRPC_SERVER_CA_CERTS", &tls.ca),
+        ("MG_AUTH_GRPC_CLIENT_CERT", &tls.cert),
+        ("MG_AUTH_GRPC_CLIENT_KEY", &tls.key),
+    ] {
+        if let Some(path) = file {
+            readable_file(var, path)?;
+        }
+    }
     match (id, token) {
         (Some(id), Some(token)) => return Ok(AuthMode::Standalone { id, token }),
         (Some(_), None) => {
@@ -437,7 +506,6 @@ fn auth_mode(
     let Some(url) = url else {
         return Ok(AuthMode::Development);
     };
-    check_grpc_url(&url).map_err(|e| ConfigError::invalid("MG_AUTH_GRPC_URL", &url, e))?;
     let timeout = match timeout {
         None => Duration::from_secs(1),
         Some(t) => {
@@ -502,7 +570,11 @@ fn tls_pair(
     key: (&str, Option<String>),
 ) -> Result<Option<TlsFiles>, ConfigError> {
     match (cert.1, key.1) {
-        (Some(c), Some(k)) => Ok(Some(TlsFiles { cert: c, key: k })),
+        (Some(c), Some(k)) => {
+            readable_file(cert.0, &c)?;
+            readable_file(key.0, &k)?;
+            Ok(Some(TlsFiles { cert: c, key: k }))
+        }
         (None, None) => Ok(None),
         (Some(_), None) => Err(ConfigError(format!(
             "{}: must be set together with {}",
@@ -558,6 +630,177 @@ fn positive_duration(
         Ok(_) => Err(ConfigError::invalid(var, &v, "must be more than 0")),
         Err(e) => Err(ConfigError::invalid(var, &v, e)),
     }
+}
+
+/// A file the service will read at start-up: it must be there and be a file.
+fn readable_file(var: &str, path: &str) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::invalid(var, path, "not a file")),
+        Err(e) => Err(ConfigError::invalid(var, path, e)),
+    }
+}
+
+/// Level names of `MG_TWINS_LOG_LEVEL`.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// A level name (any case), or filter directives (`info,twins=debug`): every bare word
+/// must be a level, since a bare word is otherwise taken as a target name and silences
+/// every log line.
+fn log_level(value: Option<String>) -> Result<String, ConfigError> {
+    let Some(v) = value else {
+        return Ok("info".into());
+    };
+    let lower = v.trim().to_ascii_lowercase();
+    let bad = |why: String| ConfigError::invalid("MG_TWINS_LOG_LEVEL", &v, why);
+    for directive in lower.split(',') {
+        if !directive.contains('=') && !LOG_LEVELS.contains(&directive.trim()) {
+            return Err(bad(format!(
+                "expected one of {} (or target=level directives)",
+                LOG_LEVELS.join(", ")
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&lower).map_err(|e| bad(e.to_string()))?;
+    Ok(lower)
+}
+
+/// The group names the durable consumer and the `twins.instances.<group>` subject, so
+/// it must be one NATS name token.
+fn instance_group(value: Option<String>) -> Result<String, ConfigError> {
+    let group = value.unwrap_or_else(|| "twins".into());
+    let ok = group.len() <= 64
+        && group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(ConfigError::invalid(
+            "MG_TWINS_INSTANCE_GROUP",
+            &group,
+            "must be 1 to 64 letters, digits, '-' or '_' (it names a NATS consumer)",
+        ));
+    }
+    Ok(group)
+}
+
+/// Each comma-separated URL's scheme is one of `schemes` and a host follows it.
+fn check_schemes(var: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let shown = crate::error::redact_url(url);
+    for one in url.split(',') {
+        let Some((scheme, rest)) = one.trim().split_once("://") else {
+            return Err(ConfigError::invalid(
+                var,
+                &shown,
+                format!("expected a URL starting with {}://", schemes.join("://, ")),
+            ));
+        };
+        if !schemes.contains(&scheme.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::invalid(
+                var,
+                &shown,
+                format!(
+                    "unsupported scheme {scheme:?}; expected {}",
+                    schemes.join(", ")
+                ),
+            ));
+        }
+        if rest.is_empty() || rest.starts_with('/') && !scheme.starts_with("redis+unix") {
+            return Err(ConfigError::invalid(var, &shown, "missing host"));
+        }
+    }
+    Ok(())
+}
+
+fn check_broker_url(url: &str) -> Result<(), ConfigError> {
+    check_schemes("MG_MESSAGE_BROKER_URL", url, &["nats", "tls", "ws", "wss"])
+}
+
+fn check_cache_url(url: &str) -> Result<(), ConfigError> {
+    check_schemes(
+        "MG_TWINS_CACHE_URL",
+        url,
+        &["redis", "rediss", "redis+unix", "unix"],
+    )
+}
+
+/// The store URL (from `MG_TWINS_DB_URL`, or built from `MG_TWINS_DB_HOST`).
+fn check_db_url(url: &str) -> Result<(), ConfigError> {
+    const VAR: &str = "MG_TWINS_DB_URL";
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() || path.ends_with('/') {
+            return Err(ConfigError::invalid(
+                VAR,
+                url,
+                "missing file path; expected sqlite://<path to a file>",
+            ));
+        }
+        let file = std::path::Path::new(path);
+        if file.is_dir() {
+            return Err(ConfigError::invalid(VAR, url, "the path is a directory"));
+        }
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty())
+            && parent.exists()
+            && !parent.is_dir()
+        {
+            return Err(ConfigError::invalid(
+                VAR,
+                url,
+                format!("{} is not a directory", parent.display()),
+            ));
+        }
+        return Ok(());
+    }
+    check_schemes(
+        VAR,
+        url,
+        &["mongodb", "mongodb+srv", "postgres", "postgresql"],
+    )
+    .map_err(|_| {
+        ConfigError::invalid(
+            VAR,
+            &crate::error::redact_url(url),
+            "expected sqlite://<path>, mongodb://<host>/<database> or postgres://<host>/<database>",
+        )
+    })
+}
+
+/// A warning per `MG_TWINS_*` variable the service does not read, naming the closest
+/// one it does.
+fn unknown_vars(other: &HashMap<String, String>) -> Vec<String> {
+    let mut names: Vec<String> = other
+        .keys()
+        .map(|k| k.to_ascii_uppercase())
+        .filter(|k| k.starts_with("MG_TWINS_"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let closest = KNOWN_TWINS_VARS
+                .iter()
+                .min_by_key(|known| edit_distance(&name, known))
+                .copied()
+                .unwrap_or("MG_TWINS_LOG_LEVEL");
+            format!("{name} is not a variable of this service (ignored); did you mean {closest}?")
+        })
+        .collect()
+}
+
+/// Levenshtein distance, for suggesting a variable name.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
@@ -616,6 +859,21 @@ mod tests {
 
     fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    /// Empty files named `names` in a directory of their own (dropped with it), as
+    /// certificate and key paths that exist.
+    fn files(names: &[&str]) -> (tempfile::TempDir, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = names
+            .iter()
+            .map(|n| {
+                let p = dir.path().join(n);
+                std::fs::write(&p, "").unwrap();
+                p.display().to_string()
+            })
+            .collect();
+        (dir, paths)
     }
 
     #[test]
@@ -740,6 +998,126 @@ mod tests {
         }
     }
 
+    /// The mistakes operators make (each once seen to start a broken service or fail
+    /// later with a vaguer message): one line, naming the variable, no secret.
+    #[test]
+    fn operator_mistakes_are_one_line_naming_the_variable() {
+        let (_dir, f) = files(&["k.pem"]);
+        let missing = "/nonexistent/cert.pem";
+        // One variable with a bad value each; then mistakes that take several.
+        let single = [
+            ("MG_TWINS_LOG_LEVEL", "WARNING"),
+            ("MG_TWINS_LOG_LEVEL", "verbose"),
+            ("MG_TWINS_LOG_LEVEL", "info,loud"),
+            ("MG_TWINS_INSTANCE_GROUP", "a.b"),
+            ("MG_TWINS_INSTANCE_GROUP", "a b"),
+            ("MG_TWINS_INSTANCE_GROUP", "tw*"),
+            ("MG_AUTH_GRPC_URL", "ftp://x"),
+            ("MG_MESSAGE_BROKER_URL", "amqp://guest:s3cret@rabbit"),
+            ("MG_MESSAGE_BROKER_URL", "localhost:4222"),
+            ("MG_TWINS_CACHE_URL", "memcached://c:11211"),
+            ("MG_TWINS_DB_URL", "mysql://root:s3cret@db/twins"),
+            ("MG_TWINS_DB_URL", "postgre://u:s3cret@db/twins"),
+            ("MG_TWINS_DB_URL", "sqlite://"),
+            ("MG_TWINS_DB_URL", "sqlite:///tmp/"),
+            ("MG_TWINS_DB_URL", "sqlite:///etc/hostname/x.db"),
+        ];
+        let mut cases: Vec<(&str, Vec<(&str, &str)>)> = single
+            .iter()
+            .map(|&(var, value)| (var, vec![(var, value)]))
+            .collect();
+        cases.extend([
+            (
+                "MG_AUTH_GRPC_TIMEOUT",
+                vec![
+                    ("MG_AUTH_GRPC_TIMEOUT", "fast"),
+                    ("MG_TWINS_STANDALONE_ID", "u"),
+                    ("MG_TWINS_STANDALONE_TOKEN", "t"),
+                ],
+            ),
+            (
+                "MG_TWINS_HTTP_SERVER_CERT",
+                vec![
+                    ("MG_TWINS_HTTP_SERVER_CERT", missing),
+                    ("MG_TWINS_HTTP_SERVER_KEY", &f[0]),
+                ],
+            ),
+            (
+                "MG_AUTH_GRPC_SERVER_CA_CERTS",
+                vec![
+                    ("MG_AUTH_GRPC_URL", "auth:7001"),
+                    ("MG_AUTH_GRPC_SERVER_CA_CERTS", missing),
+                ],
+            ),
+        ]);
+        for (var, vars) in cases {
+            let err = cfg(&vars).expect_err(var).to_string();
+            assert!(err.starts_with(var), "{vars:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+            assert!(!err.contains("s3cret"), "a password in {err}");
+        }
+    }
+
+    #[test]
+    fn log_levels_take_any_case_and_directives() {
+        for (given, kept) in [
+            ("WARN", "warn"),
+            ("debug", "debug"),
+            ("info,twins=debug", "info,twins=debug"),
+            ("Off", "off"),
+        ] {
+            assert_eq!(
+                cfg(&[("MG_TWINS_LOG_LEVEL", given)]).unwrap().log_level,
+                kept
+            );
+        }
+    }
+
+    #[test]
+    fn good_urls_of_every_kind_are_taken() {
+        for (var, url) in [
+            ("MG_MESSAGE_BROKER_URL", "nats://a:4222,nats://b:4222"),
+            ("MG_MESSAGE_BROKER_URL", "tls://nats:4222"),
+            ("MG_TWINS_CACHE_URL", "redis://:pw@redis:6379/0"),
+            ("MG_TWINS_CACHE_URL", "rediss://redis"),
+            (
+                "MG_TWINS_DB_URL",
+                "postgresql://u:pw@db:5432/twins?sslmode=require",
+            ),
+            ("MG_TWINS_DB_URL", "mongodb+srv://cluster.example.com/twins"),
+            ("MG_TWINS_DB_URL", "sqlite://./data/twins.db"),
+        ] {
+            assert!(cfg(&[(var, url)]).is_ok(), "{var}={url}");
+        }
+    }
+
+    #[test]
+    fn a_misspelled_variable_is_warned_about_with_the_closest_name() {
+        let c = cfg(&[
+            ("MG_TWINS_LOG_LEVLE", "debug"),
+            ("MG_TWINS_HTTP_PROT", "1"),
+            ("MG_THINGS_AUTH_GRPC_URL", "things:7000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.warnings,
+            vec![
+                "MG_TWINS_HTTP_PROT is not a variable of this service (ignored); did you mean MG_TWINS_HTTP_PORT?",
+                "MG_TWINS_LOG_LEVLE is not a variable of this service (ignored); did you mean MG_TWINS_LOG_LEVEL?",
+            ]
+        );
+        assert!(cfg(&[]).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn every_known_variable_is_read() {
+        let vars = KNOWN_TWINS_VARS
+            .iter()
+            .map(|v| (v.to_string(), "x".to_string()));
+        let raw: RawEnv = envy::from_iter(vars).unwrap();
+        assert!(raw.other.is_empty(), "not read: {:?}", raw.other.keys());
+    }
+
     #[test]
     fn the_auth_url_needs_an_http_scheme_and_a_host() {
         for good in [
@@ -817,22 +1195,23 @@ mod tests {
             ])
             .enabled
         );
+        let (_dir, f) = files(&["ca.pem", "c.pem", "k.pem"]);
         let ca = tls_of(&[
             ("MG_AUTH_GRPC_URL", "auth:7001"),
-            ("MG_TWINS_CA_CERTS", "ca.pem"),
+            ("MG_TWINS_CA_CERTS", &f[0]),
         ]);
         assert!(ca.enabled);
-        assert_eq!(ca.ca_certs.as_deref(), Some("ca.pem"));
+        assert_eq!(ca.ca_certs.as_deref(), Some(f[0].as_str()));
         let mtls = tls_of(&[
             ("MG_AUTH_GRPC_URL", "auth:7001"),
-            ("MG_AUTH_GRPC_CLIENT_CERT", "c.pem"),
-            ("MG_AUTH_GRPC_CLIENT_KEY", "k.pem"),
+            ("MG_AUTH_GRPC_CLIENT_CERT", &f[1]),
+            ("MG_AUTH_GRPC_CLIENT_KEY", &f[2]),
         ]);
         assert!(mtls.enabled && mtls.client.is_some());
         assert!(
             cfg(&[
                 ("MG_AUTH_GRPC_URL", "auth:7001"),
-                ("MG_AUTH_GRPC_CLIENT_CERT", "c.pem")
+                ("MG_AUTH_GRPC_CLIENT_CERT", &f[1])
             ])
             .is_err()
         );
@@ -859,19 +1238,20 @@ mod tests {
 
     #[test]
     fn server_cert_aliases() {
+        let (_dir, f) = files(&["c.pem", "k.pem"]);
         let c = cfg(&[
-            ("MG_TWINS_SERVER_CERT", "c.pem"),
-            ("MG_TWINS_SERVER_KEY", "k.pem"),
+            ("MG_TWINS_SERVER_CERT", &f[0]),
+            ("MG_TWINS_SERVER_KEY", &f[1]),
         ])
         .unwrap();
         assert_eq!(
             c.http_tls,
             Some(TlsFiles {
-                cert: "c.pem".into(),
-                key: "k.pem".into()
+                cert: f[0].clone(),
+                key: f[1].clone()
             })
         );
-        assert!(cfg(&[("MG_TWINS_HTTP_SERVER_CERT", "c.pem")]).is_err());
+        assert!(cfg(&[("MG_TWINS_HTTP_SERVER_CERT", &f[0])]).is_err());
     }
 
     #[test]

@@ -14,3 +14,14 @@ pub mod proto;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+
+/// What `twins --version` prints after the name: the version, the commit and when it
+/// was built (the same as `/health` reports).
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TWINS_COMMIT"),
+    ", built ",
+    env!("TWINS_BUILD_TIME"),
+    ")"
+);

@@ -1,13 +1,19 @@
-//! Wiring only: configuration, telemetry, application, run until a signal.
+//! Wiring only: the command line, configuration, telemetry, application, run until a
+//! signal.
 //!
-//! `twins --healthcheck` checks a running instance instead (see `healthcheck`);
-//! `twins migrate ...` copies the data of one store into another (see `migrate`).
+//! `twins` (or `twins serve`) runs the service; `twins healthcheck` (also
+//! `twins --healthcheck`, as container images call it) checks a running instance (see
+//! `healthcheck`); `twins migrate ...` copies the data of one store into another (see
+//! `migrate`). Unknown arguments are an error.
 //!
 //! Exit codes: 0 after a graceful shutdown (SIGTERM or SIGINT) or a healthy check,
-//! 1 when start-up, serving or the check fails, 2 for an invalid configuration.
+//! 1 when start-up, serving or the check fails, 2 for bad arguments or an invalid
+//! configuration.
 
 use std::process::ExitCode;
 use std::time::Duration;
+
+use clap::{Parser, Subcommand};
 
 use twins::app::{Application, shutdown_signal};
 use twins::config::Config;
@@ -18,14 +24,52 @@ const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait, after the service stopped, for background work still running.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Digital twins for Magistrala: twins, their states from device messages, and
+/// versioned documents, over a REST API and the message broker.
+#[derive(Debug, Parser)]
+#[command(
+    name = "twins",
+    version = twins::VERSION_LINE,
+    after_help = "Configuration comes from the environment (MG_TWINS_*, MG_AUTH_GRPC_*, \
+MG_MESSAGE_BROKER_URL, ...; see the README). With none, the service runs on an embedded \
+SQLite store in ./data with a development token printed at start-up."
+)]
+struct Cli {
+    /// Same as `twins healthcheck` (kept for container images).
+    #[arg(long, hide = true)]
+    healthcheck: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (what `twins` alone does).
+    Serve,
+    /// Ask the instance configured by the environment for GET /health; exit 0 when it
+    /// answers 200.
+    Healthcheck,
+    /// Copy twins, states, documents and ingest positions from one store to another.
+    Migrate(twins::migrate::Args),
+}
+
 fn main() -> ExitCode {
-    if std::env::args().skip(1).any(|a| a == "--healthcheck") {
-        return twins::healthcheck::run();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; mistakes to stderr with 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match (cli.healthcheck, cli.command) {
+        (true, _) | (false, Some(Command::Healthcheck)) => twins::healthcheck::run(),
+        (false, Some(Command::Migrate(args))) => twins::migrate::main(&args),
+        (false, None | Some(Command::Serve)) => run_service(),
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("migrate") {
-        return twins::migrate::main(&args[1..]);
-    }
+}
+
+fn run_service() -> ExitCode {
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -35,6 +79,9 @@ fn main() -> ExitCode {
     };
     // Before the runtime: the exporter runs on threads of its own.
     let telemetry = twins::telemetry::init(&config.telemetry());
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

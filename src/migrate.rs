@@ -21,60 +21,42 @@ use crate::error::{chain, redact_url};
 use crate::store::transfer::{Counts, Transfer};
 use crate::store::{Store, StoreError};
 
-const USAGE: &str = "usage: twins migrate --from <database URL> --to <database URL> [--batch N]";
 /// States per read and write by default.
 const DEFAULT_BATCH: usize = 5_000;
 /// Seconds between progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `twins migrate --from <url> --to <url> [--batch N]`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(
+    after_help = "Stop the service before the copy (the ingest positions are copied last); run the same command again to finish an interrupted copy."
+)]
 pub struct Args {
+    /// Database URL to copy from (sqlite://, postgres://, mongodb://).
+    #[arg(long, value_name = "DATABASE URL")]
     pub from: String,
+    /// Database URL to copy into: empty, or the target of an earlier run.
+    #[arg(long, value_name = "DATABASE URL")]
     pub to: String,
+    /// States per read and write.
+    #[arg(long, default_value_t = DEFAULT_BATCH, value_parser = batch_size)]
     pub batch: usize,
 }
 
-/// Parses the arguments after `migrate`.
-pub fn parse(args: &[String]) -> Result<Args, String> {
-    let (mut from, mut to, mut batch) = (None, None, DEFAULT_BATCH);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--from" => from = Some(value()?),
-            "--to" => to = Some(value()?),
-            "--batch" => {
-                let v = value()?;
-                batch = match v.parse::<usize>() {
-                    Ok(n) if n >= 1 => n,
-                    _ => return Err(format!("--batch {v:?}: a whole number of at least 1")),
-                };
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
+fn batch_size(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("a whole number of at least 1".into()),
     }
-    let from = from.ok_or("--from is missing")?;
-    let to = to.ok_or("--to is missing")?;
-    if from == to {
-        return Err("--from and --to name the same database".into());
-    }
-    Ok(Args { from, to, batch })
 }
 
 /// `twins migrate ...`: exit code 0 when everything was copied and counted, 1 when the
 /// copy failed or the counts differ, 2 for bad arguments.
-pub fn main(args: &[String]) -> ExitCode {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+pub fn main(args: &Args) -> ExitCode {
+    if args.from == args.to {
+        eprintln!("twins migrate: --from and --to name the same database");
+        return ExitCode::from(2);
     }
-    let args = match parse(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("twins migrate: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -85,7 +67,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(&args)) {
+    match runtime.block_on(run(args)) {
         Ok(counts) => {
             eprintln!(
                 "twins migrate: done: {} twins, {} states, {} documents, {} groups, {} twin sequences; counts equal",
@@ -296,36 +278,5 @@ impl Progress {
             self.done.documents,
             self.total.documents
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn arguments_are_checked() {
-        let ok = parse(&args(&["--from", "sqlite://a", "--to", "postgres://b/c"])).unwrap();
-        assert_eq!(ok.batch, DEFAULT_BATCH);
-        assert_eq!(
-            parse(&args(&["--from", "a", "--to", "b", "--batch", "7"]))
-                .unwrap()
-                .batch,
-            7
-        );
-        for bad in [
-            &["--from", "a"][..],
-            &["--to", "b"],
-            &["--from", "a", "--to", "a"],
-            &["--from", "a", "--to", "b", "--batch", "0"],
-            &["--from", "a", "--to", "b", "--bogus"],
-            &["--from"],
-        ] {
-            assert!(parse(&args(bad)).is_err(), "{bad:?}");
-        }
     }
 }

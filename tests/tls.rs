@@ -91,8 +91,22 @@ async fn unreadable_certificate_stops_start_up_naming_the_file() {
     let missing = dir.path().join("missing.pem");
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate").expect("write");
-    for (cert, key) in [(&missing, &garbage), (&garbage, &garbage)] {
-        let db = format!("sqlite://{}/twins.db", dir.path().display());
+    let db = format!("sqlite://{}/twins.db", dir.path().display());
+    // A missing file is a configuration mistake, found before anything starts.
+    let err = Config::from_vars(
+        [
+            ("MG_TWINS_DB_URL", db.as_str()),
+            ("MG_TWINS_HTTP_SERVER_CERT", path(&missing)),
+            ("MG_TWINS_HTTP_SERVER_KEY", path(&garbage)),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    )
+    .expect_err("a missing certificate file");
+    let err = err.to_string();
+    assert!(err.starts_with("MG_TWINS_HTTP_SERVER_CERT"), "{err}");
+    assert!(err.contains(path(&missing)), "{err}");
+    // One that is there but not a certificate stops start-up.
+    for (cert, key) in [(&garbage, &garbage)] {
         let cfg = config(&[
             ("MG_TWINS_HTTP_HOST", "127.0.0.1"),
             ("MG_TWINS_HTTP_PORT", "0"),
