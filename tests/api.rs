@@ -1043,6 +1043,8 @@ async fn every_protected_route_answers_401_to_missing_or_invalid_credentials() {
                 req = req.header(AUTHORIZATION, a);
             }
             let resp = send(req).await;
+            // RFC 6750: the scheme to use.
+            assert_eq!(header(&resp, "www-authenticate"), r#"Bearer realm="twins""#);
             let message = assert_error(resp, StatusCode::UNAUTHORIZED).await;
             assert!(!message.contains(ALICE), "the token is not echoed");
         }
@@ -1161,8 +1163,8 @@ async fn health_reports_pass_with_build_information_and_needs_no_token() {
         .await
         .body;
     assert_eq!(health["status"], "pass", "{health}");
-    assert_eq!(health["checks"]["store"], "pass");
-    assert_eq!(health["checks"]["broker"], "pass");
+    assert_eq!(health_check(&health, "store"), "pass");
+    assert_eq!(health_check(&health, "broker"), "pass");
     assert_eq!(health["instance_id"], "instance-42");
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
     for field in [
@@ -1176,6 +1178,53 @@ async fn health_reports_pass_with_build_information_and_needs_no_token() {
             .as_str()
             .unwrap_or_else(|| panic!("{field} is a string: {health}"));
         assert!(!v.is_empty(), "{field} is empty");
+    }
+    // The health-check draft's shape: `<component>:<measurement>` keys, each a list of
+    // checks with status pass/fail/warn, a type, a time and the measured value.
+    let checks = health["checks"].as_object().expect("checks");
+    let mut keys: Vec<&String> = checks.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "broker:responseTime",
+            "cache:responseTime",
+            "store:responseTime"
+        ],
+        "{health}"
+    );
+    for (key, list) in checks {
+        let c = &list[0];
+        assert_eq!(c["status"], "pass", "{key}: {health}");
+        assert_eq!(c["observedUnit"], "ms", "{key}");
+        assert!(
+            c["observedValue"].as_f64().is_some_and(|v| v >= 0.0),
+            "{key}"
+        );
+        let want = if key.starts_with("broker") {
+            "component"
+        } else {
+            "datastore"
+        };
+        assert_eq!(c["componentType"], want, "{key}");
+        let time = c["time"].as_str().expect("time");
+        chrono::DateTime::parse_from_rfc3339(time).expect("an RFC 3339 time");
+        assert!(c.get("output").is_none(), "no output when passing: {c}");
+    }
+    assert_eq!(
+        health["releaseId"],
+        format!(
+            "{}+{}",
+            health["version"].as_str().unwrap_or_default(),
+            health["commit"].as_str().unwrap_or_default()
+        )
+    );
+    for probe in ["/health/live", "/health/ready"] {
+        let resp = send(app.request(Method::GET, probe)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{probe}");
+        assert_eq!(header(&resp, "content-type"), "application/health+json");
+        let body: Value = resp.json().await.expect("JSON");
+        assert_eq!(body, json!({"status": "pass"}), "{probe}");
     }
 }
 

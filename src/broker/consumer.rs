@@ -37,6 +37,10 @@ use crate::store::{Applied, IngestRepository, Lease};
 /// Most messages applied in one durable step. Large batches matter under load: a
 /// batch touches each busy twin's pages once, however many of its messages it holds.
 pub const BATCH: usize = 4096;
+/// Gauge of the stream sequence of the last message the group applied.
+pub const POSITION: &str = "twins_ingest_position";
+/// Gauge of the messages not yet delivered to the ingesting instance (the lag).
+pub const PENDING: &str = "twins_ingest_pending_messages";
 /// Most payload bytes in one batch.
 pub const BATCH_BYTES: usize = 4 << 20;
 /// Most payload bytes fetched but not yet applied (beside the batch being applied).
@@ -248,10 +252,18 @@ impl Ingestor {
                 expected += 1;
                 next_seq = info.stream_sequence + 1;
             }
+            let pending = batch
+                .last()
+                .and_then(|(m, _)| m.info().ok())
+                .map(|i| i.pending);
             match self.apply(position, &batch, stop).await? {
                 Some(to) => {
                     position = to;
                     next_consumer_seq = expected;
+                    metrics::gauge!(POSITION).set(position as f64);
+                    if let Some(pending) = pending {
+                        metrics::gauge!(PENDING).set(pending as f64);
+                    }
                 }
                 None => {
                     nak(batch.iter().map(|(m, _)| m)).await;

@@ -110,8 +110,20 @@ impl IntoResponse for ApiError {
             // The same body the broker's inband answers carry.
             return (status, Json(e.public_body())).into_response();
         }
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: say which scheme the client should use.
+            return (
+                status,
+                [(axum::http::header::WWW_AUTHENTICATE, BEARER_CHALLENGE)],
+                Json(ErrorBody { error }),
+            )
+                .into_response();
+        }
         (status, Json(ErrorBody { error })).into_response()
     }
 }
+
+/// The challenge of every 401 answer.
+pub const BEARER_CHALLENGE: &str = "Bearer realm=\"twins\"";
 
 pub type ApiResult<T> = Result<T, ApiError>;

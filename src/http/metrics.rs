@@ -20,6 +20,109 @@ pub const LATENCY: &str = "twins_http_request_duration_seconds";
 pub const CONNECTIONS_REFUSED: &str = "twins_http_connections_refused_total";
 /// Name of the gauge of open connections (TLS handshakes in progress included).
 pub const CONNECTIONS_OPEN: &str = "twins_http_connections_open";
+pub use crate::service::metered::{GO_LATENCY, GO_REQUESTS};
+/// Always 1, labelled with the version and commit of the running binary.
+pub const BUILD_INFO: &str = "twins_build_info";
+/// 1 when a dependency answers, 0 when not, by dependency (store, broker, cache);
+/// checked at each scrape.
+pub const DEPENDENCY_UP: &str = "twins_dependency_up";
+
+/// Every metric of the service with its HELP text; `/metrics` renders no family
+/// without one.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    (
+        REQUESTS,
+        "HTTP requests answered, by method, route template and status.",
+    ),
+    (
+        LATENCY,
+        "Time from a request's arrival to its answer, by method, route template and status, in seconds.",
+    ),
+    (
+        CONNECTIONS_REFUSED,
+        "HTTP connections closed unserved because MG_TWINS_HTTP_MAX_CONNECTIONS were open.",
+    ),
+    (
+        CONNECTIONS_OPEN,
+        "HTTP connections open, TLS handshakes in progress included.",
+    ),
+    (
+        GO_REQUESTS,
+        "Number of requests received (the Go service's metric), by method.",
+    ),
+    (
+        GO_LATENCY,
+        "Total duration of requests in seconds (the Go service's metric and unit, whatever the name says), by method.",
+    ),
+    (
+        BUILD_INFO,
+        "Version and commit of the running binary; always 1.",
+    ),
+    (
+        DEPENDENCY_UP,
+        "Whether a dependency answers (1) or not (0) at the scrape, by dependency: store, broker, cache.",
+    ),
+    (
+        crate::service::metered::RECEIVED,
+        "Broker messages applied.",
+    ),
+    (
+        crate::service::metered::DUPLICATES,
+        "Broker messages a twin already had (delivered again after a crash), skipped.",
+    ),
+    (
+        crate::service::metered::IGNORED,
+        "Broker messages that concern no twin, by reason.",
+    ),
+    (
+        crate::service::metered::REJECTED,
+        "Broker messages refused and dead-lettered on twins.deadletter.<reason>, by reason.",
+    ),
+    (
+        crate::service::metered::STATE_WRITES,
+        "State writes of ingestion, by kind (insert, update).",
+    ),
+    (
+        crate::broker::consumer::POSITION,
+        "Stream sequence of the last message this instance's group applied (set by the instance ingesting).",
+    ),
+    (
+        crate::broker::consumer::PENDING,
+        "Messages of the channels stream not yet delivered to the ingesting instance: the ingest lag.",
+    ),
+    (
+        crate::broker::inband::UNANSWERED,
+        "Inband document requests left unanswered, by reason.",
+    ),
+    (
+        crate::service::lookup::STORE_LOOKUPS,
+        "Channel lookups answered by the store (cache misses).",
+    ),
+    (
+        crate::service::lookup::ANSWERS,
+        "Channel lookup answers held in process.",
+    ),
+    (
+        crate::service::lookup::ANSWERS_EVICTED,
+        "Channel lookup answers dropped to stay within MG_TWINS_LOOKUP_CACHE_SIZE.",
+    ),
+    (
+        crate::cache::repair::WRITES_QUEUED,
+        "Cache writes queued to be made again once Redis is back.",
+    ),
+    (
+        process::CPU,
+        "Total user and system CPU time spent in seconds.",
+    ),
+    (process::RESIDENT, "Resident memory size in bytes."),
+    (process::VIRTUAL, "Virtual memory size in bytes."),
+    (process::OPEN_FDS, "Number of open file descriptors."),
+    (process::MAX_FDS, "Maximum number of open file descriptors."),
+    (
+        process::START_TIME,
+        "Start time of the process since unix epoch in seconds.",
+    ),
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -38,6 +141,15 @@ pub fn handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; metrics then go there.
             let _ = metrics::set_global_recorder(recorder);
+            for (name, help) in DESCRIPTIONS {
+                metrics::describe_counter!(*name, *help);
+            }
+            metrics::gauge!(
+                BUILD_INFO,
+                "version" => crate::http::health::VERSION,
+                "commit" => crate::http::health::COMMIT
+            )
+            .set(1.0);
             handle
         })
         .clone()
@@ -77,17 +189,104 @@ pub async fn track(req: Request, next: Next) -> Response {
         ("route", route),
         ("status", response.status().as_u16().to_string()),
     ];
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(go) = go_method(method, &labels[1].1) {
+        metrics::counter!(GO_REQUESTS, "method" => go).increment(1);
+        metrics::histogram!(GO_LATENCY, "method" => go).record(elapsed);
+    }
     metrics::counter!(REQUESTS, &labels).increment(1);
-    metrics::histogram!(LATENCY, &labels).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(LATENCY, &labels).record(elapsed);
     response
+}
+
+/// The Go service's name of the operation a request is, for the operations it had.
+fn go_method(method: &str, route: &str) -> Option<&'static str> {
+    Some(match (method, route) {
+        ("POST", "/twins") => "add_twin",
+        ("GET", "/twins") => "list_twins",
+        ("GET", "/twins/{id}") => "view_twin",
+        ("PUT", "/twins/{id}") => "update_twin",
+        ("DELETE", "/twins/{id}") => "remove_twin",
+        ("GET", "/states/{id}") => "list_states",
+        _ => return None,
+    })
 }
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn render(State(app): State<AppState>) -> impl IntoResponse {
+    process::sample();
+    for c in app.health.check().await.checks {
+        let up = if c.check == crate::service::health::Check::Pass {
+            1.0
+        } else {
+            0.0
+        };
+        metrics::gauge!(DEPENDENCY_UP, "dependency" => c.name).set(up);
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),
     )
+}
+
+/// The process metrics every Prometheus client library exports, read from `/proc` when
+/// `/metrics` is asked for (nothing is exported where there is no `/proc`).
+mod process {
+    pub const CPU: &str = "process_cpu_seconds_total";
+    pub const RESIDENT: &str = "process_resident_memory_bytes";
+    pub const VIRTUAL: &str = "process_virtual_memory_bytes";
+    pub const OPEN_FDS: &str = "process_open_fds";
+    pub const MAX_FDS: &str = "process_max_fds";
+    pub const START_TIME: &str = "process_start_time_seconds";
+
+    /// Clock ticks per second of `/proc/<pid>/stat` times: 100 on every Linux
+    /// architecture the service is built for.
+    const TICKS: f64 = 100.0;
+    const PAGE: f64 = 4096.0;
+
+    pub fn sample() {
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return;
+        };
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        // rest[0] is field 3 (state): utime 14, stime 15, starttime 22, vsize 23, rss 24.
+        let field = |n: usize| f.get(n - 3).copied().unwrap_or(0.0);
+        metrics::counter!(CPU).absolute(((field(14) + field(15)) / TICKS) as u64);
+        metrics::gauge!(VIRTUAL).set(field(23));
+        metrics::gauge!(RESIDENT).set(field(24) * PAGE);
+        if let Some(boot) = boot_time() {
+            metrics::gauge!(START_TIME).set(boot + field(22) / TICKS);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            metrics::gauge!(OPEN_FDS).set(dir.count() as f64);
+        }
+        if let Some(max) = max_fds() {
+            metrics::gauge!(MAX_FDS).set(max);
+        }
+    }
+
+    fn boot_time() -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    fn max_fds() -> Option<f64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/twins/{id}/documents/{name}/delta", get(documents::delta))
         .route("/states/{id}", get(states::list))
         .route("/health", get(health::health))
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .fallback(|| async { ApiError::RouteNotFound })

@@ -19,11 +19,11 @@ use crate::service::documents::DeltaView;
     paths(
         twins::create, twins::list, twins::view, twins::update, twins::remove,
         states::list, documents::list, documents::get, documents::put, documents::patch,
-        documents::delete, documents::delta, health::health
+        documents::delete, documents::delta, health::health, health::live, health::ready
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
-        twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, Document, DocumentSummary, Difference,
+        twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, health::ComponentCheck, health::Probe, Document, DocumentSummary, Difference,
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList
     )),
     modifiers(&BearerAuth)

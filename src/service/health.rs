@@ -5,6 +5,7 @@
 //! away, the consumer reconnects by itself, lookups go to the store).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -40,11 +41,22 @@ pub enum Status {
     Fail,
 }
 
+/// One dependency's part of a [`Report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Component {
+    pub name: &'static str,
+    pub critical: bool,
+    pub check: Check,
+    /// How long it took to answer.
+    pub took: Duration,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
 /// What [`Health::check`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub status: Status,
-    pub checks: Vec<(&'static str, Check)>,
+    pub checks: Vec<Component>,
 }
 
 /// Checks every dependency.
@@ -59,17 +71,29 @@ impl Health {
     }
 
     pub async fn check(&self) -> Report {
-        let answers = futures::future::join_all(self.dependencies.iter().map(|d| d.check())).await;
+        let answers = futures::future::join_all(self.dependencies.iter().map(|d| async {
+            let started = Instant::now();
+            let check = d.check().await;
+            (check, started.elapsed())
+        }))
+        .await;
         let mut status = Status::Pass;
         let mut checks = Vec::with_capacity(answers.len());
-        for (d, check) in self.dependencies.iter().zip(answers) {
+        let at = chrono::Utc::now();
+        for (d, (check, took)) in self.dependencies.iter().zip(answers) {
             if check != Check::Pass {
                 status = match (d.critical(), status) {
                     (true, _) | (false, Status::Fail) => Status::Fail,
                     (false, _) => Status::Warn,
                 };
             }
-            checks.push((d.name(), check));
+            checks.push(Component {
+                name: d.name(),
+                critical: d.critical(),
+                check,
+                took,
+                at,
+            });
         }
         Report { status, checks }
     }

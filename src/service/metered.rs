@@ -20,6 +20,13 @@ pub const DUPLICATES: &str = "twins_ingest_duplicates_total";
 /// Counter of state writes, by kind (insert, update).
 pub const STATE_WRITES: &str = "twins_ingest_state_writes_total";
 
+/// The Go service's request counter (go-kit), by its method name: existing dashboards
+/// and alerts keep working after the swap.
+pub const GO_REQUESTS: &str = "twins_api_request_count";
+/// The Go service's latency summary (go-kit); despite the name, in seconds, as the Go
+/// service observes it.
+pub const GO_LATENCY: &str = "twins_api_request_latency_microseconds";
+
 /// Ingestion with its counters.
 pub struct Metered<S> {
     inner: S,
@@ -58,8 +65,18 @@ impl<S: Ingest> Ingest for Metered<S> {
         batch: &Batch<'_>,
         aside: &dyn SetAside,
     ) -> Result<BatchReport, IngestError> {
+        let started = std::time::Instant::now();
         let report = self.inner.apply(batch, aside).await?;
         count(&report);
+        // The Go service counted and timed each message; a message's share of its
+        // batch's time is the closest measure here.
+        if report.received > 0 {
+            let n = report.received as u64;
+            let each = started.elapsed().as_secs_f64() / n as f64;
+            metrics::counter!(GO_REQUESTS, "method" => "save_states").increment(n);
+            metrics::histogram!(GO_LATENCY, "method" => "save_states")
+                .record_many(each, report.received);
+        }
         Ok(report)
     }
 

@@ -337,6 +337,19 @@ pub fn twins_command(vars: &[(String, String)]) -> tokio::process::Command {
     cmd
 }
 
+/// The state of one dependency in a `/health` body (the health-check draft's
+/// `"<name>:responseTime": [{status, output, ...}]`): `pass`, or the word saying what is
+/// wrong (`unavailable`, `disconnected`); `missing` when the body has no such check.
+pub fn health_check(body: &Value, name: &str) -> String {
+    let check = &body["checks"][format!("{name}:responseTime")][0];
+    match (check["status"].as_str(), check["output"].as_str()) {
+        (Some("pass"), _) => "pass".into(),
+        (Some(_), Some(word)) => word.into(),
+        (Some(status), None) => status.into(),
+        (None, _) => "missing".into(),
+    }
+}
+
 /// What `/health` answered.
 #[derive(Debug)]
 pub struct Health {
