@@ -815,4 +815,18 @@ fn magistrala_compose_joins_the_external_network_with_twins_and_its_database_onl
     for variable in ["MG_NETWORK", "MG_MESSAGE_BROKER_URL", "MG_AUTH_GRPC_URL"] {
         assert!(env.contains(variable), "{variable}");
     }
+
+    // What the services mount and build from is where the file says, relative to it.
+    let base = path("deploy/magistrala");
+    let context = twins["build"]["context"].as_str().expect("build context");
+    assert!(base.join(context).join("Dockerfile").is_file(), "{context}");
+    for (name, service) in services {
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let volume = volume.as_str().expect("short volume syntax");
+            let source = volume.split(':').next().expect("a source");
+            if source.starts_with('.') {
+                assert!(base.join(source).exists(), "{name} mounts {source}");
+            }
+        }
+    }
 }
