@@ -97,19 +97,25 @@ fn run(mut command: Command) -> (Output, String) {
     (output, text)
 }
 
-fn assert_succeeds(command: Command) -> String {
+/// Runs `command`: Ok with all it printed when it exits 0, Err with it otherwise.
+fn outcome(command: Command) -> Result<String, String> {
     let (output, text) = run(command);
-    assert!(output.status.success(), "failed:\n{text}");
-    text
+    if output.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+fn assert_succeeds(command: Command) -> String {
+    outcome(command).unwrap_or_else(|text| panic!("failed:\n{text}"))
 }
 
 fn assert_fails(command: Command) -> String {
-    let (output, text) = run(command);
-    assert!(
-        !output.status.success(),
-        "a broken file was accepted:\n{text}"
-    );
-    text
+    match outcome(command) {
+        Ok(text) => panic!("a broken file was accepted:\n{text}"),
+        Err(text) => text,
+    }
 }
 
 /// A copy of the file `relative` with `from` replaced by `to`, in a directory of its own
@@ -184,11 +190,9 @@ fn kubernetes_manifests() -> Vec<String> {
 fn validate_manifest(validator: &str, file: &Path) -> Result<(), String> {
     let mut command = Command::new(validator);
     command.arg("--strict").arg(file);
-    let (output, text) = run(command);
-    if output.status.success() && !text.contains("WARN") {
-        Ok(())
-    } else {
-        Err(text)
+    match outcome(command) {
+        Ok(text) if !text.contains("WARN") => Ok(()),
+        Ok(text) | Err(text) => Err(text),
     }
 }
 
@@ -629,6 +633,54 @@ fn dashboard_is_json_whose_queries_name_only_existing_metrics() {
             panel["title"]
         );
     }
+}
+
+/// Runs `promtool check rules` on the expressions given as recording rules (Grafana's
+/// variables replaced by values PromQL accepts): promtool parses every one.
+fn promtool_parses(promtool: &str, exprs: &[String]) -> Result<(), String> {
+    let rules: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, expr)| {
+            let expr = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*")
+                .replace("$group", ".*");
+            // A JSON string is a YAML double-quoted scalar.
+            format!(
+                "      - record: dashboard:query_{i}\n        expr: {}\n",
+                Value::from(expr)
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("dashboard_rules.yml");
+    std::fs::write(
+        &file,
+        format!("groups:\n  - name: dashboard\n    rules:\n{rules}"),
+    )
+    .expect("write the rules");
+    let mut check = Command::new(promtool);
+    check.args(["check", "rules"]).arg(&file);
+    outcome(check).map(drop)
+}
+
+#[test]
+fn dashboard_queries_parse_as_promql() {
+    let Some(promtool) = tool("TWINS_TEST_PROMTOOL") else {
+        return;
+    };
+    let text = read("deploy/grafana/twins-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs = dashboard_expressions(&dashboard);
+    if let Err(text) = promtool_parses(&promtool, &exprs) {
+        panic!("the dashboard has queries PromQL refuses:\n{text}");
+    }
+    exprs.push("sum by (route (rate(twins_http_requests_total[5m]))".to_owned());
+    assert!(
+        promtool_parses(&promtool, &exprs).is_err(),
+        "a broken query was accepted"
+    );
 }
 
 #[test]
