@@ -2,8 +2,9 @@
 //! Kubernetes manifests against the API schemas (kubernetes-validate, strict), the alert
 //! rules and the scrape configuration against promtool (including the rules' unit tests
 //! in `deploy/prometheus/alerts_test.yml`), the blackbox modules against the blackbox
-//! exporter, every PromQL expression of the dashboard and the rules against the metrics
-//! that exist, and every compose file against the variables its `.env` sets. Each check
+//! exporter, every query of the dashboard against promtool's parser, every PromQL
+//! expression of the dashboard and the rules against the metrics that exist, and every
+//! compose file against the variables its `.env` sets. Each check
 //! is also shown to refuse a deliberately broken copy, so a check that passes means
 //! something.
 //!
