@@ -9,6 +9,8 @@
 //! say they were skipped and pass.
 
 mod common;
+#[path = "support/tools.rs"]
+mod tools;
 
 use std::process::{Command, Output};
 
@@ -21,16 +23,7 @@ const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.to
 
 /// The tool named by `var`, or None (after saying so) when the variable is unset.
 fn tool(var: &str) -> Option<String> {
-    let path = std::env::var(var).ok().filter(|v| !v.is_empty());
-    if path.is_none() {
-        use std::io::Write as _;
-        // Straight to stderr: the harness swallows the output of passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "OpenAPI test skipped: {var} is not set (the path of the tool)"
-        );
-    }
-    path
+    tools::tool(var, "OpenAPI test")
 }
 
 /// Runs `command` off the runtime (the service under test shares it) and fails the test,
