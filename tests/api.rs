@@ -1301,6 +1301,17 @@ async fn openapi_document_lists_the_twins_and_states_paths() {
         ("/twins", &["get", "post"][..]),
         ("/twins/{id}", &["get", "put", "delete"][..]),
         ("/states/{id}", &["get"][..]),
+        ("/twins/{id}/documents", &["get"][..]),
+        (
+            "/twins/{id}/documents/{name}",
+            &["get", "put", "patch", "delete"][..],
+        ),
+        ("/twins/{id}/documents/{name}/delta", &["get"][..]),
+        ("/health", &["get"][..]),
+        ("/health/live", &["get"][..]),
+        ("/health/ready", &["get"][..]),
+        ("/metrics", &["get"][..]),
+        ("/openapi.json", &["get"][..]),
     ] {
         let item = paths
             .get(path)
@@ -1310,6 +1321,22 @@ async fn openapi_document_lists_the_twins_and_states_paths() {
         }
     }
     assert!(doc["components"]["schemas"].get("Twin").is_some());
+
+    // The interactive page, served from assets built into the binary, reads the
+    // service's own document.
+    let resp = send(app.request(Method::GET, "/docs/")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    let page = resp.text().await.expect("page");
+    assert!(page.contains("swagger-ui"), "{page}");
+    let resp = send(app.request(Method::GET, "/docs/swagger-initializer.js")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let init = resp.text().await.expect("initializer");
+    assert!(init.contains("/openapi.json"), "{init}");
+    for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"] {
+        let resp = send(app.request(Method::GET, asset)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{asset}");
+    }
 }
 
 async fn error_content_type_is_json_for_each_status() {

@@ -212,7 +212,10 @@ fn go_method(method: &str, route: &str) -> Option<&'static str> {
     })
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// Prometheus metrics of this instance (text exposition format 0.0.4).
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text exposition format",
+        content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn render(State(app): State<AppState>) -> impl IntoResponse {
     process::sample();
     for c in app.health.check().await.checks {

@@ -68,6 +68,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
+        .merge(openapi::docs())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

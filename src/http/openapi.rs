@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
 use super::pages::{StatesPage, TwinsPage};
-use super::{documents, health, states, twins};
+use super::{documents, health, metrics, states, twins};
 use crate::domain::document::{Difference, Document, DocumentSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
@@ -19,7 +19,8 @@ use crate::service::documents::DeltaView;
     paths(
         twins::create, twins::list, twins::view, twins::update, twins::remove,
         states::list, documents::list, documents::get, documents::put, documents::patch,
-        documents::delete, documents::delta, health::health, health::live, health::ready
+        documents::delete, documents::delta, health::health, health::live, health::ready,
+        metrics::render, document
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
@@ -42,7 +43,20 @@ impl Modify for BearerAuth {
     }
 }
 
-/// `GET /openapi.json`.
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "meta",
+    responses((status = 200, description = "The OpenAPI 3 document of this service",
+        content_type = "application/json", body = Object)))]
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// Where the interactive documentation is served (Swagger UI, assets built in).
+pub const DOCS_PATH: &str = "/docs";
+
+/// Swagger UI at [`DOCS_PATH`], reading `/openapi.json`; its assets are compiled into
+/// the binary, so it works without the internet.
+pub fn docs() -> utoipa_swagger_ui::SwaggerUi {
+    utoipa_swagger_ui::SwaggerUi::new(DOCS_PATH)
+        .config(utoipa_swagger_ui::Config::from("/openapi.json"))
 }
