@@ -224,3 +224,64 @@ fn a_misspelled_variable_is_warned_about_once() {
     );
     assert!(warnings[0].contains("WARN"), "{warnings:?}");
 }
+
+/// While the broker cannot be reached, the log says which broker (without its
+/// password), and the API serves meanwhile.
+#[test]
+fn an_unreachable_broker_is_named_in_the_log() {
+    let dir = tempfile::tempdir().expect("dir");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (port, broker_port) = (free().to_string(), free());
+    let url = format!("nats://twins:s3cret@127.0.0.1:{broker_port}");
+    let db = format!("sqlite://{}/twins.db", dir.path().display());
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .envs([
+            ("MG_TWINS_HTTP_HOST", "127.0.0.1"),
+            ("MG_TWINS_HTTP_PORT", port.as_str()),
+            ("MG_TWINS_DB_URL", db.as_str()),
+            ("MG_MESSAGE_BROKER_URL", url.as_str()),
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start twins");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for out in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let named = format!("nats://twins:***@127.0.0.1:{broker_port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            break false;
+        };
+        assert!(!line.contains("s3cret"), "a password in the log: {line}");
+        let hit = line.contains(&named) && line.contains("broker");
+        seen.push(line);
+        if hit {
+            break true;
+        }
+    };
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    assert!(found, "no line names {named}: {seen:#?}");
+}

@@ -68,10 +68,38 @@ pub async fn publish(
 /// Connects to NATS. Never fails because the server is down: the client keeps trying in
 /// the background (and after every disconnection), so the HTTP API serves meanwhile.
 pub async fn connect(url: &str) -> Result<async_nats::Client, ConnectError> {
+    let shown = crate::error::redact_url(url);
+    let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     async_nats::ConnectOptions::new()
         .name("twins")
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // Each change of the connection once, naming the broker (without a password):
+        // failed attempts are logged once until a connection succeeds again.
+        .event_callback(move |event| {
+            let broker = shown.clone();
+            let failing = failing.clone();
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                match event {
+                    async_nats::Event::Connected => {
+                        failing.store(false, SeqCst);
+                        tracing::info!(%broker, "broker connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%broker, "broker disconnected; reconnecting in the background");
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        if !failing.swap(true, SeqCst) {
+                            tracing::warn!(%broker, error = %e, "cannot reach the broker; retrying in the background");
+                        }
+                    }
+                    // One per dropped message of a slow subscriber: not for the log.
+                    async_nats::Event::SlowConsumer(_) => {}
+                    other => tracing::warn!(%broker, event = %other, "broker"),
+                }
+            }
+        })
         .connect(url)
         .await
         .map_err(|source| ConnectError {
