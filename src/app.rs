@@ -23,6 +23,7 @@ use crate::cache::{CacheError, TwinCache};
 use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::{self, AppState};
 use crate::service::documents::{Documents, DocumentsService};
+use crate::service::events::{EventStore, Recorded};
 use crate::service::health::{CacheHealth, Dependency, Health};
 use crate::service::inband::Inband;
 use crate::service::ingest::{Ingest, IngestService};
@@ -49,6 +50,13 @@ pub enum StartError {
     Broker(#[source] crate::broker::ConnectError),
     #[error("{0}")]
     Cache(#[source] CacheError),
+    #[error("event store at {url}: {source}")]
+    Events {
+        /// Without its password.
+        url: String,
+        #[source]
+        source: crate::error::Cause,
+    },
     #[error("HTTPS: {0}")]
     Tls(#[source] http::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -101,6 +109,17 @@ impl Application {
         // The use cases see a store whose twins repository keeps the cache exact.
         let lookup = TwinLookup::new(store.twins.clone(), cache.clone())
             .with_answers(config.lookup_cache_size);
+        let events: Option<Arc<dyn EventStore>> = match &config.es_url {
+            Some(url) => Some(Arc::from(
+                crate::broker::events::connect(url)
+                    .await
+                    .map_err(|source| StartError::Events {
+                        url: crate::error::redact_url(url),
+                        source,
+                    })?,
+            )),
+            None => None,
+        };
         let mut maintained = store.clone();
         maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
         let (twins, documents, ingest) = use_cases(
@@ -109,6 +128,7 @@ impl Application {
             config.channel_id.as_ref().map(|channel| {
                 Arc::new(Notifier::new(broker.clone(), channel.clone())) as Arc<dyn Publish>
             }),
+            events,
             &config,
         );
         let inband = Responder::new(Inband::new(documents.clone()), broker.clone());
@@ -282,12 +302,19 @@ fn use_cases(
     store: &Store,
     lookup: TwinLookup,
     publish: Option<Arc<dyn Publish>>,
+    events: Option<Arc<dyn EventStore>>,
     config: &Config,
 ) -> (Arc<dyn Twins>, Arc<dyn Documents>, Arc<dyn Ingest>) {
-    let twins = TwinsService::new(store.clone(), config.max_definitions);
+    let twins = Recorded::new(
+        TwinsService::new(store.clone(), config.max_definitions),
+        events.clone(),
+    );
     let documents = DocumentsService::new(store.clone());
     let own_channel = config.channel_id.clone();
-    let ingest = Metered::new(IngestService::new(store.clone(), lookup, own_channel));
+    let ingest = Recorded::new(
+        Metered::new(IngestService::new(store.clone(), lookup, own_channel)),
+        events,
+    );
     match publish {
         Some(p) => (
             Arc::new(Traced(Notifying::new(twins, p.clone()))),

@@ -85,6 +85,7 @@ struct RawEnv {
     mg_twins_http_idle_timeout: Option<String>,
     mg_twins_http_max_connections: Option<String>,
     mg_twins_http_request_timeout: Option<String>,
+    mg_twins_es_url: Option<String>,
     /// Every other `MG_*` variable: those of other services are none of ours, but an
     /// `MG_TWINS_*` one is probably misspelled.
     #[serde(flatten)]
@@ -127,6 +128,7 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_HTTP_IDLE_TIMEOUT",
     "MG_TWINS_HTTP_MAX_CONNECTIONS",
     "MG_TWINS_HTTP_REQUEST_TIMEOUT",
+    "MG_TWINS_ES_URL",
 ];
 
 /// Definitions a twin keeps by default: far more than any device model changes, and a
@@ -200,6 +202,9 @@ pub struct Config {
     /// request/reply; None (the default) when that is off, since it carries no
     /// credentials.
     pub request_reply: Option<String>,
+    /// Magistrala's event store (`nats://` or `redis://`), where the Go service's events
+    /// go; None: none are published.
+    pub es_url: Option<String>,
     /// Things worth a warning once logging runs (misspelled variables, say).
     pub warnings: Vec<String>,
 }
@@ -270,6 +275,9 @@ impl Config {
         }
         if let Some(url) = &raw.mg_twins_cache_url {
             check_cache_url(url)?;
+        }
+        if let Some(url) = &raw.mg_twins_es_url {
+            check_schemes("MG_TWINS_ES_URL", url, &["nats", "tls", "redis", "rediss"])?;
         }
         let log_format = match raw.mg_twins_log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
@@ -452,6 +460,7 @@ impl Config {
             ingest_lease,
             max_definitions,
             request_reply,
+            es_url: raw.mg_twins_es_url,
             warnings,
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod consumer;
 pub mod deadletter;
+pub mod events;
 pub mod inband;
 pub mod notifier;
 pub mod presence;

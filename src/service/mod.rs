@@ -10,6 +10,7 @@
 
 mod contention;
 pub mod documents;
+pub mod events;
 pub mod health;
 pub mod inband;
 pub mod ingest;
