@@ -34,6 +34,114 @@ use crate::service::traced::Traced;
 use crate::service::twins::{Twins, TwinsService};
 use crate::store::Store;
 
+/// Every metric of the service with its HELP text (see [`http::metrics::describe`]).
+const METRIC_HELP: &[(&str, &str)] = &[
+    (
+        http::metrics::REQUESTS,
+        "HTTP requests answered, by method, route template and status.",
+    ),
+    (
+        http::metrics::LATENCY,
+        "Time from a request's arrival to its answer, by method, route template and status, in seconds.",
+    ),
+    (
+        http::metrics::CONNECTIONS_REFUSED,
+        "HTTP connections closed unserved because MG_TWINS_HTTP_MAX_CONNECTIONS were open.",
+    ),
+    (
+        http::metrics::CONNECTIONS_OPEN,
+        "HTTP connections open, TLS handshakes in progress included.",
+    ),
+    (
+        http::metrics::GO_REQUESTS,
+        "Number of requests received (the Go service's metric), by method.",
+    ),
+    (
+        http::metrics::GO_LATENCY,
+        "Total duration of requests in seconds (the Go service's metric and unit, whatever the name says), by method.",
+    ),
+    (
+        http::metrics::BUILD_INFO,
+        "Version and commit of the running binary; always 1.",
+    ),
+    (
+        http::metrics::DEPENDENCY_UP,
+        "Whether a dependency answers (1) or not (0) at the scrape, by dependency: store, broker, cache.",
+    ),
+    (
+        crate::service::metered::RECEIVED,
+        "Broker messages applied.",
+    ),
+    (
+        crate::service::metered::DUPLICATES,
+        "Broker messages a twin already had (delivered again after a crash), skipped.",
+    ),
+    (
+        crate::service::metered::IGNORED,
+        "Broker messages that concern no twin, by reason.",
+    ),
+    (
+        crate::service::metered::REJECTED,
+        "Broker messages refused and dead-lettered on twins.deadletter.<reason>, by reason.",
+    ),
+    (
+        crate::service::metered::STATE_WRITES,
+        "State writes of ingestion, by kind (insert, update).",
+    ),
+    (
+        crate::broker::consumer::POSITION,
+        "Stream sequence of the last message this instance's group applied (set by the instance ingesting).",
+    ),
+    (
+        crate::broker::consumer::PENDING,
+        "Messages of the channels stream not yet delivered to the ingesting instance: the ingest lag.",
+    ),
+    (
+        crate::broker::inband::UNANSWERED,
+        "Inband document requests left unanswered, by reason.",
+    ),
+    (
+        crate::service::lookup::STORE_LOOKUPS,
+        "Channel lookups answered by the store (cache misses).",
+    ),
+    (
+        crate::service::lookup::ANSWERS,
+        "Channel lookup answers held in process.",
+    ),
+    (
+        crate::service::lookup::ANSWERS_EVICTED,
+        "Channel lookup answers dropped to stay within MG_TWINS_LOOKUP_CACHE_SIZE.",
+    ),
+    (
+        crate::cache::repair::WRITES_QUEUED,
+        "Cache writes queued to be made again once Redis is back.",
+    ),
+    (
+        http::metrics::process::CPU,
+        "Total user and system CPU time spent in seconds.",
+    ),
+    (
+        http::metrics::process::RESIDENT,
+        "Resident memory size in bytes.",
+    ),
+    (
+        http::metrics::process::VIRTUAL,
+        "Virtual memory size in bytes.",
+    ),
+    (
+        http::metrics::process::OPEN_FDS,
+        "Number of open file descriptors.",
+    ),
+    (
+        http::metrics::process::MAX_FDS,
+        "Maximum number of open file descriptors.",
+    ),
+    (
+        http::metrics::process::START_TIME,
+        "Start time of the process since unix epoch in seconds.",
+    ),
+];
+
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -142,7 +250,10 @@ impl Application {
             documents,
             auth,
             health: Health::new(dependencies),
-            metrics: http::metrics::handle(),
+            metrics: {
+                http::metrics::describe(METRIC_HELP);
+                http::metrics::handle()
+            },
             instance_id: config.instance_id.as_str().into(),
         };
         let addr = format!("{}:{}", config.http_host, config.http_port);

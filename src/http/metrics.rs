@@ -27,103 +27,6 @@ pub const BUILD_INFO: &str = "twins_build_info";
 /// checked at each scrape.
 pub const DEPENDENCY_UP: &str = "twins_dependency_up";
 
-/// Every metric of the service with its HELP text; `/metrics` renders no family
-/// without one.
-const DESCRIPTIONS: &[(&str, &str)] = &[
-    (
-        REQUESTS,
-        "HTTP requests answered, by method, route template and status.",
-    ),
-    (
-        LATENCY,
-        "Time from a request's arrival to its answer, by method, route template and status, in seconds.",
-    ),
-    (
-        CONNECTIONS_REFUSED,
-        "HTTP connections closed unserved because MG_TWINS_HTTP_MAX_CONNECTIONS were open.",
-    ),
-    (
-        CONNECTIONS_OPEN,
-        "HTTP connections open, TLS handshakes in progress included.",
-    ),
-    (
-        GO_REQUESTS,
-        "Number of requests received (the Go service's metric), by method.",
-    ),
-    (
-        GO_LATENCY,
-        "Total duration of requests in seconds (the Go service's metric and unit, whatever the name says), by method.",
-    ),
-    (
-        BUILD_INFO,
-        "Version and commit of the running binary; always 1.",
-    ),
-    (
-        DEPENDENCY_UP,
-        "Whether a dependency answers (1) or not (0) at the scrape, by dependency: store, broker, cache.",
-    ),
-    (
-        crate::service::metered::RECEIVED,
-        "Broker messages applied.",
-    ),
-    (
-        crate::service::metered::DUPLICATES,
-        "Broker messages a twin already had (delivered again after a crash), skipped.",
-    ),
-    (
-        crate::service::metered::IGNORED,
-        "Broker messages that concern no twin, by reason.",
-    ),
-    (
-        crate::service::metered::REJECTED,
-        "Broker messages refused and dead-lettered on twins.deadletter.<reason>, by reason.",
-    ),
-    (
-        crate::service::metered::STATE_WRITES,
-        "State writes of ingestion, by kind (insert, update).",
-    ),
-    (
-        crate::broker::consumer::POSITION,
-        "Stream sequence of the last message this instance's group applied (set by the instance ingesting).",
-    ),
-    (
-        crate::broker::consumer::PENDING,
-        "Messages of the channels stream not yet delivered to the ingesting instance: the ingest lag.",
-    ),
-    (
-        crate::broker::inband::UNANSWERED,
-        "Inband document requests left unanswered, by reason.",
-    ),
-    (
-        crate::service::lookup::STORE_LOOKUPS,
-        "Channel lookups answered by the store (cache misses).",
-    ),
-    (
-        crate::service::lookup::ANSWERS,
-        "Channel lookup answers held in process.",
-    ),
-    (
-        crate::service::lookup::ANSWERS_EVICTED,
-        "Channel lookup answers dropped to stay within MG_TWINS_LOOKUP_CACHE_SIZE.",
-    ),
-    (
-        crate::cache::repair::WRITES_QUEUED,
-        "Cache writes queued to be made again once Redis is back.",
-    ),
-    (
-        process::CPU,
-        "Total user and system CPU time spent in seconds.",
-    ),
-    (process::RESIDENT, "Resident memory size in bytes."),
-    (process::VIRTUAL, "Virtual memory size in bytes."),
-    (process::OPEN_FDS, "Number of open file descriptors."),
-    (process::MAX_FDS, "Maximum number of open file descriptors."),
-    (
-        process::START_TIME,
-        "Start time of the process since unix epoch in seconds.",
-    ),
-];
-
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -141,9 +44,6 @@ pub fn handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; metrics then go there.
             let _ = metrics::set_global_recorder(recorder);
-            for (name, help) in DESCRIPTIONS {
-                metrics::describe_counter!(*name, *help);
-            }
             metrics::gauge!(
                 BUILD_INFO,
                 "version" => crate::http::health::VERSION,
@@ -153,6 +53,15 @@ pub fn handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Gives each metric its HELP text; `/metrics` renders no family without one. The
+/// composition root passes the list of every metric of the service.
+pub fn describe(descriptions: &[(&'static str, &'static str)]) {
+    let _ = handle();
+    for (name, help) in descriptions {
+        metrics::describe_counter!(*name, *help);
+    }
 }
 
 /// The method as a label value: the standard methods by name, anything a client
@@ -234,7 +143,7 @@ pub async fn render(State(app): State<AppState>) -> impl IntoResponse {
 
 /// The process metrics every Prometheus client library exports, read from `/proc` when
 /// `/metrics` is asked for (nothing is exported where there is no `/proc`).
-mod process {
+pub mod process {
     pub const CPU: &str = "process_cpu_seconds_total";
     pub const RESIDENT: &str = "process_resident_memory_bytes";
     pub const VIRTUAL: &str = "process_virtual_memory_bytes";
