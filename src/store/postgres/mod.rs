@@ -515,7 +515,7 @@ impl StateRepository for PostgresStore {
 /// Twin id, from, to: one row per attribute of the window's states (see
 /// [`sql::aggregate_from_row`]); extremes over the numbers as `numeric`, so integers
 /// stay integers.
-const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
+pub const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
     COALESCE(to_jsonb(MIN(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
         'null'::jsonb) AS min,
     COALESCE(to_jsonb(MAX(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
@@ -526,11 +526,22 @@ const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
     WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
     GROUP BY j.key";
 
-/// Twin id, created, attribute, last: the payload of the first state created then that
-/// has the attribute (the last one when `last`).
-const VALUE_AT: &str = "SELECT payload FROM states
-    WHERE twin_id = $1 AND created = $2 AND jsonb_exists(payload, $3)
-    ORDER BY CASE WHEN $4 THEN -id ELSE id END LIMIT 1";
+/// A statement of [`VALUE_AT`], in the given order of ids.
+macro_rules! value_at {
+    ($order:literal) => {
+        concat!(
+            "SELECT payload FROM states
+            WHERE twin_id = $1 AND created = $2 AND jsonb_exists(payload, $3)
+            ORDER BY ",
+            $order,
+            " LIMIT 1"
+        )
+    };
+}
+
+/// Twin id, created, attribute: the payload of the first state created then that has the
+/// attribute ([0]), or of the last one ([1]); read in id order on the history index.
+pub const VALUE_AT: [&str; 2] = [value_at!("id"), value_at!("id DESC")];
 
 impl PostgresStore {
     /// The number of the twin's states created between `from` and `to` (Unix ns).
@@ -552,11 +563,10 @@ impl PostgresStore {
         created: i64,
         last: bool,
     ) -> StoreResult<Option<serde_json::Value>> {
-        let row = sqlx::query(VALUE_AT)
+        let row = sqlx::query(VALUE_AT[usize::from(last)])
             .bind(twin_id)
             .bind(created)
             .bind(&name)
-            .bind(last)
             .fetch_optional(&self.pool)
             .await
             .map_err(map_err)?;

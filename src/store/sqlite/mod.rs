@@ -626,12 +626,23 @@ const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
     WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
     GROUP BY j.key";
 
-/// Twin id, created, attribute, last: the payload of the first state created then that
-/// has the attribute (the last one when `last`).
-const VALUE_AT: &str = "SELECT payload FROM states AS s
-    WHERE s.twin_id = $1 AND s.created = $2
-      AND EXISTS (SELECT 1 FROM json_each(s.payload) WHERE key = $3)
-    ORDER BY CASE WHEN $4 THEN -s.id ELSE s.id END LIMIT 1";
+/// A statement of [`VALUE_AT`], in the given order of ids.
+macro_rules! value_at {
+    ($order:literal) => {
+        concat!(
+            "SELECT payload FROM states AS s
+            WHERE s.twin_id = $1 AND s.created = $2
+              AND EXISTS (SELECT 1 FROM json_each(s.payload) WHERE key = $3)
+            ORDER BY ",
+            $order,
+            " LIMIT 1"
+        )
+    };
+}
+
+/// Twin id, created, attribute: the payload of the first state created then that has the
+/// attribute ([0]), or of the last one ([1]); read in id order on the history index.
+const VALUE_AT: [&str; 2] = [value_at!("s.id"), value_at!("s.id DESC")];
 
 impl SqliteStore {
     /// The number of the twin's states created between `from` and `to` (Unix ns).
@@ -653,11 +664,10 @@ impl SqliteStore {
         created: i64,
         last: bool,
     ) -> StoreResult<Option<serde_json::Value>> {
-        let row = sqlx::query(VALUE_AT)
+        let row = sqlx::query(VALUE_AT[usize::from(last)])
             .bind(twin_id)
             .bind(created)
             .bind(&name)
-            .bind(last)
             .fetch_optional(&self.reader)
             .await
             .map_err(map_err)?;
