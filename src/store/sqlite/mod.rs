@@ -630,7 +630,7 @@ const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
 macro_rules! value_at {
     ($order:literal) => {
         concat!(
-            "SELECT payload FROM states AS s
+            "SELECT payload FROM states AS s INDEXED BY states_created
             WHERE s.twin_id = $1 AND s.created = $2
               AND EXISTS (SELECT 1 FROM json_each(s.payload) WHERE key = $3)
             ORDER BY ",
@@ -641,7 +641,8 @@ macro_rules! value_at {
 }
 
 /// Twin id, created, attribute: the payload of the first state created then that has the
-/// attribute ([0]), or of the last one ([1]); read in id order on the history index.
+/// attribute ([0]), or of the last one ([1]); read in id order on the history index
+/// (named: the planner would rather walk the twin's states by id).
 const VALUE_AT: [&str; 2] = [value_at!("s.id"), value_at!("s.id DESC")];
 
 impl SqliteStore {
@@ -794,5 +795,70 @@ impl HealthCheck for SqliteStore {
             tx.commit().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The history and retention statements read a twin's states through an index and
+    /// never walk them all: SQLite's own plan of each says which index it searches.
+    #[tokio::test]
+    async fn history_statements_search_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db").display().to_string())
+            .await
+            .unwrap();
+        let window = ["'t'", "0", "9"];
+        let cases: Vec<(String, &str)> = vec![
+            (literal(sql::STATE_ID_BOUNDS, &["'t'"]), "PRIMARY KEY"),
+            (literal(sql::RANGE_COUNT, &window), "states_created"),
+            (
+                literal(sql::RANGE_PAGE, &["'t'", "0", "9", "100", "500"]),
+                "states_created",
+            ),
+            (literal(sql::STATE_AT, &["'t'", "5"]), "states_created"),
+            (literal(SUMMARY, &window), "states_created"),
+            (literal(VALUE_AT[0], &["'t'", "5", "'v'"]), "states_created"),
+            (literal(VALUE_AT[1], &["'t'", "5", "'v'"]), "states_created"),
+            (literal(sql::FIRST_STATES, &["'t'", "10"]), "PRIMARY KEY"),
+            (
+                literal(sql::DELETE_STATES_BEFORE, &["'t'", "10"]),
+                "PRIMARY KEY",
+            ),
+        ];
+        for (query, index) in cases {
+            let plan: Vec<String> =
+                sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {query}")))
+                    .fetch_all(&store.reader)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<String, _>("detail"))
+                    .collect();
+            let on_states: Vec<&String> = plan
+                .iter()
+                .filter(|d| d.contains("states") && !d.contains("json_each"))
+                .collect();
+            assert!(
+                !on_states.is_empty()
+                    && on_states
+                        .iter()
+                        .all(|d| d.starts_with("SEARCH") && d.contains(index)),
+                "{query}: {plan:?}"
+            );
+        }
+    }
+
+    /// A statement with its numbered parameters replaced by literals.
+    fn literal(statement: &str, values: &[&str]) -> String {
+        values
+            .iter()
+            .enumerate()
+            .rev()
+            .fold(statement.to_owned(), |q, (i, v)| {
+                q.replace(&format!("${}", i + 1), v)
+            })
     }
 }
