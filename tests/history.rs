@@ -24,6 +24,7 @@ crate::backend_matrix!(
     bad_times_and_reversed_windows_are_400,
     history_of_a_foreign_missing_or_non_uuid_twin_is_404,
     retention_removes_old_states_but_never_the_latest,
+    ingestion_under_retention_applies_every_message_once,
 );
 
 /// 2020-05-05T08:41:39.142Z: whole milliseconds, what every backend keeps.
@@ -543,4 +544,53 @@ async fn retention_removes_old_states_but_never_the_latest() {
         |n| *n >= before + total as u64,
     )
     .await;
+}
+
+/// Ingestion folds each message into the twin's latest state while retention removes
+/// the states before it: every message is applied once, so the ids the messages make
+/// are exactly one per message, and a message within the delta of the last one still
+/// updates the latest state in place.
+async fn ingestion_under_retention_applies_every_message_once() {
+    let app = TestApp::builder()
+        .auth(Auth::Standalone)
+        .vars(&[
+            ("MG_TWINS_STATES_RETENTION", "1h"),
+            ("MG_TWINS_STATES_PRUNE_INTERVAL", "20ms"),
+        ])
+        .spawn()
+        .await;
+    let ch = unique("ch-");
+    let tid = app.create_listening(&[attribute("x", &ch, "", true)]).await;
+    // Two hours ago, two seconds apart (the delta is one second): each message opens a
+    // new state, already older than the retention.
+    let start = (Utc::now().timestamp() - 7200) as f64;
+    let messages = 40;
+    for i in 0..messages {
+        let t = start + 2.0 * i as f64;
+        app.publish(&ch, "", json!([{"v": i, "t": t}])).await;
+    }
+    let last_time = start + 2.0 * (messages - 1) as f64;
+    let last = |x: i64| {
+        json!({
+            "twin_id": tid,
+            "id": messages - 1,
+            "definition": 0,
+            "created": rfc3339(twins::domain::time::from_nanos((last_time * 1e9) as i64)),
+            "payload": {"x": x},
+        })
+    };
+    // Retention leaves the latest state alone, and it is the one the last message made.
+    let states = app
+        .states_until(&tid, |s| {
+            s.len() == 1 && s[0]["payload"]["x"] == messages - 1
+        })
+        .await;
+    assert_eq!(states[0], last(messages - 1));
+    // Within the delta of the latest state: folded into it, not a new state.
+    app.publish(&ch, "", json!([{"v": 1000, "t": last_time + 0.5}]))
+        .await;
+    let states = app
+        .states_until(&tid, |s| s.len() == 1 && s[0]["payload"]["x"] == 1000)
+        .await;
+    assert_eq!(states[0], last(1000));
 }
