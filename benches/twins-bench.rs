@@ -5,6 +5,7 @@
 //! cargo bench --bench twins-bench -- ingest         [--twins 1000] [--messages 200000]
 //! cargo bench --bench twins-bench -- ingest-growth  [--twins 1000] [--messages 50000] [--states 1000000]
 //! cargo bench --bench twins-bench -- api            [--connections 64] [--seconds 5] [--states 1000000]
+//! cargo bench --bench twins-bench -- history        [--states 1000000] [--samples 200]
 //! cargo bench --bench twins-bench -- all
 //! ```
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
@@ -62,6 +63,7 @@ struct Opts {
     db: Option<String>,
     instances: usize,
     redis: String,
+    samples: usize,
 }
 
 fn parse_opts() -> Res<Opts> {
@@ -78,6 +80,7 @@ fn parse_opts() -> Res<Opts> {
         db: None,
         instances: 1,
         redis: "redis://127.0.0.1:6379".into(),
+        samples: 200,
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -92,6 +95,7 @@ fn parse_opts() -> Res<Opts> {
             "--db" => o.db = Some(val()?),
             "--instances" => o.instances = val()?.parse::<usize>()?.max(1),
             "--redis" => o.redis = val()?,
+            "--samples" => o.samples = val()?.parse::<usize>()?.max(1),
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -103,7 +107,7 @@ fn parse_opts() -> Res<Opts> {
         return Err(format!("--db {db}: only postgres:// URLs (SQLite is the default)").into());
     }
     if o.scenario.is_empty() {
-        return Err("usage: twins-bench <ingest|ingest-growth|api|all> [options]".into());
+        return Err("usage: twins-bench <ingest|ingest-growth|api|history|all> [options]".into());
     }
     Ok(o)
 }
@@ -998,6 +1002,189 @@ async fn scenario_api(o: &Opts) -> Res<Value> {
     Ok(Value::Object(out))
 }
 
+// ---------------------------------------------------------------- history
+
+/// Spacing of the history fixture's states.
+const HISTORY_STEP_MS: i64 = 10;
+
+/// One twin with `n` states 10 ms apart ending now, each with three attributes (an
+/// integer, a float, a string), written through the store as ingestion writes them.
+async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc, DateTimeUtc)> {
+    let last = now_millis();
+    let first = last - chrono::Duration::milliseconds(HISTORY_STEP_MS * (n as i64 - 1));
+    let mut writes = Vec::with_capacity(STORE_BATCH * 8);
+    for id in 0..n as i64 {
+        writes.push(SeqWrite {
+            seq: 0,
+            write: Write::Insert(State {
+                twin_id: twin.id.clone(),
+                id,
+                definition: 0,
+                created: first + chrono::Duration::milliseconds(HISTORY_STEP_MS * id),
+                payload: [
+                    ("v".to_owned(), json!(id)),
+                    ("temp".to_owned(), json!(20.0 + (id % 1000) as f64 / 100.0)),
+                    (
+                        "status".to_owned(),
+                        json!(if id % 2 == 0 { "ok" } else { "warm" }),
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+            }),
+        });
+        if writes.len() == writes.capacity() || id + 1 == n as i64 {
+            let twins = vec![TwinWrites {
+                twin_id: twin.id.clone(),
+                expected_seq: 0,
+                writes: std::mem::take(&mut writes),
+            }];
+            store_apply(store, twins).await?;
+            if id % 100_000 < (STORE_BATCH * 8) as i64 {
+                eprintln!("  {} states", id + 1);
+            }
+        }
+    }
+    Ok((first, last))
+}
+
+type DateTimeUtc = chrono::DateTime<chrono::Utc>;
+
+/// The query string of the i-th request of a measure.
+type QueryOf = Box<dyn Fn(usize) -> Vec<(&'static str, String)>>;
+
+/// Latencies of `samples` requests made one after the other, the query of each from
+/// `query(i)`; every answer must be a 200.
+async fn timed(
+    http: &reqwest::Client,
+    url: &str,
+    samples: usize,
+    query: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Res<Value> {
+    let mut ms = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let start = Instant::now();
+        let res = http
+            .get(url)
+            .bearer_auth("bench")
+            .query(&query(i))
+            .send()
+            .await?;
+        let status = res.status();
+        let body = res.bytes().await?;
+        ms.push(start.elapsed().as_secs_f64() * 1000.0);
+        if !status.is_success() {
+            return Err(format!("{url}: {status}: {}", String::from_utf8_lossy(&body)).into());
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(json!({
+        "samples": samples,
+        "p50_ms": round(percentile(&ms, 0.5)),
+        "p99_ms": round(percentile(&ms, 0.99)),
+        "max_ms": round(ms.last().copied().unwrap_or(0.0)),
+    }))
+}
+
+/// History endpoints over one twin with `--states` states: the state at random
+/// instants, 100-state pages of a window at the start, middle and end against the first
+/// plain page, and the summary of the whole history.
+async fn scenario_history(o: &Opts) -> Res<Value> {
+    let db = Database::create(o).await?;
+    let store = db.store().await?;
+    let twin = twin("bench", "history");
+    store.twins.save(&twin).await?;
+    eprintln!("history: seeding one twin with {} states", o.states);
+    let seeding = Instant::now();
+    let (first, last) = fill_history(&store, &twin, o.states).await?;
+    eprintln!("  seeded in {:.1} s", seeding.elapsed().as_secs_f64());
+    drop(store);
+    let svc = start_services(o, &db, &standalone()).await?;
+    let base = &svc[0].base;
+    let http = reqwest::Client::new();
+    let rfc = |t: DateTimeUtc| twins::domain::time::format(&t);
+    let (from, to) = (rfc(first), rfc(last));
+    let span_ms = (last - first).num_milliseconds().max(1) as u64;
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), json!("history"));
+    out.insert("db".into(), json!(db.kind()));
+    out.insert("states".into(), json!(o.states));
+    let states_url = format!("{base}/states/{}", twin.id);
+    let page = |offset: usize| {
+        let (from, to) = (from.clone(), to.clone());
+        move |_| {
+            vec![
+                ("from", from.clone()),
+                ("to", to.clone()),
+                ("limit", "100".to_owned()),
+                ("offset", offset.to_string()),
+            ]
+        }
+    };
+    let n = o.states;
+    let measures: Vec<(&str, String, usize, QueryOf)> = vec![
+        (
+            "states_first_page",
+            states_url.clone(),
+            o.samples,
+            Box::new(|_| vec![("limit", "100".to_owned())]),
+        ),
+        (
+            "range_page_start",
+            states_url.clone(),
+            o.samples,
+            Box::new(page(0)),
+        ),
+        (
+            "range_page_middle",
+            states_url.clone(),
+            o.samples,
+            Box::new(page(n / 2)),
+        ),
+        (
+            "range_page_end",
+            states_url.clone(),
+            o.samples,
+            Box::new(page(n.saturating_sub(100))),
+        ),
+        (
+            "state_at",
+            format!("{base}/twins/{}/states/at", twin.id),
+            o.samples,
+            // Spread over the history by a fixed stride (Knuth's multiplicative hash).
+            Box::new(move |i| {
+                let offset = (i as u64).wrapping_mul(2_654_435_761) % span_ms;
+                vec![(
+                    "time",
+                    rfc(first + chrono::Duration::milliseconds(offset as i64)),
+                )]
+            }),
+        ),
+        (
+            "summary_all",
+            format!("{base}/twins/{}/states/summary", twin.id),
+            o.samples.clamp(1, 5),
+            Box::new(|_| Vec::new()),
+        ),
+    ];
+    let mut first_page_p99 = 0.0;
+    for (name, url, samples, query) in measures {
+        let mut m = timed(&http, &url, samples, query).await?;
+        let p99 = m["p99_ms"].as_f64().unwrap_or(0.0);
+        if name == "states_first_page" {
+            first_page_p99 = p99;
+        } else if name.starts_with("range_page") {
+            m["p99_ratio_to_first_page"] = json!(round(p99 / first_page_p99.max(f64::EPSILON)));
+        }
+        eprintln!(
+            "  {name}: p50 {} ms, p99 {} ms, max {} ms",
+            m["p50_ms"], m["p99_ms"], m["max_ms"]
+        );
+        out.insert(name.into(), m);
+    }
+    Ok(Value::Object(out))
+}
+
 fn standalone() -> Vec<(&'static str, String)> {
     vec![
         ("MG_TWINS_STANDALONE_ID", "bench".into()),
@@ -1019,7 +1206,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let scenarios: Vec<&str> = match opts.scenario.as_str() {
-        "all" => vec!["ingest", "ingest-growth", "api"],
+        "all" => vec!["ingest", "ingest-growth", "api", "history"],
         s => vec![s],
     };
     for s in scenarios {
@@ -1027,6 +1214,7 @@ async fn main() -> std::process::ExitCode {
             "ingest" => scenario_ingest(&opts).await,
             "ingest-growth" => scenario_growth(&opts).await,
             "api" => scenario_api(&opts).await,
+            "history" => scenario_history(&opts).await,
             other => Err(format!("unknown scenario {other:?}").into()),
         };
         match result {

@@ -25,11 +25,13 @@ use crate::http::{self, AppState};
 use crate::service::documents::{Documents, DocumentsService};
 use crate::service::events::{EventStore, Recorded};
 use crate::service::health::{CacheHealth, Dependency, Health};
+use crate::service::history::HistoryService;
 use crate::service::inband::Inband;
 use crate::service::ingest::{Ingest, IngestService};
 use crate::service::lookup::{CacheMaintaining, TwinLookup};
 use crate::service::metered::Metered;
 use crate::service::notify::{Notifying, Publish};
+use crate::service::retention::Retention;
 use crate::service::traced::Traced;
 use crate::service::twins::{Twins, TwinsService};
 use crate::store::Store;
@@ -245,9 +247,11 @@ impl Application {
             Arc::new(crate::broker::Connection(broker.clone())),
             Arc::new(CacheHealth(cache)),
         ];
+        let history = Arc::new(Traced(HistoryService::new(store.clone())));
         let state = AppState {
             twins,
             documents,
+            history,
             auth,
             health: Health::new(dependencies),
             metrics: {
@@ -328,6 +332,12 @@ impl Application {
                 single: config.single_instance(),
             },
         };
+        let retention = config
+            .states_retention
+            .and_then(|keep| {
+                Retention::new(store.states.clone(), keep, config.states_prune_interval)
+            })
+            .map(|r| tokio::spawn(r.run(stop.clone())));
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
         let presence = tokio::spawn(presence.run(stop.clone()));
         let inband = tokio::spawn({
@@ -392,6 +402,13 @@ impl Application {
             );
             for task in aborts {
                 task.abort();
+            }
+        }
+        // Retention stops between two batches; a batch is one short store call.
+        if let Some(task) = retention {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
             }
         }
         // Acks and notifications are buffered by the client: write them out, unless the

@@ -86,6 +86,8 @@ struct RawEnv {
     mg_twins_http_max_connections: Option<String>,
     mg_twins_http_request_timeout: Option<String>,
     mg_twins_es_url: Option<String>,
+    mg_twins_states_retention: Option<String>,
+    mg_twins_states_prune_interval: Option<String>,
     /// Every other `MG_*` variable: those of other services are none of ours, but an
     /// `MG_TWINS_*` one is probably misspelled.
     #[serde(flatten)]
@@ -129,7 +131,13 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_HTTP_MAX_CONNECTIONS",
     "MG_TWINS_HTTP_REQUEST_TIMEOUT",
     "MG_TWINS_ES_URL",
+    "MG_TWINS_STATES_RETENTION",
+    "MG_TWINS_STATES_PRUNE_INTERVAL",
 ];
+
+/// How often retention looks for old states by default: removal within a minute of a
+/// state's time running out, at the cost of one indexed read per twin a minute.
+pub const DEFAULT_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Definitions a twin keeps by default: far more than any device model changes, and a
 /// twin of that many 1 KiB definitions still fits a MongoDB document with room to spare.
@@ -207,6 +215,10 @@ pub struct Config {
     pub es_url: Option<String>,
     /// Things worth a warning once logging runs (misspelled variables, say).
     pub warnings: Vec<String>,
+    /// How long states are kept (`MG_TWINS_STATES_RETENTION`); None keeps them forever.
+    pub states_retention: Option<Duration>,
+    /// How often retention looks for old states.
+    pub states_prune_interval: Duration,
 }
 
 /// A whole number of at least 1 in `var`, `default` when unset.
@@ -399,6 +411,15 @@ impl Config {
             raw.mg_twins_request_reply,
             raw.mg_twins_request_reply_prefix,
         )?;
+        let states_retention = raw
+            .mg_twins_states_retention
+            .map(|v| positive_duration("MG_TWINS_STATES_RETENTION", Some(v), Duration::ZERO))
+            .transpose()?;
+        let states_prune_interval = positive_duration(
+            "MG_TWINS_STATES_PRUNE_INTERVAL",
+            raw.mg_twins_states_prune_interval,
+            DEFAULT_PRUNE_INTERVAL,
+        )?;
         let defaults = DEFAULT_HTTP_LIMITS;
         let http_limits = HttpLimits {
             header_timeout: positive_duration(
@@ -462,6 +483,8 @@ impl Config {
             request_reply,
             es_url: raw.mg_twins_es_url,
             warnings,
+            states_retention,
+            states_prune_interval,
         })
     }
 }
@@ -820,8 +843,8 @@ fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// Parses a Go duration such as `1s`, `500ms`, `1m30s` or `1.5h`; a bare number is
-/// taken as seconds.
+/// Parses a Go duration such as `1s`, `500ms`, `1m30s` or `1.5h`, or a number of days
+/// (`30d`, which Go lacks); a bare number is taken as seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<f64>() {
         return secs_to_duration(secs);
@@ -850,6 +873,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            "d" => 86400.0,
             _ => return Err(format!("unknown unit {unit:?} in duration {s:?}")),
         };
         total += value * scale;
@@ -1276,6 +1300,33 @@ mod tests {
         }
         for bad in ["", "s", "1x", "abc", "-1s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn states_retention_takes_days_and_hours_and_is_off_by_default() {
+        assert_eq!(cfg(&[]).unwrap().states_retention, None);
+        for (v, secs) in [("30d", 30 * 86_400), ("12h", 12 * 3600), ("1d12h", 129_600)] {
+            let c = cfg(&[("MG_TWINS_STATES_RETENTION", v)]).unwrap();
+            assert_eq!(c.states_retention, Some(Duration::from_secs(secs)), "{v}");
+        }
+        assert_eq!(
+            cfg(&[]).unwrap().states_prune_interval,
+            DEFAULT_PRUNE_INTERVAL
+        );
+    }
+
+    #[test]
+    fn a_bad_states_retention_names_the_variable() {
+        for bad in ["forever", "0", "0d", "-1d", "30 days"] {
+            let e = cfg(&[("MG_TWINS_STATES_RETENTION", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("MG_TWINS_STATES_RETENTION: invalid value"),
+                "{bad}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
         }
     }
 }

@@ -179,19 +179,32 @@ async fn copy_states(
     batch: usize,
     progress: &mut Progress,
 ) -> Result<(), String> {
-    // State ids run from 0 without gaps: the target's latest says where to go on.
+    // A twin's state ids are one unbroken run (from 0, or from the oldest retention
+    // kept): the target's latest says where to go on, counted from the source's first.
+    let first = source
+        .states
+        .list(
+            twin_id,
+            crate::domain::PageRequest {
+                offset: 0,
+                limit: 1,
+            },
+        )
+        .await
+        .map_err(failed("reading states"))?;
+    let Some(first_id) = first.items.first().map(|s| s.id) else {
+        return Ok(());
+    };
     let mut next = match target
         .states
         .latest(twin_id)
         .await
         .map_err(failed("reading the target's latest state"))?
     {
-        Some(s) => {
-            progress.done.states += u64::try_from(s.id + 1).unwrap_or(0);
-            u64::try_from(s.id + 1).unwrap_or(0)
-        }
+        Some(s) => u64::try_from(s.id + 1 - first_id).unwrap_or(0),
         None => 0,
     };
+    progress.done.states += next;
     loop {
         let page = source
             .states

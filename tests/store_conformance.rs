@@ -21,6 +21,7 @@ use uuid::Uuid;
 use common::backend::{self, Backend};
 use twins::domain::PageRequest;
 use twins::domain::document::Document;
+use twins::domain::history::{Window, summarize};
 use twins::domain::sampling::Write;
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
@@ -53,6 +54,14 @@ macro_rules! conformance_cases {
             states_save_update_and_latest,
             saving_an_existing_state_id_is_a_conflict,
             states_list_pages_by_id_with_total_from_latest,
+            range_pages_the_window_in_history_order_with_its_total,
+            range_bounds_finer_than_a_millisecond_are_exact,
+            state_at_is_the_latest_created_not_after_the_instant,
+            summary_matches_the_state_by_state_definition,
+            history_of_a_twin_without_states_is_empty,
+            prune_removes_old_states_from_the_first_id_never_the_latest,
+            prune_stops_at_a_newer_state_and_keeps_pages_by_id_right,
+            twin_ids_after_walks_every_twin_in_id_order,
             cursor_of_an_unknown_twin_is_empty,
             apply_writes_states_and_moves_the_cursor,
             apply_with_a_stale_sequence_is_a_conflict_and_writes_nothing,
@@ -763,6 +772,268 @@ async fn states_list_pages_by_id_with_total_from_latest(store: &Store) {
     assert_eq!((beyond.total, beyond.items.len()), (25, 0));
     let none = store.states.list("unknown", page(0, 10)).await.unwrap();
     assert_eq!((none.total, none.items.len()), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// History
+
+/// A state of twin "t" created `ms` after T0.
+fn state_at_ms(id: i64, ms: i64, payload: Value) -> State {
+    State {
+        twin_id: "t".into(),
+        id,
+        definition: id % 2,
+        created: at(T0_MS + ms),
+        payload: object(payload),
+    }
+}
+
+/// States with out-of-order times (3 and 6 are older than the state before them), ties on
+/// `created` (2 and 4), attributes that come and go, and values of every JSON type.
+fn history_fixture() -> Vec<State> {
+    vec![
+        state_at_ms(0, 0, json!({"temp": 20, "status": "ok"})),
+        state_at_ms(1, 1000, json!({"temp": 21.5, "status": "ok", "on": true})),
+        state_at_ms(2, 3000, json!({"temp": -4, "on": false, "n": null})),
+        state_at_ms(
+            3,
+            2000,
+            json!({"temp": "broken", "pos": {"x": 1, "y": [2, 3]}}),
+        ),
+        state_at_ms(4, 3000, json!({"temp": 30.25, "status": "hot", "n": 7})),
+        state_at_ms(5, 5000, json!({"status": "cold", "only_last": 1})),
+        state_at_ms(6, 4000, json!({"temp": 19, "pos": {"x": 2}})),
+    ]
+}
+
+async fn save_history(store: &Store) -> Vec<State> {
+    let states = history_fixture();
+    for s in &states {
+        store.states.save(s).await.unwrap();
+    }
+    // Another twin's states, at the same times, must never show.
+    for s in &states {
+        let mut other = s.clone();
+        other.twin_id = "other".into();
+        other.payload = object(json!({"temp": 1000, "foreign": true}));
+        store.states.save(&other).await.unwrap();
+    }
+    states
+}
+
+fn window_ms(from: Option<i64>, to: Option<i64>) -> Window {
+    Window::new(from.map(|m| at(T0_MS + m)), to.map(|m| at(T0_MS + m))).unwrap()
+}
+
+/// The oracle: the states of the window by created, then id.
+fn expected_window(states: &[State], window: &Window) -> Vec<State> {
+    let mut hit: Vec<State> = states
+        .iter()
+        .filter(|s| window.from.is_none_or(|f| f <= s.created))
+        .filter(|s| window.to.is_none_or(|t| s.created <= t))
+        .cloned()
+        .collect();
+    hit.sort_by_key(|s| (s.created, s.id));
+    hit
+}
+
+/// The oracle: the greatest created not after `t`, ties to the greatest id.
+fn expected_at(states: &[State], t: DateTime<Utc>) -> Option<State> {
+    states
+        .iter()
+        .filter(|s| s.created <= t)
+        .max_by_key(|s| (s.created, s.id))
+        .cloned()
+}
+
+async fn range_pages_the_window_in_history_order_with_its_total(store: &Store) {
+    let states = save_history(store).await;
+    let windows = [
+        window_ms(None, None),
+        window_ms(None, Some(2500)),
+        window_ms(Some(2000), Some(3000)),
+        window_ms(Some(1001), None),
+        window_ms(Some(3000), Some(3000)),
+        window_ms(Some(6000), None),
+        window_ms(None, Some(-1)),
+    ];
+    for w in &windows {
+        let want = expected_window(&states, w);
+        for (offset, limit) in [(0, 100), (0, 2), (1, 3), (5, 2), (7, 1)] {
+            let got = store
+                .states
+                .range("t", w, page(offset, limit))
+                .await
+                .unwrap();
+            let items: Vec<State> = want
+                .iter()
+                .skip(offset as usize)
+                .take(limit as usize)
+                .cloned()
+                .collect();
+            assert_eq!(got.total, want.len() as u64, "{w:?}");
+            assert_eq!((got.offset, got.limit), (offset, limit));
+            assert_eq!(got.items, items, "{w:?} {offset} {limit}");
+        }
+    }
+}
+
+async fn range_bounds_finer_than_a_millisecond_are_exact(store: &Store) {
+    let states = save_history(store).await;
+    let ns = chrono::Duration::nanoseconds(1);
+    // Just after the ties at 3000 and just before 5000: both ends exclude their neighbour.
+    let w = Window::new(Some(at(T0_MS + 3000) + ns), Some(at(T0_MS + 5000) - ns)).unwrap();
+    let got = store.states.range("t", &w, page(0, 100)).await.unwrap();
+    assert_eq!(got.items, expected_window(&states, &w));
+    assert_eq!(got.items.iter().map(|s| s.id).collect::<Vec<_>>(), vec![6]);
+    assert_eq!(
+        store
+            .states
+            .at("t", &(at(T0_MS + 1000) - ns))
+            .await
+            .unwrap(),
+        Some(states[0].clone())
+    );
+}
+
+async fn state_at_is_the_latest_created_not_after_the_instant(store: &Store) {
+    let states = save_history(store).await;
+    for ms in [
+        -1, 0, 1, 999, 1000, 1500, 2000, 2999, 3000, 3500, 4000, 4999, 5000, 9000,
+    ] {
+        let t = at(T0_MS + ms);
+        let got = store.states.at("t", &t).await.unwrap();
+        assert_eq!(got, expected_at(&states, t), "at {ms} ms");
+    }
+    // Before the first state: none; on the tie at 3000, the greater id.
+    assert_eq!(store.states.at("t", &at(T0_MS - 1)).await.unwrap(), None);
+    let tie = store.states.at("t", &at(T0_MS + 3000)).await.unwrap();
+    assert_eq!(tie.map(|s| s.id), Some(4));
+}
+
+async fn summary_matches_the_state_by_state_definition(store: &Store) {
+    let states = save_history(store).await;
+    let windows = [
+        window_ms(None, None),
+        window_ms(Some(1000), Some(3000)),
+        window_ms(Some(2000), None),
+        window_ms(Some(3000), Some(3000)),
+        window_ms(Some(9000), None),
+    ];
+    for w in &windows {
+        let want = summarize(&expected_window(&states, w));
+        let got = store.states.summary("t", w).await.unwrap();
+        assert_eq!(got.states, want.states, "{w:?}");
+        assert_eq!(
+            got.attributes.keys().collect::<Vec<_>>(),
+            want.attributes.keys().collect::<Vec<_>>(),
+            "{w:?}"
+        );
+        for (name, a) in &want.attributes {
+            let g = &got.attributes[name];
+            assert_eq!(
+                (g.count, &g.first, &g.last, &g.min, &g.max),
+                (a.count, &a.first, &a.last, &a.min, &a.max),
+                "{w:?} {name}"
+            );
+            match (g.mean, a.mean) {
+                (Some(x), Some(y)) => assert!((x - y).abs() < 1e-9, "{w:?} {name}: {x} {y}"),
+                (x, y) => assert_eq!(x, y, "{w:?} {name}"),
+            }
+        }
+    }
+}
+
+async fn history_of_a_twin_without_states_is_empty(store: &Store) {
+    let all = Window::default();
+    let p = store.states.range("none", &all, page(0, 10)).await.unwrap();
+    assert_eq!((p.total, p.items.len()), (0, 0));
+    assert_eq!(store.states.at("none", &at(T0_MS)).await.unwrap(), None);
+    let s = store.states.summary("none", &all).await.unwrap();
+    assert_eq!((s.states, s.attributes.len()), (0, 0));
+    assert_eq!(store.states.prune("none", &at(T0_MS), 10).await.unwrap(), 0);
+}
+
+async fn prune_removes_old_states_from_the_first_id_never_the_latest(store: &Store) {
+    let all: Vec<State> = (0..10).map(|i| state("t", i, json!({"i": i}))).collect();
+    for s in &all {
+        store.states.save(s).await.unwrap();
+    }
+    store
+        .states
+        .save(&state("other", 0, json!({})))
+        .await
+        .unwrap();
+    // Every state is older than the cutoff: batches of 4, then the rest but the latest.
+    let before = at(T0_MS + 1_000_000);
+    let mut removed = Vec::new();
+    loop {
+        let n = store.states.prune("t", &before, 4).await.unwrap();
+        removed.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(removed, vec![4, 4, 1, 0]);
+    let left = store.states.list("t", page(0, 10)).await.unwrap();
+    assert_eq!((left.total, left.items), (1, vec![all[9].clone()]));
+    assert_eq!(
+        store.states.latest("t").await.unwrap(),
+        Some(all[9].clone())
+    );
+    assert_eq!(cursor(store, "t").await.last, Some(all[9].clone()));
+    // Other twins are untouched.
+    assert_eq!(
+        store.states.list("other", page(0, 10)).await.unwrap().total,
+        1
+    );
+}
+
+async fn prune_stops_at_a_newer_state_and_keeps_pages_by_id_right(store: &Store) {
+    // Created: 0, 1000, ... except state 4, newer than the cutoff, and state 6, as old
+    // as state 0 but after state 4.
+    let mut all: Vec<State> = (0..10).map(|i| state("t", i, json!({"i": i}))).collect();
+    all[4].created = at(T0_MS + 100_000);
+    all[6].created = at(T0_MS);
+    for s in &all {
+        store.states.save(s).await.unwrap();
+    }
+    // A state created exactly at the cutoff is not older than it.
+    let before = at(T0_MS + 3000);
+    assert_eq!(store.states.prune("t", &before, 100).await.unwrap(), 3);
+    assert_eq!(store.states.prune("t", &before, 100).await.unwrap(), 0);
+    let kept = &all[3..];
+    let p = store.states.list("t", page(0, 3)).await.unwrap();
+    assert_eq!((p.total, p.items), (7, kept[..3].to_vec()));
+    let p = store.states.list("t", page(5, 10)).await.unwrap();
+    assert_eq!((p.total, p.items), (7, kept[5..].to_vec()));
+    let p = store.states.list("t", page(7, 10)).await.unwrap();
+    assert_eq!((p.total, p.items.len()), (7, 0));
+    let w = Window::default();
+    let p = store.states.range("t", &w, page(0, 100)).await.unwrap();
+    assert_eq!(p.items, expected_window(kept, &w));
+}
+
+async fn twin_ids_after_walks_every_twin_in_id_order(store: &Store) {
+    let mut ids = Vec::new();
+    for (i, owner) in [ALICE, BOB, ALICE].iter().enumerate() {
+        let t = plain_twin(owner, &format!("w{i}"));
+        store.twins.save(&t).await.unwrap();
+        ids.push(t.id);
+    }
+    ids.sort();
+    let first = store.states.twin_ids_after("", 2).await.unwrap();
+    assert_eq!(first, ids[..2].to_vec());
+    let rest = store.states.twin_ids_after(&first[1], 2).await.unwrap();
+    assert_eq!(rest, ids[2..].to_vec());
+    assert!(
+        store
+            .states
+            .twin_ids_after(&ids[2], 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn cursor_of_an_unknown_twin_is_empty(store: &Store) {

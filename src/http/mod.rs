@@ -27,6 +27,7 @@ use tracing::Span;
 use crate::auth::Authenticator;
 use crate::service::documents::Documents;
 use crate::service::health::Health;
+use crate::service::history::History;
 use crate::service::twins::Twins;
 use error::ApiError;
 
@@ -38,6 +39,7 @@ pub const BODY_LIMIT: usize = 1 << 20;
 pub struct AppState {
     pub twins: Arc<dyn Twins>,
     pub documents: Arc<dyn Documents>,
+    pub history: Arc<dyn History>,
     pub auth: Arc<dyn Authenticator>,
     pub health: Health,
     pub metrics: PrometheusHandle,
@@ -63,6 +65,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         )
         .route("/twins/{id}/documents/{name}/delta", get(documents::delta))
         .route("/states/{id}", get(states::list))
+        .route("/twins/{id}/states/at", get(states::at))
+        .route("/twins/{id}/states/diff", get(states::diff))
+        .route("/twins/{id}/states/summary", get(states::summary))
         .route("/health", get(health::health))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))

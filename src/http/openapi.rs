@@ -8,6 +8,7 @@ use super::error::ErrorBody;
 use super::pages::{StatesPage, TwinsPage};
 use super::{documents, health, metrics, states, twins};
 use crate::domain::document::{Difference, Document, DocumentSummary};
+use crate::domain::history::{AttributeSummary, Change, StateDiff, StateInForce, WindowSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
 use crate::service::VersionMismatch;
@@ -18,14 +19,15 @@ use crate::service::documents::DeltaView;
     info(title = "twins", description = "Digital twins: definitions, states and documents"),
     paths(
         twins::create, twins::list, twins::view, twins::update, twins::remove,
-        states::list, documents::list, documents::get, documents::put, documents::patch,
-        documents::delete, documents::delta, health::health, health::live, health::ready,
-        metrics::render, document
+        states::list, states::at, states::diff, states::summary, documents::list, documents::get,
+        documents::put, documents::patch, documents::delete, documents::delta, health::health,
+        health::live, health::ready, metrics::render, document
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
         twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, health::ComponentCheck, health::Probe, Document, DocumentSummary, Difference,
-        DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList
+        DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList,
+        StateInForce, StateDiff, Change, WindowSummary, AttributeSummary
     )),
     modifiers(&BearerAuth)
 )]

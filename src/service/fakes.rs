@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{self, Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::time::now_millis;
@@ -234,6 +235,20 @@ impl Memory {
 }
 
 impl Tables {
+    /// The twin's states of `window` in history order.
+    fn history(&self, twin_id: &str, window: &Window) -> Vec<State> {
+        let mut states: Vec<State> = self
+            .states
+            .get(twin_id)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|s| window.contains(&s.created))
+            .cloned()
+            .collect();
+        states.sort_by(history::chronological);
+        states
+    }
+
     fn latest(&self, twin_id: &str) -> Option<State> {
         self.states
             .get(twin_id)
@@ -408,22 +423,85 @@ impl StateRepository for Memory {
         self.enter("states.list")?;
         let data = self.data();
         let states = data.states.get(twin_id);
-        // Ids are gap-free from 0, so the total is the latest id + 1, as the backends
-        // count it.
-        let total = states
-            .and_then(|s| s.last_key_value())
-            .map_or(0, |(id, _)| id + 1) as u64;
         Ok(Page {
-            total,
+            total: states.map_or(0, BTreeMap::len) as u64,
             offset: page.offset,
             limit: page.limit,
             items: states
                 .into_iter()
-                .flat_map(|s| s.range(page.offset as i64..))
+                .flat_map(BTreeMap::values)
+                .skip(page.offset as usize)
                 .take(page.limit as usize)
-                .map(|(_, s)| s.clone())
+                .cloned()
                 .collect(),
         })
+    }
+
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>> {
+        self.enter("states.range")?;
+        let states = self.data().history(twin_id, window);
+        Ok(Page {
+            total: states.len() as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: states
+                .into_iter()
+                .skip(page.offset as usize)
+                .take(page.limit as usize)
+                .collect(),
+        })
+    }
+
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
+        self.enter("states.at")?;
+        let states = self.data().history(twin_id, &Window::default());
+        Ok(history::in_force(&states, at).cloned())
+    }
+
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
+        self.enter("states.summary")?;
+        Ok(history::summarize(&self.data().history(twin_id, window)))
+    }
+
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>> {
+        self.enter("states.twin_ids_after")?;
+        let mut ids: Vec<String> = self
+            .data()
+            .twins
+            .iter()
+            .map(|t| t.id.clone())
+            .filter(|id| id.as_str() > after)
+            .collect();
+        ids.sort();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64> {
+        self.enter("states.prune")?;
+        let mut data = self.data();
+        let Some(states) = data.states.get_mut(twin_id) else {
+            return Ok(0);
+        };
+        let Some(last) = states.last_key_value().map(|(id, _)| *id) else {
+            return Ok(0);
+        };
+        let first: Vec<_> = states
+            .values()
+            .take(limit)
+            .map(|s| (s.id, s.created))
+            .collect();
+        let Some(keep) = crate::store::prune_bound(&first, last, before) else {
+            return Ok(0);
+        };
+        let before_len = states.len();
+        states.retain(|id, _| *id >= keep);
+        Ok((before_len - states.len()) as u64)
     }
 }
 

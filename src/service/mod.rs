@@ -12,11 +12,13 @@ mod contention;
 pub mod documents;
 pub mod events;
 pub mod health;
+pub mod history;
 pub mod inband;
 pub mod ingest;
 pub mod lookup;
 pub mod metered;
 pub mod notify;
+pub mod retention;
 pub mod traced;
 pub mod twins;
 
@@ -54,6 +56,9 @@ pub enum ServiceError {
     /// No such entity for this caller (missing or owned by someone else).
     #[error("entity not found")]
     NotFound,
+    /// The twin exists but not what was asked of it; the message says what.
+    #[error("{0}")]
+    Absent(&'static str),
     /// A version-checked write found another version stored.
     #[error("document version mismatch")]
     VersionMismatch(Box<VersionMismatch>),

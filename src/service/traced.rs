@@ -3,13 +3,16 @@
 //! `twins.create`, `documents.write`, `ingest.batch`...
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
 use super::ServiceResult;
 use super::documents::{Access, Change, DeltaView, Documents};
+use super::history::History;
 use super::ingest::{Batch, BatchReport, Ingest, IngestError, SetAside};
 use super::twins::{NewTwin, TwinUpdate, Twins};
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{StateDiff, StateInForce, Window, WindowSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, TwinFilter};
 use crate::domain::{Page, PageRequest};
@@ -132,5 +135,50 @@ impl<S: Ingest> Ingest for Traced<S> {
 
     fn reset(&self) {
         self.0.reset();
+    }
+}
+
+#[async_trait]
+impl<S: History> History for Traced<S> {
+    async fn range(
+        &self,
+        owner: &str,
+        twin_id: &str,
+        window: Window,
+        page: PageRequest,
+    ) -> ServiceResult<Page<State>> {
+        let span = tracing::info_span!("states.range", twin.id = twin_id);
+        self.0
+            .range(owner, twin_id, window, page)
+            .instrument(span)
+            .await
+    }
+
+    async fn at(
+        &self,
+        owner: &str,
+        twin_id: &str,
+        at: DateTime<Utc>,
+    ) -> ServiceResult<StateInForce> {
+        let span = tracing::info_span!("states.at", twin.id = twin_id);
+        self.0.at(owner, twin_id, at).instrument(span).await
+    }
+
+    async fn diff(&self, owner: &str, twin_id: &str, window: Window) -> ServiceResult<StateDiff> {
+        let span = tracing::info_span!("states.diff", twin.id = twin_id);
+        self.0.diff(owner, twin_id, window).instrument(span).await
+    }
+
+    async fn summary(
+        &self,
+        owner: &str,
+        twin_id: &str,
+        window: Window,
+    ) -> ServiceResult<WindowSummary> {
+        let span = tracing::info_span!("states.summary", twin.id = twin_id);
+        self.0
+            .summary(owner, twin_id, window)
+            .instrument(span)
+            .await
     }
 }

@@ -18,8 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{AttributeSummary, Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
@@ -145,6 +148,93 @@ pub trait StateRepository: Send + Sync {
     async fn latest(&self, twin_id: &str) -> StoreResult<Option<State>>;
     /// A page of the twin's states ordered by id ascending.
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>>;
+    /// A page of the twin's states in `window`, in history order (created, then id),
+    /// with the number of states in the window; through the (twin, created) index.
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>>;
+    /// The state in force at `at` ([`in_force`](crate::domain::history::in_force)), found through the (twin,
+    /// created) index.
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>>;
+    /// The states of `window` summarised ([`summarize`](crate::domain::history::summarize)), aggregated in the
+    /// store: what comes back is one row per attribute, whatever the number of states.
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary>;
+    /// Ids of twins in id order after `after` (`""` for the first), at most `limit`:
+    /// how retention walks every twin a page at a time.
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>>;
+    /// Deletes at most `limit` of the twin's oldest states created before `before`,
+    /// never its latest state, and says how many went. States go from the first id on:
+    /// one goes once it and every state before it are older than `before`, so a twin's
+    /// ids stay one gap-free run and a plain page is still found by id (an out-of-order
+    /// old state waits for the newer ones before it).
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64>;
+}
+
+/// How many of a twin's states [`StateRepository::prune`] may delete, given its first
+/// states `(id, created)` in id order (at most the batch) and its latest id: the
+/// exclusive upper id of the run to delete, None when nothing goes.
+pub fn prune_bound(
+    first: &[(i64, DateTime<Utc>)],
+    latest: i64,
+    before: &DateTime<Utc>,
+) -> Option<i64> {
+    let keep = first
+        .iter()
+        .find(|(id, created)| *id >= latest || created >= before)
+        .map_or_else(
+            || first.last().map_or(latest, |(id, _)| id + 1),
+            |(id, _)| *id,
+        )
+        .min(latest);
+    first.first().filter(|(id, _)| *id < keep).map(|_| keep)
+}
+
+/// One attribute as a store aggregates it: what [`AttributeSummary`] needs but `first`
+/// and `last`, and where to find those (the `created` of the first and last states of
+/// the window that have the attribute).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    pub name: String,
+    pub count: u64,
+    pub min: Value,
+    pub max: Value,
+    pub mean: Option<f64>,
+    pub first_created: i64,
+    pub last_created: i64,
+}
+
+/// A [`Summary`] from a store's aggregates; `value_at(name, created, last)` reads the
+/// attribute's value in the state created then that has it (the one with the smallest
+/// id, or the greatest when `last`): one indexed lookup per attribute and end.
+pub async fn assemble_summary<F, Fut>(
+    states: u64,
+    aggregates: Vec<Aggregate>,
+    mut value_at: F,
+) -> StoreResult<Summary>
+where
+    F: FnMut(String, i64, bool) -> Fut,
+    Fut: std::future::Future<Output = StoreResult<Option<Value>>>,
+{
+    let mut attributes = std::collections::BTreeMap::new();
+    for a in aggregates {
+        let first = value_at(a.name.clone(), a.first_created, false).await?;
+        let last = value_at(a.name.clone(), a.last_created, true).await?;
+        attributes.insert(
+            a.name,
+            AttributeSummary {
+                count: a.count,
+                first: first.unwrap_or(Value::Null),
+                last: last.unwrap_or(Value::Null),
+                min: a.min,
+                max: a.max,
+                mean: a.mean.filter(|m| m.is_finite()),
+            },
+        );
+    }
+    Ok(Summary { states, attributes })
 }
 
 /// The ingestion log of an instance group: who may ingest (a lease), how far the group

@@ -78,6 +78,39 @@ pub const LATEST_STATE: &str = "SELECT twin_id, id, definition, created, payload
 pub const LATEST_STATE_ID: &str =
     "SELECT id FROM states WHERE twin_id = $1 ORDER BY id DESC LIMIT 1";
 
+/// Twin id: its first and latest state ids (both null without states). Retention
+/// removes states from the first id on, so the ids in between are all there.
+pub const STATE_ID_BOUNDS: &str = "SELECT
+    (SELECT id FROM states WHERE twin_id = $1 ORDER BY id LIMIT 1) AS first,
+    (SELECT id FROM states WHERE twin_id = $1 ORDER BY id DESC LIMIT 1) AS last";
+
+/// Twin id, from, to (Unix ns, both inclusive): the states of a window.
+pub const RANGE_COUNT: &str =
+    "SELECT COUNT(*) FROM states WHERE twin_id = $1 AND created >= $2 AND created <= $3";
+
+/// Twin id, from, to, limit, offset: a page of a window in history order. The page is
+/// found on the (twin, created) index alone (ids only), then its rows are read, so a deep
+/// offset skips index entries, not rows.
+pub const RANGE_PAGE: &str = "SELECT s.twin_id, s.id, s.definition, s.created, s.payload
+    FROM (SELECT id FROM states WHERE twin_id = $1 AND created >= $2 AND created <= $3
+          ORDER BY created, id LIMIT $4 OFFSET $5) AS p
+    JOIN states AS s ON s.twin_id = $1 AND s.id = p.id
+    ORDER BY s.created, s.id";
+
+/// Twin id, time: the state in force then.
+pub const STATE_AT: &str = "SELECT twin_id, id, definition, created, payload FROM states
+    WHERE twin_id = $1 AND created <= $2 ORDER BY created DESC, id DESC LIMIT 1";
+
+/// After id, limit: the walk of retention over every twin.
+pub const TWIN_IDS_AFTER: &str = "SELECT id FROM twins WHERE id > $1 ORDER BY id LIMIT $2";
+
+/// Twin id, limit: the first states' ids and times, which retention may remove.
+pub const FIRST_STATES: &str =
+    "SELECT id, created FROM states WHERE twin_id = $1 ORDER BY id LIMIT $2";
+
+/// Twin id, first id kept.
+pub const DELETE_STATES_BEFORE: &str = "DELETE FROM states WHERE twin_id = $1 AND id < $2";
+
 /// Twin id, first id, limit.
 pub const STATES_FROM: &str = "SELECT twin_id, id, definition, created, payload FROM states
     WHERE twin_id = $1 AND id >= $2 ORDER BY id LIMIT $3";
@@ -178,6 +211,8 @@ pub fn positions(rows: Vec<(String, i64)>) -> Vec<(String, u64)> {
 pub trait Columns {
     fn text(&self, column: &str) -> StoreResult<String>;
     fn int(&self, column: &str) -> StoreResult<i64>;
+    /// A nullable floating-point column.
+    fn float(&self, column: &str) -> StoreResult<Option<f64>>;
     /// A JSON column, deserialized; `what` names it in the error of a corrupt value.
     fn json<T: DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T>;
 }
@@ -229,9 +264,37 @@ pub fn summary_from_row(row: &impl Columns) -> StoreResult<DocumentSummary> {
     })
 }
 
-/// A page's total from the latest state id: ids are a gap-free sequence from 0.
-pub fn states_total(latest_id: Option<i64>) -> u64 {
-    latest_id.map_or(0, |id| id.max(-1) + 1) as u64
+/// A page's total and the id its first state has, from the first and latest state
+/// ids ([`STATE_ID_BOUNDS`]): ids are a gap-free run, from 0 until retention removes
+/// the oldest.
+pub fn states_span(first: Option<i64>, last: Option<i64>, offset: u64) -> (u64, i64) {
+    match (first, last) {
+        (Some(first), Some(last)) if last >= first => (
+            u64::try_from(last - first).map_or(0, |n| n + 1),
+            first.saturating_add(to_i64(offset)),
+        ),
+        _ => (0, 0),
+    }
+}
+
+/// The parts of an attribute's summary a SQL store aggregates ([`super::Aggregate`]),
+/// from a row with the columns `name count min max mean first_created last_created`.
+pub fn aggregate_from_row(row: &impl Columns) -> StoreResult<super::Aggregate> {
+    Ok(super::Aggregate {
+        name: row.text("name")?,
+        count: seq_of(row.int("count")?),
+        min: row.json("min", "summary")?,
+        max: row.json("max", "summary")?,
+        mean: row.float("mean")?,
+        first_created: row.int("first_created")?,
+        last_created: row.int("last_created")?,
+    })
+}
+
+/// The value of `name` in a payload row of a summary's lookup.
+pub fn payload_value(row: &impl Columns, name: &str) -> StoreResult<Option<serde_json::Value>> {
+    let mut payload: crate::domain::state::Payload = row.json("payload", "payload")?;
+    Ok(payload.remove(name))
 }
 
 /// A stream sequence or position as stored (a signed 64-bit integer).

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tracing::{Instrument, Span};
 
 use super::{
@@ -17,6 +18,7 @@ use super::{
     StateRepository, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{Summary, Window};
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
 use crate::domain::{Page, PageRequest};
@@ -107,6 +109,35 @@ impl StateRepository for Traced<dyn StateRepository> {
 
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
         traced("store.states.list", self.0.list(twin_id, page)).await
+    }
+
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>> {
+        traced("store.states.range", self.0.range(twin_id, window, page)).await
+    }
+
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
+        traced("store.states.at", self.0.at(twin_id, at)).await
+    }
+
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
+        traced("store.states.summary", self.0.summary(twin_id, window)).await
+    }
+
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>> {
+        traced(
+            "store.states.twin_ids_after",
+            self.0.twin_ids_after(after, limit),
+        )
+        .await
+    }
+
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64> {
+        traced("store.states.prune", self.0.prune(twin_id, before, limit)).await
     }
 }
 

@@ -9,6 +9,7 @@ mod decorators;
 mod documents;
 mod inband;
 mod ingest;
+mod retention;
 mod twins;
 
 use std::sync::Arc;

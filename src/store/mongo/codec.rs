@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
 use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::history::AttributeSummary;
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, Twin};
 use crate::store::{StoreError, StoreResult};
@@ -313,6 +314,35 @@ pub fn id_from_bson(doc: &Document, what: &'static str) -> StoreResult<String> {
 /// The id of a state document (projected or whole).
 pub fn state_id_from_bson(doc: &Document) -> StoreResult<i64> {
     Fields::new(doc, "state").int("id")
+}
+
+/// One group of [`super::filters::summary_pipeline`]: the attribute and its summary.
+pub fn attribute_summary_from_bson(doc: &Document) -> StoreResult<(String, AttributeSummary)> {
+    let f = Fields::new(doc, "summary");
+    let value = |key: &str| doc.get(key).map_or(Value::Null, bson_to_json);
+    let mean = match doc.get("mean") {
+        Some(Bson::Double(m)) => Some(*m).filter(|m| m.is_finite()),
+        Some(Bson::Int32(m)) => Some(f64::from(*m)),
+        Some(Bson::Int64(m)) => Some(*m as f64),
+        _ => None,
+    };
+    Ok((
+        f.str("_id")?,
+        AttributeSummary {
+            count: u64::try_from(f.int("count")?).unwrap_or(0),
+            first: value("first"),
+            last: value("last"),
+            min: value("min"),
+            max: value("max"),
+            mean,
+        },
+    ))
+}
+
+/// A state's id and creation time, from a document projected to them.
+pub fn state_id_and_created(doc: &Document) -> StoreResult<(i64, DateTime<Utc>)> {
+    let f = Fields::new(doc, "state");
+    Ok((f.int("id")?, f.date("created")?))
 }
 
 #[cfg(test)]

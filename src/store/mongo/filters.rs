@@ -7,10 +7,12 @@
 //! value literally.
 
 use bson::{Bson, Document, bson, doc};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::codec;
 use crate::domain::document::Document as TwinDocument;
+use crate::domain::history::Window;
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
 use crate::store::TwinFilter;
@@ -35,6 +37,8 @@ pub fn indexes() -> Vec<(&'static str, Document, bool)> {
             false,
         ),
         (STATES, doc! { "twinid": 1, "id": 1 }, true),
+        // History order: ranges, the state in force at an instant, summaries.
+        (STATES, doc! { "twinid": 1, "created": 1, "id": 1 }, false),
         (DOCUMENTS, doc! { "twinid": 1, "name": 1 }, true),
         (CURSORS, doc! { "twinid": 1 }, true),
     ]
@@ -206,10 +210,86 @@ pub fn state(twin_id: &str, id: i64) -> Document {
     doc! { "twinid": twin_id, "id": id }
 }
 
-/// The twin's states from id `offset` on.
-pub fn states_from(twin_id: &str, offset: u64) -> Document {
-    let offset = i64::try_from(offset).unwrap_or(i64::MAX);
-    doc! { "twinid": twin_id, "id": { "$gte": offset } }
+/// The twin's states from id `first` on.
+pub fn states_from(twin_id: &str, first: i64) -> Document {
+    doc! { "twinid": twin_id, "id": { "$gte": first } }
+}
+
+/// The first BSON date after `t` (dates hold milliseconds): `created < after(t)` is
+/// `created <= t` for every stored date. (A strict bound also sidesteps servers whose
+/// index bounds treat `$lte` on dates as `$lt`.)
+fn millis_after(t: &DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(t.timestamp_millis().saturating_add(1))
+}
+
+/// A BSON date of `t` rounded up to the millisecond: the first stored date not before `t`.
+fn millis_ceil(t: &DateTime<Utc>) -> bson::DateTime {
+    let up = i64::from(!t.timestamp_subsec_nanos().is_multiple_of(1_000_000));
+    bson::DateTime::from_millis(t.timestamp_millis().saturating_add(up))
+}
+
+/// The twin's states of a window. Dates hold milliseconds, so a bound with a finer
+/// part is rounded inwards: exactly the states whose served `created` is in the window.
+pub fn states_in(twin_id: &str, window: &Window) -> Document {
+    let mut created = Document::new();
+    if let Some(from) = &window.from {
+        created.insert("$gte", millis_ceil(from));
+    }
+    if let Some(to) = &window.to {
+        created.insert("$lt", millis_after(to));
+    }
+    let mut d = doc! { "twinid": twin_id };
+    if !created.is_empty() {
+        d.insert("created", created);
+    }
+    d
+}
+
+/// The twin's states created at or before `at`.
+pub fn states_until(twin_id: &str, at: &DateTime<Utc>) -> Document {
+    doc! { "twinid": twin_id, "created": { "$lt": millis_after(at) } }
+}
+
+/// History order (created, then id), ascending (1) or descending (-1): the order of the
+/// (twinid, created, id) index.
+pub fn history_order(direction: i32) -> Document {
+    doc! { "created": direction, "id": direction }
+}
+
+/// Twins after this id, for the walk of retention.
+pub fn twins_after(after: &str) -> Document {
+    doc! { "id": { "$gt": after } }
+}
+
+/// The twin's states before id `keep`.
+pub fn states_before(twin_id: &str, keep: i64) -> Document {
+    doc! { "twinid": twin_id, "id": { "$lt": keep } }
+}
+
+/// A number, or nothing (which `$min`, `$max` and `$avg` skip).
+fn numeric(field: &str) -> Bson {
+    bson!({ "$cond": [{ "$isNumber": field }, field, Bson::Null] })
+}
+
+/// One document per attribute of the window's states: `_id` the attribute name,
+/// `count`, `first`, `last` (in history order, sorted on the index before grouping),
+/// and `min`, `max`, `mean` over its numbers.
+pub fn summary_pipeline(twin_id: &str, window: &Window) -> Vec<Document> {
+    vec![
+        doc! { "$match": states_in(twin_id, window) },
+        doc! { "$sort": history_order(1) },
+        doc! { "$project": { "_id": 0, "kv": { "$objectToArray": "$payload" } } },
+        doc! { "$unwind": "$kv" },
+        doc! { "$group": {
+            "_id": "$kv.k",
+            "count": { "$sum": 1 },
+            "first": { "$first": "$kv.v" },
+            "last": { "$last": "$kv.v" },
+            "min": { "$min": numeric("$kv.v") },
+            "max": { "$max": numeric("$kv.v") },
+            "mean": { "$avg": numeric("$kv.v") },
+        } },
+    ]
 }
 
 /// Replaces what a state holds; its key (`twinid`, `id`) stays.
@@ -301,6 +381,7 @@ mod tests {
                 false,
             ),
             ("states", vec!["twinid", "id"], true),
+            ("states", vec!["twinid", "created", "id"], false),
             ("documents", vec!["twinid", "name"], true),
             ("ingest_cursors", vec!["twinid"], true),
         ];

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bson::{Document, doc};
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
@@ -31,6 +32,7 @@ use super::{
     TwinRepository, Versioned,
 };
 use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
@@ -364,16 +366,14 @@ impl StateRepository for MongoStore {
     }
 
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
-        // As in SQLite: state ids are a gap-free sequence from 0, so the total is the
-        // latest id + 1 and a page starts at id = offset, both straight from the index.
-        let last = self.latest_fields(twin_id, &["id"]).await?;
-        let total = match &last {
-            Some(d) => codec::state_id_from_bson(d)?.max(-1) + 1,
-            None => 0,
-        } as u64;
+        // As in SQLite: state ids are a gap-free run, so the total and the first id of
+        // a page come straight from the index.
+        let first = self.state_id_at_end(twin_id, 1).await?;
+        let last = self.state_id_at_end(twin_id, -1).await?;
+        let (total, start) = crate::store::sql::states_span(first, last, page.offset);
         let docs = collect(
             self.states
-                .find(filters::states_from(twin_id, page.offset))
+                .find(filters::states_from(twin_id, start))
                 .sort(filters::by("id", 1))
                 .limit(to_i64(page.limit))
                 .await
@@ -389,6 +389,134 @@ impl StateRepository for MongoStore {
                 .map(codec::state_from_bson)
                 .collect::<StoreResult<_>>()?,
         })
+    }
+
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>> {
+        let filter = filters::states_in(twin_id, window);
+        let total = self
+            .states
+            .count_documents(filter.clone())
+            .await
+            .map_err(map_err)?;
+        let docs = collect(
+            self.states
+                .find(filter)
+                .sort(filters::history_order(1))
+                .skip(page.offset)
+                .limit(to_i64(page.limit))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: docs
+                .iter()
+                .map(codec::state_from_bson)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
+        self.states
+            .find_one(filters::states_until(twin_id, at))
+            .sort(filters::history_order(-1))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::state_from_bson)
+            .transpose()
+    }
+
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
+        let states = self
+            .states
+            .count_documents(filters::states_in(twin_id, window))
+            .await
+            .map_err(map_err)?;
+        let groups = collect(
+            self.states
+                .aggregate(filters::summary_pipeline(twin_id, window))
+                .allow_disk_use(true)
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        Ok(Summary {
+            states,
+            attributes: groups
+                .iter()
+                .map(codec::attribute_summary_from_bson)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>> {
+        let docs = collect(
+            self.twins
+                .find(filters::twins_after(after))
+                .sort(filters::by("id", 1))
+                .projection(filters::only(&["id"]))
+                .limit(to_i64(limit as u64))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?;
+        docs.iter()
+            .map(|d| codec::id_from_bson(d, "twin"))
+            .collect()
+    }
+
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64> {
+        // A twin's latest id only grows and ingestion rewrites only the latest state, so
+        // what is read here stays true of the states deleted.
+        let Some(last) = self.state_id_at_end(twin_id, -1).await? else {
+            return Ok(0);
+        };
+        let first = collect(
+            self.states
+                .find(filters::states_of(twin_id))
+                .sort(filters::by("id", 1))
+                .projection(filters::only(&["id", "created"]))
+                .limit(to_i64(limit as u64))
+                .await
+                .map_err(map_err)?,
+        )
+        .await?
+        .iter()
+        .map(codec::state_id_and_created)
+        .collect::<StoreResult<Vec<_>>>()?;
+        let Some(keep) = crate::store::prune_bound(&first, last, before) else {
+            return Ok(0);
+        };
+        let done = self
+            .states
+            .delete_many(filters::states_before(twin_id, keep))
+            .await
+            .map_err(map_err)?;
+        Ok(done.deleted_count)
+    }
+}
+
+impl MongoStore {
+    /// The twin's first (`direction` 1) or latest (-1) state id, from the index.
+    async fn state_id_at_end(&self, twin_id: &str, direction: i32) -> StoreResult<Option<i64>> {
+        self.states
+            .find_one(filters::states_of(twin_id))
+            .sort(filters::by("id", direction))
+            .projection(filters::only(&["id"]))
+            .await
+            .map_err(map_err)?
+            .as_ref()
+            .map(codec::state_id_from_bson)
+            .transpose()
     }
 }
 

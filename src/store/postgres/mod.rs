@@ -16,6 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -27,9 +28,10 @@ use super::{
     TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
-use crate::domain::time::to_nanos;
+use crate::domain::time::{from_nanos, to_nanos};
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
 use crate::error::redact_url;
@@ -41,11 +43,18 @@ pub const DEFAULT_POOL_SIZE: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema's migrations, oldest first, compiled into the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../../migrations/postgres/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        3,
+        "states_history",
+        include_str!("../../../migrations/postgres/0003_states_history.sql"),
+    ),
+];
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -169,6 +178,11 @@ impl Columns for PgRow {
     }
 
     fn int(&self, column: &str) -> StoreResult<i64> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
+
+    fn float(&self, column: &str) -> StoreResult<Option<f64>> {
         self.try_get(column)
             .map_err(|e| StoreError::Internal(e.into()))
     }
@@ -376,20 +390,21 @@ impl StateRepository for PostgresStore {
     }
 
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
-        let last: Option<i64> = sqlx::query_scalar(sql::LATEST_STATE_ID)
+        let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(sql::STATE_ID_BOUNDS)
             .bind(twin_id)
-            .fetch_optional(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(map_err)?;
+        let (total, start) = sql::states_span(first, last, page.offset);
         let rows = sqlx::query(sql::STATES_FROM)
             .bind(twin_id)
-            .bind(i64::try_from(page.offset).unwrap_or(i64::MAX))
-            .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
+            .bind(start)
+            .bind(sql::to_i64(page.limit))
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
         Ok(Page {
-            total: sql::states_total(last),
+            total,
             offset: page.offset,
             limit: page.limit,
             items: rows
@@ -397,6 +412,169 @@ impl StateRepository for PostgresStore {
                 .map(sql::state_from_row)
                 .collect::<StoreResult<_>>()?,
         })
+    }
+
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>> {
+        let (from, to) = window.nanos();
+        let total = self.window_count(twin_id, from, to).await?;
+        let rows = sqlx::query(sql::RANGE_PAGE)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .bind(sql::to_i64(page.limit))
+            .bind(sql::to_i64(page.offset))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::state_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
+        let row = sqlx::query(sql::STATE_AT)
+            .bind(twin_id)
+            .bind(to_nanos(at))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::state_from_row).transpose()
+    }
+
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
+        let (from, to) = window.nanos();
+        let states = self.window_count(twin_id, from, to).await?;
+        let rows = sqlx::query(SUMMARY)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let aggregates = rows
+            .iter()
+            .map(sql::aggregate_from_row)
+            .collect::<StoreResult<_>>()?;
+        super::assemble_summary(states, aggregates, |name, created, last| {
+            self.value_at(twin_id, name, created, last)
+        })
+        .await
+    }
+
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(sql::TWIN_IDS_AFTER)
+            .bind(after)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64> {
+        // No lock needed: a twin's latest id only grows, and ingestion rewrites only the
+        // latest state, so what is read here stays true of the states deleted.
+        let (_, last): (Option<i64>, Option<i64>) = sqlx::query_as(sql::STATE_ID_BOUNDS)
+            .bind(twin_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let first: Vec<(i64, i64)> = sqlx::query_as(sql::FIRST_STATES)
+            .bind(twin_id)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let first: Vec<_> = first
+            .into_iter()
+            .map(|(id, c)| (id, from_nanos(c)))
+            .collect();
+        let Some(keep) = last.and_then(|last| super::prune_bound(&first, last, before)) else {
+            return Ok(0);
+        };
+        let done = sqlx::query(sql::DELETE_STATES_BEFORE)
+            .bind(twin_id)
+            .bind(keep)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Twin id, from, to: one row per attribute of the window's states (see
+/// [`sql::aggregate_from_row`]); extremes over the numbers as `numeric`, so integers
+/// stay integers.
+pub const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
+    COALESCE(to_jsonb(MIN(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
+        'null'::jsonb) AS min,
+    COALESCE(to_jsonb(MAX(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
+        'null'::jsonb) AS max,
+    AVG(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)::float8 AS mean,
+    MIN(s.created) AS first_created, MAX(s.created) AS last_created
+    FROM states AS s CROSS JOIN LATERAL jsonb_each(s.payload) AS j
+    WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
+    GROUP BY j.key";
+
+/// A statement of [`VALUE_AT`], in the given order of ids.
+macro_rules! value_at {
+    ($order:literal) => {
+        concat!(
+            "SELECT payload FROM states
+            WHERE twin_id = $1 AND created = $2 AND jsonb_exists(payload, $3)
+            ORDER BY ",
+            $order,
+            " LIMIT 1"
+        )
+    };
+}
+
+/// Twin id, created, attribute: the payload of the first state created then that has the
+/// attribute ([0]), or of the last one ([1]); read in id order on the history index.
+pub const VALUE_AT: [&str; 2] = [value_at!("id"), value_at!("id DESC")];
+
+impl PostgresStore {
+    /// The number of the twin's states created between `from` and `to` (Unix ns).
+    async fn window_count(&self, twin_id: &str, from: i64, to: i64) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(sql::RANGE_COUNT)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(sql::seq_of(n))
+    }
+
+    async fn value_at(
+        &self,
+        twin_id: &str,
+        name: String,
+        created: i64,
+        last: bool,
+    ) -> StoreResult<Option<serde_json::Value>> {
+        let row = sqlx::query(VALUE_AT[usize::from(last)])
+            .bind(twin_id)
+            .bind(created)
+            .bind(&name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row
+            .as_ref()
+            .map(|r| sql::payload_value(r, &name))
+            .transpose()?
+            .flatten())
     }
 }
 

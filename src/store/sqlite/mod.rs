@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -35,9 +36,10 @@ use super::{
     TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
-use crate::domain::time::to_nanos;
+use crate::domain::time::{from_nanos, to_nanos};
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
 
@@ -71,6 +73,10 @@ const SCHEMA: &[&str] = &[
         payload TEXT NOT NULL,
         PRIMARY KEY (twin_id, id)
     ) WITHOUT ROWID",
+    // History in time order (ranges, the state at an instant, summaries). Entries of an
+    // index on a table without rowid end with its primary key, so this index is
+    // (twin_id, created, id): history order itself.
+    "CREATE INDEX IF NOT EXISTS states_created ON states (twin_id, created)",
     // Stream sequence of the last message applied per twin, so redelivered messages
     // never create a second state.
     "CREATE TABLE IF NOT EXISTS documents (
@@ -278,6 +284,11 @@ impl Columns for SqliteRow {
             .map_err(|e| StoreError::Internal(e.into()))
     }
 
+    fn float(&self, column: &str) -> StoreResult<Option<f64>> {
+        self.try_get(column)
+            .map_err(|e| StoreError::Internal(e.into()))
+    }
+
     fn json<T: serde::de::DeserializeOwned>(&self, column: &str, what: &str) -> StoreResult<T> {
         from_json(&self.text(column)?, what)
     }
@@ -477,18 +488,17 @@ impl StateRepository for SqliteStore {
     }
 
     async fn list(&self, twin_id: &str, page: PageRequest) -> StoreResult<Page<State>> {
-        // State ids are a gap-free sequence from 0, so the total is the latest id + 1 and
-        // a page starts at id = offset: both come straight from the primary key, however
-        // deep the offset.
-        let last: Option<i64> = sqlx::query_scalar(sql::LATEST_STATE_ID)
+        // State ids are a gap-free run, so the total and the first id of a page come
+        // straight from the primary key, however deep the offset.
+        let (first, last): (Option<i64>, Option<i64>) = sqlx::query_as(sql::STATE_ID_BOUNDS)
             .bind(twin_id)
-            .fetch_optional(&self.reader)
+            .fetch_one(&self.reader)
             .await
             .map_err(map_err)?;
-        let total = sql::states_total(last);
+        let (total, start) = sql::states_span(first, last, page.offset);
         let rows = sqlx::query(sql::STATES_FROM)
             .bind(twin_id)
-            .bind(page.offset as i64)
+            .bind(start)
             .bind(page.limit as i64)
             .fetch_all(&self.reader)
             .await
@@ -502,6 +512,171 @@ impl StateRepository for SqliteStore {
                 .map(sql::state_from_row)
                 .collect::<StoreResult<_>>()?,
         })
+    }
+
+    async fn range(
+        &self,
+        twin_id: &str,
+        window: &Window,
+        page: PageRequest,
+    ) -> StoreResult<Page<State>> {
+        let (from, to) = window.nanos();
+        let total = self.window_count(twin_id, from, to).await?;
+        let rows = sqlx::query(sql::RANGE_PAGE)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .bind(sql::to_i64(page.limit))
+            .bind(sql::to_i64(page.offset))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::state_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
+        let row = sqlx::query(sql::STATE_AT)
+            .bind(twin_id)
+            .bind(to_nanos(at))
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::state_from_row).transpose()
+    }
+
+    async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
+        let (from, to) = window.nanos();
+        let states = self.window_count(twin_id, from, to).await?;
+        let rows = sqlx::query(SUMMARY)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        let aggregates = rows
+            .iter()
+            .map(sql::aggregate_from_row)
+            .collect::<StoreResult<_>>()?;
+        super::assemble_summary(states, aggregates, |name, created, last| {
+            self.value_at(twin_id, name, created, last)
+        })
+        .await
+    }
+
+    async fn twin_ids_after(&self, after: &str, limit: usize) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(sql::TWIN_IDS_AFTER)
+            .bind(after)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)
+    }
+
+    async fn prune(&self, twin_id: &str, before: &DateTime<Utc>, limit: usize) -> StoreResult<u64> {
+        // Read and delete in one write transaction: the latest id cannot move under it.
+        let mut tx = self.begin().await?;
+        let (_, last): (Option<i64>, Option<i64>) = sqlx::query_as(sql::STATE_ID_BOUNDS)
+            .bind(twin_id)
+            .fetch_one(tx.conn())
+            .await
+            .map_err(map_err)?;
+        let first: Vec<(i64, i64)> = sqlx::query_as(sql::FIRST_STATES)
+            .bind(twin_id)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(tx.conn())
+            .await
+            .map_err(map_err)?;
+        let first: Vec<_> = first
+            .into_iter()
+            .map(|(id, c)| (id, from_nanos(c)))
+            .collect();
+        let Some(keep) = last.and_then(|last| super::prune_bound(&first, last, before)) else {
+            tx.rollback().await?;
+            return Ok(0);
+        };
+        let done = sqlx::query(sql::DELETE_STATES_BEFORE)
+            .bind(twin_id)
+            .bind(keep)
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Twin id, from, to: one row per attribute of the window's states (see
+/// [`sql::aggregate_from_row`]). `json_each` types numbers as `integer` or `real`;
+/// `json_quote` turns the extremes back into JSON numbers (or `null`).
+const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
+    json_quote(MIN(CASE WHEN j.type IN ('integer', 'real') THEN j.value END)) AS min,
+    json_quote(MAX(CASE WHEN j.type IN ('integer', 'real') THEN j.value END)) AS max,
+    AVG(CASE WHEN j.type IN ('integer', 'real') THEN j.value END) AS mean,
+    MIN(s.created) AS first_created, MAX(s.created) AS last_created
+    FROM states AS s, json_each(s.payload) AS j
+    WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
+    GROUP BY j.key";
+
+/// A statement of [`VALUE_AT`], in the given order of ids.
+macro_rules! value_at {
+    ($order:literal) => {
+        concat!(
+            "SELECT payload FROM states AS s INDEXED BY states_created
+            WHERE s.twin_id = $1 AND s.created = $2
+              AND EXISTS (SELECT 1 FROM json_each(s.payload) WHERE key = $3)
+            ORDER BY ",
+            $order,
+            " LIMIT 1"
+        )
+    };
+}
+
+/// Twin id, created, attribute: the payload of the first state created then that has the
+/// attribute ([0]), or of the last one ([1]); read in id order on the history index
+/// (named: the planner would rather walk the twin's states by id).
+const VALUE_AT: [&str; 2] = [value_at!("s.id"), value_at!("s.id DESC")];
+
+impl SqliteStore {
+    /// The number of the twin's states created between `from` and `to` (Unix ns).
+    async fn window_count(&self, twin_id: &str, from: i64, to: i64) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(sql::RANGE_COUNT)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(sql::seq_of(n))
+    }
+
+    async fn value_at(
+        &self,
+        twin_id: &str,
+        name: String,
+        created: i64,
+        last: bool,
+    ) -> StoreResult<Option<serde_json::Value>> {
+        let row = sqlx::query(VALUE_AT[usize::from(last)])
+            .bind(twin_id)
+            .bind(created)
+            .bind(&name)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(row
+            .as_ref()
+            .map(|r| sql::payload_value(r, &name))
+            .transpose()?
+            .flatten())
     }
 }
 
@@ -620,5 +795,70 @@ impl HealthCheck for SqliteStore {
             tx.commit().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The history and retention statements read a twin's states through an index and
+    /// never walk them all: SQLite's own plan of each says which index it searches.
+    #[tokio::test]
+    async fn history_statements_search_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db").display().to_string())
+            .await
+            .unwrap();
+        let window = ["'t'", "0", "9"];
+        let cases: Vec<(String, &str)> = vec![
+            (literal(sql::STATE_ID_BOUNDS, &["'t'"]), "PRIMARY KEY"),
+            (literal(sql::RANGE_COUNT, &window), "states_created"),
+            (
+                literal(sql::RANGE_PAGE, &["'t'", "0", "9", "100", "500"]),
+                "states_created",
+            ),
+            (literal(sql::STATE_AT, &["'t'", "5"]), "states_created"),
+            (literal(SUMMARY, &window), "states_created"),
+            (literal(VALUE_AT[0], &["'t'", "5", "'v'"]), "states_created"),
+            (literal(VALUE_AT[1], &["'t'", "5", "'v'"]), "states_created"),
+            (literal(sql::FIRST_STATES, &["'t'", "10"]), "PRIMARY KEY"),
+            (
+                literal(sql::DELETE_STATES_BEFORE, &["'t'", "10"]),
+                "PRIMARY KEY",
+            ),
+        ];
+        for (query, index) in cases {
+            let plan: Vec<String> =
+                sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {query}")))
+                    .fetch_all(&store.reader)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<String, _>("detail"))
+                    .collect();
+            let on_states: Vec<&String> = plan
+                .iter()
+                .filter(|d| d.contains("states") && !d.contains("json_each"))
+                .collect();
+            assert!(
+                !on_states.is_empty()
+                    && on_states
+                        .iter()
+                        .all(|d| d.starts_with("SEARCH") && d.contains(index)),
+                "{query}: {plan:?}"
+            );
+        }
+    }
+
+    /// A statement with its numbered parameters replaced by literals.
+    fn literal(statement: &str, values: &[&str]) -> String {
+        values
+            .iter()
+            .enumerate()
+            .rev()
+            .fold(statement.to_owned(), |q, (i, v)| {
+                q.replace(&format!("${}", i + 1), v)
+            })
     }
 }
