@@ -54,6 +54,10 @@ pub enum ServiceError {
     /// No such entity for this caller (missing or owned by someone else).
     #[error("entity not found")]
     NotFound,
+    /// The entity exists but not the part asked for (a version no longer kept); the
+    /// reason is shown to the client.
+    #[error("{0}")]
+    Gone(&'static str),
     /// A version-checked write found another version stored.
     #[error("document version mismatch")]
     VersionMismatch(Box<VersionMismatch>),

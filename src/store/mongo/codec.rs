@@ -20,7 +20,9 @@ use bson::{Bson, Document, doc};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
-use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::document::{
+    Document as TwinDocument, DocumentSummary, VersionSummary, WriteOp, Writer,
+};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, Twin};
 use crate::store::{StoreError, StoreResult};
@@ -135,6 +137,43 @@ pub fn document_to_bson(d: &TwinDocument) -> Document {
         "updated": date(&d.updated),
         "data": object_to_bson(&d.data),
     }
+}
+
+/// Who wrote a version: `{kind, id}`, without `id` for the service.
+pub fn writer_to_bson(by: &Writer) -> Document {
+    let mut d = doc! { "kind": by.kind() };
+    if !matches!(by, Writer::Service) {
+        d.insert("id", by.id());
+    }
+    d
+}
+
+/// A revision as kept in its document's record: the data as compact JSON text, so that
+/// a revision takes at most the document size limit (the BSON of the same data can be
+/// several times larger) and a record of bounded revisions stays within MongoDB's
+/// 16 MiB.
+pub fn revision_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreResult<Document> {
+    let data = serde_json::to_string(&doc.data).map_err(|e| StoreError::Internal(e.into()))?;
+    Ok(doc! {
+        "version": Bson::Int64(doc.version),
+        "updated": date(&doc.updated),
+        "op": op.as_str(),
+        "by": writer_to_bson(by),
+        "data": data,
+    })
+}
+
+/// A document's record as first written: the document, how and by whom it was written,
+/// and its first revision.
+pub fn new_document_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreResult<Document> {
+    let mut record = document_to_bson(doc);
+    record.insert("op", op.as_str());
+    record.insert("by", writer_to_bson(by));
+    record.insert(
+        "revisions",
+        vec![Bson::Document(revision_to_bson(doc, op, by)?)],
+    );
+    Ok(record)
 }
 
 /// Typed reads of one stored document, naming the field in every error.
@@ -298,6 +337,83 @@ pub fn summary_from_bson(doc: &Document) -> StoreResult<DocumentSummary> {
         version: f.int("version")?,
         updated: f.date("updated")?,
     })
+}
+
+/// How and by whom a version was written, from a record or one of its revisions. A
+/// record written before revisions were kept has neither: its writer is unknown and
+/// reads as the service, as the SQL stores record such documents.
+fn provenance(f: &Fields<'_>, version: i64) -> StoreResult<(WriteOp, Writer)> {
+    let op = match f.get("op") {
+        None if version == 1 => WriteOp::Create,
+        None => WriteOp::Put,
+        Some(Bson::String(s)) => {
+            WriteOp::parse(s).ok_or_else(|| f.corrupt("op", &Bson::String(s.clone())))?
+        }
+        Some(other) => return Err(f.corrupt("op", other)),
+    };
+    let by = match f.get("by") {
+        None => Writer::Service,
+        Some(Bson::Document(d)) => {
+            let w = Fields::new(d, "writer");
+            let kind = w.str("kind")?;
+            Writer::from_parts(&kind, &w.str("id")?)
+                .ok_or_else(|| w.corrupt("kind", &Bson::String(kind)))?
+        }
+        Some(other) => return Err(f.corrupt("by", other)),
+    };
+    Ok((op, by))
+}
+
+fn version_summary(f: &Fields<'_>) -> StoreResult<VersionSummary> {
+    let version = f.int("version")?;
+    let (op, by) = provenance(f, version)?;
+    Ok(VersionSummary {
+        version,
+        updated: f.date("updated")?,
+        op,
+        by,
+    })
+}
+
+/// The kept versions of a record (projected to the fields of [`VersionSummary`], or
+/// whole), oldest first. The current version is the record's own, also for a record
+/// whose revisions lack it (written before revisions were kept).
+pub fn versions_from_bson(record: &Document) -> StoreResult<Vec<VersionSummary>> {
+    let f = Fields::new(record, "document");
+    let mut versions = f
+        .documents("revisions")?
+        .into_iter()
+        .map(|r| version_summary(&Fields::new(r, "revision")))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let current = version_summary(&f)?;
+    if versions.last().map(|v| v.version) != Some(current.version) {
+        versions.retain(|v| v.version < current.version);
+        versions.push(current);
+    }
+    Ok(versions)
+}
+
+/// A revision kept in a record, as the document it was.
+pub fn revision_from_bson(
+    revision: &Document,
+    twin_id: &str,
+    name: &str,
+) -> StoreResult<TwinDocument> {
+    let f = Fields::new(revision, "revision");
+    let data = f.str("data")?;
+    Ok(TwinDocument {
+        twin_id: twin_id.to_owned(),
+        document_name: name.to_owned(),
+        version: f.int("version")?,
+        updated: f.date("updated")?,
+        data: serde_json::from_str(&data)
+            .map_err(|e| StoreError::Internal(format!("corrupt revision data: {e}").into()))?,
+    })
+}
+
+/// The revisions of a record (as projected), in the order kept.
+pub fn revisions_of(record: &Document) -> StoreResult<Vec<&Document>> {
+    Fields::new(record, "document").documents("revisions")
 }
 
 /// The stored version of a document (projected or whole).

@@ -10,10 +10,10 @@ use bson::{Bson, Document, bson, doc};
 use serde_json::{Map, Value};
 
 use super::codec;
-use crate::domain::document::Document as TwinDocument;
+use crate::domain::document::{Document as TwinDocument, WriteOp, Writer};
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
-use crate::store::TwinFilter;
+use crate::store::{StoreResult, TwinFilter};
 
 pub const TWINS: &str = "twins";
 pub const STATES: &str = "states";
@@ -237,12 +237,46 @@ pub fn document_at_version(twin_id: &str, name: &str, expected: Option<i64>) -> 
     d
 }
 
-/// Replaces the data of a document and sets its new version.
-pub fn document_update(doc: &TwinDocument) -> Document {
+/// Replaces the data of a document, sets its new version with how and by whom it was
+/// written, and appends its revision, keeping the newest `keep + 1`: one atomic update
+/// of one record.
+pub fn document_update(
+    doc: &TwinDocument,
+    op: WriteOp,
+    by: &Writer,
+    keep: u32,
+) -> StoreResult<Document> {
     let mut set = codec::document_to_bson(doc);
     set.remove("twinid");
     set.remove("name");
-    doc! { "$set": set }
+    set.insert("op", op.as_str());
+    set.insert("by", codec::writer_to_bson(by));
+    let revision = codec::revision_to_bson(doc, op, by)?;
+    Ok(doc! {
+        "$set": set,
+        "$push": { "revisions": { "$each": [revision], "$slice": -(i64::from(keep) + 1) } },
+    })
+}
+
+/// A document's record without its revisions: what a read of the document needs.
+pub fn without_revisions() -> Document {
+    doc! { "revisions": 0 }
+}
+
+/// A record projected to what lists its versions.
+pub fn versions_projection() -> Document {
+    doc! {
+        "version": 1, "updated": 1, "op": 1, "by": 1,
+        "revisions.version": 1, "revisions.updated": 1, "revisions.op": 1, "revisions.by": 1,
+    }
+}
+
+/// A record projected to its current version and the one kept revision `version`.
+pub fn revision_projection(version: i64) -> Document {
+    doc! {
+        "twinid": 1, "name": 1, "version": 1, "updated": 1, "data": 1,
+        "revisions": { "$elemMatch": { "version": version } },
+    }
 }
 
 #[cfg(test)]
@@ -495,9 +529,22 @@ mod tests {
             updated: from_nanos(MS * 1_000_000),
             data: json!({"x": [1]}).as_object().cloned().unwrap(),
         };
+        let by = Writer::User { id: "u".into() };
         assert_eq!(
-            document_update(&d),
-            doc! { "$set": { "version": 4_i64, "updated": date(), "data": { "x": [1_i64] } } }
+            document_update(&d, WriteOp::Patch, &by, 2).unwrap(),
+            doc! {
+                "$set": {
+                    "version": 4_i64, "updated": date(), "data": { "x": [1_i64] },
+                    "op": "patch", "by": { "kind": "user", "id": "u" },
+                },
+                "$push": { "revisions": {
+                    "$each": [{
+                        "version": 4_i64, "updated": date(), "op": "patch",
+                        "by": { "kind": "user", "id": "u" }, "data": "{\"x\":[1]}",
+                    }],
+                    "$slice": -3_i64,
+                } },
+            }
         );
     }
 }

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -31,10 +32,10 @@ use sqlx::{Row, Sqlite};
 
 use super::sql::{self, Columns};
 use super::{
-    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
-    TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, Versioned,
 };
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::time::to_nanos;
@@ -81,6 +82,29 @@ const SCHEMA: &[&str] = &[
         data TEXT NOT NULL,
         PRIMARY KEY (twin_id, name)
     ) WITHOUT ROWID",
+    // Revisions of each document, the current version included, newest `keep + 1` kept.
+    // Every query of it runs along the primary key.
+    "CREATE TABLE IF NOT EXISTS document_revisions (
+        twin_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        op TEXT NOT NULL,
+        by_kind TEXT NOT NULL,
+        by_id TEXT NOT NULL,
+        PRIMARY KEY (twin_id, name, version)
+    ) WITHOUT ROWID",
+    // A document written before revisions were kept (or copied by `twins migrate`)
+    // gets its current version as a revision, so that its history starts there; who
+    // wrote it is unknown and recorded as the service.
+    "INSERT INTO document_revisions (twin_id, name, version, updated, data, op, by_kind, by_id)
+        SELECT twin_id, name, version, updated, data,
+            CASE WHEN version = 1 THEN 'create' ELSE 'put' END, 'service', ''
+        FROM documents AS d WHERE NOT EXISTS (
+            SELECT 1 FROM document_revisions AS r
+            WHERE r.twin_id = d.twin_id AND r.name = d.name AND r.version = d.version
+        )",
     "CREATE TABLE IF NOT EXISTS ingest_cursors (
         twin_id TEXT PRIMARY KEY NOT NULL,
         seq INTEGER NOT NULL
@@ -556,26 +580,47 @@ impl DocumentRepository for SqliteStore {
         row.as_ref().map(sql::document_from_row).transpose()
     }
 
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
+        let doc = write.doc;
         let data = to_json(&doc.data)?;
         let mut tx = self.begin().await?;
-        let mut query = sqlx::query(sql::document_write(expected))
+        let mut query = sqlx::query(sql::document_write(write.expected))
             .bind(&doc.twin_id)
             .bind(&doc.document_name)
             .bind(doc.version)
             .bind(to_nanos(&doc.updated))
             .bind(&data);
-        if let Some(v) = expected {
+        if let Some(v) = write.expected {
             query = query.bind(v);
         }
         let done = query.execute(tx.conn()).await.map_err(map_err)?;
-        if done.rows_affected() == 1 {
-            tx.commit().await?;
-            return Ok(Versioned::Done);
+        if done.rows_affected() != 1 {
+            let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
+            tx.rollback().await?;
+            return Ok(Versioned::Stale { actual });
         }
-        let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
-        tx.rollback().await?;
-        Ok(Versioned::Stale { actual })
+        // The revision commits with the document or not at all.
+        sqlx::query(sql::PUT_REVISION)
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(doc.version)
+            .bind(to_nanos(&doc.updated))
+            .bind(&data)
+            .bind(write.op.as_str())
+            .bind(write.by.kind())
+            .bind(write.by.id())
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        sqlx::query(sql::PRUNE_REVISIONS)
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(write.oldest_kept())
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(Versioned::Done)
     }
 
     async fn delete(
@@ -593,12 +638,83 @@ impl DocumentRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         if done.rows_affected() == 1 {
+            sqlx::query(sql::DELETE_REVISIONS)
+                .bind(twin_id)
+                .bind(name)
+                .execute(tx.conn())
+                .await
+                .map_err(map_err)?;
             tx.commit().await?;
             return Ok(Versioned::Done);
         }
         let actual = Self::document_version(&mut tx, twin_id, name).await?;
         tx.rollback().await?;
         Ok(Versioned::Stale { actual })
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        // One read transaction, so that the total and the page agree.
+        let mut tx = self.reader.begin().await.map_err(map_err)?;
+        let total: i64 = sqlx::query_scalar(sql::COUNT_REVISIONS)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let rows = sqlx::query(sql::REVISION_PAGE)
+            .bind(twin_id)
+            .bind(name)
+            .bind(sql::to_i64(page.limit))
+            .bind(sql::to_i64(page.offset))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        Ok(Page {
+            total: total.max(0) as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::version_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::SELECT_REVISION)
+            .bind(twin_id)
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::REVISION_AT)
+            .bind(twin_id)
+            .bind(name)
+            .bind(to_nanos(at))
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
     }
 }
 
