@@ -461,8 +461,19 @@ async fn openapi_lists_the_document_endpoints() {
         "/twins/{id}/documents",
         "/twins/{id}/documents/{name}",
         "/twins/{id}/documents/{name}/delta",
+        "/twins/{id}/documents/{name}/versions",
+        "/twins/{id}/documents/{name}/diff",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let reads: Vec<&str> = doc["paths"]["/twins/{id}/documents/{name}"]["get"]["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for query in ["version", "at"] {
+        assert!(reads.contains(&query), "{query} missing from {reads:?}");
     }
     assert!(
         doc["paths"]["/twins/{id}/documents/{name}"]
