@@ -39,18 +39,25 @@ async fn instances_starting_together_migrate_once() {
     .await;
 }
 
+/// A connection to a migrated database of the test's own whose planner prices
+/// sequential scans out, so that a plan still holding one has no index to use.
+async fn planner_without_seqscan() -> sqlx::PgConnection {
+    let url = backend::database_url(&std::env::temp_dir());
+    Store::connect(&url).await.expect("open");
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql("SET enable_seqscan = off")
+        .execute(&mut conn)
+        .await
+        .expect("set");
+    conn
+}
+
 /// Every statement of a request or of ingestion can run on an index: with sequential
 /// scans priced out, none is left in its plan.
 #[tokio::test]
 async fn every_query_has_an_index() {
     backend::run(Backend::Postgres, async {
-        let url = backend::database_url(&std::env::temp_dir());
-        Store::connect(&url).await.expect("open");
-        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-        sqlx::raw_sql("SET enable_seqscan = off")
-            .execute(&mut conn)
-            .await
-            .expect("set");
+        let mut conn = planner_without_seqscan().await;
         let queries = [
             "SELECT * FROM twins WHERE id = 'a' AND owner = 'o'",
             "SELECT * FROM twins WHERE owner = 'o' ORDER BY pos LIMIT 10 OFFSET 0",
@@ -88,13 +95,7 @@ async fn every_query_has_an_index() {
 #[tokio::test]
 async fn document_revision_queries_use_the_primary_key() {
     backend::run(Backend::Postgres, async {
-        let url = backend::database_url(&std::env::temp_dir());
-        Store::connect(&url).await.expect("open");
-        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
-        sqlx::raw_sql("SET enable_seqscan = off")
-            .execute(&mut conn)
-            .await
-            .expect("set");
+        let mut conn = planner_without_seqscan().await;
         let with_twin = sql::DELETE_TWIN_ROWS
             .into_iter()
             .find(|s| s.contains("document_revisions"))
