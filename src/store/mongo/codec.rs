@@ -747,4 +747,87 @@ mod tests {
         assert_eq!(summary_from_bson(&b).unwrap(), DocumentSummary::from(&d));
         assert_eq!(version_from_bson(&b).unwrap(), 3);
     }
+
+    fn panel(version: i64, data: Value) -> TwinDocument {
+        TwinDocument {
+            twin_id: "t".into(),
+            document_name: "panel".into(),
+            version,
+            updated: ms(UPDATED_MS + version),
+            data: data.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The data whose BSON is largest for its JSON size: an array of zeros, each one an
+    /// Int64 under a key of up to five digits (15 bytes of BSON for 2 of JSON).
+    fn largest_data() -> Value {
+        let zeros = vec![json!(0); (crate::domain::document::MAX_DATA_BYTES - 16) / 2];
+        json!({ "z": zeros })
+    }
+
+    #[test]
+    fn a_record_with_the_most_revisions_of_the_largest_data_fits_in_16_mib() {
+        let doc = panel(1000, largest_data());
+        assert!(crate::domain::document::check_size(&doc.data).is_ok());
+        let by = Writer::Channel {
+            id: "c".repeat(256),
+        };
+        let mut record = new_document_to_bson(&doc, WriteOp::Patch, &by).unwrap();
+        let revision = Bson::Document(revision_to_bson(&doc, WriteOp::Patch, &by).unwrap());
+        let kept = super::super::MAX_KEPT as usize + 1;
+        record.insert("revisions", vec![revision; kept]);
+        let size = record.to_vec().unwrap().len();
+        assert!(size < 16 * 1024 * 1024, "{size} bytes");
+    }
+
+    #[test]
+    fn a_record_lists_its_revisions_and_serves_each() {
+        let by = Writer::User { id: "alice".into() };
+        let v1 = panel(1, json!({"a": {"b": [1, 2.5, "x", null]}}));
+        let v2 = panel(2, json!({"c": true}));
+        let mut record = new_document_to_bson(&v1, WriteOp::Create, &by).unwrap();
+        let second = revision_to_bson(&v2, WriteOp::Put, &Writer::Service).unwrap();
+        for (k, v) in document_to_bson(&v2) {
+            record.insert(k, v);
+        }
+        record.insert("op", "put");
+        record.insert("by", writer_to_bson(&Writer::Service));
+        if let Ok(revisions) = record.get_array_mut("revisions") {
+            revisions.push(Bson::Document(second));
+        }
+        let listed = versions_from_bson(&record).unwrap();
+        let summary = |d: &TwinDocument, op, by| VersionSummary {
+            version: d.version,
+            updated: d.updated,
+            op,
+            by,
+        };
+        assert_eq!(
+            listed,
+            vec![
+                summary(&v1, WriteOp::Create, by.clone()),
+                summary(&v2, WriteOp::Put, Writer::Service)
+            ]
+        );
+        let kept = revisions_of(&record).unwrap();
+        assert_eq!(revision_from_bson(kept[0], "t", "panel").unwrap(), v1);
+        assert_eq!(revision_from_bson(kept[1], "t", "panel").unwrap(), v2);
+    }
+
+    #[test]
+    fn a_record_from_before_revisions_lists_its_current_version() {
+        for (version, op) in [(1, WriteOp::Create), (4, WriteOp::Put)] {
+            let record = document_to_bson(&panel(version, json!({"k": 1})));
+            let listed = versions_from_bson(&record).unwrap();
+            assert_eq!(
+                listed,
+                vec![VersionSummary {
+                    version,
+                    updated: ms(UPDATED_MS + version),
+                    op,
+                    by: Writer::Service,
+                }]
+            );
+        }
+    }
 }
