@@ -510,3 +510,33 @@ async fn bad_history_requests_are_400_and_foreign_twins_404() {
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{missing} {query:?}");
     }
 }
+
+/// A bound that is not a whole number from 0 to 10000 stops start-up before anything
+/// starts: one line naming the variable, exit code 2.
+#[tokio::test]
+async fn a_bad_revision_bound_stops_start_up_with_exit_code_2() {
+    for bad in ["-1", "many", "10001", "1.5"] {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let db = format!("sqlite://{}/twins.db", dir.path().display());
+        let vars = [
+            ("MG_TWINS_HTTP_HOST", "127.0.0.1"),
+            ("MG_TWINS_HTTP_PORT", "0"),
+            ("MG_TWINS_DB_URL", db.as_str()),
+            ("MG_TWINS_DOCUMENT_REVISIONS", bad),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let output = tokio::time::timeout(DEADLINE, twins_command(&vars).output())
+            .await
+            .expect("the binary stops")
+            .expect("the binary runs");
+        assert_eq!(output.status.code(), Some(2), "{bad}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{bad}: {stderr}");
+        assert!(lines[0].contains("MG_TWINS_DOCUMENT_REVISIONS"), "{stderr}");
+        assert!(
+            !dir.path().join("twins.db").exists(),
+            "{bad}: a store was opened"
+        );
+    }
+}
