@@ -82,29 +82,7 @@ const SCHEMA: &[&str] = &[
         data TEXT NOT NULL,
         PRIMARY KEY (twin_id, name)
     ) WITHOUT ROWID",
-    // Revisions of each document, the current version included, newest `keep + 1` kept.
-    // Every query of it runs along the primary key.
-    "CREATE TABLE IF NOT EXISTS document_revisions (
-        twin_id TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        updated INTEGER NOT NULL,
-        data TEXT NOT NULL,
-        op TEXT NOT NULL,
-        by_kind TEXT NOT NULL,
-        by_id TEXT NOT NULL,
-        PRIMARY KEY (twin_id, name, version)
-    ) WITHOUT ROWID",
-    // A document written before revisions were kept (or copied by `twins migrate`)
-    // gets its current version as a revision, so that its history starts there; who
-    // wrote it is unknown and recorded as the service.
-    "INSERT INTO document_revisions (twin_id, name, version, updated, data, op, by_kind, by_id)
-        SELECT twin_id, name, version, updated, data,
-            CASE WHEN version = 1 THEN 'create' ELSE 'put' END, 'service', ''
-        FROM documents AS d WHERE NOT EXISTS (
-            SELECT 1 FROM document_revisions AS r
-            WHERE r.twin_id = d.twin_id AND r.name = d.name AND r.version = d.version
-        )",
+    // document_revisions: see REVISIONS_TABLE.
     "CREATE TABLE IF NOT EXISTS ingest_cursors (
         twin_id TEXT PRIMARY KEY NOT NULL,
         seq INTEGER NOT NULL
@@ -121,6 +99,29 @@ const SCHEMA: &[&str] = &[
     // writes succeed again (a read succeeds on a full disk).
     "CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)",
 ];
+
+/// Revisions of each document, the current version included, the newest `keep + 1` kept.
+/// Every query of it runs along the primary key.
+const REVISIONS_TABLE: &str = "CREATE TABLE document_revisions (
+    twin_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    op TEXT NOT NULL,
+    by_kind TEXT NOT NULL,
+    by_id TEXT NOT NULL,
+    PRIMARY KEY (twin_id, name, version)
+) WITHOUT ROWID";
+
+/// Run with [`REVISIONS_TABLE`], in a database that may have documents: a document
+/// written before revisions were kept starts its history at its current version, whose
+/// writer is unknown and recorded as the service.
+const START_HISTORIES: &str = "INSERT INTO document_revisions
+    (twin_id, name, version, updated, data, op, by_kind, by_id)
+    SELECT twin_id, name, version, updated, data,
+        CASE WHEN version = 1 THEN 'create' ELSE 'put' END, 'service', ''
+    FROM documents";
 
 /// Both pools over one database file.
 pub struct SqliteStore {
@@ -209,6 +210,7 @@ impl SqliteStore {
         for stmt in SCHEMA {
             sqlx::query(*stmt).execute(&writer).await.map_err(map_err)?;
         }
+        Self::add_revisions(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options.read_only(true))
@@ -219,6 +221,36 @@ impl SqliteStore {
             writer,
             write_failed: Arc::default(),
         })
+    }
+
+    /// Creates the revisions table where it is missing, together with the histories it
+    /// starts from, in one transaction under the write lock: no crash leaves the table
+    /// without them, and of two processes opening the file only one creates it.
+    async fn add_revisions(writer: &SqlitePool) -> StoreResult<()> {
+        let mut conn = writer.acquire().await.map_err(map_err)?;
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'document_revisions')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        if !exists {
+            for stmt in [REVISIONS_TABLE, START_HISTORIES] {
+                sqlx::query(stmt)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(())
     }
 
     /// Starts a write transaction on the writer connection, taking SQLite's write lock.
@@ -736,5 +768,71 @@ impl HealthCheck for SqliteStore {
             tx.commit().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::document::{VersionSummary, WriteOp, Writer};
+    use crate::domain::time::from_nanos;
+
+    /// A database written before revisions were kept: each document's history starts at
+    /// its current version, once, when the store opens it.
+    #[tokio::test]
+    async fn documents_from_before_revisions_start_their_history_once() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("before.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let before = SqlitePoolOptions::new()
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("open");
+        for stmt in SCHEMA {
+            sqlx::query(*stmt).execute(&before).await.expect("schema");
+        }
+        for (name, version, data) in [("a", 1, r#"{"x":1}"#), ("b", 3, r#"{"y":[2]}"#)] {
+            sqlx::query(sql::CREATE_DOCUMENT)
+                .bind("t")
+                .bind(name)
+                .bind(version)
+                .bind(version * 1_000_000)
+                .bind(data)
+                .execute(&before)
+                .await
+                .expect("document");
+        }
+        before.close().await;
+
+        let page = PageRequest {
+            offset: 0,
+            limit: 10,
+        };
+        for _ in 0..2 {
+            let store = SqliteStore::open(path).await.expect("reopen");
+            for (name, version, op) in [("a", 1, WriteOp::Create), ("b", 3, WriteOp::Put)] {
+                let listed = store.versions("t", name, page).await.expect("versions");
+                assert_eq!(
+                    listed.items,
+                    vec![VersionSummary {
+                        version,
+                        updated: from_nanos(version * 1_000_000),
+                        op,
+                        by: Writer::Service,
+                    }],
+                    "{name}"
+                );
+                assert_eq!(
+                    store.revision("t", name, version).await.expect("revision"),
+                    store.get("t", name).await.expect("get"),
+                );
+            }
+            store.writer.close().await;
+            store.reader.close().await;
+        }
     }
 }
