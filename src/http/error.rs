@@ -55,7 +55,7 @@ impl ApiError {
                         StatusCode::CONFLICT
                     }
                     ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                    ServiceError::NotFound | ServiceError::Gone(_) => StatusCode::NOT_FOUND,
+                    ServiceError::NotFound | ServiceError::Absent(_) => StatusCode::NOT_FOUND,
                     ServiceError::Unavailable(cause) => {
                         tracing::warn!(%cause, "dependency unavailable");
                         StatusCode::SERVICE_UNAVAILABLE

@@ -272,13 +272,13 @@ impl DocumentsService {
             return Ok(current.clone());
         }
         if version > current.version {
-            return Err(ServiceError::Gone(NOT_KEPT));
+            return Err(ServiceError::Absent(NOT_KEPT));
         }
         self.store
             .documents
             .revision(&current.twin_id, &current.document_name, version)
             .await?
-            .ok_or(ServiceError::Gone(NOT_KEPT))
+            .ok_or(ServiceError::Absent(NOT_KEPT))
     }
 
     /// The revision in force at `at` of the document whose current version is `current`.
@@ -307,9 +307,9 @@ impl DocumentsService {
             .await?
             .total;
         if i64::try_from(kept).unwrap_or(i64::MAX) >= current.version {
-            Err(ServiceError::Gone(NOT_YET))
+            Err(ServiceError::Absent(NOT_YET))
         } else {
-            Err(ServiceError::Gone(NOT_KEPT))
+            Err(ServiceError::Absent(NOT_KEPT))
         }
     }
 

@@ -54,10 +54,10 @@ pub enum ServiceError {
     /// No such entity for this caller (missing or owned by someone else).
     #[error("entity not found")]
     NotFound,
-    /// The entity exists but not the part asked for (a version no longer kept); the
-    /// reason is shown to the client.
+    /// The entity exists but not what was asked of it (a revision pruned, or a time
+    /// before it existed): a 404 whose reason is shown to the client.
     #[error("{0}")]
-    Gone(&'static str),
+    Absent(&'static str),
     /// A version-checked write found another version stored.
     #[error("document version mismatch")]
     VersionMismatch(Box<VersionMismatch>),

@@ -513,7 +513,7 @@ async fn versions_beyond_the_current_are_not_kept_and_below_one_are_invalid() {
     let doc = put(&f, &t, "d", json!({"a": 1}), None).await;
     let read = |v| f.documents.revision(OWNER, &t.id, "d", AsOf::Version(v));
     assert_eq!(read(1).await.expect("kept"), doc);
-    assert!(matches!(read(2).await, Err(ServiceError::Gone(NOT_KEPT))));
+    assert!(matches!(read(2).await, Err(ServiceError::Absent(NOT_KEPT))));
     for bad in [0, -1] {
         assert!(matches!(read(bad).await, Err(ServiceError::Invalid(_))));
         let diff = f.documents.diff(OWNER, &t.id, "d", bad, None).await;
@@ -548,10 +548,10 @@ async fn a_time_before_the_kept_history_tells_pruned_from_not_yet_created() {
     let at = |name| keeping_one.revision(OWNER, &t.id, name, AsOf::Time(before));
     assert!(matches!(
         at("complete").await,
-        Err(ServiceError::Gone(NOT_YET))
+        Err(ServiceError::Absent(NOT_YET))
     ));
     assert!(matches!(
         at("pruned").await,
-        Err(ServiceError::Gone(NOT_KEPT))
+        Err(ServiceError::Absent(NOT_KEPT))
     ));
 }
