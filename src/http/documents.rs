@@ -14,8 +14,8 @@ use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{
     Caller, DocumentPath, IfMatchHeader, JsonBody, PageQuery, Params, PatchBody, TwinPath,
 };
-use crate::domain::Page;
-use crate::domain::document::{Document, DocumentSummary, VersionSummary};
+use super::pages::VersionsPage;
+use crate::domain::document::{Document, DocumentSummary};
 use crate::service::VersionMismatch;
 use crate::service::documents::{Access, AsOf, Change, DeltaView, RevisionDiff};
 
@@ -70,27 +70,6 @@ pub struct DiffQuery {
     /// The version to compare to (default: the current version).
     #[param(value_type = i64, required = false, minimum = 1)]
     to: Option<String>,
-}
-
-/// Body of `GET /twins/{id}/documents/{name}/versions`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct VersionsPage {
-    pub total: u64,
-    pub offset: u64,
-    pub limit: u64,
-    /// Newest first; the current version is the first of the first page.
-    pub versions: Vec<VersionSummary>,
-}
-
-impl From<Page<VersionSummary>> for VersionsPage {
-    fn from(p: Page<VersionSummary>) -> Self {
-        Self {
-            total: p.total,
-            offset: p.offset,
-            limit: p.limit,
-            versions: p.items,
-        }
-    }
 }
 
 /// A version number of a query: a positive integer.

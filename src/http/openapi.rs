@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::pages::{StatesPage, TwinsPage};
+use super::pages::{StatesPage, TwinsPage, VersionsPage};
 use super::{documents, health, metrics, states, twins};
 use crate::domain::document::{
     Difference, Document, DocumentSummary, VersionSummary, WriteOp, Writer,
@@ -28,7 +28,7 @@ use crate::service::documents::{DeltaView, RevisionDiff};
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
         twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, health::ComponentCheck, health::Probe, Document, DocumentSummary, Difference,
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList,
-        documents::VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff
+        VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff
     )),
     modifiers(&BearerAuth)
 )]
