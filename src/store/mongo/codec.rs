@@ -163,6 +163,14 @@ pub fn revision_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreRe
     })
 }
 
+/// The current version of a record written before revisions were kept, as its first
+/// revision.
+pub fn legacy_revision(record: &Document) -> StoreResult<Document> {
+    let doc = document_from_bson(record)?;
+    let (op, by) = provenance(&Fields::new(record, "document"), doc.version)?;
+    revision_to_bson(&doc, op, &by)
+}
+
 /// A document's record as first written: the document, how and by whom it was written,
 /// and its first revision.
 pub fn new_document_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreResult<Document> {

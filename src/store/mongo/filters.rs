@@ -237,24 +237,37 @@ pub fn document_at_version(twin_id: &str, name: &str, expected: Option<i64>) -> 
     d
 }
 
+/// The document at version `expected`, with revisions kept (`revised`) or written before
+/// revisions were kept (no `revisions` field).
+pub fn document_revised_at(twin_id: &str, name: &str, expected: i64, revised: bool) -> Document {
+    let mut d = document_at_version(twin_id, name, Some(expected));
+    d.insert("revisions", doc! { "$exists": revised });
+    d
+}
+
 /// Replaces the data of a document, sets its new version with how and by whom it was
-/// written, and appends its revision, keeping the newest `keep + 1`: one atomic update
-/// of one record.
+/// written, and appends its revision (after `earlier`, the revision of a record's
+/// version from before revisions were kept), keeping the newest `keep + 1`: one atomic
+/// update of one record.
 pub fn document_update(
     doc: &TwinDocument,
     op: WriteOp,
     by: &Writer,
     keep: u32,
+    earlier: Option<Document>,
 ) -> StoreResult<Document> {
     let mut set = codec::document_to_bson(doc);
     set.remove("twinid");
     set.remove("name");
     set.insert("op", op.as_str());
     set.insert("by", codec::writer_to_bson(by));
-    let revision = codec::revision_to_bson(doc, op, by)?;
+    let revisions: Vec<Document> = earlier
+        .into_iter()
+        .chain([codec::revision_to_bson(doc, op, by)?])
+        .collect();
     Ok(doc! {
         "$set": set,
-        "$push": { "revisions": { "$each": [revision], "$slice": -(i64::from(keep) + 1) } },
+        "$push": { "revisions": { "$each": revisions, "$slice": -(i64::from(keep) + 1) } },
     })
 }
 
@@ -522,6 +535,10 @@ mod tests {
             document_at_version("t", "d", None),
             doc! { "twinid": "t", "name": "d" }
         );
+        assert_eq!(
+            document_revised_at("t", "d", 3, false),
+            doc! { "twinid": "t", "name": "d", "version": 3_i64, "revisions": { "$exists": false } }
+        );
         let d = TwinDocument {
             twin_id: "t".into(),
             document_name: "d".into(),
@@ -531,7 +548,7 @@ mod tests {
         };
         let by = Writer::User { id: "u".into() };
         assert_eq!(
-            document_update(&d, WriteOp::Patch, &by, 2).unwrap(),
+            document_update(&d, WriteOp::Patch, &by, 2, None).unwrap(),
             doc! {
                 "$set": {
                     "version": 4_i64, "updated": date(), "data": { "x": [1_i64] },

@@ -137,6 +137,43 @@ impl MongoStore {
             .map_err(map_err)
     }
 
+    /// The conditional update of a document at version `expected`; false when there is
+    /// no such version. A record from before revisions were kept gets its current
+    /// version as a revision too, read under a filter that only such a record at that
+    /// version matches: nothing can change it without adding revisions, so what is read
+    /// is what the update replaces.
+    async fn replace_document(
+        &self,
+        write: &DocumentWrite<'_>,
+        expected: i64,
+    ) -> StoreResult<bool> {
+        let doc = write.doc;
+        let at = |revised| {
+            filters::document_revised_at(&doc.twin_id, &doc.document_name, expected, revised)
+        };
+        let update = |earlier| {
+            filters::document_update(doc, write.op, write.by, write.keep.min(MAX_KEPT), earlier)
+        };
+        let updated = self
+            .documents
+            .update_one(at(true), update(None)?)
+            .await
+            .map_err(map_err)?;
+        if updated.matched_count == 1 {
+            return Ok(true);
+        }
+        let Some(legacy) = self.documents.find_one(at(false)).await.map_err(map_err)? else {
+            return Ok(false);
+        };
+        let earlier = codec::legacy_revision(&legacy)?;
+        let updated = self
+            .documents
+            .update_one(at(false), update(Some(earlier))?)
+            .await
+            .map_err(map_err)?;
+        Ok(updated.matched_count == 1)
+    }
+
     /// The document's record projected to the list of its versions, through the unique
     /// (twinid, name) index.
     async fn version_list(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
@@ -456,22 +493,7 @@ impl DocumentRepository for MongoStore {
                 Err(StoreError::Conflict(_)) => false,
                 Err(e) => return Err(e),
             },
-            Some(v) => {
-                self.documents
-                    .update_one(
-                        filters::document_at_version(&doc.twin_id, &doc.document_name, Some(v)),
-                        filters::document_update(
-                            doc,
-                            write.op,
-                            write.by,
-                            write.keep.min(MAX_KEPT),
-                        )?,
-                    )
-                    .await
-                    .map_err(map_err)?
-                    .matched_count
-                    == 1
-            }
+            Some(v) => self.replace_document(write, v).await?,
         };
         if done {
             return Ok(Versioned::Done);
