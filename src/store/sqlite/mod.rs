@@ -706,6 +706,7 @@ impl DocumentRepository for SqliteStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
         Ok(Page {
             total: total.max(0) as u64,
             offset: page.offset,
