@@ -35,6 +35,7 @@ use crate::service::retention::Retention;
 use crate::service::traced::Traced;
 use crate::service::twins::{Twins, TwinsService};
 use crate::store::Store;
+use crate::store::mongo::MAX_KEPT as MONGO_MAX_KEPT;
 
 /// Every metric of the service with its HELP text (see [`http::metrics::describe`]).
 const METRIC_HELP: &[(&str, &str)] = &[
@@ -203,6 +204,14 @@ impl Application {
                 url: crate::error::redact_url(&config.db_url),
                 source,
             })?;
+        if config.db_url.starts_with("mongodb") && config.document_revisions > MONGO_MAX_KEPT {
+            tracing::warn!(
+                configured = config.document_revisions,
+                kept = MONGO_MAX_KEPT,
+                "MG_TWINS_DOCUMENT_REVISIONS is above what a MongoDB document record holds: \
+                 fewer revisions are kept"
+            );
+        }
         let auth = authenticator(&config.auth)?;
         let broker = crate::broker::connect(&config.broker_url)
             .await
@@ -437,7 +446,7 @@ fn use_cases(
         TwinsService::new(store.clone(), config.max_definitions),
         events.clone(),
     );
-    let documents = DocumentsService::new(store.clone());
+    let documents = DocumentsService::new(store.clone(), config.document_revisions);
     let own_channel = config.channel_id.clone();
     let ingest = Recorded::new(
         Metered::new(IngestService::new(store.clone(), lookup, own_channel)),

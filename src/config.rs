@@ -81,6 +81,7 @@ struct RawEnv {
     mg_twins_max_definitions: Option<String>,
     mg_twins_request_reply: Option<String>,
     mg_twins_request_reply_prefix: Option<String>,
+    mg_twins_document_revisions: Option<String>,
     mg_twins_http_header_timeout: Option<String>,
     mg_twins_http_idle_timeout: Option<String>,
     mg_twins_http_max_connections: Option<String>,
@@ -126,6 +127,7 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_MAX_DEFINITIONS",
     "MG_TWINS_REQUEST_REPLY",
     "MG_TWINS_REQUEST_REPLY_PREFIX",
+    "MG_TWINS_DOCUMENT_REVISIONS",
     "MG_TWINS_HTTP_HEADER_TIMEOUT",
     "MG_TWINS_HTTP_IDLE_TIMEOUT",
     "MG_TWINS_HTTP_MAX_CONNECTIONS",
@@ -219,7 +221,12 @@ pub struct Config {
     pub states_retention: Option<Duration>,
     /// How often retention looks for old states.
     pub states_prune_interval: Duration,
+    /// Earlier revisions kept per document besides its current version (0: none).
+    pub document_revisions: u32,
 }
+
+/// Most earlier revisions a document may keep: each can hold 64 KiB of data.
+pub const MAX_DOCUMENT_REVISIONS: u32 = 10_000;
 
 /// A whole number of at least 1 in `var`, `default` when unset.
 fn count(var: &'static str, value: Option<String>, default: usize) -> Result<usize, ConfigError> {
@@ -420,6 +427,19 @@ impl Config {
             raw.mg_twins_states_prune_interval,
             DEFAULT_PRUNE_INTERVAL,
         )?;
+        let document_revisions = match raw.mg_twins_document_revisions {
+            None => crate::service::documents::DEFAULT_REVISIONS,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if n <= MAX_DOCUMENT_REVISIONS => n,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "MG_TWINS_DOCUMENT_REVISIONS",
+                        &v,
+                        format!("must be a whole number from 0 to {MAX_DOCUMENT_REVISIONS}"),
+                    ));
+                }
+            },
+        };
         let defaults = DEFAULT_HTTP_LIMITS;
         let http_limits = HttpLimits {
             header_timeout: positive_duration(
@@ -485,6 +505,7 @@ impl Config {
             warnings,
             states_retention,
             states_prune_interval,
+            document_revisions,
         })
     }
 }
@@ -961,6 +982,15 @@ mod tests {
     }
 
     #[test]
+    fn document_revisions_default_to_100_and_may_be_zero() {
+        assert_eq!(cfg(&[]).unwrap().document_revisions, 100);
+        for (value, want) in [("0", 0), ("7", 7), ("10000", 10_000)] {
+            let c = cfg(&[("MG_TWINS_DOCUMENT_REVISIONS", value)]).unwrap();
+            assert_eq!(c.document_revisions, want, "{value}");
+        }
+    }
+
+    #[test]
     fn db_pool_size_has_a_default_and_is_at_least_one() {
         assert_eq!(cfg(&[]).unwrap().db_pool_size, 10);
         assert_eq!(
@@ -1016,6 +1046,9 @@ mod tests {
             ("MG_TWINS_HTTP_MAX_CONNECTIONS", "0"),
             ("MG_TWINS_HTTP_MAX_CONNECTIONS", "many"),
             ("MG_TWINS_HTTP_REQUEST_TIMEOUT", "0"),
+            ("MG_TWINS_DOCUMENT_REVISIONS", "-1"),
+            ("MG_TWINS_DOCUMENT_REVISIONS", "some"),
+            ("MG_TWINS_DOCUMENT_REVISIONS", "10001"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];

@@ -17,9 +17,10 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::domain::document::{WriteOp, Writer};
 use crate::error::{chain, redact_url};
 use crate::store::transfer::{Counts, Transfer};
-use crate::store::{Store, StoreError};
+use crate::store::{DocumentWrite, Store, StoreError};
 
 /// States per read and write by default.
 const DEFAULT_BATCH: usize = 5_000;
@@ -255,9 +256,21 @@ async fn copy_documents(
             .await
             .map_err(failed("reading a document of the target"))?;
         if there.as_ref() != Some(&doc) {
+            // Only the current version is copied; its writer is unknown here.
+            let write = DocumentWrite {
+                doc: &doc,
+                expected: there.map(|d| d.version),
+                op: if doc.version == 1 {
+                    WriteOp::Create
+                } else {
+                    WriteOp::Put
+                },
+                by: &Writer::Service,
+                keep: 0,
+            };
             target
                 .documents
-                .write(&doc, there.map(|d| d.version))
+                .write(&write)
                 .await
                 .map_err(failed("writing a document"))?;
         }

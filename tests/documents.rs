@@ -4,7 +4,6 @@ mod common;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use twins::broker;
 
 use common::*;
 
@@ -462,8 +461,19 @@ async fn openapi_lists_the_document_endpoints() {
         "/twins/{id}/documents",
         "/twins/{id}/documents/{name}",
         "/twins/{id}/documents/{name}/delta",
+        "/twins/{id}/documents/{name}/versions",
+        "/twins/{id}/documents/{name}/diff",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let reads: Vec<&str> = doc["paths"]["/twins/{id}/documents/{name}"]["get"]["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for query in ["version", "at"] {
+        assert!(reads.contains(&query), "{query} missing from {reads:?}");
     }
     assert!(
         doc["paths"]["/twins/{id}/documents/{name}"]
@@ -474,50 +484,6 @@ async fn openapi_lists_the_document_endpoints() {
 
 // ---------------------------------------------------------------- inband over the broker
 
-/// An app on a NATS server of the test's own: inband answers on shared subjects would
-/// otherwise come from every test's app at once. Returns once the app takes messages,
-/// so its inband subscriptions are in place too.
-async fn with_own_broker() -> TestApp {
-    let app = TestApp::builder().own_broker().spawn().await;
-    app.wait_ingesting().await;
-    app
-}
-
-/// Publishes a device request on `channel` and returns the response envelope's subtopic
-/// suffix (`success`/`error`) and JSON payload.
-async fn device(
-    app: &TestApp,
-    channel: &str,
-    twin: &str,
-    doc: &str,
-    op: &str,
-    body: Value,
-) -> (String, Value) {
-    let subtopic = format!("twins.{twin}.{doc}.{op}");
-    let mut sub = app
-        .subscribe(format!("channels.{channel}.{subtopic}.response.*"))
-        .await;
-    app.publish_raw(
-        channel,
-        &subtopic,
-        envelope(channel, &subtopic, body.to_string().into_bytes()),
-    )
-    .await;
-    let msg = receive(&mut sub, "response").await;
-    let answer = broker::decode(&msg.payload).expect("envelope");
-    assert_eq!(answer.channel, channel);
-    assert_eq!(answer.publisher, "twins");
-    let outcome = answer
-        .subtopic
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    (
-        outcome,
-        serde_json::from_slice(&answer.payload).expect("JSON answer"),
-    )
-}
 async fn inband_get_put_patch_delete_through_the_channel() {
     let b = with_own_broker().await;
     let ch = uuid::Uuid::new_v4().to_string();
@@ -609,42 +575,6 @@ async fn inband_on_an_unbound_channel_gets_an_error_and_no_data() {
     let doc = json_of(b.get(&doc_path(&id, "desired"), ALICE).await).await;
     assert_eq!(doc["data"], json!({"secret": 1}));
     assert_eq!(doc["version"], 1);
-}
-
-/// An app on a broker of its own answering request/reply under `prefix`.
-async fn with_request_reply(prefix: &str) -> TestApp {
-    let app = TestApp::builder()
-        .own_broker()
-        .var("MG_TWINS_REQUEST_REPLY", "true")
-        .var("MG_TWINS_REQUEST_REPLY_PREFIX", prefix)
-        .spawn()
-        .await;
-    app.wait_ingesting().await;
-    app
-}
-
-/// Sends a request/reply request; the raw outcome (an error when nobody answers).
-async fn request(
-    app: &TestApp,
-    subject: String,
-    body: &Value,
-) -> Result<async_nats::Message, async_nats::RequestError> {
-    let nats = app.nats().clone();
-    tokio::time::timeout(DEADLINE, nats.request(subject, body.to_string().into()))
-        .await
-        .expect("the broker answers within the deadline")
-}
-
-/// Asks until the service's subscription is in place, then returns the JSON reply.
-async fn ask_until_answered(app: &TestApp, subject: String, body: Value) -> Value {
-    let reply = eventually(
-        "a request/reply answer",
-        || request(app, subject.clone(), &body),
-        Result::is_ok,
-    )
-    .await
-    .expect("answered");
-    serde_json::from_slice(&reply.payload).expect("JSON reply")
 }
 
 async fn inband_request_reply_for_back_end_callers() {

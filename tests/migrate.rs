@@ -14,12 +14,12 @@ use serde_json::{Map, Value, json};
 
 use common::backend::{self, Backend};
 use twins::domain::PageRequest;
-use twins::domain::document::Document;
+use twins::domain::document::{Document, WriteOp, Writer};
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
 use twins::domain::twin::{Attribute, Definition, Twin};
-use twins::store::Store;
 use twins::store::transfer::IngestLog;
+use twins::store::{DocumentWrite, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_twins");
 const T0_MS: i64 = 1_588_668_099_142;
@@ -99,7 +99,14 @@ async fn seed(store: &Store, twins: usize, per_twin: usize) {
                 updated: at(T0_MS + 5),
                 data: object(json!({"setpoint": i, "mode": {"eco": true}})),
             };
-            store.documents.write(&doc, None).await.expect("document");
+            let write = DocumentWrite {
+                doc: &doc,
+                expected: None,
+                op: WriteOp::Create,
+                by: &Writer::Service,
+                keep: 0,
+            };
+            store.documents.write(&write).await.expect("document");
         }
     }
     transfer.put_states(&batch).await.expect("put states");

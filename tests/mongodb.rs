@@ -6,7 +6,7 @@
 mod common;
 
 use bson::{Bson, Document, doc};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 use twins::broker;
 use twins::domain::time::{format, from_nanos};
@@ -19,6 +19,7 @@ crate::backend_matrix!(only_mongodb:
     go_written_twins_and_states_are_served_filtered_updated_and_fed,
     corrupt_go_data_is_500_without_the_cause,
     an_unreachable_store_shows_no_internals,
+    documents_from_before_revisions_keep_their_version_in_history,
 );
 
 /// 2020-05-05T08:41:39.142Z, as in the Go service's documentation.
@@ -379,4 +380,47 @@ async fn an_unreachable_store_shows_no_internals() {
         assert_no_internals(&text, &proxy);
         assert_eq!(text, "service temporarily unavailable");
     }
+}
+
+/// A document record written before revisions were kept (no `revisions`, `op` or `by`)
+/// lists its version as written by the service, and the next write keeps it as a
+/// revision beside its own.
+async fn documents_from_before_revisions_keep_their_version_in_history() {
+    let (url, db) = backend::mongodb_database();
+    let app = app_on(&url).await;
+    let id = app.create_id(ALICE, &json!({})).await;
+    db.collection::<Document>("documents")
+        .insert_one(doc! {
+            "twinid": &id, "name": "panel", "version": 3_i64, "updated": date(T0_MS),
+            "data": { "mode": "eco" },
+        })
+        .await
+        .expect("an earlier record written");
+    let path = format!("/twins/{id}/documents/panel");
+    let earlier = json!({"version": 3, "updated": time_of(T0_MS), "op": "put",
+                         "by": {"kind": "service"}});
+    let listed = json_of(app.get(&format!("{path}/versions"), ALICE).await).await;
+    assert_eq!(listed["versions"], json!([earlier]));
+
+    let resp = send(
+        app.authed(Method::PATCH, &path, ALICE)
+            .json(&json!({"data": {"armed": true}})),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let written = json_of(resp).await;
+    let listed = json_of(app.get(&format!("{path}/versions"), ALICE).await).await;
+    assert_eq!(
+        listed["versions"],
+        json!([{"version": 4, "updated": written["updated"], "op": "patch",
+                "by": {"kind": "user", "id": ALICE_ID}}, earlier])
+    );
+    let resp = app.get_query(&path, ALICE, &[("version", "3")]).await;
+    assert_eq!(
+        json_of(resp).await,
+        json!({"twin_id": id, "document_name": "panel", "version": 3,
+               "updated": time_of(T0_MS), "data": {"mode": "eco"}})
+    );
+    let record = raw(&db, "documents", doc! { "twinid": &id, "name": "panel" }).await;
+    assert_eq!(record.get_array("revisions").map(Vec::len).ok(), Some(2));
 }

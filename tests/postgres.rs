@@ -9,7 +9,7 @@ use futures::future::join_all;
 use sqlx::Connection as _;
 
 use common::backend::{self, Backend};
-use twins::store::Store;
+use twins::store::{Store, sql};
 
 /// Instances starting together on an empty database all come up, and the schema is
 /// migrated once.
@@ -29,16 +29,19 @@ async fn instances_starting_together_migrate_once() {
                 .fetch_one(&mut conn)
                 .await
                 .expect("count migrations");
-        assert_eq!(migrations, 2);
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+            .expect("the migrations folder")
+            .count();
+        assert_eq!(usize::try_from(migrations).ok(), Some(files));
         // And once more on a migrated database.
         Store::connect(&url).await.expect("reopen");
     })
     .await;
 }
 
-/// A connection to a migrated database of the test's own on which sequential scans are
-/// priced out, so that a plan shows whether an index can serve a query.
-async fn planner_without_seq_scans() -> sqlx::PgConnection {
+/// A connection to a migrated database of the test's own whose planner prices
+/// sequential scans out, so that a plan still holding one has no index to use.
+async fn planner_without_seqscan() -> sqlx::PgConnection {
     let url = backend::database_url(&std::env::temp_dir());
     Store::connect(&url).await.expect("open");
     let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
@@ -68,7 +71,7 @@ async fn indexed_plan(conn: &mut sqlx::PgConnection, query: &str) -> String {
 #[tokio::test]
 async fn every_query_has_an_index() {
     backend::run(Backend::Postgres, async {
-        let mut conn = planner_without_seq_scans().await;
+        let mut conn = planner_without_seqscan().await;
         let queries = [
             "SELECT * FROM twins WHERE id = 'a' AND owner = 'o'",
             "SELECT * FROM twins WHERE owner = 'o' ORDER BY pos LIMIT 10 OFFSET 0",
@@ -110,7 +113,7 @@ fn with_literals(statement: &str, literals: &[&str]) -> String {
 async fn history_queries_have_an_index() {
     use twins::store::{postgres, sql};
     backend::run(Backend::Postgres, async {
-        let mut conn = planner_without_seq_scans().await;
+        let mut conn = planner_without_seqscan().await;
         // Plans of tables with rows and statistics, as in service: an empty table is
         // priced as if sorting it cost nothing.
         sqlx::raw_sql(
@@ -147,6 +150,48 @@ async fn history_queries_have_an_index() {
             assert!(
                 sorts <= page_sort,
                 "{query} sorts the states instead of reading them in index order:\n{plan}"
+            );
+        }
+    })
+    .await;
+}
+
+/// The statements of document revisions, as the store sends them, run on the primary key
+/// (twin_id, name, version): no history query scans a table.
+#[tokio::test]
+async fn document_revision_queries_use_the_primary_key() {
+    backend::run(Backend::Postgres, async {
+        let mut conn = planner_without_seqscan().await;
+        let with_twin = sql::DELETE_TWIN_ROWS
+            .into_iter()
+            .find(|s| s.contains("document_revisions"))
+            .expect("deleting a twin deletes its revisions");
+        let statements = [
+            (sql::COUNT_REVISIONS, "'t', 'd'"),
+            (sql::REVISION_PAGE, "'t', 'd', 10, 20"),
+            (sql::SELECT_REVISION, "'t', 'd', 3"),
+            (sql::REVISION_AT, "'t', 'd', 1588668099142000000"),
+            (sql::PRUNE_REVISIONS, "'t', 'd', 3"),
+            (sql::DELETE_REVISIONS, "'t', 'd'"),
+            (with_twin, "'t'"),
+        ];
+        for (i, (statement, args)) in statements.into_iter().enumerate() {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PREPARE revisions_{i} AS {statement}"
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("PREPARE {statement}: {e}"));
+            let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN EXECUTE revisions_{i}({args})"
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("EXPLAIN {statement}: {e}"));
+            let plan = plan.join("\n");
+            assert!(
+                !plan.contains("Seq Scan") && plan.contains("document_revisions_pkey"),
+                "the primary key does not serve {statement}:\n{plan}"
             );
         }
     })

@@ -20,15 +20,15 @@ use uuid::Uuid;
 
 use common::backend::{self, Backend};
 use twins::domain::PageRequest;
-use twins::domain::document::Document;
+use twins::domain::document::{Document, VersionSummary, WriteOp, Writer};
 use twins::domain::history::{Window, summarize};
 use twins::domain::sampling::Write;
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
 use twins::domain::twin::{Attribute, Definition, Twin};
 use twins::store::{
-    Applied, IngestCursor, IngestStep, Lease, SeqWrite, Store, StoreError, TwinFilter, TwinWrites,
-    Versioned,
+    Applied, DocumentWrite, IngestCursor, IngestStep, Lease, SeqWrite, Store, StoreError,
+    TwinFilter, TwinWrites, Versioned,
 };
 
 /// Calls `$then!` with every case, so both backends run the same list.
@@ -78,6 +78,11 @@ macro_rules! conformance_cases {
             concurrent_conditional_document_writes_let_exactly_one_win,
             document_delete_with_and_without_version,
             documents_list_by_name_per_twin,
+            document_writes_keep_revisions_newest_first_with_how_and_by_whom,
+            revisions_are_pruned_to_the_bound_oldest_first,
+            no_revisions_kept_leaves_the_current_version_only,
+            revision_at_is_the_newest_written_at_or_before_the_time,
+            deleting_a_document_or_its_twin_deletes_its_revisions,
         );
     };
 }
@@ -186,6 +191,88 @@ fn document(twin_id: &str, name: &str, version: i64, data: Value) -> Document {
         updated: at(T0_MS + version),
         data: object(data),
     }
+}
+
+/// Revisions kept by the writes of the cases that do not test the bound.
+const KEEP: u32 = 100;
+
+/// Who wrote version `v` in the cases: a user, a channel and the service in turn.
+fn writer(v: i64) -> Writer {
+    match v % 3 {
+        1 => Writer::User { id: ALICE.into() },
+        2 => Writer::Channel {
+            id: "chan-1".into(),
+        },
+        _ => Writer::Service,
+    }
+}
+
+/// How version `v` was written in the cases.
+fn op(v: i64) -> WriteOp {
+    match v {
+        1 => WriteOp::Create,
+        v if v % 2 == 0 => WriteOp::Put,
+        _ => WriteOp::Patch,
+    }
+}
+
+/// Writes `doc` conditionally on `expected`, keeping [`KEEP`] revisions.
+async fn write_doc(
+    store: &Store,
+    doc: &Document,
+    expected: Option<i64>,
+) -> Result<Versioned, StoreError> {
+    write_keeping(store, doc, expected, KEEP).await
+}
+
+async fn write_keeping(
+    store: &Store,
+    doc: &Document,
+    expected: Option<i64>,
+    keep: u32,
+) -> Result<Versioned, StoreError> {
+    let by = writer(doc.version);
+    let write = DocumentWrite {
+        doc,
+        expected,
+        op: op(doc.version),
+        by: &by,
+        keep,
+    };
+    store.documents.write(&write).await
+}
+
+/// Writes versions 1 to `n` of (t, `name`), version v at `T0_MS + 10 v` with data
+/// `{"v": v}`, keeping `keep` revisions; returns what was written.
+async fn write_versions(store: &Store, name: &str, n: i64, keep: u32) -> Vec<Document> {
+    let mut written = Vec::new();
+    for v in 1..=n {
+        let mut doc = document("t", name, v, json!({"v": v, "list": [v]}));
+        doc.updated = at(T0_MS + 10 * v);
+        let expected = (v > 1).then_some(v - 1);
+        assert_eq!(
+            write_keeping(store, &doc, expected, keep).await.unwrap(),
+            Versioned::Done
+        );
+        written.push(doc);
+    }
+    written
+}
+
+/// What the versions listing of `written` shows when the newest `keep + 1` are kept.
+fn kept_summaries(written: &[Document], keep: u32) -> Vec<VersionSummary> {
+    let newest = written.last().map_or(0, |d| d.version);
+    written
+        .iter()
+        .rev()
+        .filter(|d| d.version >= newest - i64::from(keep))
+        .map(|d| VersionSummary {
+            version: d.version,
+            updated: d.updated,
+            op: op(d.version),
+            by: writer(d.version),
+        })
+        .collect()
 }
 
 fn page(offset: u64, limit: u64) -> PageRequest {
@@ -576,11 +663,13 @@ async fn remove_deletes_the_twin_with_its_states_documents_and_cursor(store: &St
         )
         .await;
         assert!(conflicts.is_empty());
-        store
-            .documents
-            .write(&document(&tw.id, "desired", 1, json!({"on": true})), None)
-            .await
-            .unwrap();
+        write_doc(
+            store,
+            &document(&tw.id, "desired", 1, json!({"on": true})),
+            None,
+        )
+        .await
+        .unwrap();
     }
 
     assert!(store.twins.remove(ALICE, &t.id).await.unwrap());
@@ -1423,17 +1512,14 @@ async fn document_write_without_version_creates_only(store: &Store) {
         1,
         json!({"armed": true, "zones": {"a": [1, 2]}}),
     );
-    assert_eq!(
-        store.documents.write(&d, None).await.unwrap(),
-        Versioned::Done
-    );
+    assert_eq!(write_doc(store, &d, None).await.unwrap(), Versioned::Done);
     assert_eq!(
         store.documents.get("t", "desired").await.unwrap(),
         Some(d.clone())
     );
     let again = document("t", "desired", 1, json!({"armed": false}));
     assert_eq!(
-        store.documents.write(&again, None).await.unwrap(),
+        write_doc(store, &again, None).await.unwrap(),
         Versioned::Stale { actual: Some(1) }
     );
     assert_eq!(store.documents.get("t", "desired").await.unwrap(), Some(d));
@@ -1443,10 +1529,10 @@ async fn document_write_without_version_creates_only(store: &Store) {
 
 async fn document_write_with_version_is_conditional(store: &Store) {
     let v1 = document("t", "desired", 1, json!({"a": 1}));
-    store.documents.write(&v1, None).await.unwrap();
+    write_doc(store, &v1, None).await.unwrap();
     let v2 = document("t", "desired", 2, json!({"a": 2}));
     assert_eq!(
-        store.documents.write(&v2, Some(1)).await.unwrap(),
+        write_doc(store, &v2, Some(1)).await.unwrap(),
         Versioned::Done
     );
     assert_eq!(
@@ -1455,34 +1541,45 @@ async fn document_write_with_version_is_conditional(store: &Store) {
     );
     let late = document("t", "desired", 2, json!({"a": "late"}));
     assert_eq!(
-        store.documents.write(&late, Some(1)).await.unwrap(),
+        write_doc(store, &late, Some(1)).await.unwrap(),
         Versioned::Stale { actual: Some(2) }
     );
     assert_eq!(store.documents.get("t", "desired").await.unwrap(), Some(v2));
     let absent = document("t", "current", 2, json!({}));
     assert_eq!(
-        store.documents.write(&absent, Some(1)).await.unwrap(),
+        write_doc(store, &absent, Some(1)).await.unwrap(),
         Versioned::Stale { actual: None }
     );
     assert_eq!(store.documents.get("t", "current").await.unwrap(), None);
 }
 
 async fn concurrent_conditional_document_writes_let_exactly_one_win(store: &Store) {
-    store
-        .documents
-        .write(&document("t", "d", 1, json!({})), None)
+    write_doc(store, &document("t", "d", 1, json!({})), None)
         .await
         .unwrap();
     let results = join_all((0..8).map(|i| async move {
-        store
-            .documents
-            .write(&document("t", "d", 2, json!({"writer": i})), Some(1))
+        write_doc(store, &document("t", "d", 2, json!({"writer": i})), Some(1))
             .await
             .unwrap()
     }))
     .await;
     let done = results.iter().filter(|r| **r == Versioned::Done).count();
     assert_eq!(done, 1, "{results:?}");
+    // Exactly the winner's version 2 is kept, with the winner's data.
+    let current = store.documents.get("t", "d").await.unwrap();
+    assert_eq!(
+        store.documents.revision("t", "d", 2).await.unwrap(),
+        current
+    );
+    assert_eq!(
+        store
+            .documents
+            .versions("t", "d", page(0, 10))
+            .await
+            .unwrap()
+            .total,
+        2
+    );
     assert!(
         results
             .iter()
@@ -1491,9 +1588,7 @@ async fn concurrent_conditional_document_writes_let_exactly_one_win(store: &Stor
     );
     // The same holds for creation.
     let results = join_all((0..8).map(|i| async move {
-        store
-            .documents
-            .write(&document("t", "new", 1, json!({"writer": i})), None)
+        write_doc(store, &document("t", "new", 1, json!({"writer": i})), None)
             .await
             .unwrap()
     }))
@@ -1514,14 +1609,10 @@ async fn document_delete_with_and_without_version(store: &Store) {
         store.documents.delete("t", "d", Some(1)).await.unwrap(),
         Versioned::Stale { actual: None }
     );
-    store
-        .documents
-        .write(&document("t", "d", 1, json!({})), None)
+    write_doc(store, &document("t", "d", 1, json!({})), None)
         .await
         .unwrap();
-    store
-        .documents
-        .write(&document("t", "d", 2, json!({"k": 1})), Some(1))
+    write_doc(store, &document("t", "d", 2, json!({"k": 1})), Some(1))
         .await
         .unwrap();
     assert_eq!(
@@ -1535,9 +1626,7 @@ async fn document_delete_with_and_without_version(store: &Store) {
     );
     assert_eq!(store.documents.get("t", "d").await.unwrap(), None);
 
-    store
-        .documents
-        .write(&document("t", "e", 1, json!({})), None)
+    write_doc(store, &document("t", "e", 1, json!({})), None)
         .await
         .unwrap();
     assert_eq!(
@@ -1549,15 +1638,15 @@ async fn document_delete_with_and_without_version(store: &Store) {
 
 async fn documents_list_by_name_per_twin(store: &Store) {
     for (twin_id, name) in [("t", "b"), ("t", "a"), ("t", "c"), ("u", "z")] {
-        store
-            .documents
-            .write(&document(twin_id, name, 1, json!({"big": "data"})), None)
-            .await
-            .unwrap();
+        write_doc(
+            store,
+            &document(twin_id, name, 1, json!({"big": "data"})),
+            None,
+        )
+        .await
+        .unwrap();
     }
-    store
-        .documents
-        .write(&document("t", "c", 2, json!({})), Some(1))
+    write_doc(store, &document("t", "c", 2, json!({})), Some(1))
         .await
         .unwrap();
     let listed = store.documents.list("t").await.unwrap();
@@ -1575,6 +1664,168 @@ async fn documents_list_by_name_per_twin(store: &Store) {
     );
     assert_eq!(store.documents.list("u").await.unwrap().len(), 1);
     assert!(store.documents.list("none").await.unwrap().is_empty());
+}
+
+async fn document_writes_keep_revisions_newest_first_with_how_and_by_whom(store: &Store) {
+    let written = write_versions(store, "d", 5, KEEP).await;
+    let want = kept_summaries(&written, KEEP);
+    let all = store
+        .documents
+        .versions("t", "d", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!(all.total, 5);
+    assert_eq!(all.items, want);
+    let middle = store
+        .documents
+        .versions("t", "d", page(1, 2))
+        .await
+        .unwrap();
+    assert_eq!(middle.total, 5);
+    assert_eq!(middle.items, want[1..3].to_vec());
+    let past = store
+        .documents
+        .versions("t", "d", page(5, 2))
+        .await
+        .unwrap();
+    assert_eq!((past.total, past.items.len()), (5, 0));
+    for doc in &written {
+        assert_eq!(
+            store
+                .documents
+                .revision("t", "d", doc.version)
+                .await
+                .unwrap(),
+            Some(doc.clone()),
+            "version {}",
+            doc.version
+        );
+    }
+    assert_eq!(store.documents.revision("t", "d", 6).await.unwrap(), None);
+    assert_eq!(store.documents.revision("u", "d", 1).await.unwrap(), None);
+    assert_eq!(store.documents.revision("t", "e", 1).await.unwrap(), None);
+    let none = store
+        .documents
+        .versions("t", "e", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!((none.total, none.items.len()), (0, 0));
+}
+
+async fn revisions_are_pruned_to_the_bound_oldest_first(store: &Store) {
+    for keep in [1_u32, 3] {
+        let name = format!("keep{keep}");
+        let written = write_versions(store, &name, 7, keep).await;
+        let want = kept_summaries(&written, keep);
+        assert_eq!(want.len() as u32, keep + 1);
+        let listed = store
+            .documents
+            .versions("t", &name, page(0, 100))
+            .await
+            .unwrap();
+        assert_eq!(listed.total, u64::from(keep) + 1);
+        assert_eq!(listed.items, want);
+        for doc in &written {
+            let kept = want.iter().any(|s| s.version == doc.version);
+            assert_eq!(
+                store
+                    .documents
+                    .revision("t", &name, doc.version)
+                    .await
+                    .unwrap(),
+                kept.then(|| doc.clone()),
+                "keep {keep}, version {}",
+                doc.version
+            );
+        }
+    }
+}
+
+async fn no_revisions_kept_leaves_the_current_version_only(store: &Store) {
+    let written = write_versions(store, "d", 4, 0).await;
+    let listed = store
+        .documents
+        .versions("t", "d", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!(listed.total, 1);
+    assert_eq!(listed.items, kept_summaries(&written, 0));
+    assert_eq!(store.documents.revision("t", "d", 3).await.unwrap(), None);
+    assert_eq!(
+        store.documents.revision("t", "d", 4).await.unwrap(),
+        written.last().cloned()
+    );
+}
+
+async fn revision_at_is_the_newest_written_at_or_before_the_time(store: &Store) {
+    let written = write_versions(store, "d", 4, KEEP).await;
+    // Before the first write, exactly at each write and between writes.
+    let mut times: Vec<i64> = vec![T0_MS, T0_MS + 9, T0_MS + 1000];
+    for doc in &written {
+        let ms = doc.updated.timestamp_millis();
+        times.extend([ms - 1, ms, ms + 1]);
+    }
+    for t in times {
+        let want = written.iter().rev().find(|d| d.updated <= at(t)).cloned();
+        assert_eq!(
+            store.documents.revision_at("t", "d", &at(t)).await.unwrap(),
+            want,
+            "at {t}"
+        );
+    }
+    assert_eq!(
+        store
+            .documents
+            .revision_at("t", "other", &at(T0_MS + 1000))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn deleting_a_document_or_its_twin_deletes_its_revisions(store: &Store) {
+    write_versions(store, "d", 3, KEEP).await;
+    assert_eq!(
+        store.documents.delete("t", "d", Some(3)).await.unwrap(),
+        Versioned::Done
+    );
+    let listed = store
+        .documents
+        .versions("t", "d", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!((listed.total, listed.items.len()), (0, 0));
+    assert_eq!(store.documents.revision("t", "d", 1).await.unwrap(), None);
+    // A document made again under the name starts a history of its own.
+    let again = write_versions(store, "d", 1, KEEP).await;
+    let listed = store
+        .documents
+        .versions("t", "d", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!(listed.items, kept_summaries(&again, KEEP));
+
+    let tw = plain_twin(ALICE, "with documents");
+    store.twins.save(&tw).await.unwrap();
+    let doc = document(&tw.id, "desired", 1, json!({"on": true}));
+    write_doc(store, &doc, None).await.unwrap();
+    let next = document(&tw.id, "desired", 2, json!({"on": false}));
+    write_doc(store, &next, Some(1)).await.unwrap();
+    assert!(store.twins.remove(ALICE, &tw.id).await.unwrap());
+    let listed = store
+        .documents
+        .versions(&tw.id, "desired", page(0, 10))
+        .await
+        .unwrap();
+    assert_eq!((listed.total, listed.items.len()), (0, 0));
+    assert_eq!(
+        store
+            .documents
+            .revision(&tw.id, "desired", 1)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[test]

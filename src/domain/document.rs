@@ -2,7 +2,9 @@
 //!
 //! Names are parsed into [`DocumentName`]; data is limited to [`MAX_DATA_BYTES`] of
 //! compact JSON. [`merge_patch`] is RFC 7396 and [`delta`] lists what differs between
-//! two documents.
+//! two documents. Every write records how it was made ([`WriteOp`]) and by whom
+//! ([`Writer`]); [`merge_patch_between`] is the RFC 7396 patch from one revision to
+//! another.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -49,6 +51,90 @@ impl From<&Document> for DocumentSummary {
             updated: d.updated,
         }
     }
+}
+
+/// How a version of a document came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteOp {
+    /// The write created the document (PUT or PATCH of an absent document).
+    Create,
+    /// The data was replaced.
+    Put,
+    /// The data was merge-patched.
+    Patch,
+}
+
+impl WriteOp {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Put => "put",
+            Self::Patch => "patch",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "create" => Some(Self::Create),
+            "put" => Some(Self::Put),
+            "patch" => Some(Self::Patch),
+            _ => None,
+        }
+    }
+}
+
+/// Who wrote a version: `{"kind":"user","id":...}` over REST, `{"kind":"channel","id":...}`
+/// for a device inband, `{"kind":"service"}` for a request/reply caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Writer {
+    /// An authenticated user; the id is the identity the auth service returned.
+    User { id: String },
+    /// A device publishing on this Magistrala channel.
+    Channel { id: String },
+    /// A trusted back-end caller over NATS request/reply.
+    Service,
+}
+
+impl Writer {
+    /// The kind as stored (`user`, `channel`, `service`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::User { .. } => "user",
+            Self::Channel { .. } => "channel",
+            Self::Service => "service",
+        }
+    }
+
+    /// The id as stored; empty for the service.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::User { id } | Self::Channel { id } => id,
+            Self::Service => "",
+        }
+    }
+
+    /// The writer stored as `kind` and `id`; None for an unknown kind.
+    pub fn from_parts(kind: &str, id: &str) -> Option<Self> {
+        match kind {
+            "user" => Some(Self::User { id: id.to_owned() }),
+            "channel" => Some(Self::Channel { id: id.to_owned() }),
+            "service" => Some(Self::Service),
+            _ => None,
+        }
+    }
+}
+
+/// A kept version of a document as listed: when, how and by whom it was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VersionSummary {
+    pub version: i64,
+    #[serde(with = "time::serde_rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated: DateTime<Utc>,
+    pub op: WriteOp,
+    pub by: Writer,
 }
 
 /// A document name matching `[A-Za-z0-9_-]{1,64}`.
@@ -108,6 +194,32 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
             }
         }
     }
+}
+
+/// The RFC 7396 merge patch that turns `from` into `to`: objects recurse, keys missing
+/// from `to` become `null`, anything else that differs is replaced whole. Applying it to
+/// `from` gives `to` unless `to` holds a `null` value, which RFC 7396 cannot set (a
+/// `null` in a merge patch deletes).
+pub fn merge_patch_between(from: &Value, to: &Value) -> Value {
+    let (Value::Object(from), Value::Object(to)) = (from, to) else {
+        return to.clone();
+    };
+    let mut patch = Map::new();
+    for key in from.keys().filter(|k| !to.contains_key(*k)) {
+        patch.insert(key.clone(), Value::Null);
+    }
+    for (key, value) in to {
+        match from.get(key) {
+            Some(old) if old == value => {}
+            Some(old @ Value::Object(_)) if value.is_object() => {
+                patch.insert(key.clone(), merge_patch_between(old, value));
+            }
+            _ => {
+                patch.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Value::Object(patch)
 }
 
 /// One key whose value differs between two documents.
@@ -195,6 +307,80 @@ mod tests {
             let mut t = target.clone();
             merge_patch(&mut t, &patch);
             assert_eq!(t, want, "{target} + {patch}");
+        }
+    }
+
+    /// Pairs of documents covering every case of the merge-patch generation: keys added,
+    /// removed and changed, nested objects, arrays, type changes, equal documents.
+    fn revision_pairs() -> Vec<(Value, Value)> {
+        vec![
+            (json!({}), json!({})),
+            (json!({"a": 1}), json!({"a": 1})),
+            (json!({}), json!({"a": 1, "b": {"c": [1, 2]}})),
+            (json!({"a": 1, "b": {"c": [1, 2]}}), json!({})),
+            (json!({"a": 1, "b": 2}), json!({"a": 2, "c": 3})),
+            (
+                json!({"z": {"k": "on", "g": "on", "deep": {"x": 1, "y": 2}}}),
+                json!({"z": {"k": "on", "deep": {"x": 1, "y": 3, "w": [0]}}}),
+            ),
+            (json!({"a": [1, 2, 3]}), json!({"a": [3]})),
+            (json!({"a": {"b": 1}}), json!({"a": [1]})),
+            (json!({"a": "text"}), json!({"a": {"b": "text"}})),
+            (json!({"a": {"b": {}}}), json!({"a": {"b": {"c": true}}})),
+            (json!({"": 1, "~/": 2}), json!({"": 2, "~/": {"x": 1}})),
+        ]
+    }
+
+    #[test]
+    fn merge_patch_between_revisions_applies_back_to_the_target() {
+        for (from, to) in revision_pairs() {
+            let patch = merge_patch_between(&from, &to);
+            let mut ours = from.clone();
+            merge_patch(&mut ours, &patch);
+            assert_eq!(ours, to, "{from} -> {to} with {patch}");
+            let mut theirs = from.clone();
+            json_patch::merge(&mut theirs, &patch);
+            assert_eq!(theirs, to, "json_patch::merge of {patch}");
+        }
+    }
+
+    #[test]
+    fn merge_patch_between_equal_documents_is_empty() {
+        for (doc, _) in revision_pairs() {
+            assert_eq!(merge_patch_between(&doc, &doc), json!({}), "{doc}");
+        }
+    }
+
+    #[test]
+    fn merge_patch_between_names_removed_keys_with_null() {
+        let patch = merge_patch_between(&json!({"a": 1, "b": {"c": 1}}), &json!({"b": {}}));
+        assert_eq!(patch, json!({"a": null, "b": {"c": null}}));
+    }
+
+    #[test]
+    fn writers_serialize_with_their_kind() {
+        let cases = [
+            (
+                Writer::User { id: "u1".into() },
+                json!({"kind": "user", "id": "u1"}),
+            ),
+            (
+                Writer::Channel { id: "c1".into() },
+                json!({"kind": "channel", "id": "c1"}),
+            ),
+            (Writer::Service, json!({"kind": "service"})),
+        ];
+        for (writer, want) in cases {
+            assert_eq!(serde_json::to_value(&writer).ok(), Some(want));
+            assert_eq!(
+                Writer::from_parts(writer.kind(), writer.id()),
+                Some(writer.clone())
+            );
+        }
+        assert_eq!(Writer::from_parts("robot", "x"), None);
+        for op in [WriteOp::Create, WriteOp::Put, WriteOp::Patch] {
+            assert_eq!(WriteOp::parse(op.as_str()), Some(op));
+            assert_eq!(serde_json::to_value(op).ok(), Some(json!(op.as_str())));
         }
     }
 

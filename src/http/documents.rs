@@ -1,4 +1,5 @@
-//! `/twins/{id}/documents` endpoints (SPEC section 7).
+//! `/twins/{id}/documents` endpoints (SPEC section 7), with their history (section 11):
+//! kept versions, a revision by version or time, and the diff of two revisions.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -10,10 +11,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{Caller, DocumentPath, IfMatchHeader, JsonBody, Params, PatchBody, TwinPath};
+use super::extract::{
+    Caller, DocumentPath, IfMatchHeader, JsonBody, PageQuery, Params, PatchBody, TwinPath,
+};
+use super::pages::VersionsPage;
 use crate::domain::document::{Document, DocumentSummary};
 use crate::service::VersionMismatch;
-use crate::service::documents::{Access, Change, DeltaView};
+use crate::service::documents::{Access, AsOf, Change, DeltaView, RevisionDiff};
 
 /// Body of `PUT` and `PATCH`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -40,6 +44,54 @@ pub struct DeleteQuery {
     /// Delete only at this version.
     #[param(value_type = i64, required = false, minimum = 0)]
     version: Option<String>,
+}
+
+/// Query of `GET /twins/{id}/documents/{name}`: an earlier revision instead of the
+/// current document (at most one of the two).
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RevisionQuery {
+    /// The revision with this version.
+    #[param(value_type = i64, required = false, minimum = 1)]
+    version: Option<String>,
+    /// The revision in force at this time (RFC 3339): the newest written at or before it.
+    #[param(value_type = String, format = DateTime, required = false)]
+    at: Option<String>,
+}
+
+/// Query of `GET /twins/{id}/documents/{name}/diff`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DiffQuery {
+    /// The version to compare from. Optional in the type only so that its absence gets
+    /// an error naming it.
+    #[param(value_type = i64, required = true, minimum = 1)]
+    from: Option<String>,
+    /// The version to compare to (default: the current version).
+    #[param(value_type = i64, required = false, minimum = 1)]
+    to: Option<String>,
+}
+
+/// A version number of a query: a positive integer.
+fn version_param(key: &str, value: &str) -> ApiResult<i64> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("{key} must be a positive integer, got {value:?}"))
+        })
+}
+
+/// A time of a query, in RFC 3339.
+fn time_param(key: &str, value: &str) -> ApiResult<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.to_utc())
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "{key} must be an RFC 3339 time such as 2026-01-02T03:04:05.123Z, got {value:?}"
+            ))
+        })
 }
 
 /// Query of `GET /twins/{id}/documents/{name}/delta`.
@@ -113,26 +165,89 @@ pub async fn list(
     Ok(Json(DocumentList { documents }))
 }
 
-/// Read a document; `ETag` carries its version.
+/// Read a document, or one of its kept revisions (`?version=` or `?at=`); `ETag`
+/// carries the version served.
 #[utoipa::path(get, path = "/twins/{id}/documents/{name}", operation_id = "get_document", tag = "documents",
-    params(DocumentPath),
-    responses((status = 200, description = "The document", body = Document,
+    params(DocumentPath, RevisionQuery),
+    responses((status = 200, description = "The document or the revision asked for", body = Document,
             headers(("ETag" = String, description = "The version, quoted"))),
-        (status = 400, description = "Invalid document name", body = ErrorBody),
+        (status = 400, description = "Invalid document name, version or time, or both version and at", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
-        (status = 404, description = "No such twin or document", body = ErrorBody),
+        (status = 404, description = "No such twin or document, version not kept, or no document at that time", body = ErrorBody),
         (status = 503, description = "Auth service or store unavailable", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get(
     State(app): State<AppState>,
     Caller(who): Caller,
     Path(DocumentPath { id, name }): Path<DocumentPath>,
+    Params(query): Params<RevisionQuery>,
 ) -> ApiResult<(HeaderMap, Json<Document>)> {
-    let doc = app
-        .documents
-        .get(Access::Owner(&who.id), &id, &name)
-        .await?;
+    let as_of = match (query.version, query.at) {
+        (None, None) => None,
+        (Some(v), None) => Some(AsOf::Version(version_param("version", &v)?)),
+        (None, Some(t)) => Some(AsOf::Time(time_param("at", &t)?)),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest("give version or at, not both".into()));
+        }
+    };
+    let access = Access::Owner(&who.id);
+    let doc = match as_of {
+        None => app.documents.get(access, &id, &name).await?,
+        Some(as_of) => app.documents.revision(access, &id, &name, as_of).await?,
+    };
     Ok((with_etag(&doc), Json(doc)))
+}
+
+/// The document's kept versions, newest first: when, how and by whom each was written.
+#[utoipa::path(get, path = "/twins/{id}/documents/{name}/versions", operation_id = "list_document_versions", tag = "documents",
+    params(DocumentPath, PageQuery),
+    responses((status = 200, description = "A page of the kept versions", body = VersionsPage),
+        (status = 400, description = "Invalid document name or page", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such twin or document", body = ErrorBody),
+        (status = 503, description = "Auth service or store unavailable", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn versions(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path(DocumentPath { id, name }): Path<DocumentPath>,
+    Params(query): Params<PageQuery>,
+) -> ApiResult<Json<VersionsPage>> {
+    let page = query.page()?;
+    Ok(Json(
+        app.documents
+            .versions(Access::Owner(&who.id), &id, &name, page)
+            .await?
+            .into(),
+    ))
+}
+
+/// What changed from one kept revision to another, as an RFC 6902 JSON Patch and an
+/// RFC 7396 merge patch of the data.
+#[utoipa::path(get, path = "/twins/{id}/documents/{name}/diff", operation_id = "diff_document_versions", tag = "documents",
+    params(DocumentPath, DiffQuery),
+    responses((status = 200, description = "The patches from one revision to the other", body = RevisionDiff),
+        (status = 400, description = "Invalid document name or version", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such twin or document, or version not kept", body = ErrorBody),
+        (status = 503, description = "Auth service or store unavailable", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn diff(
+    State(app): State<AppState>,
+    Caller(who): Caller,
+    Path(DocumentPath { id, name }): Path<DocumentPath>,
+    Params(query): Params<DiffQuery>,
+) -> ApiResult<Json<RevisionDiff>> {
+    let from = query
+        .from
+        .ok_or_else(|| ApiError::BadRequest("query parameter from is required".into()))?;
+    let from = version_param("from", &from)?;
+    let to = query.to.map(|v| version_param("to", &v)).transpose()?;
+    Ok(Json(
+        app.documents
+            .diff(Access::Owner(&who.id), &id, &name, from, to)
+            .await?,
+    ))
 }
 
 async fn write(

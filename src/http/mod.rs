@@ -64,6 +64,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .delete(documents::delete),
         )
         .route("/twins/{id}/documents/{name}/delta", get(documents::delta))
+        .route(
+            "/twins/{id}/documents/{name}/versions",
+            get(documents::versions),
+        )
+        .route("/twins/{id}/documents/{name}/diff", get(documents::diff))
         .route("/states/{id}", get(states::list))
         .route("/twins/{id}/states/at", get(states::at))
         .route("/twins/{id}/states/diff", get(states::diff))

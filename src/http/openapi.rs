@@ -5,14 +5,16 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::pages::{StatesPage, TwinsPage};
+use super::pages::{StatesPage, TwinsPage, VersionsPage};
 use super::{documents, health, metrics, states, twins};
-use crate::domain::document::{Difference, Document, DocumentSummary};
+use crate::domain::document::{
+    Difference, Document, DocumentSummary, VersionSummary, WriteOp, Writer,
+};
 use crate::domain::history::{AttributeSummary, Change, StateDiff, StateInForce, WindowSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, DefinitionInput, Twin};
 use crate::service::VersionMismatch;
-use crate::service::documents::DeltaView;
+use crate::service::documents::{DeltaView, RevisionDiff};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,14 +22,16 @@ use crate::service::documents::DeltaView;
     paths(
         twins::create, twins::list, twins::view, twins::update, twins::remove,
         states::list, states::at, states::diff, states::summary, documents::list, documents::get,
-        documents::put, documents::patch, documents::delete, documents::delta, health::health,
-        health::live, health::ready, metrics::render, document
+        documents::put, documents::patch, documents::delete, documents::delta,
+        documents::versions, documents::diff, health::health, health::live, health::ready,
+        metrics::render, document
     ),
     components(schemas(
         Twin, Definition, Attribute, DefinitionInput, State, TwinsPage, StatesPage,
         twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, health::ComponentCheck, health::Probe, Document, DocumentSummary, Difference,
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList,
-        StateInForce, StateDiff, Change, WindowSummary, AttributeSummary
+        StateInForce, StateDiff, Change, WindowSummary, AttributeSummary,
+        VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff
     )),
     modifiers(&BearerAuth)
 )]

@@ -1,9 +1,11 @@
-//! Bodies of the listing endpoints, in the Go service's shapes.
+//! Bodies of the listing endpoints: the Go service's shapes, and the document versions
+//! listing in the same form.
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::domain::Page;
+use crate::domain::document::VersionSummary;
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
 
@@ -43,6 +45,27 @@ impl From<Page<State>> for StatesPage {
             offset: p.offset,
             limit: p.limit,
             states: p.items,
+        }
+    }
+}
+
+/// Body of `GET /twins/{id}/documents/{name}/versions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionsPage {
+    pub total: u64,
+    pub offset: u64,
+    pub limit: u64,
+    /// Newest first; the current version is the first of the first page.
+    pub versions: Vec<VersionSummary>,
+}
+
+impl From<Page<VersionSummary>> for VersionsPage {
+    fn from(p: Page<VersionSummary>) -> Self {
+        Self {
+            total: p.total,
+            offset: p.offset,
+            limit: p.limit,
+            versions: p.items,
         }
     }
 }

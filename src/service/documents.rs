@@ -4,8 +4,14 @@
 //! Every write is read-compute-compare-and-set: a conditional write (the client gave
 //! a version) answers a version mismatch when the compare fails; an unconditional one
 //! re-reads and tries again, so concurrent unconditional patches never lose a key.
+//!
+//! History (SPEC section 11): each write keeps the new version as a revision with how
+//! and by whom it was written (the [`Access`] it was made with), in the store's atomic
+//! step; the newest `revisions + 1` versions are kept. Revisions are read by version or
+//! by time and compared as RFC 6902 and RFC 7396 patches.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -13,10 +19,21 @@ use utoipa::ToSchema;
 use super::contention::Contention;
 use super::twins::parse_twin_id;
 use super::{ServiceError, ServiceResult, VersionMismatch};
-use crate::domain::document::{self, Difference, Document, DocumentName, DocumentSummary};
+use crate::domain::document::{
+    self, Difference, Document, DocumentName, DocumentSummary, VersionSummary, WriteOp, Writer,
+};
 use crate::domain::time::now_millis;
 use crate::domain::twin::Twin;
-use crate::store::{Store, Versioned};
+use crate::domain::{Page, PageRequest, ValidationError};
+use crate::store::{DocumentWrite, Store, Versioned};
+
+/// Earlier revisions kept per document unless configured (`MG_TWINS_DOCUMENT_REVISIONS`).
+pub const DEFAULT_REVISIONS: u32 = 100;
+
+/// The answer for a version that was pruned or never existed.
+pub const NOT_KEPT: &str = "version not kept";
+/// The answer for a time before the document was created.
+pub const NOT_YET: &str = "document did not exist at that time";
 
 /// On whose behalf a document is accessed.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +45,44 @@ pub enum Access<'a> {
     Channel(&'a str),
     /// A trusted back-end caller on the broker's request/reply subject.
     Trusted,
+}
+
+impl Access<'_> {
+    /// Who a write made with this access is recorded as.
+    pub fn writer(&self) -> Writer {
+        match self {
+            Self::Owner(id) => Writer::User {
+                id: (*id).to_owned(),
+            },
+            Self::Channel(channel) => Writer::Channel {
+                id: (*channel).to_owned(),
+            },
+            Self::Trusted => Writer::Service,
+        }
+    }
+}
+
+/// Which revision of a document to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// The revision with this version.
+    Version(i64),
+    /// The revision in force at this time: the newest written at or before it.
+    Time(DateTime<Utc>),
+}
+
+/// Two revisions of a document compared (`GET .../diff?from=&to=`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct RevisionDiff {
+    pub from_version: i64,
+    pub to_version: i64,
+    /// RFC 6902 operations turning the `from` data into the `to` data.
+    #[schema(value_type = Vec<Object>)]
+    pub patch: Value,
+    /// The RFC 7396 merge patch turning the `from` data into the `to` data (exact unless
+    /// `to` holds a `null` value, which a merge patch cannot set).
+    #[schema(value_type = Object)]
+    pub merge_patch: Value,
 }
 
 /// What a write does with the stored data.
@@ -96,17 +151,44 @@ pub trait Documents: Send + Sync {
         name: &str,
         against: &str,
     ) -> ServiceResult<DeltaView>;
+    /// A page of the document's kept versions, newest first (the current one included).
+    async fn versions(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> ServiceResult<Page<VersionSummary>>;
+    /// The document as it was at a version or a time.
+    async fn revision(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        as_of: AsOf,
+    ) -> ServiceResult<Document>;
+    /// The patches from revision `from` to revision `to` (the current version when None).
+    async fn diff(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        from: i64,
+        to: Option<i64>,
+    ) -> ServiceResult<RevisionDiff>;
 }
 
 /// The documents use cases over the store.
 #[derive(Clone)]
 pub struct DocumentsService {
     store: Store,
+    /// Earlier revisions kept per document.
+    revisions: u32,
 }
 
 impl DocumentsService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, revisions: u32) -> Self {
+        Self { store, revisions }
     }
 
     /// The twin if `access` may use its documents; NotFound otherwise, so that a
@@ -161,7 +243,19 @@ impl DocumentsService {
                 updated: now_millis(),
                 data,
             };
-            match self.store.documents.write(&doc, stored).await? {
+            let op = match (&change, stored) {
+                (_, None) => WriteOp::Create,
+                (Change::Put(_), Some(_)) => WriteOp::Put,
+                (Change::Patch(_), Some(_)) => WriteOp::Patch,
+            };
+            let write = DocumentWrite {
+                doc: &doc,
+                expected: stored,
+                op,
+                by: &access.writer(),
+                keep: self.revisions,
+            };
+            match self.store.documents.write(&write).await? {
                 Versioned::Done => return Ok((doc, stored.is_none())),
                 Versioned::Stale { actual } => check_version(&twin.id, &name, version, actual)?,
             }
@@ -169,6 +263,54 @@ impl DocumentsService {
         Err(ServiceError::Unavailable(
             "document kept changing; retry".into(),
         ))
+    }
+
+    /// Revision `version` of the document whose current version is `current`.
+    async fn at_version(&self, current: &Document, version: i64) -> ServiceResult<Document> {
+        check_revision_number(version)?;
+        if version == current.version {
+            return Ok(current.clone());
+        }
+        if version > current.version {
+            return Err(ServiceError::Absent(NOT_KEPT));
+        }
+        self.store
+            .documents
+            .revision(&current.twin_id, &current.document_name, version)
+            .await?
+            .ok_or(ServiceError::Absent(NOT_KEPT))
+    }
+
+    /// The revision in force at `at` of the document whose current version is `current`.
+    async fn at_time(&self, current: &Document, at: &DateTime<Utc>) -> ServiceResult<Document> {
+        if current.updated <= *at {
+            return Ok(current.clone());
+        }
+        let (twin_id, name) = (&current.twin_id, &current.document_name);
+        if let Some(doc) = self.store.documents.revision_at(twin_id, name, at).await? {
+            return Ok(doc);
+        }
+        // Nothing kept is that old: either the document was created later, or what was
+        // in force then has been pruned. Kept versions are the newest, so all of them
+        // are kept exactly when there are as many as the current version number.
+        let kept = self
+            .store
+            .documents
+            .versions(
+                twin_id,
+                name,
+                PageRequest {
+                    offset: 0,
+                    limit: 1,
+                },
+            )
+            .await?
+            .total;
+        if i64::try_from(kept).unwrap_or(i64::MAX) >= current.version {
+            Err(ServiceError::Absent(NOT_YET))
+        } else {
+            Err(ServiceError::Absent(NOT_KEPT))
+        }
     }
 
     async fn delete_checked(
@@ -269,6 +411,74 @@ impl Documents for DocumentsService {
             version: doc.version,
         })
     }
+
+    async fn versions(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> ServiceResult<Page<VersionSummary>> {
+        let current = self.get(access, twin_id, name).await?;
+        Ok(self
+            .store
+            .documents
+            .versions(&current.twin_id, &current.document_name, page)
+            .await?)
+    }
+
+    async fn revision(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        as_of: AsOf,
+    ) -> ServiceResult<Document> {
+        let current = self.get(access, twin_id, name).await?;
+        match as_of {
+            AsOf::Version(v) => self.at_version(&current, v).await,
+            AsOf::Time(t) => self.at_time(&current, &t).await,
+        }
+    }
+
+    async fn diff(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        from: i64,
+        to: Option<i64>,
+    ) -> ServiceResult<RevisionDiff> {
+        check_revision_number(from)?;
+        if let Some(to) = to {
+            check_revision_number(to)?;
+        }
+        let current = self.get(access, twin_id, name).await?;
+        let from = self.at_version(&current, from).await?;
+        let to = match to {
+            Some(v) => self.at_version(&current, v).await?,
+            None => current,
+        };
+        let (old, new) = (Value::Object(from.data), Value::Object(to.data));
+        let patch = serde_json::to_value(json_patch::diff(&old, &new))
+            .map_err(|e| ServiceError::Internal(e.into()))?;
+        Ok(RevisionDiff {
+            from_version: from.version,
+            to_version: to.version,
+            patch,
+            merge_patch: document::merge_patch_between(&old, &new),
+        })
+    }
+}
+
+/// Versions start at 1.
+fn check_revision_number(version: i64) -> ServiceResult<()> {
+    if version < 1 {
+        return Err(ServiceError::Invalid(ValidationError::new(format!(
+            "version must be a positive integer, got {version}"
+        ))));
+    }
+    Ok(())
 }
 
 fn check_size(data: &Map<String, Value>) -> ServiceResult<()> {

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
 use crate::domain::history::{self, Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
@@ -32,8 +32,9 @@ use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
 use crate::service::ingest::{IngestError, Rejected, SetAside};
 use crate::store::{
-    Applied, DocumentRepository, HealthCheck, IngestCursor, IngestRepository, IngestStep, Lease,
-    StateRepository, Store, StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
+    Applied, DocumentRepository, DocumentWrite, HealthCheck, IngestCursor, IngestRepository,
+    IngestStep, Lease, StateRepository, Store, StoreError, StoreResult, TwinFilter, TwinRepository,
+    Versioned,
 };
 
 /// The kind of store error an injected failure raises.
@@ -76,6 +77,8 @@ struct Tables {
     states: HashMap<String, BTreeMap<i64, State>>,
     /// (twin id, name) -> document.
     documents: BTreeMap<(String, String), Document>,
+    /// (twin id, name) -> version -> the revision and how it was written.
+    revisions: BTreeMap<(String, String), BTreeMap<i64, (Document, VersionSummary)>>,
     /// twin id -> stream sequence of the last message applied.
     sequences: HashMap<String, u64>,
     groups: HashMap<String, Group>,
@@ -216,19 +219,19 @@ impl Memory {
         match change {
             None => {
                 data.documents.remove(&key);
+                data.revisions.remove(&key);
             }
             Some(new) => {
                 let version = data.documents.get(&key).map_or(0, |d| d.version) + 1;
-                data.documents.insert(
-                    key,
-                    Document {
-                        twin_id: twin_id.to_owned(),
-                        document_name: name.to_owned(),
-                        version,
-                        updated: now_millis(),
-                        data: new,
-                    },
-                );
+                let doc = Document {
+                    twin_id: twin_id.to_owned(),
+                    document_name: name.to_owned(),
+                    version,
+                    updated: now_millis(),
+                    data: new,
+                };
+                data.keep_revision(&doc, WriteOp::Put, &Writer::Service, u32::MAX);
+                data.documents.insert(key, doc);
             }
         }
     }
@@ -247,6 +250,31 @@ impl Tables {
             .collect();
         states.sort_by(history::chronological);
         states
+    }
+
+    /// Records `doc` as a revision and prunes those more than `keep` versions older.
+    fn keep_revision(&mut self, doc: &Document, op: WriteOp, by: &Writer, keep: u32) {
+        let kept = self
+            .revisions
+            .entry((doc.twin_id.clone(), doc.document_name.clone()))
+            .or_default();
+        let summary = VersionSummary {
+            version: doc.version,
+            updated: doc.updated,
+            op,
+            by: by.clone(),
+        };
+        kept.insert(doc.version, (doc.clone(), summary));
+        let oldest = doc.version.saturating_sub(i64::from(keep));
+        kept.retain(|v, _| *v >= oldest);
+    }
+
+    fn revisions_of(
+        &self,
+        twin_id: &str,
+        name: &str,
+    ) -> Option<&BTreeMap<i64, (Document, VersionSummary)>> {
+        self.revisions.get(&(twin_id.to_owned(), name.to_owned()))
     }
 
     fn latest(&self, twin_id: &str) -> Option<State> {
@@ -345,6 +373,7 @@ impl TwinRepository for Memory {
         data.states.remove(id);
         data.sequences.remove(id);
         data.documents.retain(|(twin_id, _), _| twin_id != id);
+        data.revisions.retain(|(twin_id, _), _| twin_id != id);
         Ok(true)
     }
 
@@ -527,14 +556,16 @@ impl DocumentRepository for Memory {
             .cloned())
     }
 
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
         self.enter("documents.write")?;
+        let doc = write.doc;
         let mut data = self.data();
         self.interleave_document(&mut data, &doc.twin_id, &doc.document_name);
         let actual = data.version(&doc.twin_id, &doc.document_name);
-        if actual != expected {
+        if actual != write.expected {
             return Ok(Versioned::Stale { actual });
         }
+        data.keep_revision(doc, write.op, write.by, write.keep);
         data.documents.insert(
             (doc.twin_id.clone(), doc.document_name.clone()),
             doc.clone(),
@@ -555,9 +586,63 @@ impl DocumentRepository for Memory {
         if actual.is_none() || expected.is_some_and(|v| Some(v) != actual) {
             return Ok(Versioned::Stale { actual });
         }
-        data.documents
-            .remove(&(twin_id.to_owned(), name.to_owned()));
+        let key = (twin_id.to_owned(), name.to_owned());
+        data.documents.remove(&key);
+        data.revisions.remove(&key);
         Ok(Versioned::Done)
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        self.enter("documents.versions")?;
+        let data = self.data();
+        let kept = data.revisions_of(twin_id, name);
+        let skip = usize::try_from(page.offset).unwrap_or(usize::MAX);
+        let take = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        Ok(Page {
+            total: kept.map_or(0, |k| k.len() as u64),
+            offset: page.offset,
+            limit: page.limit,
+            items: kept
+                .into_iter()
+                .flat_map(|k| k.values().rev())
+                .skip(skip)
+                .take(take)
+                .map(|(_, summary)| summary.clone())
+                .collect(),
+        })
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>> {
+        self.enter("documents.revision")?;
+        Ok(self
+            .data()
+            .revisions_of(twin_id, name)
+            .and_then(|k| k.get(&version))
+            .map(|(doc, _)| doc.clone()))
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>> {
+        self.enter("documents.revision_at")?;
+        Ok(self
+            .data()
+            .revisions_of(twin_id, name)
+            .and_then(|k| k.values().rev().find(|(doc, _)| doc.updated <= *at))
+            .map(|(doc, _)| doc.clone()))
     }
 }
 
@@ -875,8 +960,15 @@ mod tests {
             data: Map::new(),
         };
         db.interleave_document_write(Some(json!({"k": 1}).as_object().cloned().unwrap()));
+        let write = DocumentWrite {
+            doc: &doc,
+            expected: None,
+            op: WriteOp::Create,
+            by: &Writer::Service,
+            keep: 1,
+        };
         assert_eq!(
-            store.documents.write(&doc, None).await.unwrap(),
+            store.documents.write(&write).await.unwrap(),
             Versioned::Stale { actual: Some(1) }
         );
         db.interleave_document_write(None);

@@ -56,7 +56,8 @@ pub enum ServiceError {
     /// No such entity for this caller (missing or owned by someone else).
     #[error("entity not found")]
     NotFound,
-    /// The twin exists but not what was asked of it; the message says what.
+    /// The entity exists but not what was asked of it (a revision pruned, or a time
+    /// before it existed): a 404 whose reason is shown to the client.
     #[error("{0}")]
     Absent(&'static str),
     /// A version-checked write found another version stored.

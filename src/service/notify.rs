@@ -13,11 +13,11 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::documents::{Access, Change, DeltaView, Documents};
+use super::documents::{Access, AsOf, Change, DeltaView, Documents, RevisionDiff};
 use super::ingest::{Batch, BatchReport, Ingest, IngestError, SetAside};
 use super::twins::{NewTwin, TwinUpdate, Twins, parse_twin_id};
 use super::{ServiceError, ServiceResult};
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, TwinFilter};
 use crate::domain::{Page, PageRequest};
@@ -204,6 +204,37 @@ impl<S: Documents> Documents for Notifying<S> {
         against: &str,
     ) -> ServiceResult<DeltaView> {
         self.inner.delta(access, twin_id, name, against).await
+    }
+
+    async fn versions(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> ServiceResult<Page<VersionSummary>> {
+        self.inner.versions(access, twin_id, name, page).await
+    }
+
+    async fn revision(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        as_of: AsOf,
+    ) -> ServiceResult<Document> {
+        self.inner.revision(access, twin_id, name, as_of).await
+    }
+
+    async fn diff(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        from: i64,
+        to: Option<i64>,
+    ) -> ServiceResult<RevisionDiff> {
+        self.inner.diff(access, twin_id, name, from, to).await
     }
 }
 

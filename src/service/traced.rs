@@ -7,11 +7,11 @@ use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
 use super::ServiceResult;
-use super::documents::{Access, Change, DeltaView, Documents};
+use super::documents::{Access, AsOf, Change, DeltaView, Documents, RevisionDiff};
 use super::history::History;
 use super::ingest::{Batch, BatchReport, Ingest, IngestError, SetAside};
 use super::twins::{NewTwin, TwinUpdate, Twins};
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{StateDiff, StateInForce, Window, WindowSummary};
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, TwinFilter};
@@ -117,6 +117,49 @@ impl<S: Documents> Documents for Traced<S> {
         let span = tracing::info_span!("documents.delta", twin.id = twin_id, document = name);
         self.0
             .delta(access, twin_id, name, against)
+            .instrument(span)
+            .await
+    }
+
+    async fn versions(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> ServiceResult<Page<VersionSummary>> {
+        let span = tracing::info_span!("documents.versions", twin.id = twin_id, document = name);
+        self.0
+            .versions(access, twin_id, name, page)
+            .instrument(span)
+            .await
+    }
+
+    async fn revision(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        as_of: AsOf,
+    ) -> ServiceResult<Document> {
+        let span = tracing::info_span!("documents.revision", twin.id = twin_id, document = name);
+        self.0
+            .revision(access, twin_id, name, as_of)
+            .instrument(span)
+            .await
+    }
+
+    async fn diff(
+        &self,
+        access: Access<'_>,
+        twin_id: &str,
+        name: &str,
+        from: i64,
+        to: Option<i64>,
+    ) -> ServiceResult<RevisionDiff> {
+        let span = tracing::info_span!("documents.diff", twin.id = twin_id, document = name);
+        self.0
+            .diff(access, twin_id, name, from, to)
             .instrument(span)
             .await
     }

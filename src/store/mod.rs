@@ -21,8 +21,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
 use crate::domain::history::{AttributeSummary, Summary, Window};
+
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
@@ -310,23 +311,70 @@ pub enum Versioned {
     Stale { actual: Option<i64> },
 }
 
+/// A version-checked document write, with how and by whom it was made.
+#[derive(Debug, Clone, Copy)]
+pub struct DocumentWrite<'a> {
+    /// The document as it will be; `doc.version` is the new version.
+    pub doc: &'a Document,
+    /// The stored version the write is conditional on (None: the document must not
+    /// exist yet).
+    pub expected: Option<i64>,
+    pub op: WriteOp,
+    pub by: &'a Writer,
+    /// Earlier revisions to keep besides the new version; older ones are pruned.
+    pub keep: u32,
+}
+
+impl DocumentWrite<'_> {
+    /// The oldest version kept once this write is made.
+    pub fn oldest_kept(&self) -> i64 {
+        self.doc.version.saturating_sub(i64::from(self.keep))
+    }
+}
+
 /// Named, versioned documents of a twin. Each write is one atomic compare-and-set on the
 /// version, so concurrent conditional writes never both succeed.
+///
+/// Every write also records the new version as a revision (data, time, how and by
+/// whom) in the same atomic step, and prunes revisions older than `keep` versions back:
+/// a document's kept revisions are always its newest versions, the current one
+/// included. Deleting a document (or its twin) deletes its revisions.
 #[async_trait]
 pub trait DocumentRepository: Send + Sync {
     /// The twin's documents by name.
     async fn list(&self, twin_id: &str) -> StoreResult<Vec<DocumentSummary>>;
     async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>>;
-    /// Stores `doc` if the stored version is `expected` (None: the document must not
-    /// exist yet). `doc.version` is the new version.
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned>;
-    /// Deletes the document if its version is `expected` (any version when None).
+    /// Stores `write.doc` and its revision if the stored version is `write.expected`.
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned>;
+    /// Deletes the document and its revisions if its version is `expected` (any version
+    /// when None).
     async fn delete(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
     ) -> StoreResult<Versioned>;
+    /// A page of the document's kept revisions, newest first, with how many are kept.
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>>;
+    /// The kept revision `version` of the document, as it was.
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>>;
+    /// The newest kept revision written at or before `at`.
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>>;
 }
 
 /// Where ingestion stands for one twin.

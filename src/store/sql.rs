@@ -9,8 +9,8 @@
 
 use serde::de::DeserializeOwned;
 
-use super::StoreResult;
-use crate::domain::document::{Document, DocumentSummary};
+use super::{StoreError, StoreResult};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
 use crate::domain::time::from_nanos;
@@ -42,11 +42,12 @@ pub const SELECT_ANY_TWINS: &str =
 pub const DELETE_TWIN: &str = "DELETE FROM twins WHERE id = $1 AND owner = $2";
 
 /// What goes with a deleted twin, each bound to its id.
-pub const DELETE_TWIN_ROWS: [&str; 4] = [
+pub const DELETE_TWIN_ROWS: [&str; 5] = [
     "DELETE FROM twin_attributes WHERE twin_id = $1",
     "DELETE FROM states WHERE twin_id = $1",
     "DELETE FROM ingest_cursors WHERE twin_id = $1",
     "DELETE FROM documents WHERE twin_id = $1",
+    "DELETE FROM document_revisions WHERE twin_id = $1",
 ];
 
 pub const DELETE_ATTRIBUTES: &str = "DELETE FROM twin_attributes WHERE twin_id = $1";
@@ -144,6 +145,42 @@ pub fn document_write(expected: Option<i64>) -> &'static str {
 /// Twin id, name, expected version (any when null).
 pub const DELETE_DOCUMENT: &str =
     "DELETE FROM documents WHERE twin_id = $1 AND name = $2 AND ($3 IS NULL OR version = $3)";
+
+/// Twin id, name, version, updated, data, op, writer kind, writer id: the revision of a
+/// version just written. A row left at that version (there should be none: deletes take
+/// a document's revisions with it) is replaced, never left to fail the write.
+pub const PUT_REVISION: &str = "INSERT INTO document_revisions
+    (twin_id, name, version, updated, data, op, by_kind, by_id)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    ON CONFLICT (twin_id, name, version) DO UPDATE SET updated = excluded.updated,
+    data = excluded.data, op = excluded.op, by_kind = excluded.by_kind, by_id = excluded.by_id";
+
+/// Twin id, name, oldest version to keep.
+pub const PRUNE_REVISIONS: &str =
+    "DELETE FROM document_revisions WHERE twin_id = $1 AND name = $2 AND version < $3";
+
+/// Twin id, name: every revision of a deleted document.
+pub const DELETE_REVISIONS: &str =
+    "DELETE FROM document_revisions WHERE twin_id = $1 AND name = $2";
+
+/// Twin id, name.
+pub const COUNT_REVISIONS: &str =
+    "SELECT COUNT(*) FROM document_revisions WHERE twin_id = $1 AND name = $2";
+
+/// Twin id, name, limit, offset: newest first, along the primary key.
+pub const REVISION_PAGE: &str = "SELECT version, updated, op, by_kind, by_id
+    FROM document_revisions WHERE twin_id = $1 AND name = $2
+    ORDER BY version DESC LIMIT $3 OFFSET $4";
+
+/// Twin id, name, version.
+pub const SELECT_REVISION: &str = "SELECT twin_id, name, version, updated, data
+    FROM document_revisions WHERE twin_id = $1 AND name = $2 AND version = $3";
+
+/// Twin id, name, time (Unix ns): the newest revision written at or before it, found by
+/// walking the primary key back from the newest (at most the kept revisions).
+pub const REVISION_AT: &str = "SELECT twin_id, name, version, updated, data
+    FROM document_revisions WHERE twin_id = $1 AND name = $2 AND updated <= $3
+    ORDER BY version DESC LIMIT 1";
 
 /// Group, start position, holder, until, now: the group's position when `holder` has
 /// (or now takes) its lease, no row while another holder's lease runs.
@@ -253,6 +290,20 @@ pub fn document_from_row(row: &impl Columns) -> StoreResult<Document> {
         version: row.int("version")?,
         updated: from_nanos(row.int("updated")?),
         data: row.json("data", "document")?,
+    })
+}
+
+/// A row of [`REVISION_PAGE`].
+pub fn version_from_row(row: &impl Columns) -> StoreResult<VersionSummary> {
+    let (op, kind) = (row.text("op")?, row.text("by_kind")?);
+    Ok(VersionSummary {
+        version: row.int("version")?,
+        updated: from_nanos(row.int("updated")?),
+        op: WriteOp::parse(&op)
+            .ok_or_else(|| StoreError::Internal(format!("corrupt revision: op {op:?}").into()))?,
+        by: Writer::from_parts(&kind, &row.text("by_id")?).ok_or_else(|| {
+            StoreError::Internal(format!("corrupt revision: writer kind {kind:?}").into())
+        })?,
     })
 }
 

@@ -14,11 +14,12 @@ use chrono::{DateTime, Utc};
 use tracing::{Instrument, Span};
 
 use super::{
-    Applied, DocumentRepository, HealthCheck, IngestCursor, IngestRepository, IngestStep, Lease,
-    StateRepository, StoreResult, TwinFilter, TwinRepository, Versioned,
+    Applied, DocumentRepository, DocumentWrite, HealthCheck, IngestCursor, IngestRepository,
+    IngestStep, Lease, StateRepository, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
+
 use crate::domain::state::State;
 use crate::domain::twin::Twin;
 use crate::domain::{Page, PageRequest};
@@ -174,8 +175,8 @@ impl DocumentRepository for Traced<dyn DocumentRepository> {
         traced("store.documents.get", self.0.get(twin_id, name)).await
     }
 
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
-        traced("store.documents.write", self.0.write(doc, expected)).await
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
+        traced("store.documents.write", self.0.write(write)).await
     }
 
     async fn delete(
@@ -187,6 +188,45 @@ impl DocumentRepository for Traced<dyn DocumentRepository> {
         traced(
             "store.documents.delete",
             self.0.delete(twin_id, name, expected),
+        )
+        .await
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        traced(
+            "store.documents.versions",
+            self.0.versions(twin_id, name, page),
+        )
+        .await
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>> {
+        traced(
+            "store.documents.revision",
+            self.0.revision(twin_id, name, version),
+        )
+        .await
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>> {
+        traced(
+            "store.documents.revision_at",
+            self.0.revision_at(twin_id, name, at),
         )
         .await
     }

@@ -2,8 +2,8 @@
 //! (see [`app`]) with a database of its own on the test's backend (see [`backend`]),
 //! the in-test auth service ([`auth`]), servers of a test's own ([`servers`]),
 //! certificates ([`tls`]), a trace receiver ([`otlp`]), a TCP proxy ([`proxy`]), a
-//! stream of messages with its oracle ([`stream`]) and several instances of one group
-//! as one deployment ([`cluster`]).
+//! stream of messages with its oracle ([`stream`]), several instances of one group
+//! as one deployment ([`cluster`]) and a device's side of the inband API ([`inband`]).
 //!
 //! Every test gets its own temporary directory, database, consumer group and auth
 //! server, so tests run in parallel without seeing each other's twins.
@@ -15,6 +15,7 @@ pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod cluster;
+pub mod inband;
 pub mod otlp;
 pub mod proxy;
 pub mod servers;
@@ -23,6 +24,7 @@ pub mod tls;
 
 pub use app::*;
 pub use auth::*;
+pub use inband::*;
 pub use servers::*;
 
 use std::net::SocketAddr;

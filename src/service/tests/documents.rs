@@ -3,9 +3,9 @@
 use serde_json::{Map, Value, json};
 
 use super::super::ServiceError;
-use super::super::documents::{Access, Change};
+use super::super::documents::{Access, AsOf, Change, DocumentsService, NOT_KEPT, NOT_YET};
 use super::{ALICE, BOB, Fixture, object};
-use crate::domain::document::{self, Document, DocumentSummary, MAX_DATA_BYTES};
+use crate::domain::document::{self, Document, DocumentSummary, MAX_DATA_BYTES, WriteOp, Writer};
 use crate::domain::twin::Twin;
 use crate::service::documents::Documents as _;
 use crate::service::fakes::Failure;
@@ -454,4 +454,104 @@ async fn an_unavailable_store_is_transient_for_reads_and_writes() {
         "{read:?} {write:?}"
     );
     assert!(f.documents.list(OWNER, &t.id).await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------- history
+
+#[tokio::test]
+async fn each_write_is_recorded_with_the_writer_of_its_access() {
+    let f = Fixture::new();
+    let t = twin(&f).await;
+    let accesses = [OWNER, Access::Channel("ch"), Access::Trusted, OWNER];
+    for (i, access) in accesses.iter().enumerate() {
+        let change = if i % 2 == 0 {
+            Change::Put(object(json!({ "i": i })))
+        } else {
+            Change::Patch(object(json!({ "j": i })))
+        };
+        f.documents
+            .write(*access, &t.id, "d", change, None)
+            .await
+            .expect("written");
+    }
+    let page = crate::domain::PageRequest::new(0, 10).expect("page");
+    let listed = f
+        .documents
+        .versions(OWNER, &t.id, "d", page)
+        .await
+        .expect("versions");
+    let got: Vec<(i64, WriteOp, Writer)> = listed
+        .items
+        .into_iter()
+        .map(|v| (v.version, v.op, v.by))
+        .collect();
+    let alice = Writer::User { id: ALICE.into() };
+    assert_eq!(
+        got,
+        vec![
+            (4, WriteOp::Patch, alice.clone()),
+            (3, WriteOp::Put, Writer::Service),
+            (2, WriteOp::Patch, Writer::Channel { id: "ch".into() }),
+            (1, WriteOp::Create, alice),
+        ]
+    );
+    // Another user sees no such document.
+    let foreign = f
+        .documents
+        .versions(Access::Owner(BOB), &t.id, "d", page)
+        .await;
+    assert!(
+        matches!(foreign, Err(ServiceError::NotFound)),
+        "{foreign:?}"
+    );
+}
+
+#[tokio::test]
+async fn versions_beyond_the_current_are_not_kept_and_below_one_are_invalid() {
+    let f = Fixture::new();
+    let t = twin(&f).await;
+    let doc = put(&f, &t, "d", json!({"a": 1}), None).await;
+    let read = |v| f.documents.revision(OWNER, &t.id, "d", AsOf::Version(v));
+    assert_eq!(read(1).await.expect("kept"), doc);
+    assert!(matches!(read(2).await, Err(ServiceError::Absent(NOT_KEPT))));
+    for bad in [0, -1] {
+        assert!(matches!(read(bad).await, Err(ServiceError::Invalid(_))));
+        let diff = f.documents.diff(OWNER, &t.id, "d", bad, None).await;
+        assert!(matches!(diff, Err(ServiceError::Invalid(_))), "{diff:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_time_before_the_kept_history_tells_pruned_from_not_yet_created() {
+    let f = Fixture::new();
+    let t = twin(&f).await;
+    let keeping_one = DocumentsService::new(f.store.clone(), 1);
+    let mut first = None;
+    // One write keeps the whole history; three writes keeping one earlier revision do
+    // not.
+    for (name, writes) in [("complete", 1), ("pruned", 3)] {
+        for i in 0..writes {
+            let (doc, _) = keeping_one
+                .write(
+                    OWNER,
+                    &t.id,
+                    name,
+                    Change::Put(object(json!({ "i": i }))),
+                    None,
+                )
+                .await
+                .expect("written");
+            first.get_or_insert(doc.updated);
+        }
+    }
+    let before = first.expect("written") - chrono::Duration::milliseconds(1);
+    let at = |name| keeping_one.revision(OWNER, &t.id, name, AsOf::Time(before));
+    assert!(matches!(
+        at("complete").await,
+        Err(ServiceError::Absent(NOT_YET))
+    ));
+    assert!(matches!(
+        at("pruned").await,
+        Err(ServiceError::Absent(NOT_KEPT))
+    ));
 }

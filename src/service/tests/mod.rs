@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::documents::DocumentsService;
+use super::documents::{DEFAULT_REVISIONS, DocumentsService};
 use super::fakes::{Memory, RecordingSetAside};
 use super::ingest::IngestService;
 use super::lookup::{CacheMaintaining, TwinLookup};
@@ -58,7 +58,7 @@ impl Fixture {
         maintained.twins = Arc::new(CacheMaintaining::new(store.twins.clone(), lookup.clone()));
         Self {
             twins: TwinsService::new(maintained.clone(), MAX_DEFINITIONS),
-            documents: DocumentsService::new(maintained.clone()),
+            documents: DocumentsService::new(maintained.clone(), DEFAULT_REVISIONS),
             ingest: IngestService::new(maintained, lookup, Some(OWN_CHANNEL.into())),
             aside: RecordingSetAside::default(),
             store,

@@ -20,7 +20,9 @@ use bson::{Bson, Document, doc};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
-use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::document::{
+    Document as TwinDocument, DocumentSummary, VersionSummary, WriteOp, Writer,
+};
 use crate::domain::history::AttributeSummary;
 use crate::domain::state::State;
 use crate::domain::twin::{Attribute, Definition, Twin};
@@ -136,6 +138,51 @@ pub fn document_to_bson(d: &TwinDocument) -> Document {
         "updated": date(&d.updated),
         "data": object_to_bson(&d.data),
     }
+}
+
+/// Who wrote a version: `{kind, id}`, without `id` for the service.
+pub fn writer_to_bson(by: &Writer) -> Document {
+    let mut d = doc! { "kind": by.kind() };
+    if !matches!(by, Writer::Service) {
+        d.insert("id", by.id());
+    }
+    d
+}
+
+/// A revision as kept in its document's record: the data as compact JSON text, so that
+/// a revision takes at most the document size limit (the BSON of the same data can be
+/// several times larger) and a record of bounded revisions stays within MongoDB's
+/// 16 MiB.
+pub fn revision_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreResult<Document> {
+    let data = serde_json::to_string(&doc.data).map_err(|e| StoreError::Internal(e.into()))?;
+    Ok(doc! {
+        "version": Bson::Int64(doc.version),
+        "updated": date(&doc.updated),
+        "op": op.as_str(),
+        "by": writer_to_bson(by),
+        "data": data,
+    })
+}
+
+/// The current version of a record written before revisions were kept, as its first
+/// revision.
+pub fn legacy_revision(record: &Document) -> StoreResult<Document> {
+    let doc = document_from_bson(record)?;
+    let (op, by) = provenance(&Fields::new(record, "document"), doc.version)?;
+    revision_to_bson(&doc, op, &by)
+}
+
+/// A document's record as first written: the document, how and by whom it was written,
+/// and its first revision.
+pub fn new_document_to_bson(doc: &TwinDocument, op: WriteOp, by: &Writer) -> StoreResult<Document> {
+    let mut record = document_to_bson(doc);
+    record.insert("op", op.as_str());
+    record.insert("by", writer_to_bson(by));
+    record.insert(
+        "revisions",
+        vec![Bson::Document(revision_to_bson(doc, op, by)?)],
+    );
+    Ok(record)
 }
 
 /// Typed reads of one stored document, naming the field in every error.
@@ -299,6 +346,83 @@ pub fn summary_from_bson(doc: &Document) -> StoreResult<DocumentSummary> {
         version: f.int("version")?,
         updated: f.date("updated")?,
     })
+}
+
+/// How and by whom a version was written, from a record or one of its revisions. A
+/// record written before revisions were kept has neither: its writer is unknown and
+/// reads as the service, as the SQL stores record such documents.
+fn provenance(f: &Fields<'_>, version: i64) -> StoreResult<(WriteOp, Writer)> {
+    let op = match f.get("op") {
+        None if version == 1 => WriteOp::Create,
+        None => WriteOp::Put,
+        Some(Bson::String(s)) => {
+            WriteOp::parse(s).ok_or_else(|| f.corrupt("op", &Bson::String(s.clone())))?
+        }
+        Some(other) => return Err(f.corrupt("op", other)),
+    };
+    let by = match f.get("by") {
+        None => Writer::Service,
+        Some(Bson::Document(d)) => {
+            let w = Fields::new(d, "writer");
+            let kind = w.str("kind")?;
+            Writer::from_parts(&kind, &w.str("id")?)
+                .ok_or_else(|| w.corrupt("kind", &Bson::String(kind)))?
+        }
+        Some(other) => return Err(f.corrupt("by", other)),
+    };
+    Ok((op, by))
+}
+
+fn version_summary(f: &Fields<'_>) -> StoreResult<VersionSummary> {
+    let version = f.int("version")?;
+    let (op, by) = provenance(f, version)?;
+    Ok(VersionSummary {
+        version,
+        updated: f.date("updated")?,
+        op,
+        by,
+    })
+}
+
+/// The kept versions of a record (projected to the fields of [`VersionSummary`], or
+/// whole), oldest first. The current version is the record's own, also for a record
+/// whose revisions lack it (written before revisions were kept).
+pub fn versions_from_bson(record: &Document) -> StoreResult<Vec<VersionSummary>> {
+    let f = Fields::new(record, "document");
+    let mut versions = f
+        .documents("revisions")?
+        .into_iter()
+        .map(|r| version_summary(&Fields::new(r, "revision")))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let current = version_summary(&f)?;
+    if versions.last().map(|v| v.version) != Some(current.version) {
+        versions.retain(|v| v.version < current.version);
+        versions.push(current);
+    }
+    Ok(versions)
+}
+
+/// A revision kept in a record, as the document it was.
+pub fn revision_from_bson(
+    revision: &Document,
+    twin_id: &str,
+    name: &str,
+) -> StoreResult<TwinDocument> {
+    let f = Fields::new(revision, "revision");
+    let data = f.str("data")?;
+    Ok(TwinDocument {
+        twin_id: twin_id.to_owned(),
+        document_name: name.to_owned(),
+        version: f.int("version")?,
+        updated: f.date("updated")?,
+        data: serde_json::from_str(&data)
+            .map_err(|e| StoreError::Internal(format!("corrupt revision data: {e}").into()))?,
+    })
+}
+
+/// The revisions of a record (as projected), in the order kept.
+pub fn revisions_of(record: &Document) -> StoreResult<Vec<&Document>> {
+    Fields::new(record, "document").documents("revisions")
 }
 
 /// The stored version of a document (projected or whole).
@@ -660,5 +784,88 @@ mod tests {
         assert_eq!(document_from_bson(&b).unwrap(), d);
         assert_eq!(summary_from_bson(&b).unwrap(), DocumentSummary::from(&d));
         assert_eq!(version_from_bson(&b).unwrap(), 3);
+    }
+
+    fn panel(version: i64, data: Value) -> TwinDocument {
+        TwinDocument {
+            twin_id: "t".into(),
+            document_name: "panel".into(),
+            version,
+            updated: ms(UPDATED_MS + version),
+            data: data.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// The data whose BSON is largest for its JSON size: an array of zeros, each one an
+    /// Int64 under a key of up to five digits (15 bytes of BSON for 2 of JSON).
+    fn largest_data() -> Value {
+        let zeros = vec![json!(0); (crate::domain::document::MAX_DATA_BYTES - 16) / 2];
+        json!({ "z": zeros })
+    }
+
+    #[test]
+    fn a_record_with_the_most_revisions_of_the_largest_data_fits_in_16_mib() {
+        let doc = panel(1000, largest_data());
+        assert!(crate::domain::document::check_size(&doc.data).is_ok());
+        let by = Writer::Channel {
+            id: "c".repeat(256),
+        };
+        let mut record = new_document_to_bson(&doc, WriteOp::Patch, &by).unwrap();
+        let revision = Bson::Document(revision_to_bson(&doc, WriteOp::Patch, &by).unwrap());
+        let kept = super::super::MAX_KEPT as usize + 1;
+        record.insert("revisions", vec![revision; kept]);
+        let size = record.to_vec().unwrap().len();
+        assert!(size < 16 * 1024 * 1024, "{size} bytes");
+    }
+
+    #[test]
+    fn a_record_lists_its_revisions_and_serves_each() {
+        let by = Writer::User { id: "alice".into() };
+        let v1 = panel(1, json!({"a": {"b": [1, 2.5, "x", null]}}));
+        let v2 = panel(2, json!({"c": true}));
+        let mut record = new_document_to_bson(&v1, WriteOp::Create, &by).unwrap();
+        let second = revision_to_bson(&v2, WriteOp::Put, &Writer::Service).unwrap();
+        for (k, v) in document_to_bson(&v2) {
+            record.insert(k, v);
+        }
+        record.insert("op", "put");
+        record.insert("by", writer_to_bson(&Writer::Service));
+        if let Ok(revisions) = record.get_array_mut("revisions") {
+            revisions.push(Bson::Document(second));
+        }
+        let listed = versions_from_bson(&record).unwrap();
+        let summary = |d: &TwinDocument, op, by| VersionSummary {
+            version: d.version,
+            updated: d.updated,
+            op,
+            by,
+        };
+        assert_eq!(
+            listed,
+            vec![
+                summary(&v1, WriteOp::Create, by.clone()),
+                summary(&v2, WriteOp::Put, Writer::Service)
+            ]
+        );
+        let kept = revisions_of(&record).unwrap();
+        assert_eq!(revision_from_bson(kept[0], "t", "panel").unwrap(), v1);
+        assert_eq!(revision_from_bson(kept[1], "t", "panel").unwrap(), v2);
+    }
+
+    #[test]
+    fn a_record_from_before_revisions_lists_its_current_version() {
+        for (version, op) in [(1, WriteOp::Create), (4, WriteOp::Put)] {
+            let record = document_to_bson(&panel(version, json!({"k": 1})));
+            let listed = versions_from_bson(&record).unwrap();
+            assert_eq!(
+                listed,
+                vec![VersionSummary {
+                    version,
+                    updated: ms(UPDATED_MS + version),
+                    op,
+                    by: Writer::Service,
+                }]
+            );
+        }
     }
 }

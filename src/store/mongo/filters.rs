@@ -11,11 +11,11 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::codec;
-use crate::domain::document::Document as TwinDocument;
+use crate::domain::document::{Document as TwinDocument, WriteOp, Writer};
 use crate::domain::history::Window;
 use crate::domain::state::State;
 use crate::domain::twin::{Twin, WILDCARD_SUBTOPIC};
-use crate::store::TwinFilter;
+use crate::store::{StoreResult, TwinFilter};
 
 pub const TWINS: &str = "twins";
 pub const STATES: &str = "states";
@@ -317,12 +317,59 @@ pub fn document_at_version(twin_id: &str, name: &str, expected: Option<i64>) -> 
     d
 }
 
-/// Replaces the data of a document and sets its new version.
-pub fn document_update(doc: &TwinDocument) -> Document {
+/// The document at version `expected`, with revisions kept (`revised`) or written before
+/// revisions were kept (no `revisions` field).
+pub fn document_revised_at(twin_id: &str, name: &str, expected: i64, revised: bool) -> Document {
+    let mut d = document_at_version(twin_id, name, Some(expected));
+    d.insert("revisions", doc! { "$exists": revised });
+    d
+}
+
+/// Replaces the data of a document, sets its new version with how and by whom it was
+/// written, and appends its revision (after `earlier`, the revision of a record's
+/// version from before revisions were kept), keeping the newest `keep + 1`: one atomic
+/// update of one record.
+pub fn document_update(
+    doc: &TwinDocument,
+    op: WriteOp,
+    by: &Writer,
+    keep: u32,
+    earlier: Option<Document>,
+) -> StoreResult<Document> {
     let mut set = codec::document_to_bson(doc);
     set.remove("twinid");
     set.remove("name");
-    doc! { "$set": set }
+    set.insert("op", op.as_str());
+    set.insert("by", codec::writer_to_bson(by));
+    let revisions: Vec<Document> = earlier
+        .into_iter()
+        .chain([codec::revision_to_bson(doc, op, by)?])
+        .collect();
+    Ok(doc! {
+        "$set": set,
+        "$push": { "revisions": { "$each": revisions, "$slice": -(i64::from(keep) + 1) } },
+    })
+}
+
+/// A document's record without its revisions: what a read of the document needs.
+pub fn without_revisions() -> Document {
+    doc! { "revisions": 0 }
+}
+
+/// A record projected to what lists its versions.
+pub fn versions_projection() -> Document {
+    doc! {
+        "version": 1, "updated": 1, "op": 1, "by": 1,
+        "revisions.version": 1, "revisions.updated": 1, "revisions.op": 1, "revisions.by": 1,
+    }
+}
+
+/// A record projected to its current version and the one kept revision `version`.
+pub fn revision_projection(version: i64) -> Document {
+    doc! {
+        "twinid": 1, "name": 1, "version": 1, "updated": 1, "data": 1,
+        "revisions": { "$elemMatch": { "version": version } },
+    }
 }
 
 #[cfg(test)]
@@ -569,6 +616,10 @@ mod tests {
             document_at_version("t", "d", None),
             doc! { "twinid": "t", "name": "d" }
         );
+        assert_eq!(
+            document_revised_at("t", "d", 3, false),
+            doc! { "twinid": "t", "name": "d", "version": 3_i64, "revisions": { "$exists": false } }
+        );
         let d = TwinDocument {
             twin_id: "t".into(),
             document_name: "d".into(),
@@ -576,9 +627,22 @@ mod tests {
             updated: from_nanos(MS * 1_000_000),
             data: json!({"x": [1]}).as_object().cloned().unwrap(),
         };
+        let by = Writer::User { id: "u".into() };
         assert_eq!(
-            document_update(&d),
-            doc! { "$set": { "version": 4_i64, "updated": date(), "data": { "x": [1_i64] } } }
+            document_update(&d, WriteOp::Patch, &by, 2, None).unwrap(),
+            doc! {
+                "$set": {
+                    "version": 4_i64, "updated": date(), "data": { "x": [1_i64] },
+                    "op": "patch", "by": { "kind": "user", "id": "u" },
+                },
+                "$push": { "revisions": {
+                    "$each": [{
+                        "version": 4_i64, "updated": date(), "op": "patch",
+                        "by": { "kind": "user", "id": "u" }, "data": "{\"x\":[1]}",
+                    }],
+                    "$slice": -3_i64,
+                } },
+            }
         );
     }
 }

@@ -28,10 +28,10 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
-    TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, Versioned,
 };
-use crate::domain::document::{Document as TwinDocument, DocumentSummary};
+use crate::domain::document::{Document as TwinDocument, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
@@ -44,6 +44,11 @@ pub const DEFAULT_DATABASE: &str = "magistrala";
 /// unless the URL sets `serverSelectionTimeoutMS`. The driver's 30 s would hold API
 /// requests and `/health` far longer than a client waits.
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most earlier revisions a document's record keeps, whatever is configured: each is at
+/// most the 64 KiB document limit as JSON text, so 201 of them and the current data (at
+/// most about 0.5 MiB as BSON) stay well within MongoDB's 16 MiB per record.
+pub const MAX_KEPT: u32 = 200;
 
 /// Duplicate key on a unique index.
 const DUPLICATE_KEY: i32 = 11000;
@@ -129,6 +134,53 @@ impl MongoStore {
             .find_one(filters::states_of(twin_id))
             .sort(filters::by("id", -1))
             .projection(filters::only(fields))
+            .await
+            .map_err(map_err)
+    }
+
+    /// The conditional update of a document at version `expected`; false when there is
+    /// no such version. A record from before revisions were kept gets its current
+    /// version as a revision too, read under a filter that only such a record at that
+    /// version matches: nothing can change it without adding revisions, so what is read
+    /// is what the update replaces.
+    async fn replace_document(
+        &self,
+        write: &DocumentWrite<'_>,
+        expected: i64,
+    ) -> StoreResult<bool> {
+        let doc = write.doc;
+        let at = |revised| {
+            filters::document_revised_at(&doc.twin_id, &doc.document_name, expected, revised)
+        };
+        let update = |earlier| {
+            filters::document_update(doc, write.op, write.by, write.keep.min(MAX_KEPT), earlier)
+        };
+        let updated = self
+            .documents
+            .update_one(at(true), update(None)?)
+            .await
+            .map_err(map_err)?;
+        if updated.matched_count == 1 {
+            return Ok(true);
+        }
+        let Some(legacy) = self.documents.find_one(at(false)).await.map_err(map_err)? else {
+            return Ok(false);
+        };
+        let earlier = codec::legacy_revision(&legacy)?;
+        let updated = self
+            .documents
+            .update_one(at(false), update(Some(earlier))?)
+            .await
+            .map_err(map_err)?;
+        Ok(updated.matched_count == 1)
+    }
+
+    /// The document's record projected to the list of its versions, through the unique
+    /// (twinid, name) index.
+    async fn version_list(&self, twin_id: &str, name: &str) -> StoreResult<Option<Document>> {
+        self.documents
+            .find_one(filters::document(twin_id, name))
+            .projection(filters::versions_projection())
             .await
             .map_err(map_err)
     }
@@ -538,6 +590,7 @@ impl DocumentRepository for MongoStore {
     async fn get(&self, twin_id: &str, name: &str) -> StoreResult<Option<TwinDocument>> {
         self.documents
             .find_one(filters::document(twin_id, name))
+            .projection(filters::without_revisions())
             .await
             .map_err(map_err)?
             .as_ref()
@@ -545,13 +598,21 @@ impl DocumentRepository for MongoStore {
             .transpose()
     }
 
-    async fn write(&self, doc: &TwinDocument, expected: Option<i64>) -> StoreResult<Versioned> {
-        // One atomic operation either way: an insert the unique (twinid, name) index
-        // refuses when the document exists, or an update conditional on the version.
-        let done = match expected {
+    /// Revisions live inside the document's own record (`revisions`, the newest
+    /// `keep + 1` versions with their data as JSON text), because MongoDB without a
+    /// replica set has no multi-document transactions: the compare-and-set on the
+    /// version, the new data and the new revision with the pruning of the oldest
+    /// (`$push` with `$slice`) are one update of one record, which MongoDB applies
+    /// atomically and durably together or not at all. A create is one insert of the
+    /// record with its first revision, refused by the unique (twinid, name) index when
+    /// the document exists. No crash can leave a version without its revision, and
+    /// deleting the record deletes its revisions.
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
+        let doc = write.doc;
+        let done = match write.expected {
             None => match self
                 .documents
-                .insert_one(codec::document_to_bson(doc))
+                .insert_one(codec::new_document_to_bson(doc, write.op, write.by)?)
                 .await
                 .map_err(map_err)
             {
@@ -559,17 +620,7 @@ impl DocumentRepository for MongoStore {
                 Err(StoreError::Conflict(_)) => false,
                 Err(e) => return Err(e),
             },
-            Some(v) => {
-                self.documents
-                    .update_one(
-                        filters::document_at_version(&doc.twin_id, &doc.document_name, Some(v)),
-                        filters::document_update(doc),
-                    )
-                    .await
-                    .map_err(map_err)?
-                    .matched_count
-                    == 1
-            }
+            Some(v) => self.replace_document(write, v).await?,
         };
         if done {
             return Ok(Versioned::Done);
@@ -596,6 +647,73 @@ impl DocumentRepository for MongoStore {
         }
         let actual = self.document_version(twin_id, name).await?;
         Ok(Versioned::Stale { actual })
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        // At most MAX_KEPT + 1 small entries: paged here, from one projected read.
+        let versions = match self.version_list(twin_id, name).await? {
+            Some(record) => codec::versions_from_bson(&record)?,
+            None => Vec::new(),
+        };
+        let total = versions.len() as u64;
+        let skip = usize::try_from(page.offset).unwrap_or(usize::MAX);
+        let take = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        Ok(Page {
+            total,
+            offset: page.offset,
+            limit: page.limit,
+            items: versions.into_iter().rev().skip(skip).take(take).collect(),
+        })
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<TwinDocument>> {
+        let Some(record) = self
+            .documents
+            .find_one(filters::document(twin_id, name))
+            .projection(filters::revision_projection(version))
+            .await
+            .map_err(map_err)?
+        else {
+            return Ok(None);
+        };
+        if codec::version_from_bson(&record)? == version {
+            return codec::document_from_bson(&record).map(Some);
+        }
+        codec::revisions_of(&record)?
+            .into_iter()
+            .find(|r| codec::version_from_bson(r).ok() == Some(version))
+            .map(|r| codec::revision_from_bson(r, twin_id, name))
+            .transpose()
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<TwinDocument>> {
+        let Some(record) = self.version_list(twin_id, name).await? else {
+            return Ok(None);
+        };
+        let in_force = codec::versions_from_bson(&record)?
+            .into_iter()
+            .filter(|v| v.updated <= *at)
+            .map(|v| v.version)
+            .max();
+        match in_force {
+            Some(version) => self.revision(twin_id, name, version).await,
+            None => Ok(None),
+        }
     }
 }
 

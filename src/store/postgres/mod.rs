@@ -24,10 +24,10 @@ use sqlx::{Postgres, Row, SqlSafeStr, Transaction};
 
 use super::sql::{self, Columns};
 use super::{
-    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
-    TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, Versioned,
 };
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         1,
         "schema",
         include_str!("../../../migrations/postgres/0001_schema.sql"),
+    ),
+    (
+        2,
+        "document revisions",
+        include_str!("../../../migrations/postgres/0002_document_revisions.sql"),
     ),
     (
         3,
@@ -616,18 +621,42 @@ impl DocumentRepository for PostgresStore {
         row.as_ref().map(sql::document_from_row).transpose()
     }
 
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
+        let doc = write.doc;
         let mut tx = self.begin().await?;
-        let mut query = sqlx::query(sql::document_write(expected))
+        let mut query = sqlx::query(sql::document_write(write.expected))
             .bind(&doc.twin_id)
             .bind(&doc.document_name)
             .bind(doc.version)
             .bind(to_nanos(&doc.updated))
             .bind(Json(&doc.data));
-        if let Some(v) = expected {
+        if let Some(v) = write.expected {
             query = query.bind(v);
         }
         let done = query.execute(&mut *tx).await.map_err(map_err)?;
+        if done.rows_affected() == 1 {
+            // The document's row is locked by the write above until the commit, so the
+            // revision commits with it, or neither does.
+            sqlx::query(sql::PUT_REVISION)
+                .bind(&doc.twin_id)
+                .bind(&doc.document_name)
+                .bind(doc.version)
+                .bind(to_nanos(&doc.updated))
+                .bind(Json(&doc.data))
+                .bind(write.op.as_str())
+                .bind(write.by.kind())
+                .bind(write.by.id())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            sqlx::query(sql::PRUNE_REVISIONS)
+                .bind(&doc.twin_id)
+                .bind(&doc.document_name)
+                .bind(write.oldest_kept())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
         versioned(tx, done.rows_affected(), &doc.twin_id, &doc.document_name).await
     }
 
@@ -645,7 +674,85 @@ impl DocumentRepository for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        if done.rows_affected() == 1 {
+            sqlx::query(sql::DELETE_REVISIONS)
+                .bind(twin_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
         versioned(tx, done.rows_affected(), twin_id, name).await
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        // One snapshot, so that the total and the page agree.
+        let mut tx = self.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let total: i64 = sqlx::query_scalar(sql::COUNT_REVISIONS)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let rows = sqlx::query(sql::REVISION_PAGE)
+            .bind(twin_id)
+            .bind(name)
+            .bind(sql::to_i64(page.limit))
+            .bind(sql::to_i64(page.offset))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Page {
+            total: total.max(0) as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::version_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::SELECT_REVISION)
+            .bind(twin_id)
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::REVISION_AT)
+            .bind(twin_id)
+            .bind(name)
+            .bind(to_nanos(at))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
     }
 }
 

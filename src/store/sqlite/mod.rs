@@ -32,10 +32,10 @@ use sqlx::{Row, Sqlite};
 
 use super::sql::{self, Columns};
 use super::{
-    DocumentRepository, HealthCheck, StateRepository, StoreError, StoreResult, TwinFilter,
-    TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
+    TwinFilter, TwinRepository, Versioned,
 };
-use crate::domain::document::{Document, DocumentSummary};
+use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
@@ -87,6 +87,7 @@ const SCHEMA: &[&str] = &[
         data TEXT NOT NULL,
         PRIMARY KEY (twin_id, name)
     ) WITHOUT ROWID",
+    // document_revisions: see REVISIONS_TABLE.
     "CREATE TABLE IF NOT EXISTS ingest_cursors (
         twin_id TEXT PRIMARY KEY NOT NULL,
         seq INTEGER NOT NULL
@@ -103,6 +104,29 @@ const SCHEMA: &[&str] = &[
     // writes succeed again (a read succeeds on a full disk).
     "CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)",
 ];
+
+/// Revisions of each document, the current version included, the newest `keep + 1` kept.
+/// Every query of it runs along the primary key.
+const REVISIONS_TABLE: &str = "CREATE TABLE document_revisions (
+    twin_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    op TEXT NOT NULL,
+    by_kind TEXT NOT NULL,
+    by_id TEXT NOT NULL,
+    PRIMARY KEY (twin_id, name, version)
+) WITHOUT ROWID";
+
+/// Run with [`REVISIONS_TABLE`], in a database that may have documents: a document
+/// written before revisions were kept starts its history at its current version, whose
+/// writer is unknown and recorded as the service.
+const START_HISTORIES: &str = "INSERT INTO document_revisions
+    (twin_id, name, version, updated, data, op, by_kind, by_id)
+    SELECT twin_id, name, version, updated, data,
+        CASE WHEN version = 1 THEN 'create' ELSE 'put' END, 'service', ''
+    FROM documents";
 
 /// Both pools over one database file.
 pub struct SqliteStore {
@@ -191,6 +215,7 @@ impl SqliteStore {
         for stmt in SCHEMA {
             sqlx::query(*stmt).execute(&writer).await.map_err(map_err)?;
         }
+        Self::add_revisions(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options.read_only(true))
@@ -201,6 +226,36 @@ impl SqliteStore {
             writer,
             write_failed: Arc::default(),
         })
+    }
+
+    /// Creates the revisions table where it is missing, together with the histories it
+    /// starts from, in one transaction under the write lock: no crash leaves the table
+    /// without them, and of two processes opening the file only one creates it.
+    async fn add_revisions(writer: &SqlitePool) -> StoreResult<()> {
+        let mut conn = writer.acquire().await.map_err(map_err)?;
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'document_revisions')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        if !exists {
+            for stmt in [REVISIONS_TABLE, START_HISTORIES] {
+                sqlx::query(stmt)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        Ok(())
     }
 
     /// Starts a write transaction on the writer connection, taking SQLite's write lock.
@@ -731,26 +786,47 @@ impl DocumentRepository for SqliteStore {
         row.as_ref().map(sql::document_from_row).transpose()
     }
 
-    async fn write(&self, doc: &Document, expected: Option<i64>) -> StoreResult<Versioned> {
+    async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
+        let doc = write.doc;
         let data = to_json(&doc.data)?;
         let mut tx = self.begin().await?;
-        let mut query = sqlx::query(sql::document_write(expected))
+        let mut query = sqlx::query(sql::document_write(write.expected))
             .bind(&doc.twin_id)
             .bind(&doc.document_name)
             .bind(doc.version)
             .bind(to_nanos(&doc.updated))
             .bind(&data);
-        if let Some(v) = expected {
+        if let Some(v) = write.expected {
             query = query.bind(v);
         }
         let done = query.execute(tx.conn()).await.map_err(map_err)?;
-        if done.rows_affected() == 1 {
-            tx.commit().await?;
-            return Ok(Versioned::Done);
+        if done.rows_affected() != 1 {
+            let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
+            tx.rollback().await?;
+            return Ok(Versioned::Stale { actual });
         }
-        let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
-        tx.rollback().await?;
-        Ok(Versioned::Stale { actual })
+        // The revision commits with the document or not at all.
+        sqlx::query(sql::PUT_REVISION)
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(doc.version)
+            .bind(to_nanos(&doc.updated))
+            .bind(&data)
+            .bind(write.op.as_str())
+            .bind(write.by.kind())
+            .bind(write.by.id())
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        sqlx::query(sql::PRUNE_REVISIONS)
+            .bind(&doc.twin_id)
+            .bind(&doc.document_name)
+            .bind(write.oldest_kept())
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        tx.commit().await?;
+        Ok(Versioned::Done)
     }
 
     async fn delete(
@@ -768,12 +844,84 @@ impl DocumentRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         if done.rows_affected() == 1 {
+            sqlx::query(sql::DELETE_REVISIONS)
+                .bind(twin_id)
+                .bind(name)
+                .execute(tx.conn())
+                .await
+                .map_err(map_err)?;
             tx.commit().await?;
             return Ok(Versioned::Done);
         }
         let actual = Self::document_version(&mut tx, twin_id, name).await?;
         tx.rollback().await?;
         Ok(Versioned::Stale { actual })
+    }
+
+    async fn versions(
+        &self,
+        twin_id: &str,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<VersionSummary>> {
+        // One read transaction, so that the total and the page agree.
+        let mut tx = self.reader.begin().await.map_err(map_err)?;
+        let total: i64 = sqlx::query_scalar(sql::COUNT_REVISIONS)
+            .bind(twin_id)
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let rows = sqlx::query(sql::REVISION_PAGE)
+            .bind(twin_id)
+            .bind(name)
+            .bind(sql::to_i64(page.limit))
+            .bind(sql::to_i64(page.offset))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Page {
+            total: total.max(0) as u64,
+            offset: page.offset,
+            limit: page.limit,
+            items: rows
+                .iter()
+                .map(sql::version_from_row)
+                .collect::<StoreResult<_>>()?,
+        })
+    }
+
+    async fn revision(
+        &self,
+        twin_id: &str,
+        name: &str,
+        version: i64,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::SELECT_REVISION)
+            .bind(twin_id)
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
+    }
+
+    async fn revision_at(
+        &self,
+        twin_id: &str,
+        name: &str,
+        at: &DateTime<Utc>,
+    ) -> StoreResult<Option<Document>> {
+        let row = sqlx::query(sql::REVISION_AT)
+            .bind(twin_id)
+            .bind(name)
+            .bind(to_nanos(at))
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(sql::document_from_row).transpose()
     }
 }
 
@@ -860,5 +1008,66 @@ mod tests {
             .fold(statement.to_owned(), |q, (i, v)| {
                 q.replace(&format!("${}", i + 1), v)
             })
+    }
+    use crate::domain::document::{VersionSummary, WriteOp, Writer};
+    use crate::domain::time::from_nanos;
+
+    /// A database written before revisions were kept: each document's history starts at
+    /// its current version, once, when the store opens it.
+    #[tokio::test]
+    async fn documents_from_before_revisions_start_their_history_once() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("before.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let before = SqlitePoolOptions::new()
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("open");
+        for stmt in SCHEMA {
+            sqlx::query(*stmt).execute(&before).await.expect("schema");
+        }
+        for (name, version, data) in [("a", 1, r#"{"x":1}"#), ("b", 3, r#"{"y":[2]}"#)] {
+            sqlx::query(sql::CREATE_DOCUMENT)
+                .bind("t")
+                .bind(name)
+                .bind(version)
+                .bind(version * 1_000_000)
+                .bind(data)
+                .execute(&before)
+                .await
+                .expect("document");
+        }
+        before.close().await;
+
+        let page = PageRequest {
+            offset: 0,
+            limit: 10,
+        };
+        for _ in 0..2 {
+            let store = SqliteStore::open(path).await.expect("reopen");
+            for (name, version, op) in [("a", 1, WriteOp::Create), ("b", 3, WriteOp::Put)] {
+                let listed = store.versions("t", name, page).await.expect("versions");
+                assert_eq!(
+                    listed.items,
+                    vec![VersionSummary {
+                        version,
+                        updated: from_nanos(version * 1_000_000),
+                        op,
+                        by: Writer::Service,
+                    }],
+                    "{name}"
+                );
+                assert_eq!(
+                    store.revision("t", name, version).await.expect("revision"),
+                    store.get("t", name).await.expect("get"),
+                );
+            }
+            store.writer.close().await;
+            store.reader.close().await;
+        }
     }
 }
