@@ -17,7 +17,6 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::domain::document::{WriteOp, Writer};
 use crate::error::{chain, redact_url};
 use crate::store::transfer::{Counts, Transfer};
 use crate::store::{DocumentWrite, Store, StoreError};
@@ -71,8 +70,13 @@ pub fn main(args: &Args) -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(counts) => {
             eprintln!(
-                "twins migrate: done: {} twins, {} states, {} documents, {} groups, {} twin sequences; counts equal",
-                counts.twins, counts.states, counts.documents, counts.groups, counts.cursors
+                "twins migrate: done: {} twins, {} states, {} documents ({} revisions), {} groups, {} twin sequences; counts equal",
+                counts.twins,
+                counts.states,
+                counts.documents,
+                counts.revisions,
+                counts.groups,
+                counts.cursors
             );
             ExitCode::SUCCESS
         }
@@ -242,39 +246,81 @@ async fn copy_documents(
         .await
         .map_err(failed("listing documents"))?;
     for summary in names {
-        let Some(doc) = source
-            .documents
-            .get(twin_id, &summary.document_name)
-            .await
-            .map_err(failed("reading a document"))?
-        else {
-            continue;
-        };
-        let there = target
-            .documents
-            .get(twin_id, &doc.document_name)
-            .await
-            .map_err(failed("reading a document of the target"))?;
-        if there.as_ref() != Some(&doc) {
-            // Only the current version is copied; its writer is unknown here.
-            let write = DocumentWrite {
-                doc: &doc,
-                expected: there.map(|d| d.version),
-                op: if doc.version == 1 {
-                    WriteOp::Create
-                } else {
-                    WriteOp::Put
-                },
-                by: &Writer::Service,
-                keep: 0,
-            };
-            target
-                .documents
-                .write(&write)
-                .await
-                .map_err(failed("writing a document"))?;
-        }
+        copy_revisions(source, target, twin_id, &summary.document_name).await?;
         progress.done.documents += 1;
+    }
+    Ok(())
+}
+
+/// Copies a document with the revisions the source keeps, oldest first, each as it was
+/// written (time, operation, writer), going on after the version the target has.
+async fn copy_revisions(
+    source: &Store,
+    target: &Store,
+    twin_id: &str,
+    name: &str,
+) -> Result<(), String> {
+    let kept = source
+        .documents
+        .versions(
+            twin_id,
+            name,
+            crate::domain::PageRequest {
+                offset: 0,
+                limit: u64::MAX,
+            },
+        )
+        .await
+        .map_err(failed("listing a document's revisions"))?;
+    let mut versions = kept.items;
+    versions.sort_by_key(|v| v.version);
+    let Some(current) = source
+        .documents
+        .get(twin_id, name)
+        .await
+        .map_err(failed("reading a document"))?
+    else {
+        return Ok(());
+    };
+    let there = target
+        .documents
+        .get(twin_id, name)
+        .await
+        .map_err(failed("reading a document of the target"))?;
+    if there.as_ref() == Some(&current) {
+        return Ok(());
+    }
+    let mut expected = there.as_ref().map(|d| d.version);
+    // A target that has no version of this history (written by something else) gets
+    // the current version only, on top of what it has.
+    let from = match &there {
+        Some(d) if versions.iter().any(|v| v.version == d.version) => d.version,
+        Some(_) => current.version - 1,
+        None => 0,
+    };
+    for v in versions.iter().filter(|v| v.version > from) {
+        let doc = source
+            .documents
+            .revision(twin_id, name, v.version)
+            .await
+            .map_err(failed("reading a revision"))?
+            .ok_or(format!(
+                "revision {} of document {name} of twin {twin_id} is gone (is the source being written to?)",
+                v.version
+            ))?;
+        let write = DocumentWrite {
+            doc: &doc,
+            expected,
+            op: v.op,
+            by: &v.by,
+            keep: u32::MAX,
+        };
+        target
+            .documents
+            .write(&write)
+            .await
+            .map_err(failed("writing a document"))?;
+        expected = Some(v.version);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use common::backend::{self, Backend};
 use twins::domain::PageRequest;
-use twins::domain::document::{Document, WriteOp, Writer};
+use twins::domain::document::{Document, VersionSummary, WriteOp, Writer};
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
 use twins::domain::twin::{Attribute, Definition, Twin};
@@ -92,21 +92,35 @@ async fn seed(store: &Store, twins: usize, per_twin: usize) {
             batch.clear();
         }
         if i % 3 == 0 {
-            let doc = Document {
-                twin_id: t.id.clone(),
-                document_name: "desired".into(),
-                version: 3,
-                updated: at(T0_MS + 5),
-                data: object(json!({"setpoint": i, "mode": {"eco": true}})),
-            };
-            let write = DocumentWrite {
-                doc: &doc,
-                expected: None,
-                op: WriteOp::Create,
-                by: &Writer::Service,
-                keep: 0,
-            };
-            store.documents.write(&write).await.expect("document");
+            // Three writes by three kinds of writer: the revisions go along.
+            let writers = [
+                (WriteOp::Create, Writer::User { id: "alice".into() }),
+                (
+                    WriteOp::Patch,
+                    Writer::Channel {
+                        id: format!("ch-{i}"),
+                    },
+                ),
+                (WriteOp::Put, Writer::Service),
+            ];
+            for (v, (op, by)) in writers.iter().enumerate() {
+                let version = v as i64 + 1;
+                let doc = Document {
+                    twin_id: t.id.clone(),
+                    document_name: "desired".into(),
+                    version,
+                    updated: at(T0_MS + 5 + version),
+                    data: object(json!({"setpoint": i + v, "mode": {"eco": v == 1}})),
+                };
+                let write = DocumentWrite {
+                    doc: &doc,
+                    expected: (version > 1).then_some(version - 1),
+                    op: *op,
+                    by,
+                    keep: 10,
+                };
+                store.documents.write(&write).await.expect("document");
+            }
         }
     }
     transfer.put_states(&batch).await.expect("put states");
@@ -119,7 +133,16 @@ async fn seed(store: &Store, twins: usize, per_twin: usize) {
 }
 
 /// Everything a store holds, in a stable order.
-async fn dump(store: &Store) -> (Vec<Twin>, Vec<State>, Vec<Document>, IngestLog) {
+/// Everything a store holds: twins, states, each document's kept revisions (with who
+/// wrote them and how) oldest first, and the ingest log.
+type Dump = (
+    Vec<Twin>,
+    Vec<State>,
+    Vec<(VersionSummary, Document)>,
+    IngestLog,
+);
+
+async fn dump(store: &Store) -> Dump {
     let transfer = store
         .transfer
         .clone()
@@ -147,14 +170,26 @@ async fn dump(store: &Store) -> (Vec<Twin>, Vec<State>, Vec<Document>, IngestLog
                 .expect("states");
             all_states.extend(s.items);
             for d in store.documents.list(&t.id).await.expect("documents") {
-                docs.push(
-                    store
+                let page = PageRequest {
+                    offset: 0,
+                    limit: 1000,
+                };
+                let mut kept = store
+                    .documents
+                    .versions(&t.id, &d.document_name, page)
+                    .await
+                    .expect("versions")
+                    .items;
+                kept.sort_by_key(|v| v.version);
+                for v in kept {
+                    let doc = store
                         .documents
-                        .get(&t.id, &d.document_name)
+                        .revision(&t.id, &d.document_name, v.version)
                         .await
-                        .expect("document")
-                        .expect("listed"),
-                );
+                        .expect("revision")
+                        .expect("listed");
+                    docs.push((v, doc));
+                }
             }
         }
         twins.extend(page);

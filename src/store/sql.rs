@@ -223,17 +223,19 @@ pub const PUT_TWIN_SEQ: &str = "INSERT INTO ingest_cursors (twin_id, seq) VALUES
 pub const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM twins), (SELECT COUNT(*) FROM states),
     (SELECT COUNT(*) FROM documents), (SELECT COUNT(*) FROM ingest_groups),
     (SELECT COUNT(*) FROM ingest_cursors c
-        WHERE c.seq > 0 AND EXISTS (SELECT 1 FROM states s WHERE s.twin_id = c.twin_id))";
+        WHERE c.seq > 0 AND EXISTS (SELECT 1 FROM states s WHERE s.twin_id = c.twin_id)),
+    (SELECT COUNT(*) FROM document_revisions)";
 
 /// The counts of [`COUNTS`]' row.
 pub fn counts(
-    (twins, states, documents, groups, cursors): (i64, i64, i64, i64, i64),
+    (twins, states, documents, groups, cursors, revisions): (i64, i64, i64, i64, i64, i64),
 ) -> super::transfer::Counts {
     let n = |v: i64| v.max(0) as u64;
     super::transfer::Counts {
         twins: n(twins),
         states: n(states),
         documents: n(documents),
+        revisions: n(revisions),
         groups: n(groups),
         cursors: n(cursors),
     }

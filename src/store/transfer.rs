@@ -22,6 +22,8 @@ pub struct Counts {
     pub twins: u64,
     pub states: u64,
     pub documents: u64,
+    /// Kept document revisions, each document's current version included.
+    pub revisions: u64,
     pub groups: u64,
     pub cursors: u64,
 }

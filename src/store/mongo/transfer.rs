@@ -39,6 +39,26 @@ impl MongoStore {
             .collect()
     }
 
+    /// Revisions kept in every document's record; a record from before revisions were
+    /// kept has its current version as its one revision.
+    async fn revision_count(&self) -> StoreResult<u64> {
+        let pipeline = vec![
+            doc! { "$project": { "n": { "$cond": [
+                { "$isArray": "$revisions" }, { "$size": "$revisions" }, 1
+            ] } } },
+            doc! { "$group": { "_id": null, "n": { "$sum": "$n" } } },
+        ];
+        let rows = collect(self.documents.aggregate(pipeline).await.map_err(map_err)?).await?;
+        Ok(rows
+            .first()
+            .and_then(|d| match d.get("n") {
+                Some(bson::Bson::Int32(n)) => u64::try_from(*n).ok(),
+                Some(bson::Bson::Int64(n)) => u64::try_from(*n).ok(),
+                _ => None,
+            })
+            .unwrap_or(0))
+    }
+
     /// The twins whose latest state carries a sequence, with it.
     async fn twin_seqs(&self) -> StoreResult<Vec<(String, u64)>> {
         let ids = self.twin_ids().await?;
@@ -159,6 +179,7 @@ impl Transfer for MongoStore {
             twins: count(filters::TWINS).await?,
             states: count(filters::STATES).await?,
             documents: count(filters::DOCUMENTS).await?,
+            revisions: self.revision_count().await?,
             groups: count(GROUPS).await?,
             cursors: self.twin_seqs().await?.len() as u64,
         })
