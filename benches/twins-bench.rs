@@ -1039,8 +1039,9 @@ async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc,
                 expected_seq: 0,
                 writes: std::mem::take(&mut writes),
             }];
+            let before = id + 1 - twins[0].writes.len() as i64;
             store_apply(store, twins).await?;
-            if id % 100_000 < (STORE_BATCH * 8) as i64 {
+            if before / 100_000 != (id + 1) / 100_000 {
                 eprintln!("  {} states", id + 1);
             }
         }
