@@ -99,6 +99,22 @@ pub trait TwinRepository: Send + Sync {
     }
 }
 
+/// A page of `rows` decoded with `decode`, with the total of the whole listing: what every
+/// store's listing answers.
+pub(crate) fn page_of<R, T>(
+    total: u64,
+    request: PageRequest,
+    rows: &[R],
+    decode: impl Fn(&R) -> StoreResult<T>,
+) -> StoreResult<Page<T>> {
+    Ok(Page {
+        total,
+        offset: request.offset,
+        limit: request.limit,
+        items: rows.iter().map(decode).collect::<StoreResult<_>>()?,
+    })
+}
+
 /// [`TwinRepository::retrieve_many`] for a backend whose query `read` answers for at most
 /// [`MANY`] ids: the twins it found, each with its own decoding result.
 pub(crate) async fn many_in_chunks<'a, F, Fut>(

@@ -295,15 +295,7 @@ impl TwinRepository for MongoStore {
                 .map_err(map_err)?,
         )
         .await?;
-        Ok(Page {
-            total,
-            offset: page.offset,
-            limit: page.limit,
-            items: docs
-                .iter()
-                .map(codec::twin_from_bson)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total, page, &docs, codec::twin_from_bson)
     }
 
     async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
@@ -432,15 +424,7 @@ impl StateRepository for MongoStore {
                 .map_err(map_err)?,
         )
         .await?;
-        Ok(Page {
-            total,
-            offset: page.offset,
-            limit: page.limit,
-            items: docs
-                .iter()
-                .map(codec::state_from_bson)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total, page, &docs, codec::state_from_bson)
     }
 
     async fn range(
@@ -465,15 +449,7 @@ impl StateRepository for MongoStore {
                 .map_err(map_err)?,
         )
         .await?;
-        Ok(Page {
-            total,
-            offset: page.offset,
-            limit: page.limit,
-            items: docs
-                .iter()
-                .map(codec::state_from_bson)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total, page, &docs, codec::state_from_bson)
     }
 
     async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {

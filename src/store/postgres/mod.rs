@@ -289,15 +289,7 @@ impl TwinRepository for PostgresStore {
         .fetch_all(&self.pool)
         .await
         .map_err(map_err)?;
-        Ok(Page {
-            total: total.max(0) as u64,
-            offset: page.offset,
-            limit: page.limit,
-            items: rows
-                .iter()
-                .map(sql::twin_from_row)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total.max(0) as u64, page, &rows, sql::twin_from_row)
     }
 
     async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
@@ -408,15 +400,7 @@ impl StateRepository for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(Page {
-            total,
-            offset: page.offset,
-            limit: page.limit,
-            items: rows
-                .iter()
-                .map(sql::state_from_row)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total, page, &rows, sql::state_from_row)
     }
 
     async fn range(
@@ -436,15 +420,7 @@ impl StateRepository for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(map_err)?;
-        Ok(Page {
-            total,
-            offset: page.offset,
-            limit: page.limit,
-            items: rows
-                .iter()
-                .map(sql::state_from_row)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total, page, &rows, sql::state_from_row)
     }
 
     async fn at(&self, twin_id: &str, at: &DateTime<Utc>) -> StoreResult<Option<State>> {
@@ -712,15 +688,7 @@ impl DocumentRepository for PostgresStore {
             .await
             .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
-        Ok(Page {
-            total: total.max(0) as u64,
-            offset: page.offset,
-            limit: page.limit,
-            items: rows
-                .iter()
-                .map(sql::version_from_row)
-                .collect::<StoreResult<_>>()?,
-        })
+        super::page_of(total.max(0) as u64, page, &rows, sql::version_from_row)
     }
 
     async fn revision(
