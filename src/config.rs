@@ -88,6 +88,7 @@ struct RawEnv {
     mg_twins_http_request_timeout: Option<String>,
     mg_twins_es_url: Option<String>,
     mg_twins_states_retention: Option<String>,
+    mg_twins_events_max_age: Option<String>,
     mg_twins_states_prune_interval: Option<String>,
     /// Every other `MG_*` variable: those of other services are none of ours, but an
     /// `MG_TWINS_*` one is probably misspelled.
@@ -135,6 +136,7 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_ES_URL",
     "MG_TWINS_STATES_RETENTION",
     "MG_TWINS_STATES_PRUNE_INTERVAL",
+    "MG_TWINS_EVENTS_MAX_AGE",
 ];
 
 /// How often retention looks for old states by default: removal within a minute of a
@@ -223,7 +225,12 @@ pub struct Config {
     pub states_prune_interval: Duration,
     /// Earlier revisions kept per document besides its current version (0: none).
     pub document_revisions: u32,
+    /// How long the change feed's stream keeps events (`MG_TWINS_EVENTS_MAX_AGE`).
+    pub events_max_age: Duration,
 }
+
+/// How long the change feed keeps events by default: a week of disconnection.
+pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Most earlier revisions a document may keep: each can hold 64 KiB of data.
 pub const MAX_DOCUMENT_REVISIONS: u32 = 10_000;
@@ -422,6 +429,11 @@ impl Config {
             .mg_twins_states_retention
             .map(|v| positive_duration("MG_TWINS_STATES_RETENTION", Some(v), Duration::ZERO))
             .transpose()?;
+        let events_max_age = positive_duration(
+            "MG_TWINS_EVENTS_MAX_AGE",
+            raw.mg_twins_events_max_age,
+            DEFAULT_EVENTS_MAX_AGE,
+        )?;
         let states_prune_interval = positive_duration(
             "MG_TWINS_STATES_PRUNE_INTERVAL",
             raw.mg_twins_states_prune_interval,
@@ -504,6 +516,7 @@ impl Config {
             es_url: raw.mg_twins_es_url,
             warnings,
             states_retention,
+            events_max_age,
             states_prune_interval,
             document_revisions,
         })

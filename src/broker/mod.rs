@@ -5,6 +5,7 @@
 pub mod consumer;
 pub mod deadletter;
 pub mod events;
+pub mod feed;
 pub mod inband;
 pub mod notifier;
 pub mod presence;

@@ -1,6 +1,7 @@
 //! Pure types and rules of the service: no I/O lives here.
 
 pub mod document;
+pub mod feed;
 pub mod history;
 pub mod json;
 pub mod sampling;
