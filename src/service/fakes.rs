@@ -861,6 +861,7 @@ mod tests {
                     write: Write::Insert(state(twin_id, id)),
                     seq: to,
                 }],
+                last_break: None,
             }],
         }
     }

@@ -29,6 +29,7 @@ use chrono::Utc;
 
 use super::inband::{Kind, classify};
 use super::lookup::TwinLookup;
+use crate::domain::history;
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
 use crate::domain::twin::Definition;
@@ -205,10 +206,17 @@ pub fn plan<'r>(
             merge(&mut writes, SeqWrite { write: w, seq });
         }
     }
+    let last_break = history::last_break(
+        cursor
+            .last
+            .iter()
+            .chain(writes.iter().map(|w| w.write.state())),
+    );
     let writes = TwinWrites {
         twin_id: twin_id.to_owned(),
         expected_seq: cursor.seq,
         writes,
+        last_break,
     };
     TwinPlan {
         after: IngestCursor {

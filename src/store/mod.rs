@@ -410,6 +410,11 @@ pub struct TwinWrites {
     /// At most one write per state id, in id order, each with the stream sequence of
     /// the last message that made it (increasing).
     pub writes: Vec<SeqWrite>,
+    /// The greatest id among the new states created before the state before them
+    /// ([`crate::domain::history::last_break`] of the stored latest state and the
+    /// writes): the store keeps the twin's greatest such id, so that a history in time
+    /// order is known to be one.
+    pub last_break: Option<i64>,
 }
 
 impl TwinWrites {
