@@ -7,6 +7,7 @@
 //! cargo bench --bench twins-bench -- ingest-growth  [--twins 1000] [--messages 50000] [--states 1000000]
 //! cargo bench --bench twins-bench -- api            [--connections 64] [--seconds 5] [--states 1000000]
 //! cargo bench --bench twins-bench -- history        [--states 1000000] [--samples 200]
+//! cargo bench --bench twins-bench -- memory         [--twins 100000]
 //! cargo bench --bench twins-bench -- all
 //! ```
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
@@ -318,11 +319,20 @@ impl Service {
 
     /// Peak resident set size of the process, in KiB.
     fn rss_peak_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A figure in kB of the process's `/proc/<pid>/status` (0 when unreadable).
+    fn status_kib(&self, key: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(key))
                     .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
             })
             .unwrap_or(0)
@@ -954,6 +964,54 @@ async fn scenario_ingest_latency(o: &Opts) -> Res<Value> {
     }))
 }
 
+/// Resident memory of a service whose store holds `--twins` twins (default 100,000),
+/// each on a channel of its own: just started, then once a message for every twin has
+/// been ingested with a lookup cache big enough for all of them (each twin's channel
+/// answer and ingest cursor in memory), and the same with the default cache size.
+async fn scenario_memory(o: &Opts) -> Res<Value> {
+    let n = if o.twins == 1000 { 100_000 } else { o.twins };
+    let nats = async_nats::connect(o.nats.as_str()).await?;
+    let js = jetstream::new(nats);
+    let db = Database::create(o).await?;
+    eprintln!("memory: seeding {n} twins on {}", db.kind());
+    let twins = seeded_twins(&db.store().await?, n, "bench").await?;
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), json!("memory"));
+    out.insert("db".into(), json!(db.kind()));
+    out.insert("twins".into(), json!(n));
+    for (label, cache) in [("all_cached", n), ("default_cache", 0)] {
+        let mut vars = standalone();
+        if cache > 0 {
+            vars.push(("MG_TWINS_LOOKUP_CACHE_SIZE", cache.to_string()));
+        }
+        let svcs = start_services(o, &db, &vars).await?;
+        let svc = svcs.first().ok_or("no service")?;
+        svc.wait_consumer(&js).await?;
+        let started = svc.rss_kib();
+        let run = ingest_through(&svcs, &db, &js, &twins, n, 0).await?;
+        let loaded = svc.rss_kib();
+        let per_twin = (loaded.saturating_sub(started) * 1024) as f64 / n as f64;
+        eprintln!(
+            "  {label}: {:.1} MiB started, {:.1} MiB with every twin ingested, {per_twin:.0} bytes per twin, peak {:.1} MiB",
+            started as f64 / 1024.0,
+            loaded as f64 / 1024.0,
+            run.rss_peak_kib as f64 / 1024.0
+        );
+        out.insert(
+            label.into(),
+            json!({
+                "lookup_cache_size": if cache > 0 { cache } else { twins::service::lookup::DEFAULT_ANSWERS },
+                "rss_started_mib": round(started as f64 / 1024.0),
+                "rss_loaded_mib": round(loaded as f64 / 1024.0),
+                "rss_peak_mib": round(run.rss_peak_kib as f64 / 1024.0),
+                "bytes_per_twin": per_twin.round(),
+            }),
+        );
+        drop(svcs);
+    }
+    Ok(Value::Object(out))
+}
+
 async fn scenario_growth(o: &Opts) -> Res<Value> {
     let messages = o.messages.unwrap_or(50_000);
     let nats = async_nats::connect(o.nats.as_str()).await?;
@@ -1430,6 +1488,7 @@ async fn main() -> std::process::ExitCode {
         let result = match s {
             "ingest" => scenario_ingest(&opts).await,
             "ingest-latency" => scenario_ingest_latency(&opts).await,
+            "memory" => scenario_memory(&opts).await,
             "ingest-growth" => scenario_growth(&opts).await,
             "api" => scenario_api(&opts).await,
             "history" => scenario_history(&opts).await,
