@@ -77,9 +77,15 @@ impl PostgresStore {
     /// Connects with a pool of at most `pool_size` connections and brings the schema up
     /// to date.
     pub async fn connect(url: &str, pool_size: u32) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(|e| {
-            StoreError::Internal(format!("invalid PostgreSQL URL {}: {e}", redact_url(url)).into())
-        })?;
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::Internal(
+                    format!("invalid PostgreSQL URL {}: {e}", redact_url(url)).into(),
+                )
+            })?
+            // The one statement costly enough for JIT compilation is a summary of a long
+            // history, and it runs faster without: compiling costs more than it saves.
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -538,13 +544,14 @@ impl StateRepository for PostgresStore {
 
 /// Twin id, from, to: one row per attribute of the window's states (see
 /// [`sql::aggregate_from_row`]); extremes over the numbers as `numeric`, so integers
-/// stay integers.
+/// stay integers, and the mean in `float8` (what it is served as), which sums several
+/// times faster than `numeric`.
 pub const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
     COALESCE(to_jsonb(MIN(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
         'null'::jsonb) AS min,
     COALESCE(to_jsonb(MAX(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)),
         'null'::jsonb) AS max,
-    AVG(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::numeric END)::float8 AS mean,
+    AVG(CASE WHEN jsonb_typeof(j.value) = 'number' THEN j.value::float8 END) AS mean,
     MIN(s.created) AS first_created, MAX(s.created) AS last_created
     FROM states AS s CROSS JOIN LATERAL jsonb_each(s.payload) AS j
     WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
