@@ -409,6 +409,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                     twin_id: t.id.clone(),
                     expected_seq: 0,
                     writes: std::mem::take(&mut writes),
+                    events: Vec::new(),
                 });
                 // The sequence guard is not the point of the fixture: write with seq 0.
                 store_apply(store, std::mem::take(&mut batch)).await?;
@@ -420,6 +421,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                 twin_id: t.id.clone(),
                 expected_seq: 0,
                 writes,
+                events: Vec::new(),
             });
         }
     }
@@ -675,6 +677,7 @@ async fn baseline_store(o: &Opts, messages: usize) -> Res<f64> {
                             seq: seq[t] + 1,
                         })
                         .collect(),
+                    events: Vec::new(),
                 };
                 seq[t] += 1;
                 w
@@ -1038,6 +1041,7 @@ async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc,
                 twin_id: twin.id.clone(),
                 expected_seq: 0,
                 writes: std::mem::take(&mut writes),
+                events: Vec::new(),
             }];
             let before = id + 1 - twins[0].writes.len() as i64;
             store_apply(store, twins).await?;

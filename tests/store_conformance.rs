@@ -238,6 +238,7 @@ async fn write_keeping(
         op: op(doc.version),
         by: &by,
         keep,
+        events: &[],
     };
     store.documents.write(&write).await
 }
@@ -329,6 +330,7 @@ fn writes(twin_id: &str, expected_seq: u64, writes: Vec<(Write, u64)>) -> TwinWr
             .into_iter()
             .map(|(write, seq)| SeqWrite { write, seq })
             .collect(),
+        events: Vec::new(),
     }
 }
 

@@ -33,7 +33,13 @@ use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
 use crate::domain::twin::Definition;
 use crate::error::Cause;
-use crate::store::{Applied, IngestCursor, IngestStep, SeqWrite, Store, StoreError, TwinWrites};
+use super::ServiceError;
+use super::outbox::change;
+use crate::domain::feed::EventKind;
+use crate::domain::time::now_millis;
+use crate::store::{
+    Applied, IngestCursor, IngestStep, OutboxEvent, SeqWrite, Store, StoreError, TwinWrites,
+};
 
 /// How often a step is recomputed for twins that moved under it.
 const REDO_ATTEMPTS: usize = 5;
@@ -209,6 +215,7 @@ pub fn plan<'r>(
         twin_id: twin_id.to_owned(),
         expected_seq: cursor.seq,
         writes,
+        events: Vec::new(),
     };
     TwinPlan {
         after: IngestCursor {
@@ -218,6 +225,29 @@ pub fn plan<'r>(
         writes,
         duplicates,
     }
+}
+
+/// The change events of a twin's planned writes: `state.created` for a new state, with
+/// the state before it (the twin's latest until then, or null for its first) as `old`;
+/// `state.updated` for the latest state changed in place, with its previous version as
+/// `old`. A run of messages folded into one write is one change, hence one event.
+pub fn state_events(
+    owner: &str,
+    cursor: &IngestCursor,
+    writes: &[SeqWrite],
+) -> Result<Vec<OutboxEvent>, ServiceError> {
+    let now = now_millis();
+    let mut before = cursor.last.as_ref();
+    let mut events = Vec::with_capacity(writes.len());
+    for w in writes {
+        let (kind, state) = match &w.write {
+            Write::Insert(s) => (EventKind::StateCreated, s),
+            Write::Update(s) => (EventKind::StateUpdated, s),
+        };
+        events.push(change(owner, kind, &state.twin_id, now, before, Some(state))?);
+        before = Some(state);
+    }
+    Ok(events)
 }
 
 /// Adds `w` to the pending writes, folding it into an earlier write of the same state
@@ -445,7 +475,15 @@ impl IngestService {
                     r.records.as_slice(),
                 )
             });
-            plans.push((plan(twin_id, &cursor, definition, messages), seqs));
+            let mut planned = plan(twin_id, &cursor, definition, messages);
+            match state_events(&twin.owner, &cursor, &planned.writes.writes) {
+                Ok(events) => planned.writes.events = events,
+                Err(e) => {
+                    reject_all("corrupt_state", &e);
+                    continue;
+                }
+            }
+            plans.push((planned, seqs));
         }
         Ok(plans)
     }

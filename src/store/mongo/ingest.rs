@@ -187,7 +187,9 @@ impl IngestRepository for MongoStore {
         }
         let mut conflicts = Vec::new();
         for tw in &step.twins {
-            if !self.apply_twin(tw).await? {
+            if self.apply_twin(tw).await? {
+                self.record(&tw.events).await?;
+            } else {
                 conflicts.push(tw.twin_id.clone());
             }
         }

@@ -14,6 +14,7 @@
 mod codec;
 mod filters;
 mod ingest;
+mod outbox;
 mod transfer;
 
 use std::collections::HashMap;
@@ -28,8 +29,8 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, OutboxEvent, StateRepository, StoreError,
+    StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document as TwinDocument, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -243,15 +244,20 @@ fn to_i64(v: u64) -> i64 {
 
 #[async_trait]
 impl TwinRepository for MongoStore {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
         self.twins
             .insert_one(codec::twin_to_bson(twin))
             .await
             .map_err(map_err)?;
-        Ok(())
+        self.record(events).await
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         let r = self
             .twins
             .update_one(
@@ -260,6 +266,9 @@ impl TwinRepository for MongoStore {
             )
             .await
             .map_err(map_err)?;
+        if r.matched_count == 1 {
+            self.record(events).await?;
+        }
         Ok(r.matched_count == 1)
     }
 
@@ -298,12 +307,22 @@ impl TwinRepository for MongoStore {
         super::page_of(total, page, &docs, codec::twin_from_bson)
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         // Ownership first, then the twin's data, the twin last: a failure half-way leaves
         // a twin that still exists and can be removed again, never data nobody owns.
+        let mut at = filters::twin(owner, id);
+        if let Some(revision) = expected_revision {
+            at.insert("revision", revision);
+        }
         let owned = self
             .twins
-            .find_one(filters::twin(owner, id))
+            .find_one(at.clone())
             .projection(filters::only(&["id"]))
             .await
             .map_err(map_err)?
@@ -323,11 +342,10 @@ impl TwinRepository for MongoStore {
             .delete_many(doc! { "twinid": id })
             .await
             .map_err(map_err)?;
-        let r = self
-            .twins
-            .delete_one(filters::twin(owner, id))
-            .await
-            .map_err(map_err)?;
+        let r = self.twins.delete_one(at).await.map_err(map_err)?;
+        if r.deleted_count == 1 {
+            self.record(events).await?;
+        }
         Ok(r.deleted_count == 1)
     }
 
@@ -599,6 +617,7 @@ impl DocumentRepository for MongoStore {
             Some(v) => self.replace_document(write, v).await?,
         };
         if done {
+            self.record(write.events).await?;
             return Ok(Versioned::Done);
         }
         let actual = self
@@ -607,11 +626,12 @@ impl DocumentRepository for MongoStore {
         Ok(Versioned::Stale { actual })
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
         let r = self
             .documents
@@ -619,6 +639,7 @@ impl DocumentRepository for MongoStore {
             .await
             .map_err(map_err)?;
         if r.deleted_count == 1 {
+            self.record(events).await?;
             return Ok(Versioned::Done);
         }
         let actual = self.document_version(twin_id, name).await?;

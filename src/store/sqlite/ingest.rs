@@ -118,6 +118,7 @@ impl IngestRepository for SqliteStore {
         }
         let mut conflicts = Vec::new();
         let (mut inserts, mut updates, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
+        let mut events = Vec::new();
         for tw in &step.twins {
             let seq = stored.get(&tw.twin_id).copied().unwrap_or(0);
             if seq != tw.expected_seq {
@@ -139,6 +140,7 @@ impl IngestRepository for SqliteStore {
                 ]));
             }
             cursors.push(serde_json::json!([tw.twin_id, to_i64(tw.new_seq())]));
+            events.extend(&tw.events);
         }
         if !inserts.is_empty() {
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -172,6 +174,7 @@ impl IngestRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         }
+        Self::record(&mut tx, events).await?;
         tx.commit().await?;
         Ok(Applied::Done { conflicts })
     }
