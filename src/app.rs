@@ -380,9 +380,7 @@ impl Application {
                 lease_ttl: config.ingest_lease,
                 batch: FEED_RELAY_BATCH,
                 idle: FEED_RELAY_IDLE,
-                hold_at: std::env::var(HOLD_VAR)
-                    .ok()
-                    .and_then(|v| HoldAt::parse(&v)),
+                hold_at: std::env::var(HOLD_VAR).ok().and_then(|v| HoldAt::parse(&v)),
             },
         );
         let relay = tokio::spawn(relay.run(stop.clone()));

@@ -229,12 +229,8 @@ impl DocumentsService {
             let data = match &change {
                 Change::Put(data) => data.clone(),
                 Change::Patch(patch) => {
-                    let mut target = Value::Object(
-                        current
-                            .as_ref()
-                            .map(|d| d.data.clone())
-                            .unwrap_or_default(),
-                    );
+                    let mut target =
+                        Value::Object(current.as_ref().map(|d| d.data.clone()).unwrap_or_default());
                     document::merge_patch(&mut target, &Value::Object(patch.clone()));
                     match target {
                         Value::Object(m) => m,

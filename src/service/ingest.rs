@@ -27,16 +27,16 @@ use std::sync::{Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::Utc;
 
+use super::ServiceError;
 use super::inband::{Kind, classify};
 use super::lookup::TwinLookup;
-use crate::domain::sampling::{self, Write};
-use crate::domain::senml::{self, Record};
-use crate::domain::twin::Definition;
-use crate::error::Cause;
-use super::ServiceError;
 use super::outbox::change;
 use crate::domain::feed::EventKind;
+use crate::domain::sampling::{self, Write};
+use crate::domain::senml::{self, Record};
 use crate::domain::time::now_millis;
+use crate::domain::twin::Definition;
+use crate::error::Cause;
 use crate::store::{
     Applied, IngestCursor, IngestStep, OutboxEvent, SeqWrite, Store, StoreError, TwinWrites,
 };
@@ -244,7 +244,14 @@ pub fn state_events(
             Write::Insert(s) => (EventKind::StateCreated, s),
             Write::Update(s) => (EventKind::StateUpdated, s),
         };
-        events.push(change(owner, kind, &state.twin_id, now, before, Some(state))?);
+        events.push(change(
+            owner,
+            kind,
+            &state.twin_id,
+            now,
+            before,
+            Some(state),
+        )?);
         before = Some(state);
     }
     Ok(events)

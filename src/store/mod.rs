@@ -574,9 +574,28 @@ impl Store {
         }
     }
 
-    fn with_transfer(mut self, transfer: Arc<dyn transfer::Transfer>) -> Self {
-        self.transfer = Some(transfer);
-        self
+    /// The store of a backend that is every port at once, with bulk copy.
+    fn of_backend<B>(backend: Arc<B>) -> Self
+    where
+        B: TwinRepository
+            + StateRepository
+            + DocumentRepository
+            + IngestRepository
+            + OutboxRepository
+            + HealthCheck
+            + transfer::Transfer
+            + 'static,
+    {
+        let mut store = Self::new(
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+        );
+        store.transfer = Some(backend);
+        store
     }
 
     pub async fn ping(&self) -> StoreResult<()> {
@@ -593,42 +612,15 @@ impl Store {
     pub async fn connect_with(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(
-                Self::new(
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                ).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
-            return Ok(
-                Self::new(
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                ).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let s = Arc::new(postgres::PostgresStore::connect(url, pool_size).await?);
-            return Ok(
-                Self::new(
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                    s.clone(),
-                ).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         Err(StoreError::Internal(
             format!(

@@ -372,7 +372,11 @@ pub const OUTBOX_BACKLOG: &str = "SELECT COUNT(*) FROM feed_outbox";
 pub fn outbox_from_row(row: &impl Columns) -> StoreResult<OutboxEntry> {
     Ok(OutboxEntry {
         id: row.int("id")?,
-        event: OutboxEvent::decode(row.text("msg_id")?, row.text("owner")?, &row.text("payload")?)?,
+        event: OutboxEvent::decode(
+            row.text("msg_id")?,
+            row.text("owner")?,
+            &row.text("payload")?,
+        )?,
     })
 }
 

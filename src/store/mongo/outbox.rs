@@ -54,10 +54,7 @@ impl MongoStore {
                 "payload": e.payload()?,
             });
         }
-        self.outbox()
-            .insert_many(records)
-            .await
-            .map_err(map_err)?;
+        self.outbox().insert_many(records).await.map_err(map_err)?;
         Ok(())
     }
 }
