@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bson::{Bson, Document, doc};
+use bson::{Document, doc};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, WriteFailure};
@@ -370,12 +370,7 @@ impl TwinRepository for MongoStore {
         else {
             return Ok(false);
         };
-        let record_id = record.get("_id").cloned().unwrap_or(Bson::Null);
-        at.insert("_id", record_id.clone());
-        let gone = Check::Gone {
-            collection: filters::TWINS,
-            id: record_id,
-        };
+        let gone = Check::gone(filters::TWINS, &record, &mut at);
         let intent = self.intend(events, vec![gone]).await?;
         let outcome = self.remove_owned(id, at).await;
         self.conclude(&intent, outcome, |done| *done).await
@@ -676,12 +671,7 @@ impl DocumentRepository for MongoStore {
             .await
             .map_err(map_err)?;
         if let Some(record) = found {
-            let record_id = record.get("_id").cloned().unwrap_or(Bson::Null);
-            at.insert("_id", record_id.clone());
-            let gone = Check::Gone {
-                collection: filters::DOCUMENTS,
-                id: record_id,
-            };
+            let gone = Check::gone(filters::DOCUMENTS, &record, &mut at);
             let intent = self.intend(events, vec![gone]).await?;
             let outcome = self
                 .documents

@@ -52,6 +52,14 @@ pub(super) enum Check {
 }
 
 impl Check {
+    /// The deletion of `record` (its `_id` read) from `collection`, whose filter `at`
+    /// then names that very record.
+    pub(super) fn gone(collection: &'static str, record: &Document, at: &mut Document) -> Self {
+        let id = record.get("_id").cloned().unwrap_or(Bson::Null);
+        at.insert("_id", id.clone());
+        Self::Gone { collection, id }
+    }
+
     fn to_bson(&self) -> Document {
         match self {
             Self::Marked { collection, filter } => {
