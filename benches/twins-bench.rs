@@ -2,10 +2,12 @@
 //! limits of the machine it runs on (raw JetStream, raw store writes, `/health`).
 //!
 //! ```text
-//! cargo bench --bench twins-bench -- ingest         [--twins 1000] [--messages 200000]
+//! cargo bench --bench twins-bench -- ingest         [--twins 1000] [--messages 200000] [--rate R --seconds 10]
+//! cargo bench --bench twins-bench -- ingest-latency [--twins 1000] [--messages 200000] [--seconds 10]
 //! cargo bench --bench twins-bench -- ingest-growth  [--twins 1000] [--messages 50000] [--states 1000000]
 //! cargo bench --bench twins-bench -- api            [--connections 64] [--seconds 5] [--states 1000000]
 //! cargo bench --bench twins-bench -- history        [--states 1000000] [--samples 200]
+//! cargo bench --bench twins-bench -- memory         [--twins 100000]
 //! cargo bench --bench twins-bench -- all
 //! ```
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
@@ -64,6 +66,8 @@ struct Opts {
     instances: usize,
     redis: String,
     samples: usize,
+    /// Messages per second of a fixed-rate ingest run (`--rate`).
+    rate: Option<f64>,
 }
 
 fn parse_opts() -> Res<Opts> {
@@ -81,6 +85,7 @@ fn parse_opts() -> Res<Opts> {
         instances: 1,
         redis: "redis://127.0.0.1:6379".into(),
         samples: 200,
+        rate: None,
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -96,6 +101,7 @@ fn parse_opts() -> Res<Opts> {
             "--instances" => o.instances = val()?.parse::<usize>()?.max(1),
             "--redis" => o.redis = val()?,
             "--samples" => o.samples = val()?.parse::<usize>()?.max(1),
+            "--rate" => o.rate = Some(val()?.parse::<f64>()?.max(1.0)),
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -107,7 +113,10 @@ fn parse_opts() -> Res<Opts> {
         return Err(format!("--db {db}: only postgres:// URLs (SQLite is the default)").into());
     }
     if o.scenario.is_empty() {
-        return Err("usage: twins-bench <ingest|ingest-growth|api|history|all> [options]".into());
+        return Err(
+            "usage: twins-bench <ingest|ingest-latency|ingest-growth|api|history|all> [options]"
+                .into(),
+        );
     }
     Ok(o)
 }
@@ -310,11 +319,20 @@ impl Service {
 
     /// Peak resident set size of the process, in KiB.
     fn rss_peak_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// A figure in kB of the process's `/proc/<pid>/status` (0 when unreadable).
+    fn status_kib(&self, key: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(key))
                     .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
             })
             .unwrap_or(0)
@@ -410,6 +428,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                     expected_seq: 0,
                     writes: std::mem::take(&mut writes),
                     events: Vec::new(),
+                    last_break: None,
                 });
                 // The sequence guard is not the point of the fixture: write with seq 0.
                 store_apply(store, std::mem::take(&mut batch)).await?;
@@ -422,6 +441,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                 expected_seq: 0,
                 writes,
                 events: Vec::new(),
+                last_break: None,
             });
         }
     }
@@ -678,6 +698,7 @@ async fn baseline_store(o: &Opts, messages: usize) -> Res<f64> {
                         })
                         .collect(),
                     events: Vec::new(),
+                    last_break: None,
                 };
                 seq[t] += 1;
                 w
@@ -702,7 +723,26 @@ async fn seeded_twins(store: &Store, n: usize, owner: &str) -> Res<Vec<Twin>> {
 async fn scenario_ingest(o: &Opts) -> Res<Value> {
     let messages = o.messages.unwrap_or(200_000);
     let nats = async_nats::connect(o.nats.as_str()).await?;
-    let js = jetstream::new(nats);
+    let js = jetstream::new(nats.clone());
+    if let Some(rate) = o.rate {
+        let (db, twins, svcs) = notifying_service(o).await?;
+        svcs.first().ok_or("no service")?.wait_consumer(&js).await?;
+        eprintln!(
+            "ingest: {rate:.0} msg/s for {} s on {}",
+            o.seconds,
+            db.kind()
+        );
+        let run = ingest_at_rate(&nats, &js, &twins, rate, o.seconds).await?;
+        eprintln!(
+            "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} seen)",
+            run.p50_ms, run.p99_ms, run.max_ms, run.seen, run.sent
+        );
+        let mut out = run.json();
+        out["scenario"] = json!("ingest");
+        out["db"] = json!(db.kind());
+        out["twins"] = json!(o.twins);
+        return Ok(out);
+    }
     eprintln!("ingest: baseline JetStream publish + consume + ack of {messages} messages");
     let js_rate = baseline_jetstream(&js, o.twins, messages).await?;
     eprintln!("  {js_rate:.0} msg/s");
@@ -741,6 +781,238 @@ async fn scenario_ingest(o: &Opts) -> Res<Value> {
         "ratio_to_jetstream": round(run.rate / js_rate),
         "ratio_to_store": round(run.rate / store_rate),
     }))
+}
+
+/// The notification channel of fixed-rate runs: the service publishes one `save`
+/// notification per state it has written, after the write is durable.
+const NOTIFY_CHANNEL: &str = "bench-notify";
+
+/// Latencies of a fixed-rate run, publish start to the state's `save` notification.
+struct RateRun {
+    rate: f64,
+    sent: usize,
+    seen: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl RateRun {
+    fn json(&self) -> Value {
+        json!({
+            "rate": self.rate.round(),
+            "messages": self.sent,
+            "persisted": self.seen,
+            "publish_to_persist_p50_ms": round(self.p50_ms),
+            "publish_to_persist_p99_ms": round(self.p99_ms),
+            "publish_to_persist_max_ms": round(self.max_ms),
+        })
+    }
+}
+
+/// Publishes `rate` messages a second for `seconds` over `twins` (message k carries the
+/// value k, one new state each: the twins' delta is 1 ms and each gets a message far
+/// less often) and times each from the start of its publish to the `save`
+/// notification of its state, which the service publishes once the state is durable.
+/// Each message is measured, none sampled; acks are awaited off the schedule.
+async fn ingest_at_rate(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    twins: &[Twin],
+    rate: f64,
+    seconds: u64,
+) -> Res<RateRun> {
+    // Values of this run only, whatever notifications of earlier ones still arrive.
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let base = (RUNS.fetch_add(1, Ordering::Relaxed) + 1) * 1_000_000_000;
+    let total = (rate * seconds as f64) as usize;
+    let started: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total]));
+    let mut notes = nats
+        .subscribe(format!("channels.{NOTIFY_CHANNEL}.messages.*.save.success"))
+        .await?;
+    nats.flush().await?;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let collector = {
+        let started = started.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total);
+            loop {
+                let msg = tokio::select! {
+                    m = notes.next() => m,
+                    _ = &mut done_rx => break,
+                };
+                let Some(msg) = msg else { break };
+                let now = Instant::now();
+                let Ok(env) = broker::decode(&msg.payload) else {
+                    continue;
+                };
+                let Ok(state) = serde_json::from_slice::<Value>(&env.payload) else {
+                    continue;
+                };
+                let Some(k) = state["payload"]["v"].as_u64() else {
+                    continue;
+                };
+                let t = started
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.get(k as usize).copied().flatten());
+                if let Some(t) = t {
+                    lat.push((now - t).as_secs_f64() * 1000.0);
+                    if lat.len() == total {
+                        break;
+                    }
+                }
+            }
+            lat
+        })
+    };
+    let acks = Arc::new(AtomicU64::new(0));
+    let begin = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut k = 0;
+    while k < total {
+        tick.tick().await;
+        let due = ((begin.elapsed().as_secs_f64() * rate) as usize).min(total);
+        while k < due {
+            let t = &twins[k % twins.len()];
+            let ch = &t.definitions[0].attributes[0].channel;
+            let now = Instant::now();
+            if let Ok(mut s) = started.lock() {
+                s[k] = Some(now);
+            }
+            let ack = js
+                .publish(
+                    broker::subject(ch, ""),
+                    senml_envelope(ch, base as usize + k).into(),
+                )
+                .await?;
+            let acks = acks.clone();
+            tokio::spawn(async move {
+                if ack.await.is_ok() {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            k += 1;
+        }
+    }
+    let sent_secs = begin.elapsed().as_secs_f64();
+    eprintln!("  sent {total} in {sent_secs:.1} s; waiting for the last notifications");
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if collector.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if waited.is_err() {
+        let _ = done_tx.send(());
+    }
+    let mut lat = collector.await?;
+    lat.sort_by(f64::total_cmp);
+    Ok(RateRun {
+        rate: total as f64 / sent_secs,
+        sent: total,
+        seen: lat.len(),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// A service on a store of its own with `n` twins, publishing `save` notifications.
+async fn notifying_service(o: &Opts) -> Res<(Database, Vec<Twin>, Vec<Service>)> {
+    let db = Database::create(o).await?;
+    let twins = seeded_twins(&db.store().await?, o.twins, "bench").await?;
+    let mut vars = standalone();
+    vars.push(("MG_TWINS_CHANNEL_ID", NOTIFY_CHANNEL.to_owned()));
+    let svcs = start_services(o, &db, &vars).await?;
+    Ok((db, twins, svcs))
+}
+
+/// Publish-to-persist latency at 25%, 50% and 75% of the maximum ingest rate measured
+/// first in the same run (a flood of `--messages`), `--seconds` each.
+async fn scenario_ingest_latency(o: &Opts) -> Res<Value> {
+    let messages = o.messages.unwrap_or(200_000);
+    let seconds = o.seconds.max(10);
+    let nats = async_nats::connect(o.nats.as_str()).await?;
+    let js = jetstream::new(nats.clone());
+    let (db, twins, svcs) = notifying_service(o).await?;
+    eprintln!(
+        "ingest-latency: maximum rate on {}, {messages} messages",
+        db.kind()
+    );
+    let flood = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
+    eprintln!("  {:.0} msg/s", flood.rate);
+    let mut runs = serde_json::Map::new();
+    for pct in [25, 50, 75] {
+        let rate = flood.rate * pct as f64 / 100.0;
+        eprintln!("ingest-latency: {pct}% = {rate:.0} msg/s for {seconds} s");
+        let run = ingest_at_rate(&nats, &js, &twins, rate, seconds).await?;
+        eprintln!(
+            "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {} seen)",
+            run.p50_ms, run.p99_ms, run.max_ms, run.seen, run.sent
+        );
+        runs.insert(format!("at_{pct}_percent"), run.json());
+    }
+    Ok(json!({
+        "scenario": "ingest-latency",
+        "db": db.kind(),
+        "instances": o.instances,
+        "twins": o.twins,
+        "max_messages_per_second": flood.rate.round(),
+        "runs": runs,
+    }))
+}
+
+/// Resident memory of a service whose store holds `--twins` twins (default 100,000),
+/// each on a channel of its own: just started, then once a message for every twin has
+/// been ingested with a lookup cache big enough for all of them (each twin's channel
+/// answer and ingest cursor in memory), and the same with the default cache size.
+async fn scenario_memory(o: &Opts) -> Res<Value> {
+    let n = if o.twins == 1000 { 100_000 } else { o.twins };
+    let nats = async_nats::connect(o.nats.as_str()).await?;
+    let js = jetstream::new(nats);
+    let db = Database::create(o).await?;
+    eprintln!("memory: seeding {n} twins on {}", db.kind());
+    let twins = seeded_twins(&db.store().await?, n, "bench").await?;
+    let mut out = serde_json::Map::new();
+    out.insert("scenario".into(), json!("memory"));
+    out.insert("db".into(), json!(db.kind()));
+    out.insert("twins".into(), json!(n));
+    for (label, cache) in [("all_cached", n), ("default_cache", 0)] {
+        let mut vars = standalone();
+        if cache > 0 {
+            vars.push(("MG_TWINS_LOOKUP_CACHE_SIZE", cache.to_string()));
+        }
+        let svcs = start_services(o, &db, &vars).await?;
+        let svc = svcs.first().ok_or("no service")?;
+        svc.wait_consumer(&js).await?;
+        let started = svc.rss_kib();
+        let run = ingest_through(&svcs, &db, &js, &twins, n, 0).await?;
+        let loaded = svc.rss_kib();
+        let per_twin = (loaded.saturating_sub(started) * 1024) as f64 / n as f64;
+        eprintln!(
+            "  {label}: {:.1} MiB started, {:.1} MiB with every twin ingested, {per_twin:.0} bytes per twin, peak {:.1} MiB",
+            started as f64 / 1024.0,
+            loaded as f64 / 1024.0,
+            run.rss_peak_kib as f64 / 1024.0
+        );
+        out.insert(
+            label.into(),
+            json!({
+                "lookup_cache_size": if cache > 0 { cache } else { twins::service::lookup::DEFAULT_ANSWERS },
+                "rss_started_mib": round(started as f64 / 1024.0),
+                "rss_loaded_mib": round(loaded as f64 / 1024.0),
+                "rss_peak_mib": round(run.rss_peak_kib as f64 / 1024.0),
+                "bytes_per_twin": per_twin.round(),
+            }),
+        );
+        drop(svcs);
+    }
+    Ok(Value::Object(out))
 }
 
 async fn scenario_growth(o: &Opts) -> Res<Value> {
@@ -1042,6 +1314,8 @@ async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc,
                 expected_seq: 0,
                 writes: std::mem::take(&mut writes),
                 events: Vec::new(),
+                // Written in time order.
+                last_break: None,
             }];
             let before = id + 1 - twins[0].writes.len() as i64;
             store_apply(store, twins).await?;
@@ -1217,6 +1491,8 @@ async fn main() -> std::process::ExitCode {
     for s in scenarios {
         let result = match s {
             "ingest" => scenario_ingest(&opts).await,
+            "ingest-latency" => scenario_ingest_latency(&opts).await,
+            "memory" => scenario_memory(&opts).await,
             "ingest-growth" => scenario_growth(&opts).await,
             "api" => scenario_api(&opts).await,
             "history" => scenario_history(&opts).await,

@@ -9,6 +9,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
 
+use crate::auth::cache::Cached;
 use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
 use crate::auth::{AuthError, Authenticator};
@@ -232,7 +233,7 @@ impl Application {
                  fewer revisions are kept"
             );
         }
-        let auth = authenticator(&config.auth)?;
+        let auth = authenticator(&config.auth, config.auth_cache_ttl)?;
         let broker = crate::broker::connect(&config.broker_url)
             .await
             .map_err(StartError::Broker)?;
@@ -504,7 +505,10 @@ fn use_cases(
     }
 }
 
-fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> {
+fn authenticator(
+    mode: &AuthMode,
+    cache_ttl: Option<std::time::Duration>,
+) -> Result<Arc<dyn Authenticator>, StartError> {
     Ok(match mode {
         AuthMode::Standalone { id, token } => Arc::new(Standalone::new(id, token)),
         AuthMode::Grpc { url, timeout, tls } => {
@@ -517,7 +521,18 @@ fn authenticator(mode: &AuthMode) -> Result<Arc<dyn Authenticator>, StartError> 
                     })
                 })?;
             }
-            Arc::new(GrpcAuth::with_endpoint(endpoint, *timeout))
+            let grpc = GrpcAuth::with_endpoint(endpoint, *timeout);
+            match cache_ttl {
+                Some(ttl) => {
+                    tracing::warn!(
+                        ttl = ?ttl,
+                        "MG_TWINS_AUTH_CACHE_TTL: identified tokens are reused without asking \
+                         the auth service; a revoked token keeps working for up to this long"
+                    );
+                    Arc::new(Cached::new(grpc, ttl))
+                }
+                None => Arc::new(grpc),
+            }
         }
         AuthMode::Development => {
             let dev = Standalone::development();

@@ -89,6 +89,7 @@ struct RawEnv {
     mg_twins_es_url: Option<String>,
     mg_twins_states_retention: Option<String>,
     mg_twins_events_max_age: Option<String>,
+    mg_twins_auth_cache_ttl: Option<String>,
     mg_twins_states_prune_interval: Option<String>,
     /// Every other `MG_*` variable: those of other services are none of ours, but an
     /// `MG_TWINS_*` one is probably misspelled.
@@ -137,6 +138,7 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_STATES_RETENTION",
     "MG_TWINS_STATES_PRUNE_INTERVAL",
     "MG_TWINS_EVENTS_MAX_AGE",
+    "MG_TWINS_AUTH_CACHE_TTL",
 ];
 
 /// How often retention looks for old states by default: removal within a minute of a
@@ -227,6 +229,9 @@ pub struct Config {
     pub document_revisions: u32,
     /// How long the change feed's stream keeps events (`MG_TWINS_EVENTS_MAX_AGE`).
     pub events_max_age: Duration,
+    /// How long an identified token is reused without asking the auth service again
+    /// (`MG_TWINS_AUTH_CACHE_TTL`); None, the default, asks on every request.
+    pub auth_cache_ttl: Option<Duration>,
 }
 
 /// How long the change feed keeps events by default: a week of disconnection.
@@ -429,6 +434,22 @@ impl Config {
             .mg_twins_states_retention
             .map(|v| positive_duration("MG_TWINS_STATES_RETENTION", Some(v), Duration::ZERO))
             .transpose()?;
+        let auth_cache_ttl = match raw.mg_twins_auth_cache_ttl {
+            None => None,
+            Some(v) => {
+                match positive_duration("MG_TWINS_AUTH_CACHE_TTL", Some(v.clone()), Duration::ZERO)?
+                {
+                    d if d > crate::auth::cache::MAX_TTL => {
+                        return Err(ConfigError::invalid(
+                            "MG_TWINS_AUTH_CACHE_TTL",
+                            &v,
+                            "must be at most 5m: a revoked token keeps working for that long",
+                        ));
+                    }
+                    d => Some(d),
+                }
+            }
+        };
         let events_max_age = positive_duration(
             "MG_TWINS_EVENTS_MAX_AGE",
             raw.mg_twins_events_max_age,
@@ -517,6 +538,7 @@ impl Config {
             warnings,
             states_retention,
             events_max_age,
+            auth_cache_ttl,
             states_prune_interval,
             document_revisions,
         })
@@ -1360,6 +1382,24 @@ mod tests {
             cfg(&[]).unwrap().states_prune_interval,
             DEFAULT_PRUNE_INTERVAL
         );
+    }
+
+    #[test]
+    fn the_identity_cache_is_off_by_default_and_bounded() {
+        assert_eq!(cfg(&[]).unwrap().auth_cache_ttl, None);
+        for (v, secs) in [("30s", 30), ("5m", 300), ("1m30s", 90)] {
+            let c = cfg(&[("MG_TWINS_AUTH_CACHE_TTL", v)]).unwrap();
+            assert_eq!(c.auth_cache_ttl, Some(Duration::from_secs(secs)), "{v}");
+        }
+        for bad in ["5m1s", "1h", "0s", "soon"] {
+            let e = cfg(&[("MG_TWINS_AUTH_CACHE_TTL", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("MG_TWINS_AUTH_CACHE_TTL") && e.contains(bad),
+                "{e}"
+            );
+        }
     }
 
     #[test]

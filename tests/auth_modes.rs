@@ -164,6 +164,35 @@ async fn auth_url_with_an_http_scheme_is_accepted() {
     drop(auth);
 }
 
+/// With `MG_TWINS_AUTH_CACHE_TTL` a known token is identified by the auth service once,
+/// a rejected one every time; without it every request asks.
+#[tokio::test]
+async fn the_opt_in_identity_cache_asks_once_per_known_token() {
+    for (ttl, asked) in [(Some("1m"), 1), (None, 5)] {
+        let auth = AuthServer::start().await;
+        let url = format!("http://{}", auth.addr);
+        let mut builder = TestApp::builder().auth(Auth::GrpcAt(url));
+        if let Some(ttl) = ttl {
+            builder = builder.vars(&[("MG_TWINS_AUTH_CACHE_TTL", ttl)]);
+        }
+        let app = builder.spawn().await;
+        auth.calls_since().await;
+        for _ in 0..5 {
+            let resp = send(app.request(Method::GET, "/twins").bearer_auth(BOB)).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert_eq!(auth.calls_since().await, asked, "{ttl:?}");
+        for _ in 0..3 {
+            assert_error(app.get("/twins", STRANGER).await, StatusCode::UNAUTHORIZED).await;
+        }
+        assert_eq!(
+            auth.calls_since().await,
+            3,
+            "{ttl:?}: rejected tokens are asked about"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- standalone
 
 /// An app whose authentication only `vars` configure.

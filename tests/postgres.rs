@@ -135,6 +135,8 @@ async fn history_queries_have_an_index() {
                 &["'t'", "0", "9000000000000000000", "100", "500000"],
             ),
             with_literals(sql::STATE_AT, &["'t'", "5"]),
+            with_literals(sql::WINDOW_SHAPE, &window),
+            with_literals(sql::STATES_BETWEEN, &["'t'", "500000", "500099"]),
             with_literals(postgres::SUMMARY, &window),
             with_literals(postgres::VALUE_AT[0], &["'t'", "5", "'temp'"]),
             with_literals(postgres::VALUE_AT[1], &["'t'", "5", "'temp'"]),

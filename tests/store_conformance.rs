@@ -57,6 +57,7 @@ macro_rules! conformance_cases {
             states_list_pages_by_id_with_total_from_latest,
             range_pages_the_window_in_history_order_with_its_total,
             range_bounds_finer_than_a_millisecond_are_exact,
+            range_of_a_history_in_time_order_or_out_of_it_matches_the_oracle,
             state_at_is_the_latest_created_not_after_the_instant,
             summary_matches_the_state_by_state_definition,
             history_of_a_twin_without_states_is_empty,
@@ -327,13 +328,15 @@ async fn cursor(store: &Store, twin_id: &str) -> IngestCursor {
 
 /// A twin's writes computed from `expected_seq`, each made by the message of its seq.
 fn writes(twin_id: &str, expected_seq: u64, writes: Vec<(Write, u64)>) -> TwinWrites {
+    let writes: Vec<SeqWrite> = writes
+        .into_iter()
+        .map(|(write, seq)| SeqWrite { write, seq })
+        .collect();
     TwinWrites {
         twin_id: twin_id.into(),
         expected_seq,
-        writes: writes
-            .into_iter()
-            .map(|(write, seq)| SeqWrite { write, seq })
-            .collect(),
+        last_break: twins::domain::history::last_break(writes.iter().map(|w| w.write.state())),
+        writes,
         events: Vec::new(),
     }
 }
@@ -952,12 +955,33 @@ async fn range_pages_the_window_in_history_order_with_its_total(store: &Store) {
         window_ms(Some(6000), None),
         window_ms(None, Some(-1)),
     ];
-    for w in &windows {
-        let want = expected_window(&states, w);
-        for (offset, limit) in [(0, 100), (0, 2), (1, 3), (5, 2), (7, 1)] {
+    assert_windows(store, "t", &states, &windows, "fixture").await;
+}
+
+/// Each of `windows` at offsets from the start to past the end: the page and its total
+/// equal the oracle's over `states`.
+async fn assert_windows(
+    store: &Store,
+    twin: &str,
+    states: &[State],
+    windows: &[Window],
+    label: &str,
+) {
+    for w in windows {
+        let want = expected_window(states, w);
+        for (offset, limit) in [
+            (0, 100),
+            (0, 2),
+            (1, 3),
+            (5, 2),
+            (7, 1),
+            (10, 7),
+            (want.len() as u64, 3),
+            (100, 1),
+        ] {
             let got = store
                 .states
-                .range("t", w, page(offset, limit))
+                .range(twin, w, page(offset, limit))
                 .await
                 .unwrap();
             let items: Vec<State> = want
@@ -966,11 +990,105 @@ async fn range_pages_the_window_in_history_order_with_its_total(store: &Store) {
                 .take(limit as usize)
                 .cloned()
                 .collect();
-            assert_eq!(got.total, want.len() as u64, "{w:?}");
+            assert_eq!(got.total, want.len() as u64, "{label}: {w:?}");
             assert_eq!((got.offset, got.limit), (offset, limit));
-            assert_eq!(got.items, items, "{w:?} {offset} {limit}");
+            assert_eq!(got.items, items, "{label}: {w:?} {offset} {limit}");
         }
     }
+}
+
+/// Windows over the ordered fixture below: ends on ties, inside, outside.
+fn ordered_windows() -> [Window; 8] {
+    [
+        window_ms(None, None),
+        window_ms(Some(0), Some(0)),
+        window_ms(Some(1), Some(2999)),
+        window_ms(Some(2000), Some(6000)),
+        window_ms(Some(5000), None),
+        window_ms(None, Some(4000)),
+        window_ms(Some(20_000), None),
+        window_ms(None, Some(-1)),
+    ]
+}
+
+/// A history written in time order (ties included) is paged as a run of ids; one state
+/// out of order, by a single save or inside an ingested batch, falls back to the time
+/// index; once retention has removed the states up to the break, the history is in
+/// order again. The pages are the oracle's throughout.
+async fn range_of_a_history_in_time_order_or_out_of_it_matches_the_oracle(store: &Store) {
+    // Created every 1000 ms in threes (ties), the first half saved one by one, the rest
+    // ingested in two batches.
+    let mut states: Vec<State> = (0..24)
+        .map(|i| state_at_ms(i, (i / 3) * 1000, json!({"i": i})))
+        .collect();
+    for s in &states[..12] {
+        store.states.save(s).await.unwrap();
+    }
+    let batch = |from: usize, to: usize, seq: u64| {
+        writes(
+            "t",
+            seq,
+            states[from..to]
+                .iter()
+                .map(|s| (Write::Insert(s.clone()), seq + 1))
+                .collect(),
+        )
+    };
+    assert!(ingest(store, vec![batch(12, 18, 0)]).await.is_empty());
+    assert!(ingest(store, vec![batch(18, 24, 1)]).await.is_empty());
+    assert_windows(store, "t", &states, &ordered_windows(), "in order").await;
+
+    // Saved out of order: older than the state before it.
+    states.push(state_at_ms(24, 2500, json!({"late": true})));
+    store.states.save(&states[24]).await.unwrap();
+    states.push(state_at_ms(25, 9000, json!({"i": 25})));
+    store.states.save(&states[25]).await.unwrap();
+    assert_windows(store, "t", &states, &ordered_windows(), "a late save").await;
+
+    // Out of order inside one ingested batch, on another twin.
+    let mut other: Vec<State> = (0..8)
+        .map(|i| {
+            let mut s = state_at_ms(i, i * 1000, json!({"i": i}));
+            s.twin_id = "u".into();
+            s
+        })
+        .collect();
+    other[5].created = at(T0_MS + 1500);
+    let ws = writes(
+        "u",
+        0,
+        other
+            .iter()
+            .map(|s| (Write::Insert(s.clone()), 1))
+            .collect(),
+    );
+    assert_eq!(ws.last_break, Some(5));
+    assert!(ingest(store, vec![ws]).await.is_empty());
+    assert_windows(
+        store,
+        "u",
+        &other,
+        &ordered_windows(),
+        "a late state in a batch",
+    )
+    .await;
+
+    // Retention removes the states up to the late one: in order again.
+    let before = at(T0_MS + 8999);
+    while store.states.prune("t", &before, 100).await.unwrap() > 0 {}
+    let kept: Vec<State> = states.iter().filter(|s| s.id >= 25).cloned().collect();
+    assert_eq!(
+        store.states.list("t", page(0, 100)).await.unwrap().items,
+        kept
+    );
+    assert_windows(
+        store,
+        "t",
+        &kept,
+        &ordered_windows(),
+        "pruned past the break",
+    )
+    .await;
 }
 
 async fn range_bounds_finer_than_a_millisecond_are_exact(store: &Store) {

@@ -3,6 +3,7 @@
 //! Three ways, chosen once at start-up (SPEC section 3): a fixed standalone identity,
 //! the Magistrala auth service over gRPC, or a development identity with a random token.
 
+pub mod cache;
 pub mod grpc;
 pub mod standalone;
 

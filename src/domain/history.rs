@@ -70,6 +70,23 @@ pub fn parse_time(param: &str, raw: &str) -> Result<DateTime<Utc>, ValidationErr
         })
 }
 
+/// Where a run of a twin's states stops being in time order: the greatest id among
+/// `states` (consecutive ids, ascending) whose state was created before the one before
+/// it. None when each follows its predecessor in time (ties included). A history whose
+/// last such break is at or before its first kept state is ordered by id and by time
+/// alike, so a window of it is a run of ids.
+pub fn last_break<'a>(states: impl IntoIterator<Item = &'a State>) -> Option<i64> {
+    let mut before: Option<&State> = None;
+    let mut found = None;
+    for s in states {
+        if before.is_some_and(|b| s.created < b.created) {
+            found = Some(s.id);
+        }
+        before = Some(s);
+    }
+    found
+}
+
 /// History order: by `created`, then by id.
 pub fn chronological(a: &State, b: &State) -> Ordering {
     a.created.cmp(&b.created).then(a.id.cmp(&b.id))

@@ -916,6 +916,7 @@ mod tests {
                     seq: to,
                 }],
                 events: Vec::new(),
+                last_break: None,
             }],
         }
     }

@@ -32,6 +32,7 @@ use super::inband::{Kind, classify};
 use super::lookup::TwinLookup;
 use super::outbox::change;
 use crate::domain::feed::EventKind;
+use crate::domain::history;
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
 use crate::domain::time::now_millis;
@@ -211,11 +212,18 @@ pub fn plan<'r>(
             merge(&mut writes, SeqWrite { write: w, seq });
         }
     }
+    let last_break = history::last_break(
+        cursor
+            .last
+            .iter()
+            .chain(writes.iter().map(|w| w.write.state())),
+    );
     let writes = TwinWrites {
         twin_id: twin_id.to_owned(),
         expected_seq: cursor.seq,
         writes,
         events: Vec::new(),
+        last_break,
     };
     TwinPlan {
         after: IngestCursor {

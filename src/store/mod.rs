@@ -452,6 +452,11 @@ pub struct TwinWrites {
     pub writes: Vec<SeqWrite>,
     /// Change events recorded in the outbox with the writes, when they are made.
     pub events: Vec<OutboxEvent>,
+    /// The greatest id among the new states created before the state before them
+    /// ([`crate::domain::history::last_break`] of the stored latest state and the
+    /// writes): the store keeps the twin's greatest such id, so that a history in time
+    /// order is known to be one.
+    pub last_break: Option<i64>,
 }
 
 impl TwinWrites {

@@ -44,12 +44,13 @@ pub const DELETE_TWIN: &str =
     "DELETE FROM twins WHERE id = $1 AND owner = $2 AND ($3 IS NULL OR revision = $3)";
 
 /// What goes with a deleted twin, each bound to its id.
-pub const DELETE_TWIN_ROWS: [&str; 5] = [
+pub const DELETE_TWIN_ROWS: [&str; 6] = [
     "DELETE FROM twin_attributes WHERE twin_id = $1",
     "DELETE FROM states WHERE twin_id = $1",
     "DELETE FROM ingest_cursors WHERE twin_id = $1",
     "DELETE FROM documents WHERE twin_id = $1",
     "DELETE FROM document_revisions WHERE twin_id = $1",
+    "DELETE FROM state_breaks WHERE twin_id = $1",
 ];
 
 pub const DELETE_ATTRIBUTES: &str = "DELETE FROM twin_attributes WHERE twin_id = $1";
@@ -99,6 +100,60 @@ pub const RANGE_PAGE: &str = "SELECT s.twin_id, s.id, s.definition, s.created, s
           ORDER BY created, id LIMIT $4 OFFSET $5) AS p
     JOIN states AS s ON s.twin_id = $1 AND s.id = p.id
     ORDER BY s.created, s.id";
+
+/// Twin id, from, to (Unix ns, both inclusive): where the twin's history stands and
+/// where the window falls in it, in one statement (one snapshot): the first kept id, the
+/// twin's last break of time order ([`WindowShape`]), and the first and last ids of the
+/// window in history order, each one seek on an index.
+pub const WINDOW_SHAPE: &str = "SELECT
+    (SELECT id FROM states WHERE twin_id = $1 ORDER BY id LIMIT 1) AS first,
+    (SELECT last_break FROM state_breaks WHERE twin_id = $1) AS last_break,
+    (SELECT id FROM states WHERE twin_id = $1 AND created >= $2
+        ORDER BY created, id LIMIT 1) AS lo,
+    (SELECT id FROM states WHERE twin_id = $1 AND created <= $3
+        ORDER BY created DESC, id DESC LIMIT 1) AS hi";
+
+/// Twin id, first id, last id: a run of states by id.
+pub const STATES_BETWEEN: &str = "SELECT twin_id, id, definition, created, payload FROM states
+    WHERE twin_id = $1 AND id >= $2 AND id <= $3 ORDER BY id";
+
+/// Every twin's last break of time order, from the states themselves: run once, when
+/// the table that keeps them is created in a database that has states.
+pub const START_STATE_BREAKS: &str = "INSERT INTO state_breaks (twin_id, last_break)
+    SELECT twin_id, MAX(id) FROM (
+        SELECT twin_id, id, created < LAG(created) OVER (PARTITION BY twin_id ORDER BY id) AS b
+        FROM states) AS s
+    WHERE b GROUP BY twin_id";
+
+/// The statements that keep a twin's last break of time order, `$greatest` being the
+/// backend's two-argument maximum. [0]: twin id, id: records a break the caller found.
+/// [1]: twin id, first id, last id: finds and records the breaks among those states
+/// (each compared with the state before it, stored or among them).
+macro_rules! state_breaks {
+    ($greatest:literal) => {
+        [
+            concat!(
+                "INSERT INTO state_breaks (twin_id, last_break) VALUES ($1, $2)
+                ON CONFLICT (twin_id) DO UPDATE
+                SET last_break = ",
+                $greatest,
+                "(state_breaks.last_break, excluded.last_break)"
+            ),
+            concat!(
+                "INSERT INTO state_breaks (twin_id, last_break)
+                SELECT s.twin_id, MAX(s.id) FROM states AS s
+                JOIN states AS p ON p.twin_id = s.twin_id AND p.id = s.id - 1
+                WHERE s.twin_id = $1 AND s.id >= $2 AND s.id <= $3 AND s.created < p.created
+                GROUP BY s.twin_id
+                ON CONFLICT (twin_id) DO UPDATE
+                SET last_break = ",
+                $greatest,
+                "(state_breaks.last_break, excluded.last_break)"
+            ),
+        ]
+    };
+}
+pub(crate) use state_breaks;
 
 /// Twin id, time: the state in force then.
 pub const STATE_AT: &str = "SELECT twin_id, id, definition, created, payload FROM states
@@ -332,6 +387,82 @@ pub fn states_span(first: Option<i64>, last: Option<i64>, offset: u64) -> (u64, 
     }
 }
 
+/// Where a window falls in a twin's history ([`WINDOW_SHAPE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowShape {
+    /// The first kept state's id.
+    pub first: Option<i64>,
+    /// The greatest id of a state created before the state before it.
+    pub last_break: Option<i64>,
+    /// The window's first and last states in history order.
+    pub lo: Option<i64>,
+    pub hi: Option<i64>,
+}
+
+/// The columns of [`WINDOW_SHAPE`] in order.
+pub type WindowShapeRow = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+
+impl From<WindowShapeRow> for WindowShape {
+    fn from((first, last_break, lo, hi): WindowShapeRow) -> Self {
+        Self {
+            first,
+            last_break,
+            lo,
+            hi,
+        }
+    }
+}
+
+impl WindowShape {
+    /// When the kept history is in time order (no break after its first state), the
+    /// window is the run of ids `lo..=hi`: its size and that run (None when empty).
+    /// None when the history is out of order: the window must be counted and paged on
+    /// the time index.
+    pub fn ids(&self) -> Option<(u64, Option<(i64, i64)>)> {
+        let ordered = match (self.first, self.last_break) {
+            (Some(first), Some(b)) => b <= first,
+            _ => true,
+        };
+        if !ordered {
+            return None;
+        }
+        Some(match (self.lo, self.hi) {
+            (Some(lo), Some(hi)) if lo <= hi => {
+                (u64::try_from(hi - lo).map_or(0, |n| n + 1), Some((lo, hi)))
+            }
+            _ => (0, None),
+        })
+    }
+
+    /// The ids of `page` of an in-order window (None when the page is past its end).
+    pub fn page_ids(
+        run: Option<(i64, i64)>,
+        page: crate::domain::PageRequest,
+    ) -> Option<(i64, i64)> {
+        let (lo, hi) = run?;
+        let start = lo.saturating_add(to_i64(page.offset));
+        if start > hi || page.limit == 0 {
+            return None;
+        }
+        Some((start, hi.min(start.saturating_add(to_i64(page.limit) - 1))))
+    }
+}
+
+/// Each twin's first and last ids among `states`, in the order twins first appear.
+pub fn id_runs(states: &[State]) -> Vec<(&str, i64, i64)> {
+    let mut runs: Vec<(&str, i64, i64)> = Vec::new();
+    for s in states {
+        match runs.iter_mut().find(|r| r.0 == s.twin_id) {
+            Some(r) => {
+                r.1 = r.1.min(s.id);
+                r.2 = r.2.max(s.id);
+            }
+            None => runs.push((&s.twin_id, s.id, s.id)),
+        }
+    }
+    runs
+}
+
 /// The parts of an attribute's summary a SQL store aggregates ([`super::Aggregate`]),
 /// from a row with the columns `name count min max mean first_created last_created`.
 pub fn aggregate_from_row(row: &impl Columns) -> StoreResult<super::Aggregate> {
@@ -344,6 +475,84 @@ pub fn aggregate_from_row(row: &impl Columns) -> StoreResult<super::Aggregate> {
         first_created: row.int("first_created")?,
         last_created: row.int("last_created")?,
     })
+}
+
+/// A slice's aggregate of one attribute: the sum and number of its numeric values
+/// in place of their mean, so that slices merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryPart {
+    pub aggregate: super::Aggregate,
+    pub sum: f64,
+    pub numbers: u64,
+}
+
+/// From a row with the columns `name count min max sum numbers first_created
+/// last_created`.
+pub fn summary_part_from_row(row: &impl Columns) -> StoreResult<SummaryPart> {
+    Ok(SummaryPart {
+        aggregate: super::Aggregate {
+            name: row.text("name")?,
+            count: seq_of(row.int("count")?),
+            min: row.json("min", "summary")?,
+            max: row.json("max", "summary")?,
+            mean: None,
+            first_created: row.int("first_created")?,
+            last_created: row.int("last_created")?,
+        },
+        sum: row.float("sum")?.unwrap_or(0.0),
+        numbers: seq_of(row.int("numbers")?),
+    })
+}
+
+/// Slices' parts merged per attribute.
+#[derive(Debug, Default)]
+pub struct SummaryParts(std::collections::BTreeMap<String, SummaryPart>);
+
+impl SummaryParts {
+    pub fn add(&mut self, part: SummaryPart) {
+        let Some(m) = self.0.get_mut(&part.aggregate.name) else {
+            self.0.insert(part.aggregate.name.clone(), part);
+            return;
+        };
+        let (a, b) = (&mut m.aggregate, part.aggregate);
+        a.count += b.count;
+        if extreme(&b.min, &a.min, std::cmp::Ordering::Less) {
+            a.min = b.min;
+        }
+        if extreme(&b.max, &a.max, std::cmp::Ordering::Greater) {
+            a.max = b.max;
+        }
+        a.first_created = a.first_created.min(b.first_created);
+        a.last_created = a.last_created.max(b.last_created);
+        m.sum += part.sum;
+        m.numbers += part.numbers;
+    }
+
+    /// The merged aggregates, each with the mean of its numeric values.
+    pub fn into_aggregates(self) -> Vec<super::Aggregate> {
+        self.0
+            .into_values()
+            .map(|p| {
+                let mut a = p.aggregate;
+                a.mean = (p.numbers > 0).then(|| p.sum / p.numbers as f64);
+                a
+            })
+            .collect()
+    }
+}
+
+/// Whether the number `candidate` is beyond `current` in the direction `way` (a null,
+/// no number in that slice, never is; any number is beyond a null).
+fn extreme(
+    candidate: &serde_json::Value,
+    current: &serde_json::Value,
+    way: std::cmp::Ordering,
+) -> bool {
+    match (candidate.as_f64(), current.as_f64()) {
+        (Some(c), Some(cur)) => c.total_cmp(&cur) == way,
+        (Some(_), None) => true,
+        _ => false,
+    }
 }
 
 /// The value of `name` in a payload row of a summary's lookup.

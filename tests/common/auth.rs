@@ -171,6 +171,17 @@ impl AuthServer {
             .expect("auth service running");
     }
 
+    /// How many calls reached the service since the last time this was asked (or
+    /// [`Self::called`] took one).
+    pub async fn calls_since(&self) -> usize {
+        let mut calls = self.calls.lock().await;
+        let mut n = 0;
+        while calls.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Lets held calls (and all later ones) answer.
     pub fn release(&self) {
         self.gate.send_replace(true);

@@ -576,3 +576,58 @@ async fn string_and_bool_values_are_sampled_like_numbers() {
     assert_eq!(f.db.states_of(&t.id), want);
     assert_eq!(want.last().unwrap().payload["state"], json!(true));
 }
+
+/// The breaks of time order an oracle sees in a twin's whole history: the greatest id
+/// whose state was created before the state before it.
+fn oracle_break(states: &[State]) -> Option<i64> {
+    states
+        .windows(2)
+        .filter(|p| p[1].created < p[0].created)
+        .map(|p| p[1].id)
+        .max()
+}
+
+#[tokio::test]
+async fn a_plan_names_its_greatest_state_created_before_the_one_before_it() {
+    let f = Fixture::new();
+    let a = twin(&f, &[("temp", "ch-a", "engine")]).await;
+    let definition = a.current_definition().unwrap().clone();
+    // 40 s, 60 s, then 20 s (late, beyond the delta: a new state), 80 s, then 50 s and
+    // 55 s (one late state, the second folded into it).
+    let offsets = [40, 60, 20, 80, 50, 55, 100];
+    let messages: Vec<Message> = offsets
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| message(i as u64 + 1, "ch-a", "engine", senml(t, t as f64)))
+        .collect();
+    let whole = oracle(&a, &messages);
+    assert_eq!(oracle_break(&whole), Some(4), "{whole:?}");
+    // Planned in every split of the run into two steps, the second from the first's
+    // cursor: the breaks of both steps are the whole history's.
+    for split in 0..=messages.len() {
+        let mut cursor = crate::store::IngestCursor::default();
+        let mut found = Vec::new();
+        for part in [&messages[..split], &messages[split..]] {
+            let resolved: Vec<(&Message, Vec<senml::Record>)> = part
+                .iter()
+                .map(|m| {
+                    (
+                        m,
+                        senml::resolve(&m.payload, from_nanos(m.created)).unwrap(),
+                    )
+                })
+                .collect();
+            let p = plan(
+                &a.id,
+                &cursor,
+                &definition,
+                resolved
+                    .iter()
+                    .map(|(m, r)| (m.seq, m.channel.as_str(), m.subtopic.as_str(), r.as_slice())),
+            );
+            found.extend(p.writes.last_break);
+            cursor = p.after;
+        }
+        assert_eq!(found.into_iter().max(), Some(4), "split at {split}");
+    }
+}

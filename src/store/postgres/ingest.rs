@@ -179,6 +179,7 @@ impl IngestRepository for PostgresStore {
         let (mut inserts, mut updates) = (StateRows::default(), StateRows::default());
         let (mut cursor_ids, mut cursor_seqs) = (Vec::new(), Vec::new());
         let mut events = Vec::new();
+        let (mut break_ids, mut breaks) = (Vec::new(), Vec::new());
         for tw in &step.twins {
             if stored.get(&tw.twin_id).copied().unwrap_or(0) != tw.expected_seq {
                 conflicts.push(tw.twin_id.clone());
@@ -191,6 +192,10 @@ impl IngestRepository for PostgresStore {
                 }
             }
             cursor_ids.push(tw.twin_id.as_str());
+            if let Some(b) = tw.last_break {
+                break_ids.push(tw.twin_id.as_str());
+                breaks.push(b);
+            }
             cursor_seqs.push(to_i64(tw.new_seq()));
             events.extend(&tw.events);
         }
@@ -203,6 +208,14 @@ impl IngestRepository for PostgresStore {
         Self::set_position(&mut tx, &step.group, step.from, to).await?;
         inserts.execute(&mut tx, INSERT_STATES).await?;
         updates.execute(&mut tx, UPDATE_STATES).await?;
+        for (twin_id, b) in break_ids.iter().zip(&breaks) {
+            sqlx::query(super::STATE_BREAKS[0])
+                .bind(twin_id)
+                .bind(b)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
         if !cursor_ids.is_empty() {
             sqlx::query(
                 "INSERT INTO ingest_cursors (twin_id, seq)

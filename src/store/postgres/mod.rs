@@ -61,10 +61,18 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
+        "state_breaks",
+        include_str!("../../../migrations/postgres/0004_state_breaks.sql"),
+    ),
+    (
+        5,
         "feed_outbox",
-        include_str!("../../../migrations/postgres/0004_feed_outbox.sql"),
+        include_str!("../../../migrations/postgres/0005_feed_outbox.sql"),
     ),
 ];
+
+/// [0]: records a break; [1]: finds those of a run of ids (see [`sql::state_breaks`]).
+const STATE_BREAKS: [&str; 2] = sql::state_breaks!("GREATEST");
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -424,6 +432,23 @@ impl TwinRepository for PostgresStore {
     }
 }
 
+/// Records the twin's breaks of time order among its states `first..=last`.
+async fn find_breaks(
+    tx: &mut Transaction<'static, Postgres>,
+    twin_id: &str,
+    first: i64,
+    last: i64,
+) -> StoreResult<()> {
+    sqlx::query(STATE_BREAKS[1])
+        .bind(twin_id)
+        .bind(first)
+        .bind(last)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
 async fn write_state(tx: &mut Transaction<'static, Postgres>, write: &Write) -> StoreResult<()> {
     let (statement, state) = sql::state_write(write);
     sqlx::query(statement)
@@ -443,6 +468,7 @@ impl StateRepository for PostgresStore {
     async fn save(&self, state: &State) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         write_state(&mut tx, &Write::Insert(state.clone())).await?;
+        find_breaks(&mut tx, &state.twin_id, state.id, state.id).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -485,6 +511,20 @@ impl StateRepository for PostgresStore {
         page: PageRequest,
     ) -> StoreResult<Page<State>> {
         let (from, to) = window.nanos();
+        let shape = self.window_shape(twin_id, from, to).await?;
+        if let Some((total, run)) = shape.ids() {
+            let rows = match sql::WindowShape::page_ids(run, page) {
+                Some((start, end)) => sqlx::query(sql::STATES_BETWEEN)
+                    .bind(twin_id)
+                    .bind(start)
+                    .bind(end)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(map_err)?,
+                None => Vec::new(),
+            };
+            return super::page_of(total, page, &rows, sql::state_from_row);
+        }
         let total = self.window_count(twin_id, from, to).await?;
         let rows = sqlx::query(sql::RANGE_PAGE)
             .bind(twin_id)
@@ -510,7 +550,10 @@ impl StateRepository for PostgresStore {
 
     async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
         let (from, to) = window.nanos();
-        let states = self.window_count(twin_id, from, to).await?;
+        let states = match self.window_shape(twin_id, from, to).await?.ids() {
+            Some((states, _)) => states,
+            None => self.window_count(twin_id, from, to).await?,
+        };
         let rows = sqlx::query(SUMMARY)
             .bind(twin_id)
             .bind(from)
@@ -600,6 +643,23 @@ macro_rules! value_at {
 pub const VALUE_AT: [&str; 2] = [value_at!("id"), value_at!("id DESC")];
 
 impl PostgresStore {
+    /// Where the window `from..=to` (Unix ns) falls in the twin's history.
+    async fn window_shape(
+        &self,
+        twin_id: &str,
+        from: i64,
+        to: i64,
+    ) -> StoreResult<sql::WindowShape> {
+        let row: sql::WindowShapeRow = sqlx::query_as(sql::WINDOW_SHAPE)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(row.into())
+    }
+
     /// The number of the twin's states created between `from` and `to` (Unix ns).
     async fn window_count(&self, twin_id: &str, from: i64, to: i64) -> StoreResult<u64> {
         let n: i64 = sqlx::query_scalar(sql::RANGE_COUNT)

@@ -34,6 +34,9 @@ impl Transfer for PostgresStore {
         }
         let mut tx = self.begin().await?;
         rows.execute(&mut tx, PUT_STATES).await?;
+        for (twin_id, first, last) in sql::id_runs(states) {
+            super::find_breaks(&mut tx, twin_id, first, last).await?;
+        }
         tx.commit().await.map_err(map_err)
     }
 

@@ -136,6 +136,17 @@ const START_HISTORIES: &str = "INSERT INTO document_revisions
         CASE WHEN version = 1 THEN 'create' ELSE 'put' END, 'service', ''
     FROM documents";
 
+/// Per twin, the greatest id of a state created before the state before it: while it
+/// is at or before the first kept state, the twin's history is in time order and a
+/// window of it is a run of ids ([`sql::WindowShape`]). Twins always in order have no row.
+const STATE_BREAKS_TABLE: &str = "CREATE TABLE state_breaks (
+    twin_id TEXT PRIMARY KEY NOT NULL,
+    last_break INTEGER NOT NULL
+) WITHOUT ROWID";
+
+/// [0]: records a break; [1]: finds those of a run of ids (see [`sql::state_breaks`]).
+const STATE_BREAKS: [&str; 2] = sql::state_breaks!("max");
+
 /// Both pools over one database file.
 pub struct SqliteStore {
     reader: SqlitePool,
@@ -223,7 +234,18 @@ impl SqliteStore {
         for stmt in SCHEMA {
             sqlx::query(*stmt).execute(&writer).await.map_err(map_err)?;
         }
-        Self::add_revisions(&writer).await?;
+        Self::add_table(
+            &writer,
+            "document_revisions",
+            &[REVISIONS_TABLE, START_HISTORIES],
+        )
+        .await?;
+        Self::add_table(
+            &writer,
+            "state_breaks",
+            &[STATE_BREAKS_TABLE, sql::START_STATE_BREAKS],
+        )
+        .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options.read_only(true))
@@ -236,24 +258,25 @@ impl SqliteStore {
         })
     }
 
-    /// Creates the revisions table where it is missing, together with the histories it
-    /// starts from, in one transaction under the write lock: no crash leaves the table
-    /// without them, and of two processes opening the file only one creates it.
-    async fn add_revisions(writer: &SqlitePool) -> StoreResult<()> {
+    /// Creates the table `name` where it is missing with `statements` (its creation and
+    /// the rows it starts with, derived from older tables), in one transaction under the
+    /// write lock: no crash leaves the table without them, and of two processes opening
+    /// the file only one creates it.
+    async fn add_table(writer: &SqlitePool, name: &str, statements: &[&str]) -> StoreResult<()> {
         let mut conn = writer.acquire().await.map_err(map_err)?;
         sqlx::raw_sql("BEGIN IMMEDIATE")
             .execute(&mut *conn)
             .await
             .map_err(map_err)?;
-        let exists: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'document_revisions')",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(map_err)?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = $1)")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(map_err)?;
         if !exists {
-            for stmt in [REVISIONS_TABLE, START_HISTORIES] {
-                sqlx::query(stmt)
+            for stmt in statements {
+                sqlx::query(sqlx::AssertSqlSafe(*stmt))
                     .execute(&mut *conn)
                     .await
                     .map_err(map_err)?;
@@ -602,6 +625,7 @@ impl StateRepository for SqliteStore {
     async fn save(&self, state: &State) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         write_state(&mut tx, &Write::Insert(state.clone())).await?;
+        find_breaks(&mut tx, &state.twin_id, state.id, state.id).await?;
         tx.commit().await
     }
 
@@ -646,6 +670,20 @@ impl StateRepository for SqliteStore {
         page: PageRequest,
     ) -> StoreResult<Page<State>> {
         let (from, to) = window.nanos();
+        let shape = self.window_shape(twin_id, from, to).await?;
+        if let Some((total, run)) = shape.ids() {
+            let rows = match sql::WindowShape::page_ids(run, page) {
+                Some((start, end)) => sqlx::query(sql::STATES_BETWEEN)
+                    .bind(twin_id)
+                    .bind(start)
+                    .bind(end)
+                    .fetch_all(&self.reader)
+                    .await
+                    .map_err(map_err)?,
+                None => Vec::new(),
+            };
+            return super::page_of(total, page, &rows, sql::state_from_row);
+        }
         let total = self.window_count(twin_id, from, to).await?;
         let rows = sqlx::query(sql::RANGE_PAGE)
             .bind(twin_id)
@@ -671,7 +709,20 @@ impl StateRepository for SqliteStore {
 
     async fn summary(&self, twin_id: &str, window: &Window) -> StoreResult<Summary> {
         let (from, to) = window.nanos();
-        let states = self.window_count(twin_id, from, to).await?;
+        let shape = self.window_shape(twin_id, from, to).await?;
+        if let Some((states, Some(run))) = shape.ids()
+            && states >= SLICED_SUMMARY
+        {
+            let aggregates = self.summary_in_slices(twin_id, run).await?;
+            return super::assemble_summary(states, aggregates, |name, created, last| {
+                self.value_at(twin_id, name, created, last)
+            })
+            .await;
+        }
+        let states = match shape.ids() {
+            Some((states, _)) => states,
+            None => self.window_count(twin_id, from, to).await?,
+        };
         let rows = sqlx::query(SUMMARY)
             .bind(twin_id)
             .bind(from)
@@ -743,6 +794,23 @@ const SUMMARY: &str = "SELECT j.key AS name, COUNT(*) AS count,
     WHERE s.twin_id = $1 AND s.created >= $2 AND s.created <= $3
     GROUP BY j.key";
 
+/// Twin id, first id, last id: [`SUMMARY`] of a run of ids, in parts that merge: the
+/// sum and number of numeric values instead of their mean. `TOTAL` sums in floating
+/// point, as `AVG` does, and never overflows.
+const SUMMARY_SLICE: &str = "SELECT j.key AS name, COUNT(*) AS count,
+    json_quote(MIN(CASE WHEN j.type IN ('integer', 'real') THEN j.value END)) AS min,
+    json_quote(MAX(CASE WHEN j.type IN ('integer', 'real') THEN j.value END)) AS max,
+    TOTAL(CASE WHEN j.type IN ('integer', 'real') THEN j.value END) AS sum,
+    COUNT(CASE WHEN j.type IN ('integer', 'real') THEN 1 END) AS numbers,
+    MIN(s.created) AS first_created, MAX(s.created) AS last_created
+    FROM states AS s, json_each(s.payload) AS j
+    WHERE s.twin_id = $1 AND s.id >= $2 AND s.id <= $3
+    GROUP BY j.key";
+
+/// Windows of a history in time order with at least this many states are summarised
+/// in slices of ids read in parallel, each on a reader connection (its own thread).
+const SLICED_SUMMARY: u64 = 50_000;
+
 /// A statement of [`VALUE_AT`], in the given order of ids.
 macro_rules! value_at {
     ($order:literal) => {
@@ -763,6 +831,54 @@ macro_rules! value_at {
 const VALUE_AT: [&str; 2] = [value_at!("s.id"), value_at!("s.id DESC")];
 
 impl SqliteStore {
+    /// Where the window `from..=to` (Unix ns) falls in the twin's history.
+    async fn window_shape(
+        &self,
+        twin_id: &str,
+        from: i64,
+        to: i64,
+    ) -> StoreResult<sql::WindowShape> {
+        let row: sql::WindowShapeRow = sqlx::query_as(sql::WINDOW_SHAPE)
+            .bind(twin_id)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(row.into())
+    }
+
+    /// The aggregates of the states `run` (first and last id), from slices read in
+    /// parallel and merged.
+    async fn summary_in_slices(
+        &self,
+        twin_id: &str,
+        (lo, hi): (i64, i64),
+    ) -> StoreResult<Vec<super::Aggregate>> {
+        let slices = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let size = (hi - lo) / slices as i64 + 1;
+        let reads = (0..slices as i64)
+            .map(|k| (lo + k * size, hi.min(lo + (k + 1) * size - 1)))
+            .filter(|(a, b)| a <= b)
+            .map(|(a, b)| {
+                sqlx::query(SUMMARY_SLICE)
+                    .bind(twin_id)
+                    .bind(a)
+                    .bind(b)
+                    .fetch_all(&self.reader)
+            });
+        let mut merged = sql::SummaryParts::default();
+        for rows in futures::future::try_join_all(reads)
+            .await
+            .map_err(map_err)?
+        {
+            for row in &rows {
+                merged.add(sql::summary_part_from_row(row)?);
+            }
+        }
+        Ok(merged.into_aggregates())
+    }
+
     /// The number of the twin's states created between `from` and `to` (Unix ns).
     async fn window_count(&self, twin_id: &str, from: i64, to: i64) -> StoreResult<u64> {
         let n: i64 = sqlx::query_scalar(sql::RANGE_COUNT)
@@ -795,6 +911,18 @@ impl SqliteStore {
             .transpose()?
             .flatten())
     }
+}
+
+/// Records the twin's breaks of time order among its states `first..=last`.
+async fn find_breaks(tx: &mut WriteTx, twin_id: &str, first: i64, last: i64) -> StoreResult<()> {
+    sqlx::query(STATE_BREAKS[1])
+        .bind(twin_id)
+        .bind(first)
+        .bind(last)
+        .execute(tx.conn())
+        .await
+        .map_err(map_err)?;
+    Ok(())
 }
 
 async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
@@ -1024,6 +1152,12 @@ mod tests {
                 "states_created",
             ),
             (literal(sql::STATE_AT, &["'t'", "5"]), "states_created"),
+            // The first id on the primary key, the window's ends on the time index.
+            (literal(sql::WINDOW_SHAPE, &window), "USING"),
+            (
+                literal(sql::STATES_BETWEEN, &["'t'", "500", "599"]),
+                "PRIMARY KEY",
+            ),
             (literal(SUMMARY, &window), "states_created"),
             (literal(VALUE_AT[0], &["'t'", "5", "'v'"]), "states_created"),
             (literal(VALUE_AT[1], &["'t'", "5", "'v'"]), "states_created"),
@@ -1056,6 +1190,23 @@ mod tests {
         }
     }
 
+    /// A database at `path` with the first schema only, as an earlier version left it:
+    /// no table that [`SqliteStore::open`] adds to existing files.
+    async fn database_before_later_tables(path: &str) -> SqlitePool {
+        let before = SqlitePoolOptions::new()
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("open");
+        for stmt in SCHEMA {
+            sqlx::query(*stmt).execute(&before).await.expect("schema");
+        }
+        before
+    }
+
     /// A statement with its numbered parameters replaced by literals.
     fn literal(statement: &str, values: &[&str]) -> String {
         values
@@ -1072,21 +1223,112 @@ mod tests {
     /// A database written before revisions were kept: each document's history starts at
     /// its current version, once, when the store opens it.
     #[tokio::test]
+    async fn a_summary_read_in_slices_equals_the_state_by_state_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db").display().to_string())
+            .await
+            .unwrap();
+        // Integers, reals, negative numbers, strings and attributes that come and go,
+        // with extremes in different slices.
+        let states: Vec<State> = (0..997i64)
+            .map(|i| {
+                let mut p = serde_json::Map::new();
+                p.insert("i".into(), serde_json::json!(i * 7 % 1000 - 300));
+                p.insert("r".into(), serde_json::json!(i as f64 / 8.0 - 50.5));
+                if i % 3 == 0 {
+                    p.insert("s".into(), serde_json::json!(format!("x{i}")));
+                }
+                if i % 5 == 0 {
+                    p.insert(
+                        "m".into(),
+                        serde_json::json!(if i % 2 == 0 { 1.5 } else { -2.0 }),
+                    );
+                }
+                State {
+                    twin_id: "t".into(),
+                    id: i,
+                    definition: 0,
+                    created: from_nanos(i * 1_000_000),
+                    payload: p,
+                }
+            })
+            .collect();
+        for s in &states {
+            StateRepository::save(&store, s).await.unwrap();
+        }
+        let want = crate::domain::history::summarize(&states);
+        for run in [(0, 996), (1, 995), (100, 100), (0, 1)] {
+            let parts = store.summary_in_slices("t", run).await.unwrap();
+            let got = crate::store::assemble_summary(want.states, parts, |name, created, last| {
+                store.value_at("t", name, created, last)
+            })
+            .await
+            .unwrap();
+            let want = crate::domain::history::summarize(&states[run.0 as usize..=run.1 as usize]);
+            assert_eq!(
+                got.attributes.keys().collect::<Vec<_>>(),
+                want.attributes.keys().collect::<Vec<_>>()
+            );
+            for (name, a) in &want.attributes {
+                let g = &got.attributes[name];
+                assert_eq!(
+                    (g.count, &g.first, &g.last, &g.min, &g.max),
+                    (a.count, &a.first, &a.last, &a.min, &a.max),
+                    "{run:?} {name}"
+                );
+                match (g.mean, a.mean) {
+                    (Some(x), Some(y)) => assert!((x - y).abs() < 1e-9, "{run:?} {name}: {x} {y}"),
+                    (x, y) => assert_eq!(x, y, "{run:?} {name}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn histories_from_before_breaks_were_kept_are_read_in_time_order() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("before.db");
+        let path = path.to_str().expect("a UTF-8 path");
+        let before = database_before_later_tables(path).await;
+        // Created 0, 10, 5, 20 ms: state 2 is late. Twin "u" is in order.
+        for (twin, created) in [("t", [0, 10, 5, 20]), ("u", [0, 1, 2, 3])] {
+            for (id, ms) in created.into_iter().enumerate() {
+                sqlx::query(sql::INSERT_STATE)
+                    .bind(0)
+                    .bind(ms * 1_000_000)
+                    .bind("{}")
+                    .bind(twin)
+                    .bind(id as i64)
+                    .execute(&before)
+                    .await
+                    .expect("state");
+            }
+        }
+        before.close().await;
+
+        let page = PageRequest {
+            offset: 0,
+            limit: 10,
+        };
+        for _ in 0..2 {
+            let store = SqliteStore::open(path).await.expect("reopen");
+            for (twin, order) in [("t", [0, 2, 1, 3]), ("u", [0, 1, 2, 3])] {
+                let got = store
+                    .range(twin, &Window::default(), page)
+                    .await
+                    .expect("range");
+                let ids: Vec<i64> = got.items.iter().map(|s| s.id).collect();
+                assert_eq!((got.total, ids), (4, order.to_vec()), "{twin}");
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn documents_from_before_revisions_start_their_history_once() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("before.db");
         let path = path.to_str().expect("a UTF-8 path");
-        let before = SqlitePoolOptions::new()
-            .connect_with(
-                SqliteConnectOptions::new()
-                    .filename(path)
-                    .create_if_missing(true),
-            )
-            .await
-            .expect("open");
-        for stmt in SCHEMA {
-            sqlx::query(*stmt).execute(&before).await.expect("schema");
-        }
+        let before = database_before_later_tables(path).await;
         for (name, version, data) in [("a", 1, r#"{"x":1}"#), ("b", 3, r#"{"y":[2]}"#)] {
             sqlx::query(sql::CREATE_DOCUMENT)
                 .bind("t")

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use super::ingest::ROWS;
-use super::{SqliteStore, map_err, to_json};
+use super::{SqliteStore, find_breaks, map_err, to_json};
 use crate::domain::state::State;
 use crate::domain::time::to_nanos;
 use crate::domain::twin::Twin;
@@ -48,6 +48,9 @@ impl Transfer for SqliteStore {
         .execute(tx.conn())
         .await
         .map_err(map_err)?;
+        for (twin_id, first, last) in sql::id_runs(states) {
+            find_breaks(&mut tx, twin_id, first, last).await?;
+        }
         tx.commit().await
     }
 
