@@ -812,6 +812,41 @@ mod tests {
     }
 
     #[test]
+    fn state_events_carry_the_state_before_each_write() {
+        let cursor = IngestCursor {
+            last: Some(state(4, 10, 1.0)),
+            seq: 2,
+        };
+        let p = run(&cursor, &[(3, record(10, 2.0)), (4, record(30, 3.0))]);
+        let events = state_events("o", &cursor, &p.writes.writes).unwrap();
+        let summary: Vec<_> = events
+            .iter()
+            .map(|e| {
+                assert_eq!(e.owner, "o");
+                (e.event.kind, e.event.old.clone(), e.event.new.clone())
+            })
+            .collect();
+        let value = |s: State| Some(serde_json::to_value(s).unwrap());
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    EventKind::StateUpdated,
+                    value(state(4, 10, 1.0)),
+                    value(state(4, 10, 2.0))
+                ),
+                (
+                    EventKind::StateCreated,
+                    value(state(4, 10, 2.0)),
+                    value(state(5, 30, 3.0))
+                ),
+            ]
+        );
+        let first = state_events("o", &IngestCursor::default(), &p.writes.writes[1..]).unwrap();
+        assert_eq!(first[0].event.old, None);
+    }
+
+    #[test]
     fn nothing_to_write_keeps_the_cursor() {
         let cursor = IngestCursor {
             last: Some(state(0, 10, 1.0)),
