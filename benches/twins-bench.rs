@@ -427,6 +427,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                     twin_id: t.id.clone(),
                     expected_seq: 0,
                     writes: std::mem::take(&mut writes),
+                    events: Vec::new(),
                     last_break: None,
                 });
                 // The sequence guard is not the point of the fixture: write with seq 0.
@@ -439,6 +440,7 @@ async fn fill_states(store: &Store, twins: &[Twin], per_twin: &[usize]) -> Res<(
                 twin_id: t.id.clone(),
                 expected_seq: 0,
                 writes,
+                events: Vec::new(),
                 last_break: None,
             });
         }
@@ -695,6 +697,7 @@ async fn baseline_store(o: &Opts, messages: usize) -> Res<f64> {
                             seq: seq[t] + 1,
                         })
                         .collect(),
+                    events: Vec::new(),
                     last_break: None,
                 };
                 seq[t] += 1;
@@ -1310,6 +1313,7 @@ async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc,
                 twin_id: twin.id.clone(),
                 expected_seq: 0,
                 writes: std::mem::take(&mut writes),
+                events: Vec::new(),
                 // Written in time order.
                 last_break: None,
             }];

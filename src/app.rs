@@ -17,6 +17,7 @@ use crate::broker::consumer::Ingestor;
 use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
 use crate::broker::presence::{Hello, Presence};
+use crate::broker::relay::StreamPublisher;
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
 use crate::cache::repair::Repairing;
@@ -32,6 +33,7 @@ use crate::service::ingest::{Ingest, IngestService};
 use crate::service::lookup::{CacheMaintaining, TwinLookup};
 use crate::service::metered::Metered;
 use crate::service::notify::{Notifying, Publish};
+use crate::service::outbox::{HoldAt, Relay, RelaySettings};
 use crate::service::retention::Retention;
 use crate::service::traced::Traced;
 use crate::service::twins::{Twins, TwinsService};
@@ -101,6 +103,14 @@ const METRIC_HELP: &[(&str, &str)] = &[
         "Messages of the channels stream not yet delivered to the ingesting instance: the ingest lag.",
     ),
     (
+        crate::service::outbox::RELAYED,
+        "Change events put on the twins-events stream by this instance's relay.",
+    ),
+    (
+        crate::service::outbox::BACKLOG,
+        "Change events recorded and not yet on the twins-events stream (set by the instance relaying).",
+    ),
+    (
         crate::broker::inband::UNANSWERED,
         "Inband document requests left unanswered, by reason.",
     ),
@@ -145,6 +155,16 @@ const METRIC_HELP: &[(&str, &str)] = &[
         "Start time of the process since unix epoch in seconds.",
     ),
 ];
+
+/// The store-wide lease of the change feed relay: one relay per store.
+const FEED_RELAY_LEASE: &str = "twins.feed-relay";
+/// Outbox entries a relay reads at a time.
+const FEED_RELAY_BATCH: usize = 256;
+/// Pause between two looks at an empty outbox.
+const FEED_RELAY_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// Test-only: where the relay stops for good, for a test to kill the process there
+/// (`feed-before-publish`, `feed-after-publish`). Not part of the configuration.
+const HOLD_VAR: &str = "TWINS_TEST_HOLD_AT";
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +368,23 @@ impl Application {
                 Retention::new(store.states.clone(), keep, config.states_prune_interval)
             })
             .map(|r| tokio::spawn(r.run(stop.clone())));
+        let relay = Relay::new(
+            store.outbox.clone(),
+            store.ingest.clone(),
+            Arc::new(StreamPublisher::new(
+                async_nats::jetstream::new(broker.clone()),
+                config.events_max_age,
+            )),
+            RelaySettings {
+                lease_group: FEED_RELAY_LEASE.into(),
+                holder: ingestor.holder.clone(),
+                lease_ttl: config.ingest_lease,
+                batch: FEED_RELAY_BATCH,
+                idle: FEED_RELAY_IDLE,
+                hold_at: std::env::var(HOLD_VAR).ok().and_then(|v| HoldAt::parse(&v)),
+            },
+        );
+        let relay = tokio::spawn(relay.run(stop.clone()));
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
         let presence = tokio::spawn(presence.run(stop.clone()));
         let inband = tokio::spawn({
@@ -403,8 +440,9 @@ impl Application {
             consumer.abort_handle(),
             inband.abort_handle(),
             presence.abort_handle(),
+            relay.abort_handle(),
         ];
-        let tasks = futures::future::join3(consumer, inband, presence);
+        let tasks = futures::future::join4(consumer, inband, presence, relay);
         if tokio::time::timeout_at(deadline, tasks).await.is_err() {
             tracing::warn!(
                 ?grace,

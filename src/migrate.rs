@@ -314,6 +314,7 @@ async fn copy_revisions(
             op: v.op,
             by: &v.by,
             keep: u32::MAX,
+            events: &[],
         };
         target
             .documents

@@ -118,6 +118,7 @@ async fn seed(store: &Store, twins: usize, per_twin: usize) {
                     op: *op,
                     by,
                     keep: 10,
+                    events: &[],
                 };
                 store.documents.write(&write).await.expect("document");
             }

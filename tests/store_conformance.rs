@@ -21,14 +21,15 @@ use uuid::Uuid;
 use common::backend::{self, Backend};
 use twins::domain::PageRequest;
 use twins::domain::document::{Document, VersionSummary, WriteOp, Writer};
+use twins::domain::feed::{ChangeEvent, EventKind};
 use twins::domain::history::{Window, summarize};
 use twins::domain::sampling::Write;
 use twins::domain::state::State;
 use twins::domain::time::from_nanos;
 use twins::domain::twin::{Attribute, Definition, Twin};
 use twins::store::{
-    Applied, DocumentWrite, IngestCursor, IngestStep, Lease, SeqWrite, Store, StoreError,
-    TwinFilter, TwinWrites, Versioned,
+    Applied, DocumentWrite, IngestCursor, IngestStep, Lease, OutboxEvent, SeqWrite, Store,
+    StoreError, TwinFilter, TwinWrites, Versioned,
 };
 
 /// Calls `$then!` with every case, so both backends run the same list.
@@ -84,6 +85,9 @@ macro_rules! conformance_cases {
             no_revisions_kept_leaves_the_current_version_only,
             revision_at_is_the_newest_written_at_or_before_the_time,
             deleting_a_document_or_its_twin_deletes_its_revisions,
+            outbox_records_events_with_committed_writes_only,
+            outbox_records_state_events_of_the_twins_applied_only,
+            outbox_pages_in_id_order_and_forgets_what_was_relayed,
         );
     };
 }
@@ -239,6 +243,7 @@ async fn write_keeping(
         op: op(doc.version),
         by: &by,
         keep,
+        events: &[],
     };
     store.documents.write(&write).await
 }
@@ -332,6 +337,7 @@ fn writes(twin_id: &str, expected_seq: u64, writes: Vec<(Write, u64)>) -> TwinWr
         expected_seq,
         last_break: twins::domain::history::last_break(writes.iter().map(|w| w.write.state())),
         writes,
+        events: Vec::new(),
     }
 }
 
@@ -1961,4 +1967,187 @@ fn mongodb_urls_get_the_test_database() {
         with_database("mongodb+srv://cluster.example.com/?tls=true", "db1"),
         "mongodb+srv://cluster.example.com/db1?tls=true"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Outbox
+
+/// An event of `owner`'s twin whose `new` value is `n`.
+fn event(owner: &str, twin_id: &str, kind: EventKind, n: i64) -> OutboxEvent {
+    OutboxEvent::new(
+        owner,
+        ChangeEvent {
+            kind,
+            twin_id: twin_id.into(),
+            time: at(T0_MS + n),
+            old: None,
+            new: Some(json!({ "n": n, "text": "é \"quoted\"" })),
+        },
+    )
+}
+
+/// The events pending in the outbox, oldest first.
+async fn pending(store: &Store) -> Vec<OutboxEvent> {
+    let entries = store.outbox.pending(1_000).await.unwrap();
+    let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in order: {ids:?}");
+    assert_eq!(store.outbox.backlog().await.unwrap(), entries.len() as u64);
+    entries.into_iter().map(|e| e.event).collect()
+}
+
+async fn outbox_records_events_with_committed_writes_only(store: &Store) {
+    let tw = plain_twin(ALICE, "recorded");
+    let created = [event(ALICE, &tw.id, EventKind::TwinCreated, 1)];
+    store.twins.save_recorded(&tw, &created).await.unwrap();
+    // A save that fails records nothing.
+    let again = [event(ALICE, &tw.id, EventKind::TwinCreated, 2)];
+    assert!(matches!(
+        store.twins.save_recorded(&tw, &again).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    let mut next = tw.clone();
+    next.name = "renamed".into();
+    next.revision = 1;
+    let stale = [event(ALICE, &tw.id, EventKind::TwinUpdated, 3)];
+    assert!(!store.twins.update_recorded(&next, 7, &stale).await.unwrap());
+    let updated = [
+        event(ALICE, &tw.id, EventKind::TwinUpdated, 4),
+        event(ALICE, &tw.id, EventKind::TwinUpdated, 5),
+    ];
+    assert!(
+        store
+            .twins
+            .update_recorded(&next, 0, &updated)
+            .await
+            .unwrap()
+    );
+
+    let doc = document(&tw.id, "d", 1, json!({"on": true}));
+    let put = [event(ALICE, &tw.id, EventKind::DocumentPut, 6)];
+    let by = writer(1);
+    let write = |expected, events| DocumentWrite {
+        doc: &doc,
+        expected,
+        op: op(1),
+        by: &by,
+        keep: 10,
+        events,
+    };
+    assert_eq!(
+        store.documents.write(&write(Some(4), &put)).await.unwrap(),
+        Versioned::Stale { actual: None }
+    );
+    assert_eq!(
+        store.documents.write(&write(None, &put)).await.unwrap(),
+        Versioned::Done
+    );
+    let deleted = [event(ALICE, &tw.id, EventKind::DocumentDeleted, 7)];
+    for (expected, outcome) in [
+        (3, Versioned::Stale { actual: Some(1) }),
+        (1, Versioned::Done),
+    ] {
+        let deleting = store
+            .documents
+            .delete_recorded(&tw.id, "d", Some(expected), &deleted)
+            .await;
+        assert_eq!(deleting.unwrap(), outcome);
+    }
+
+    // A removal at another revision, or by another owner, records nothing.
+    let removed = [event(ALICE, &tw.id, EventKind::TwinDeleted, 8)];
+    assert!(
+        !store
+            .twins
+            .remove_recorded(ALICE, &tw.id, Some(0), &removed)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .twins
+            .remove_recorded(BOB, &tw.id, None, &removed)
+            .await
+            .unwrap()
+    );
+    assert!(store.twins.retrieve(ALICE, &tw.id).await.unwrap().is_some());
+    assert!(
+        store
+            .twins
+            .remove_recorded(ALICE, &tw.id, Some(1), &removed)
+            .await
+            .unwrap()
+    );
+
+    let expected: Vec<OutboxEvent> = [&created[..], &updated, &put, &deleted, &removed].concat();
+    assert_eq!(pending(store).await, expected);
+}
+
+async fn outbox_records_state_events_of_the_twins_applied_only(store: &Store) {
+    let mut a = writes(
+        "a",
+        0,
+        vec![(Write::Insert(state("a", 0, json!({"v": 1}))), 1)],
+    );
+    a.events = vec![event(ALICE, "a", EventKind::StateCreated, 1)];
+    ingest(store, vec![a.clone()]).await;
+    // "a" moved on: its writes and events computed from 0 are refused, b's go in.
+    let mut stale = writes(
+        "a",
+        0,
+        vec![(Write::Insert(state("a", 1, json!({"v": 2}))), 2)],
+    );
+    stale.events = vec![event(ALICE, "a", EventKind::StateCreated, 2)];
+    let mut b = writes(
+        "b",
+        0,
+        vec![(Write::Insert(state("b", 0, json!({"v": 3}))), 2)],
+    );
+    b.events = vec![
+        event(BOB, "b", EventKind::StateCreated, 3),
+        event(BOB, "b", EventKind::StateUpdated, 4),
+    ];
+    assert_eq!(ingest(store, vec![stale, b.clone()]).await, vec!["a"]);
+    assert_eq!(pending(store).await, [a.events, b.events].concat());
+}
+
+async fn outbox_pages_in_id_order_and_forgets_what_was_relayed(store: &Store) {
+    let tw = plain_twin(ALICE, "many");
+    let events: Vec<OutboxEvent> = (0..7)
+        .map(|n| event(ALICE, &tw.id, EventKind::TwinUpdated, n))
+        .collect();
+    store.twins.save_recorded(&tw, &events).await.unwrap();
+    let first = store.outbox.pending(3).await.unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        events[..3]
+    );
+    let ids: Vec<i64> = first.iter().map(|e| e.id).collect();
+    store.outbox.relayed(&ids).await.unwrap();
+    // Relayed twice (a relay that died before it knew) is harmless.
+    store.outbox.relayed(&ids).await.unwrap();
+    store.outbox.relayed(&[]).await.unwrap();
+    assert_eq!(pending(store).await, events[3..]);
+    // Ids keep increasing once the outbox is empty.
+    let rest: Vec<i64> = store
+        .outbox
+        .pending(100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    store.outbox.relayed(&rest).await.unwrap();
+    assert_eq!(store.outbox.backlog().await.unwrap(), 0);
+    let later = [event(ALICE, &tw.id, EventKind::TwinDeleted, 9)];
+    assert!(
+        store
+            .twins
+            .remove_recorded(ALICE, &tw.id, None, &later)
+            .await
+            .unwrap()
+    );
+    let last = store.outbox.pending(10).await.unwrap();
+    assert_eq!(last.len(), 1);
+    assert!(last[0].id > *rest.last().unwrap());
 }

@@ -9,6 +9,7 @@ pub mod feed;
 pub mod inband;
 pub mod notifier;
 pub mod presence;
+pub mod relay;
 
 use async_trait::async_trait;
 use bytes::Bytes;

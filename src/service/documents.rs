@@ -17,11 +17,13 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::contention::Contention;
+use super::outbox::change as change_event;
 use super::twins::parse_twin_id;
 use super::{ServiceError, ServiceResult, VersionMismatch};
 use crate::domain::document::{
     self, Difference, Document, DocumentName, DocumentSummary, VersionSummary, WriteOp, Writer,
 };
+use crate::domain::feed::EventKind;
 use crate::domain::time::now_millis;
 use crate::domain::twin::Twin;
 use crate::domain::{Page, PageRequest, ValidationError};
@@ -227,7 +229,8 @@ impl DocumentsService {
             let data = match &change {
                 Change::Put(data) => data.clone(),
                 Change::Patch(patch) => {
-                    let mut target = Value::Object(current.map(|d| d.data).unwrap_or_default());
+                    let mut target =
+                        Value::Object(current.as_ref().map(|d| d.data.clone()).unwrap_or_default());
                     document::merge_patch(&mut target, &Value::Object(patch.clone()));
                     match target {
                         Value::Object(m) => m,
@@ -248,12 +251,25 @@ impl DocumentsService {
                 (Change::Put(_), Some(_)) => WriteOp::Put,
                 (Change::Patch(_), Some(_)) => WriteOp::Patch,
             };
+            let kind = match &change {
+                Change::Put(_) => EventKind::DocumentPut,
+                Change::Patch(_) => EventKind::DocumentPatched,
+            };
+            let events = [change_event(
+                &twin.owner,
+                kind,
+                &twin.id,
+                doc.updated,
+                current.as_ref(),
+                Some(&doc),
+            )?];
             let write = DocumentWrite {
                 doc: &doc,
                 expected: stored,
                 op,
                 by: &access.writer(),
                 keep: self.revisions,
+                events: &events,
             };
             match self.store.documents.write(&write).await? {
                 Versioned::Done => return Ok((doc, stored.is_none())),
@@ -331,10 +347,18 @@ impl DocumentsService {
                 .await?
                 .ok_or(ServiceError::NotFound)?;
             check_version(&twin.id, &name, version, Some(current.version))?;
+            let events = [change_event(
+                &twin.owner,
+                EventKind::DocumentDeleted,
+                &twin.id,
+                now_millis(),
+                Some(&current),
+                None,
+            )?];
             match self
                 .store
                 .documents
-                .delete(&twin.id, name.as_str(), Some(current.version))
+                .delete_recorded(&twin.id, name.as_str(), Some(current.version), &events)
                 .await?
             {
                 Versioned::Done => return Ok(current),

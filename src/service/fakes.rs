@@ -33,8 +33,8 @@ use crate::domain::{Page, PageRequest};
 use crate::service::ingest::{IngestError, Rejected, SetAside};
 use crate::store::{
     Applied, DocumentRepository, DocumentWrite, HealthCheck, IngestCursor, IngestRepository,
-    IngestStep, Lease, StateRepository, Store, StoreError, StoreResult, TwinFilter, TwinRepository,
-    Versioned,
+    IngestStep, Lease, OutboxEntry, OutboxEvent, OutboxRepository, StateRepository, Store,
+    StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 
 /// The kind of store error an injected failure raises.
@@ -82,6 +82,10 @@ struct Tables {
     /// twin id -> stream sequence of the last message applied.
     sequences: HashMap<String, u64>,
     groups: HashMap<String, Group>,
+    /// The change events recorded, with their ids, oldest first.
+    outbox: Vec<OutboxEntry>,
+    /// The id of the last event recorded.
+    outbox_id: i64,
 }
 
 struct Group {
@@ -132,6 +136,7 @@ impl Memory {
     /// A [`Store`] whose every port is this backend.
     pub fn store(self: &Arc<Self>) -> Store {
         Store::new(
+            self.clone(),
             self.clone(),
             self.clone(),
             self.clone(),
@@ -284,6 +289,16 @@ impl Tables {
             .map(|(_, s)| s.clone())
     }
 
+    fn record(&mut self, events: &[OutboxEvent]) {
+        for e in events {
+            self.outbox_id += 1;
+            self.outbox.push(OutboxEntry {
+                id: self.outbox_id,
+                event: e.clone(),
+            });
+        }
+    }
+
     fn version(&self, twin_id: &str, name: &str) -> Option<i64> {
         self.documents
             .get(&(twin_id.to_owned(), name.to_owned()))
@@ -293,7 +308,7 @@ impl Tables {
 
 #[async_trait]
 impl TwinRepository for Memory {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
         self.enter("twins.save")?;
         let mut data = self.data();
         if data.twins.iter().any(|t| t.id == twin.id) {
@@ -302,10 +317,16 @@ impl TwinRepository for Memory {
             ));
         }
         data.twins.push(twin.clone());
+        data.record(events);
         Ok(())
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         self.enter("twins.update")?;
         let mut data = self.data();
         let Some(stored) = data
@@ -323,6 +344,7 @@ impl TwinRepository for Memory {
             return Ok(false);
         }
         *stored = twin.clone();
+        data.record(events);
         Ok(true)
     }
 
@@ -362,11 +384,19 @@ impl TwinRepository for Memory {
         })
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         self.enter("twins.remove")?;
         let mut data = self.data();
         let before = data.twins.len();
-        data.twins.retain(|t| !(t.id == id && t.owner == owner));
+        data.twins.retain(|t| {
+            !(t.id == id && t.owner == owner && expected_revision.is_none_or(|r| t.revision == r))
+        });
         if data.twins.len() == before {
             return Ok(false);
         }
@@ -374,6 +404,7 @@ impl TwinRepository for Memory {
         data.sequences.remove(id);
         data.documents.retain(|(twin_id, _), _| twin_id != id);
         data.revisions.retain(|(twin_id, _), _| twin_id != id);
+        data.record(events);
         Ok(true)
     }
 
@@ -570,14 +601,16 @@ impl DocumentRepository for Memory {
             (doc.twin_id.clone(), doc.document_name.clone()),
             doc.clone(),
         );
+        data.record(write.events);
         Ok(Versioned::Done)
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
         self.enter("documents.delete")?;
         let mut data = self.data();
@@ -589,6 +622,7 @@ impl DocumentRepository for Memory {
         let key = (twin_id.to_owned(), name.to_owned());
         data.documents.remove(&key);
         data.revisions.remove(&key);
+        data.record(events);
         Ok(Versioned::Done)
     }
 
@@ -745,6 +779,7 @@ impl IngestRepository for Memory {
                 }
             }
             data.sequences.insert(tw.twin_id.clone(), tw.new_seq());
+            data.record(&tw.events);
         }
         if let Some(g) = data.groups.get_mut(&step.group)
             && conflicts.is_empty()
@@ -765,6 +800,25 @@ impl IngestRepository for Memory {
         Ok(Applied::Done {
             conflicts: Vec::new(),
         })
+    }
+}
+
+#[async_trait]
+impl OutboxRepository for Memory {
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        self.enter("outbox.pending")?;
+        Ok(self.data().outbox.iter().take(limit).cloned().collect())
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        self.enter("outbox.relayed")?;
+        self.data().outbox.retain(|e| !ids.contains(&e.id));
+        Ok(())
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        self.enter("outbox.backlog")?;
+        Ok(self.data().outbox.len() as u64)
     }
 }
 
@@ -861,6 +915,7 @@ mod tests {
                     write: Write::Insert(state(twin_id, id)),
                     seq: to,
                 }],
+                events: Vec::new(),
                 last_break: None,
             }],
         }
@@ -967,6 +1022,7 @@ mod tests {
             op: WriteOp::Create,
             by: &Writer::Service,
             keep: 1,
+            events: &[],
         };
         assert_eq!(
             store.documents.write(&write).await.unwrap(),

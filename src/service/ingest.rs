@@ -27,14 +27,20 @@ use std::sync::{Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::Utc;
 
+use super::ServiceError;
 use super::inband::{Kind, classify};
 use super::lookup::TwinLookup;
+use super::outbox::change;
+use crate::domain::feed::EventKind;
 use crate::domain::history;
 use crate::domain::sampling::{self, Write};
 use crate::domain::senml::{self, Record};
+use crate::domain::time::now_millis;
 use crate::domain::twin::Definition;
 use crate::error::Cause;
-use crate::store::{Applied, IngestCursor, IngestStep, SeqWrite, Store, StoreError, TwinWrites};
+use crate::store::{
+    Applied, IngestCursor, IngestStep, OutboxEvent, SeqWrite, Store, StoreError, TwinWrites,
+};
 
 /// How often a step is recomputed for twins that moved under it.
 const REDO_ATTEMPTS: usize = 5;
@@ -216,6 +222,7 @@ pub fn plan<'r>(
         twin_id: twin_id.to_owned(),
         expected_seq: cursor.seq,
         writes,
+        events: Vec::new(),
         last_break,
     };
     TwinPlan {
@@ -226,6 +233,36 @@ pub fn plan<'r>(
         writes,
         duplicates,
     }
+}
+
+/// The change events of a twin's planned writes: `state.created` for a new state, with
+/// the state before it (the twin's latest until then, or null for its first) as `old`;
+/// `state.updated` for the latest state changed in place, with its previous version as
+/// `old`. A run of messages folded into one write is one change, hence one event.
+pub fn state_events(
+    owner: &str,
+    cursor: &IngestCursor,
+    writes: &[SeqWrite],
+) -> Result<Vec<OutboxEvent>, ServiceError> {
+    let now = now_millis();
+    let mut before = cursor.last.as_ref();
+    let mut events = Vec::with_capacity(writes.len());
+    for w in writes {
+        let (kind, state) = match &w.write {
+            Write::Insert(s) => (EventKind::StateCreated, s),
+            Write::Update(s) => (EventKind::StateUpdated, s),
+        };
+        events.push(change(
+            owner,
+            kind,
+            &state.twin_id,
+            now,
+            before,
+            Some(state),
+        )?);
+        before = Some(state);
+    }
+    Ok(events)
 }
 
 /// Adds `w` to the pending writes, folding it into an earlier write of the same state
@@ -453,7 +490,15 @@ impl IngestService {
                     r.records.as_slice(),
                 )
             });
-            plans.push((plan(twin_id, &cursor, definition, messages), seqs));
+            let mut planned = plan(twin_id, &cursor, definition, messages);
+            match state_events(&twin.owner, &cursor, &planned.writes.writes) {
+                Ok(events) => planned.writes.events = events,
+                Err(e) => {
+                    reject_all("corrupt_state", &e);
+                    continue;
+                }
+            }
+            plans.push((planned, seqs));
         }
         Ok(plans)
     }
@@ -764,6 +809,41 @@ mod tests {
                 seq: 4
             }]
         );
+    }
+
+    #[test]
+    fn state_events_carry_the_state_before_each_write() {
+        let cursor = IngestCursor {
+            last: Some(state(4, 10, 1.0)),
+            seq: 2,
+        };
+        let p = run(&cursor, &[(3, record(10, 2.0)), (4, record(30, 3.0))]);
+        let events = state_events("o", &cursor, &p.writes.writes).unwrap();
+        let summary: Vec<_> = events
+            .iter()
+            .map(|e| {
+                assert_eq!(e.owner, "o");
+                (e.event.kind, e.event.old.clone(), e.event.new.clone())
+            })
+            .collect();
+        let value = |s: State| Some(serde_json::to_value(s).unwrap());
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    EventKind::StateUpdated,
+                    value(state(4, 10, 1.0)),
+                    value(state(4, 10, 2.0))
+                ),
+                (
+                    EventKind::StateCreated,
+                    value(state(4, 10, 2.0)),
+                    value(state(5, 30, 3.0))
+                ),
+            ]
+        );
+        let first = state_events("o", &IngestCursor::default(), &p.writes.writes[1..]).unwrap();
+        assert_eq!(first[0].event.old, None);
     }
 
     #[test]

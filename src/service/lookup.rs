@@ -32,7 +32,7 @@ use hashlink::LruCache;
 use crate::cache::TwinCache;
 use crate::domain::twin::{Twin, TwinFilter, WILDCARD_SUBTOPIC};
 use crate::domain::{Page, PageRequest};
-use crate::store::{StoreResult, TwinRepository};
+use crate::store::{OutboxEvent, StoreResult, TwinRepository};
 
 /// How long a store answer for a (channel, subtopic) is reused when the shared cache
 /// has none: the longest another instance's new twin can go unseen while Redis is
@@ -275,8 +275,8 @@ impl CacheMaintaining {
 
 #[async_trait]
 impl TwinRepository for CacheMaintaining {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
-        self.inner.save(twin).await?;
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
+        self.inner.save_recorded(twin, events).await?;
         self.changed(twin);
         // Failures are logged once per outage by the cache and repaired there.
         if let Err(e) = self.lookup.cache.save(twin).await {
@@ -285,8 +285,16 @@ impl TwinRepository for CacheMaintaining {
         Ok(())
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
-        let updated = self.inner.update(twin, expected_revision).await?;
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
+        let updated = self
+            .inner
+            .update_recorded(twin, expected_revision, events)
+            .await?;
         if updated {
             self.changed(twin);
             if let Err(e) = self.lookup.cache.update(twin).await {
@@ -309,8 +317,17 @@ impl TwinRepository for CacheMaintaining {
         self.inner.list(owner, filter, page).await
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
-        let removed = self.inner.remove(owner, id).await?;
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
+        let removed = self
+            .inner
+            .remove_recorded(owner, id, expected_revision, events)
+            .await?;
         if removed {
             self.lookup.forget_answers(id, &[]);
             {

@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod lookup;
 pub mod metered;
 pub mod notify;
+pub mod outbox;
 pub mod retention;
 pub mod traced;
 pub mod twins;

@@ -6,6 +6,7 @@
 
 use async_trait::async_trait;
 
+use crate::domain::feed::EventKind;
 use crate::domain::state::State;
 use crate::domain::time::now_millis;
 use crate::domain::twin::{Metadata, NewDefinition, Twin, TwinFilter, TwinName};
@@ -13,6 +14,7 @@ use crate::domain::{Page, PageRequest};
 use crate::store::Store;
 
 use super::contention::Contention;
+use super::outbox::change;
 use super::{ServiceError, ServiceResult};
 
 /// A twin id taken from a client: a UUID, normalised to lowercase hyphenated form.
@@ -129,6 +131,7 @@ impl TwinsService {
         let mut contention = Contention::default();
         while contention.next().await {
             let mut twin = self.retrieve(owner, id).await?;
+            let old = twin.clone();
             let read_revision = twin.revision;
             let now = now_millis().max(twin.updated);
             if let Some(name) = &update.name {
@@ -150,7 +153,20 @@ impl TwinsService {
             }
             twin.revision += 1;
             twin.updated = now;
-            if self.store.twins.update(&twin, read_revision).await? {
+            let events = [change(
+                owner,
+                EventKind::TwinUpdated,
+                &twin.id,
+                now,
+                Some(&old),
+                Some(&twin),
+            )?];
+            if self
+                .store
+                .twins
+                .update_recorded(&twin, read_revision, &events)
+                .await?
+            {
                 return Ok(twin);
             }
         }
@@ -175,7 +191,15 @@ impl Twins for TwinsService {
             definitions: vec![definition.into_definition(0, now)],
             metadata: new.metadata.unwrap_or_default(),
         };
-        self.store.twins.save(&twin).await?;
+        let events = [change(
+            owner,
+            EventKind::TwinCreated,
+            &twin.id,
+            now,
+            None,
+            Some(&twin),
+        )?];
+        self.store.twins.save_recorded(&twin, &events).await?;
         Ok(twin)
     }
 
@@ -205,7 +229,33 @@ impl Twins for TwinsService {
         let Ok(id) = parse_twin_id(id) else {
             return Ok(None);
         };
-        Ok(self.store.twins.remove(owner, &id).await?.then_some(id))
+        // The event carries the twin as it was deleted: the deletion is conditional on
+        // the revision read, and read again when an update landed in between.
+        let mut contention = Contention::default();
+        while contention.next().await {
+            let Some(twin) = self.store.twins.retrieve(owner, &id).await? else {
+                return Ok(None);
+            };
+            let events = [change(
+                owner,
+                EventKind::TwinDeleted,
+                &id,
+                now_millis(),
+                Some(&twin),
+                None,
+            )?];
+            if self
+                .store
+                .twins
+                .remove_recorded(owner, &id, Some(twin.revision), &events)
+                .await?
+            {
+                return Ok(Some(id));
+            }
+        }
+        Err(ServiceError::Unavailable(
+            "the twin is being updated concurrently; retry".into(),
+        ))
     }
 
     async fn list_states(

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
+use crate::domain::feed::ChangeEvent;
 use crate::domain::history::{AttributeSummary, Summary, Window};
 
 use crate::domain::sampling::Write;
@@ -61,14 +62,30 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// on parameters, and a filter of bounded size on the other backends.
 const MANY: usize = 500;
 
+/// Twins. Each write takes the change events it makes ([`OutboxEvent`]) and records them
+/// in the outbox in the same durable step, or neither happens; the plain `save`,
+/// `update` and `remove` record none.
 #[async_trait]
 pub trait TwinRepository: Send + Sync {
     /// Inserts a new twin.
-    async fn save(&self, twin: &Twin) -> StoreResult<()>;
+    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+        self.save_recorded(twin, &[]).await
+    }
+    /// Inserts a new twin and records `events` with it.
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()>;
     /// Replaces the twin with the same id and owner if its stored revision is still
     /// `expected_revision`; false when there is no such twin (missing, foreign or
     /// changed meanwhile).
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool>;
+    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+        self.update_recorded(twin, expected_revision, &[]).await
+    }
+    /// [`update`](Self::update), recording `events` when it happens.
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool>;
     /// The twin with this id if `owner` owns it.
     async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>>;
     /// A page of the owner's twins in creation order, with the number of twins matching.
@@ -80,7 +97,18 @@ pub trait TwinRepository: Send + Sync {
     ) -> StoreResult<Page<Twin>>;
     /// Deletes the twin with its states (and documents) if `owner` owns it; false
     /// when nothing was deleted.
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool>;
+    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+        self.remove_recorded(owner, id, None, &[]).await
+    }
+    /// [`remove`](Self::remove), only while the stored revision is `expected_revision`
+    /// (any when None), recording `events` when it happens.
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool>;
     /// Ids of twins whose current definition has an attribute on `channel` with this
     /// subtopic or the wildcard subtopic. Used by ingestion, which acts for every owner.
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>>;
@@ -339,6 +367,8 @@ pub struct DocumentWrite<'a> {
     pub by: &'a Writer,
     /// Earlier revisions to keep besides the new version; older ones are pruned.
     pub keep: u32,
+    /// Change events recorded in the outbox with the write.
+    pub events: &'a [OutboxEvent],
 }
 
 impl DocumentWrite<'_> {
@@ -369,6 +399,16 @@ pub trait DocumentRepository: Send + Sync {
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+    ) -> StoreResult<Versioned> {
+        self.delete_recorded(twin_id, name, expected, &[]).await
+    }
+    /// [`delete`](Self::delete), recording `events` in the outbox when it happens.
+    async fn delete_recorded(
+        &self,
+        twin_id: &str,
+        name: &str,
+        expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned>;
     /// A page of the document's kept revisions, newest first, with how many are kept.
     async fn versions(
@@ -410,6 +450,8 @@ pub struct TwinWrites {
     /// At most one write per state id, in id order, each with the stream sequence of
     /// the last message that made it (increasing).
     pub writes: Vec<SeqWrite>,
+    /// Change events recorded in the outbox with the writes, when they are made.
+    pub events: Vec<OutboxEvent>,
     /// The greatest id among the new states created before the state before them
     /// ([`crate::domain::history::last_break`] of the stored latest state and the
     /// writes): the store keeps the twin's greatest such id, so that a history in time
@@ -431,6 +473,70 @@ pub struct SeqWrite {
     pub seq: u64,
 }
 
+/// A change event as a write hands it to the store, recorded in the outbox in the
+/// write's durable step (SPEC 12).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEvent {
+    /// Unique across every store and instance that may share a broker (a random UUID):
+    /// the stream's `Nats-Msg-Id`, so that publishing it again is de-duplicated.
+    pub msg_id: String,
+    /// The twin's owner, whose key the subject carries.
+    pub owner: String,
+    pub event: ChangeEvent,
+}
+
+impl OutboxEvent {
+    /// A new event of `owner`'s twin with a fresh message id.
+    pub fn new(owner: &str, event: ChangeEvent) -> Self {
+        Self {
+            msg_id: uuid::Uuid::new_v4().simple().to_string(),
+            owner: owner.to_owned(),
+            event,
+        }
+    }
+
+    /// The subject the event is published on.
+    pub fn subject(&self) -> String {
+        crate::domain::feed::subject(&self.owner, &self.event.twin_id, self.event.kind)
+    }
+
+    /// The event as stored on the stream.
+    pub fn payload(&self) -> StoreResult<String> {
+        serde_json::to_string(&self.event).map_err(|e| StoreError::Internal(e.into()))
+    }
+
+    /// The event from a stored payload.
+    pub fn decode(msg_id: String, owner: String, payload: &str) -> StoreResult<Self> {
+        let event = serde_json::from_str(payload)
+            .map_err(|e| StoreError::Internal(format!("corrupt outbox entry: {e}").into()))?;
+        Ok(Self {
+            msg_id,
+            owner,
+            event,
+        })
+    }
+}
+
+/// An outbox entry waiting to be relayed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    /// Its place in the outbox: entries are relayed in increasing id order, which is
+    /// the order their writes committed in for any one twin.
+    pub id: i64,
+    pub event: OutboxEvent,
+}
+
+/// The outbox as the relay sees it.
+#[async_trait]
+pub trait OutboxRepository: Send + Sync {
+    /// The oldest pending entries, in id order, at most `limit`.
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>>;
+    /// Removes entries once the stream holds them.
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()>;
+    /// How many entries are pending.
+    async fn backlog(&self) -> StoreResult<u64>;
+}
+
 /// The repositories of one backend, shared by the services.
 #[derive(Clone)]
 pub struct Store {
@@ -438,6 +544,8 @@ pub struct Store {
     pub states: Arc<dyn StateRepository>,
     pub documents: Arc<dyn DocumentRepository>,
     pub ingest: Arc<dyn IngestRepository>,
+    /// The change events recorded with the writes, until they are relayed.
+    pub outbox: Arc<dyn OutboxRepository>,
     /// Bulk copy for `twins migrate`; the SQL stores have it.
     pub transfer: Option<Arc<dyn transfer::Transfer>>,
     health: Arc<dyn HealthCheck>,
@@ -457,6 +565,7 @@ impl Store {
         states: Arc<dyn StateRepository>,
         documents: Arc<dyn DocumentRepository>,
         ingest: Arc<dyn IngestRepository>,
+        outbox: Arc<dyn OutboxRepository>,
         health: Arc<dyn HealthCheck>,
     ) -> Self {
         Self {
@@ -464,14 +573,34 @@ impl Store {
             states: Arc::new(traced::Traced(states)),
             documents: Arc::new(traced::Traced(documents)),
             ingest: Arc::new(traced::Traced(ingest)),
+            outbox: Arc::new(traced::Traced(outbox)),
             transfer: None,
             health: Arc::new(traced::Traced(health)),
         }
     }
 
-    fn with_transfer(mut self, transfer: Arc<dyn transfer::Transfer>) -> Self {
-        self.transfer = Some(transfer);
-        self
+    /// The store of a backend that is every port at once, with bulk copy.
+    fn of_backend<B>(backend: Arc<B>) -> Self
+    where
+        B: TwinRepository
+            + StateRepository
+            + DocumentRepository
+            + IngestRepository
+            + OutboxRepository
+            + HealthCheck
+            + transfer::Transfer
+            + 'static,
+    {
+        let mut store = Self::new(
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+            backend.clone(),
+        );
+        store.transfer = Some(backend);
+        store
     }
 
     pub async fn ping(&self) -> StoreResult<()> {
@@ -488,21 +617,15 @@ impl Store {
     pub async fn connect_with(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(
-                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
-            return Ok(
-                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let s = Arc::new(postgres::PostgresStore::connect(url, pool_size).await?);
-            return Ok(
-                Self::new(s.clone(), s.clone(), s.clone(), s.clone(), s.clone()).with_transfer(s),
-            );
+            return Ok(Self::of_backend(s));
         }
         Err(StoreError::Internal(
             format!(

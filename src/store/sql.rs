@@ -9,7 +9,7 @@
 
 use serde::de::DeserializeOwned;
 
-use super::{StoreError, StoreResult};
+use super::{OutboxEntry, OutboxEvent, StoreError, StoreResult};
 use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
 use crate::domain::sampling::Write;
 use crate::domain::state::State;
@@ -39,7 +39,9 @@ pub const SELECT_ANY_TWINS: &str =
     "SELECT id, owner, name, revision, created, updated, definitions, metadata
     FROM twins WHERE id = ANY($1)";
 
-pub const DELETE_TWIN: &str = "DELETE FROM twins WHERE id = $1 AND owner = $2";
+/// Id, owner, the revision it must have (any when null).
+pub const DELETE_TWIN: &str =
+    "DELETE FROM twins WHERE id = $1 AND owner = $2 AND ($3 IS NULL OR revision = $3)";
 
 /// What goes with a deleted twin, each bound to its id.
 pub const DELETE_TWIN_ROWS: [&str; 6] = [
@@ -567,4 +569,35 @@ pub fn to_i64(v: u64) -> i64 {
 /// A stored sequence or position as the stream counts it.
 pub fn seq_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// The oldest `$1` entries of the outbox, in id order.
+pub const PENDING_EVENTS: &str =
+    "SELECT id, msg_id, owner, payload FROM feed_outbox ORDER BY id LIMIT $1";
+
+pub const OUTBOX_BACKLOG: &str = "SELECT COUNT(*) FROM feed_outbox";
+
+/// An outbox row.
+pub fn outbox_from_row(row: &impl Columns) -> StoreResult<OutboxEntry> {
+    Ok(OutboxEntry {
+        id: row.int("id")?,
+        event: OutboxEvent::decode(
+            row.text("msg_id")?,
+            row.text("owner")?,
+            &row.text("payload")?,
+        )?,
+    })
+}
+
+/// The outbox rows of `events`, as (message id, owner, payload) columns.
+pub fn outbox_columns<'a>(
+    events: impl IntoIterator<Item = &'a OutboxEvent>,
+) -> StoreResult<(Vec<&'a str>, Vec<&'a str>, Vec<String>)> {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for e in events {
+        columns.0.push(e.msg_id.as_str());
+        columns.1.push(e.owner.as_str());
+        columns.2.push(e.payload()?);
+    }
+    Ok(columns)
 }

@@ -15,7 +15,8 @@ use tracing::{Instrument, Span};
 
 use super::{
     Applied, DocumentRepository, DocumentWrite, HealthCheck, IngestCursor, IngestRepository,
-    IngestStep, Lease, StateRepository, StoreResult, TwinFilter, TwinRepository, Versioned,
+    IngestStep, Lease, OutboxEntry, OutboxEvent, OutboxRepository, StateRepository, StoreResult,
+    TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -49,12 +50,21 @@ async fn traced<T>(op: &'static str, call: impl Future<Output = StoreResult<T>>)
 
 #[async_trait]
 impl TwinRepository for Traced<dyn TwinRepository> {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
-        traced("store.twins.save", self.0.save(twin)).await
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
+        traced("store.twins.save", self.0.save_recorded(twin, events)).await
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
-        traced("store.twins.update", self.0.update(twin, expected_revision)).await
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
+        traced(
+            "store.twins.update",
+            self.0.update_recorded(twin, expected_revision, events),
+        )
+        .await
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
@@ -70,8 +80,18 @@ impl TwinRepository for Traced<dyn TwinRepository> {
         traced("store.twins.list", self.0.list(owner, filter, page)).await
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
-        traced("store.twins.remove", self.0.remove(owner, id)).await
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
+        traced(
+            "store.twins.remove",
+            self.0.remove_recorded(owner, id, expected_revision, events),
+        )
+        .await
     }
 
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
@@ -179,15 +199,16 @@ impl DocumentRepository for Traced<dyn DocumentRepository> {
         traced("store.documents.write", self.0.write(write)).await
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
         traced(
             "store.documents.delete",
-            self.0.delete(twin_id, name, expected),
+            self.0.delete_recorded(twin_id, name, expected, events),
         )
         .await
     }
@@ -229,6 +250,21 @@ impl DocumentRepository for Traced<dyn DocumentRepository> {
             self.0.revision_at(twin_id, name, at),
         )
         .await
+    }
+}
+
+#[async_trait]
+impl OutboxRepository for Traced<dyn OutboxRepository> {
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        traced("store.outbox.pending", self.0.pending(limit)).await
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        traced("store.outbox.relayed", self.0.relayed(ids)).await
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        traced("store.outbox.backlog", self.0.backlog()).await
     }
 }
 

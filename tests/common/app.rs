@@ -385,6 +385,13 @@ impl TestApp {
         self.instances.push(instance);
     }
 
+    /// Sets a variable for the instances started from now on (an empty value unsets
+    /// one).
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != name);
+        self.vars.push((name.to_owned(), value.to_owned()));
+    }
+
     /// Every running instance, oldest first.
     pub fn instances(&self) -> &[Instance] {
         &self.instances

@@ -34,6 +34,15 @@ pub const OVERLOADED: &str = "overloaded-token";
 /// A token for which the auth service answers an identity with an empty id.
 pub const ANONYMOUS: &str = "anonymous-token";
 
+/// Prefix of tokens identifying the user named by the rest (see [`token_of`]).
+pub const USER_TOKEN_PREFIX: &str = "user-token-";
+
+/// A token the in-test auth service answers with identity `id`: a user of the test's
+/// own.
+pub fn token_of(id: &str) -> String {
+    format!("{USER_TOKEN_PREFIX}{id}")
+}
+
 /// How long [`AuthServer::called`] waits for a call before failing the test.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -64,7 +73,10 @@ impl AuthService for Users {
             BOB => identity(BOB_ID),
             ANONYMOUS => identity(""),
             OVERLOADED => Err(Status::unavailable("auth service overloaded")),
-            _ => Err(Status::unauthenticated("unknown token")),
+            token => match token.strip_prefix(USER_TOKEN_PREFIX) {
+                Some(id) if !id.is_empty() => identity(id),
+                _ => Err(Status::unauthenticated("unknown token")),
+            },
         }
     }
 }

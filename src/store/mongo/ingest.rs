@@ -17,10 +17,14 @@ use chrono::Utc;
 use mongodb::Collection;
 use mongodb::options::ReturnDocument;
 
+use super::outbox::{self, Check};
 use super::{MongoStore, codec, filters, map_err};
 use crate::domain::sampling::Write;
+use crate::domain::state::State;
+use crate::domain::time::{from_nanos, to_nanos};
 use crate::store::{
-    Applied, IngestCursor, IngestRepository, IngestStep, Lease, StoreError, StoreResult, TwinWrites,
+    Applied, IngestCursor, IngestRepository, IngestStep, Lease, OutboxEvent, StoreError,
+    StoreResult, TwinWrites,
 };
 
 /// Collection of the groups' positions and leases.
@@ -57,6 +61,41 @@ fn state_at(twin_id: &str, id: i64, expected: u64) -> Document {
     filter
 }
 
+/// The events a twin's write `i` carries: the event of the same index, and the events
+/// past the last write with the last write.
+fn marks(tw: &TwinWrites, i: usize) -> Vec<&OutboxEvent> {
+    let last = tw.writes.len().saturating_sub(1);
+    let upto = if i == last { tw.events.len() } else { i + 1 };
+    tw.events.get(i..upto).unwrap_or_default().iter().collect()
+}
+
+/// A state event with its states as MongoDB stores them and the API then serves them:
+/// times in whole milliseconds (a BSON date).
+fn as_stored(event: &OutboxEvent) -> OutboxEvent {
+    let mut event = event.clone();
+    for value in [&mut event.event.old, &mut event.event.new]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(mut state) = serde_json::from_value::<State>(value.clone()) {
+            state.created = from_nanos(to_nanos(&state.created).div_euclid(1_000_000) * 1_000_000);
+            if let Ok(stored) = serde_json::to_value(&state) {
+                *value = stored;
+            }
+        }
+    }
+    event
+}
+
+/// How to tell that the event `i` of a twin's writes was made: its state carries it.
+fn state_check(tw: &TwinWrites, i: usize) -> Option<Check> {
+    let state = tw.writes.get(i).or(tw.writes.last())?.write.state();
+    Some(Check::Marked {
+        collection: filters::STATES,
+        filter: filters::state(&state.twin_id, state.id),
+    })
+}
+
 /// The group's document while its position is `seq`.
 fn group_at(group: &str, seq: u64) -> Document {
     doc! { "_id": group, "seq": to_i64(seq) }
@@ -68,16 +107,19 @@ impl MongoStore {
     }
 
     /// Applies one twin's writes in id order; false as soon as one finds the twin
-    /// elsewhere than where the writes were computed from.
+    /// elsewhere than where the writes were computed from. Each state written carries
+    /// the message ids of its events (see [`marks`]).
     async fn apply_twin(&self, tw: &TwinWrites) -> StoreResult<bool> {
         let mut expected = tw.expected_seq;
         for (i, w) in tw.writes.iter().enumerate() {
+            let marks = marks(tw, i);
             match &w.write {
                 Write::Update(s) => {
                     let mut update = filters::state_update(s);
                     if let Ok(set) = update.get_document_mut("$set") {
                         set.insert("seq", to_i64(w.seq));
                     }
+                    outbox::mark(&mut update, &marks);
                     let done = self
                         .states
                         .update_one(state_at(&s.twin_id, s.id, expected), update)
@@ -104,6 +146,7 @@ impl MongoStore {
                     }
                     let mut state = codec::state_to_bson(s);
                     state.insert("seq", to_i64(w.seq));
+                    outbox::mark_new(&mut state, &marks);
                     match self.states.insert_one(state).await.map_err(map_err) {
                         Ok(_) => {}
                         Err(StoreError::Conflict(_)) => return Ok(false),
@@ -185,11 +228,33 @@ impl IngestRepository for MongoStore {
         if current.is_none() {
             return Ok(Applied::Fenced);
         }
-        let mut conflicts = Vec::new();
-        for tw in &step.twins {
-            if !self.apply_twin(tw).await? {
-                conflicts.push(tw.twin_id.clone());
+        // The step's events, each with the twin it belongs to, recorded before the
+        // states that carry them, with the states as stored.
+        let (mut events, mut checks, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+        for (t, tw) in step.twins.iter().enumerate() {
+            for (i, e) in tw.events.iter().enumerate() {
+                if let Some(check) = state_check(tw, i) {
+                    events.push(as_stored(e));
+                    checks.push(check);
+                    owners.push(t);
+                }
             }
+        }
+        let intent = self.intend(&events, checks).await?;
+        let mut conflicts = Vec::new();
+        let mut written = vec![false; step.twins.len()];
+        for (t, tw) in step.twins.iter().enumerate() {
+            match self.apply_twin(tw).await {
+                Ok(true) => written[t] = true,
+                Ok(false) => conflicts.push(tw.twin_id.clone()),
+                Err(e) => return Err(self.abandon(&intent, e).await),
+            }
+        }
+        if conflicts.is_empty() {
+            self.settle(&intent, |i| written[owners[i]]).await?;
+        } else {
+            // A twin that conflicted may have been written in part.
+            self.settle_by_checks(&intent).await?;
         }
         // Past conflicting twins' messages only once they are applied.
         let to = if conflicts.is_empty() {

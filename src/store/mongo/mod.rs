@@ -14,7 +14,10 @@
 mod codec;
 mod filters;
 mod ingest;
+mod outbox;
 mod transfer;
+
+use outbox::Check;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,8 +31,8 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use super::{
-    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, OutboxEvent, StateRepository, StoreError,
+    StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document as TwinDocument, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -152,8 +155,17 @@ impl MongoStore {
         let at = |revised| {
             filters::document_revised_at(&doc.twin_id, &doc.document_name, expected, revised)
         };
+        let marks: Vec<&OutboxEvent> = write.events.iter().collect();
         let update = |earlier| {
-            filters::document_update(doc, write.op, write.by, write.keep.min(MAX_KEPT), earlier)
+            let mut update = filters::document_update(
+                doc,
+                write.op,
+                write.by,
+                write.keep.min(MAX_KEPT),
+                earlier,
+            )?;
+            outbox::mark(&mut update, &marks);
+            Ok::<_, StoreError>(update)
         };
         let updated = self
             .documents
@@ -183,6 +195,25 @@ impl MongoStore {
             .projection(filters::versions_projection())
             .await
             .map_err(map_err)
+    }
+
+    /// Deletes the twin's data, then the twin record `at`; false when that record
+    /// changed meanwhile.
+    async fn remove_owned(&self, id: &str, at: Document) -> StoreResult<bool> {
+        self.states
+            .delete_many(filters::states_of(id))
+            .await
+            .map_err(map_err)?;
+        self.documents
+            .delete_many(filters::documents_of(id))
+            .await
+            .map_err(map_err)?;
+        self.cursors
+            .delete_many(doc! { "twinid": id })
+            .await
+            .map_err(map_err)?;
+        let r = self.twins.delete_one(at).await.map_err(map_err)?;
+        Ok(r.deleted_count == 1)
     }
 
     async fn write_state(&self, write: &Write) -> StoreResult<()> {
@@ -241,26 +272,45 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// How to tell that a change of the twin's record was made.
+fn twin_check(id: &str) -> Check {
+    Check::Marked {
+        collection: filters::TWINS,
+        filter: doc! { "id": id },
+    }
+}
+
 #[async_trait]
 impl TwinRepository for MongoStore {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
-        self.twins
-            .insert_one(codec::twin_to_bson(twin))
-            .await
-            .map_err(map_err)?;
-        Ok(())
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
+        let intent = self.intend(events, vec![twin_check(&twin.id)]).await?;
+        let mut record = codec::twin_to_bson(twin);
+        outbox::mark_new(&mut record, &events.iter().collect::<Vec<_>>());
+        match self.twins.insert_one(record).await.map_err(map_err) {
+            Err(StoreError::Conflict(e)) => {
+                self.settle(&intent, |_| false).await?;
+                Err(StoreError::Conflict(e))
+            }
+            outcome => self.conclude(&intent, outcome.map(|_| ()), |()| true).await,
+        }
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
-        let r = self
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
+        let intent = self.intend(events, vec![twin_check(&twin.id)]).await?;
+        let mut update = filters::twin_update(twin);
+        outbox::mark(&mut update, &events.iter().collect::<Vec<_>>());
+        let outcome = self
             .twins
-            .update_one(
-                filters::twin_at_revision(twin, expected_revision),
-                filters::twin_update(twin),
-            )
+            .update_one(filters::twin_at_revision(twin, expected_revision), update)
             .await
-            .map_err(map_err)?;
-        Ok(r.matched_count == 1)
+            .map_err(map_err)
+            .map(|r| r.matched_count == 1);
+        self.conclude(&intent, outcome, |done| *done).await
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
@@ -298,37 +348,32 @@ impl TwinRepository for MongoStore {
         super::page_of(total, page, &docs, codec::twin_from_bson)
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         // Ownership first, then the twin's data, the twin last: a failure half-way leaves
         // a twin that still exists and can be removed again, never data nobody owns.
-        let owned = self
+        let mut at = filters::twin(owner, id);
+        if let Some(revision) = expected_revision {
+            at.insert("revision", revision);
+        }
+        let Some(record) = self
             .twins
-            .find_one(filters::twin(owner, id))
-            .projection(filters::only(&["id"]))
+            .find_one(at.clone())
+            .projection(filters::only(&["_id"]))
             .await
             .map_err(map_err)?
-            .is_some();
-        if !owned {
+        else {
             return Ok(false);
-        }
-        self.states
-            .delete_many(filters::states_of(id))
-            .await
-            .map_err(map_err)?;
-        self.documents
-            .delete_many(filters::documents_of(id))
-            .await
-            .map_err(map_err)?;
-        self.cursors
-            .delete_many(doc! { "twinid": id })
-            .await
-            .map_err(map_err)?;
-        let r = self
-            .twins
-            .delete_one(filters::twin(owner, id))
-            .await
-            .map_err(map_err)?;
-        Ok(r.deleted_count == 1)
+        };
+        let gone = Check::gone(filters::TWINS, &record, &mut at);
+        let intent = self.intend(events, vec![gone]).await?;
+        let outcome = self.remove_owned(id, at).await;
+        self.conclude(&intent, outcome, |done| *done).await
     }
 
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
@@ -585,20 +630,24 @@ impl DocumentRepository for MongoStore {
     /// deleting the record deletes its revisions.
     async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
         let doc = write.doc;
-        let done = match write.expected {
-            None => match self
-                .documents
-                .insert_one(codec::new_document_to_bson(doc, write.op, write.by)?)
-                .await
-                .map_err(map_err)
-            {
-                Ok(_) => true,
-                Err(StoreError::Conflict(_)) => false,
-                Err(e) => return Err(e),
-            },
-            Some(v) => self.replace_document(write, v).await?,
+        let check = Check::Marked {
+            collection: filters::DOCUMENTS,
+            filter: filters::document(&doc.twin_id, &doc.document_name),
         };
-        if done {
+        let intent = self.intend(write.events, vec![check]).await?;
+        let outcome = match write.expected {
+            None => {
+                let mut record = codec::new_document_to_bson(doc, write.op, write.by)?;
+                outbox::mark_new(&mut record, &write.events.iter().collect::<Vec<_>>());
+                match self.documents.insert_one(record).await.map_err(map_err) {
+                    Ok(_) => Ok(true),
+                    Err(StoreError::Conflict(_)) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(v) => self.replace_document(write, v).await,
+        };
+        if self.conclude(&intent, outcome, |done| *done).await? {
             return Ok(Versioned::Done);
         }
         let actual = self
@@ -607,19 +656,32 @@ impl DocumentRepository for MongoStore {
         Ok(Versioned::Stale { actual })
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
-        let r = self
+        let mut at = filters::document_at_version(twin_id, name, expected);
+        let found = self
             .documents
-            .delete_one(filters::document_at_version(twin_id, name, expected))
+            .find_one(at.clone())
+            .projection(filters::only(&["_id"]))
             .await
             .map_err(map_err)?;
-        if r.deleted_count == 1 {
-            return Ok(Versioned::Done);
+        if let Some(record) = found {
+            let gone = Check::gone(filters::DOCUMENTS, &record, &mut at);
+            let intent = self.intend(events, vec![gone]).await?;
+            let outcome = self
+                .documents
+                .delete_one(at)
+                .await
+                .map_err(map_err)
+                .map(|r| r.deleted_count == 1);
+            if self.conclude(&intent, outcome, |done| *done).await? {
+                return Ok(Versioned::Done);
+            }
         }
         let actual = self.document_version(twin_id, name).await?;
         Ok(Versioned::Stale { actual })

@@ -178,6 +178,7 @@ impl IngestRepository for PostgresStore {
         let mut conflicts = Vec::new();
         let (mut inserts, mut updates) = (StateRows::default(), StateRows::default());
         let (mut cursor_ids, mut cursor_seqs) = (Vec::new(), Vec::new());
+        let mut events = Vec::new();
         let (mut break_ids, mut breaks) = (Vec::new(), Vec::new());
         for tw in &step.twins {
             if stored.get(&tw.twin_id).copied().unwrap_or(0) != tw.expected_seq {
@@ -196,6 +197,7 @@ impl IngestRepository for PostgresStore {
                 breaks.push(b);
             }
             cursor_seqs.push(to_i64(tw.new_seq()));
+            events.extend(&tw.events);
         }
         // Past conflicting twins' messages only once they are applied.
         let to = if conflicts.is_empty() {
@@ -226,6 +228,7 @@ impl IngestRepository for PostgresStore {
             .await
             .map_err(map_err)?;
         }
+        Self::record(&mut tx, events).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::Done { conflicts })
     }

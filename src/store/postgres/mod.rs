@@ -24,8 +24,8 @@ use sqlx::{Postgres, Row, SqlSafeStr, Transaction};
 
 use super::sql::{self, Columns};
 use super::{
-    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, OutboxEntry, OutboxEvent, OutboxRepository,
+    StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "state_breaks",
         include_str!("../../../migrations/postgres/0004_state_breaks.sql"),
+    ),
+    (
+        5,
+        "feed_outbox",
+        include_str!("../../../migrations/postgres/0005_feed_outbox.sql"),
     ),
 ];
 
@@ -162,6 +167,61 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// Records `events` in the outbox inside `tx`, in their order.
+    async fn record<'a>(
+        tx: &mut Transaction<'static, Postgres>,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+    ) -> StoreResult<()> {
+        let (ids, owners, payloads) = sql::outbox_columns(events)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO feed_outbox (msg_id, owner, payload)
+             SELECT m, o, p FROM UNNEST($1::text[], $2::text[], $3::text[])
+                WITH ORDINALITY AS e(m, o, p, n)
+             ORDER BY n",
+        )
+        .bind(&ids)
+        .bind(&owners)
+        .bind(&payloads)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OutboxRepository for PostgresStore {
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        let rows = sqlx::query(sql::PENDING_EVENTS)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(sql::outbox_from_row).collect()
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        sqlx::query("DELETE FROM feed_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(sql::OUTBOX_BACKLOG)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(sql::seq_of(n))
+    }
+}
+
 /// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
 fn map_err(e: sqlx::Error) -> StoreError {
     let transient = match &e {
@@ -225,7 +285,7 @@ const LIST_FILTER: &str = "owner = $1
 
 #[async_trait]
 impl TwinRepository for PostgresStore {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         sqlx::query(sql::INSERT_TWIN)
             .bind(&twin.id)
@@ -240,10 +300,16 @@ impl TwinRepository for PostgresStore {
             .await
             .map_err(map_err)?;
         Self::replace_attributes(&mut tx, twin).await?;
+        Self::record(&mut tx, events).await?;
         tx.commit().await.map_err(map_err)
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::UPDATE_TWIN)
             .bind(&twin.name)
@@ -261,6 +327,7 @@ impl TwinRepository for PostgresStore {
             return Ok(false);
         }
         Self::replace_attributes(&mut tx, twin).await?;
+        Self::record(&mut tx, events).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(true)
     }
@@ -306,11 +373,18 @@ impl TwinRepository for PostgresStore {
         super::page_of(total.max(0) as u64, page, &rows, sql::twin_from_row)
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::DELETE_TWIN)
             .bind(id)
             .bind(owner)
+            .bind(expected_revision)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -324,6 +398,7 @@ impl TwinRepository for PostgresStore {
                 .await
                 .map_err(map_err)?;
         }
+        Self::record(&mut tx, events).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(true)
     }
@@ -699,15 +774,17 @@ impl DocumentRepository for PostgresStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
+            Self::record(&mut tx, write.events).await?;
         }
         versioned(tx, done.rows_affected(), &doc.twin_id, &doc.document_name).await
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::DELETE_DOCUMENT)
@@ -724,6 +801,7 @@ impl DocumentRepository for PostgresStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
+            Self::record(&mut tx, events).await?;
         }
         versioned(tx, done.rows_affected(), twin_id, name).await
     }

@@ -118,6 +118,7 @@ impl IngestRepository for SqliteStore {
         }
         let mut conflicts = Vec::new();
         let (mut inserts, mut updates, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
+        let mut events = Vec::new();
         let mut breaks = Vec::new();
         for tw in &step.twins {
             let seq = stored.get(&tw.twin_id).copied().unwrap_or(0);
@@ -140,6 +141,7 @@ impl IngestRepository for SqliteStore {
                 ]));
             }
             cursors.push(serde_json::json!([tw.twin_id, to_i64(tw.new_seq())]));
+            events.extend(&tw.events);
             if let Some(b) = tw.last_break {
                 breaks.push((tw.twin_id.as_str(), b));
             }
@@ -176,6 +178,7 @@ impl IngestRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         }
+        Self::record(&mut tx, events).await?;
         for (twin_id, b) in breaks {
             sqlx::query(super::STATE_BREAKS[0])
                 .bind(twin_id)

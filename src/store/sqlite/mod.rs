@@ -32,8 +32,8 @@ use sqlx::{Row, Sqlite};
 
 use super::sql::{self, Columns};
 use super::{
-    DocumentRepository, DocumentWrite, HealthCheck, StateRepository, StoreError, StoreResult,
-    TwinFilter, TwinRepository, Versioned,
+    DocumentRepository, DocumentWrite, HealthCheck, OutboxEntry, OutboxEvent, OutboxRepository,
+    StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -100,6 +100,14 @@ const SCHEMA: &[&str] = &[
         holder TEXT NOT NULL,
         until INTEGER NOT NULL
     ) WITHOUT ROWID",
+    // Change events recorded with the writes that made them, until the relay has put
+    // them on the stream; AUTOINCREMENT keeps ids increasing after the table empties.
+    "CREATE TABLE IF NOT EXISTS feed_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        msg_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        payload TEXT NOT NULL
+    )",
     // One row rewritten by the health check after a failed write, to learn whether
     // writes succeed again (a read succeeds on a full disk).
     "CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL)",
@@ -318,6 +326,69 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Records `events` in the outbox inside `tx`, in their order.
+    async fn record<'a>(
+        tx: &mut WriteTx,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+    ) -> StoreResult<()> {
+        let (ids, owners, payloads) = sql::outbox_columns(events)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(&str, &str, &str)> = ids
+            .into_iter()
+            .zip(owners)
+            .zip(payloads.iter().map(String::as_str))
+            .map(|((i, o), p)| (i, o, p))
+            .collect();
+        sqlx::query(
+            "INSERT INTO feed_outbox (msg_id, owner, payload)
+             SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
+                json_extract(value, '$[2]')
+             FROM json_each(?) ORDER BY key",
+        )
+        .bind(to_json(&rows)?)
+        .execute(tx.conn())
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OutboxRepository for SqliteStore {
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        let rows = sqlx::query(sql::PENDING_EVENTS)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(sql::outbox_from_row).collect()
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM feed_outbox WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(to_json(&ids)?)
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        tx.commit().await
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(sql::OUTBOX_BACKLOG)
+            .fetch_one(&self.reader)
+            .await
+            .map_err(map_err)?;
+        Ok(sql::seq_of(n))
+    }
+}
+
 /// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
 fn map_err(e: sqlx::Error) -> StoreError {
     let (unavailable, conflict) = match &e {
@@ -386,7 +457,7 @@ const LIST_FILTER: &str = "owner = ?1
 
 #[async_trait]
 impl TwinRepository for SqliteStore {
-    async fn save(&self, twin: &Twin) -> StoreResult<()> {
+    async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         sqlx::query(sql::INSERT_TWIN)
             .bind(&twin.id)
@@ -401,10 +472,16 @@ impl TwinRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         Self::replace_attributes(&mut tx, twin).await?;
+        Self::record(&mut tx, events).await?;
         tx.commit().await
     }
 
-    async fn update(&self, twin: &Twin, expected_revision: i64) -> StoreResult<bool> {
+    async fn update_recorded(
+        &self,
+        twin: &Twin,
+        expected_revision: i64,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::UPDATE_TWIN)
             .bind(&twin.name)
@@ -423,6 +500,7 @@ impl TwinRepository for SqliteStore {
             return Ok(false);
         }
         Self::replace_attributes(&mut tx, twin).await?;
+        Self::record(&mut tx, events).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -468,11 +546,18 @@ impl TwinRepository for SqliteStore {
         super::page_of(total.max(0) as u64, page, &rows, sql::twin_from_row)
     }
 
-    async fn remove(&self, owner: &str, id: &str) -> StoreResult<bool> {
+    async fn remove_recorded(
+        &self,
+        owner: &str,
+        id: &str,
+        expected_revision: Option<i64>,
+        events: &[OutboxEvent],
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::DELETE_TWIN)
             .bind(id)
             .bind(owner)
+            .bind(expected_revision)
             .execute(tx.conn())
             .await
             .map_err(map_err)?;
@@ -487,6 +572,7 @@ impl TwinRepository for SqliteStore {
                 .await
                 .map_err(map_err)?;
         }
+        Self::record(&mut tx, events).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -929,15 +1015,17 @@ impl DocumentRepository for SqliteStore {
             .execute(tx.conn())
             .await
             .map_err(map_err)?;
+        Self::record(&mut tx, write.events).await?;
         tx.commit().await?;
         Ok(Versioned::Done)
     }
 
-    async fn delete(
+    async fn delete_recorded(
         &self,
         twin_id: &str,
         name: &str,
         expected: Option<i64>,
+        events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(sql::DELETE_DOCUMENT)
@@ -954,6 +1042,7 @@ impl DocumentRepository for SqliteStore {
                 .execute(tx.conn())
                 .await
                 .map_err(map_err)?;
+            Self::record(&mut tx, events).await?;
             tx.commit().await?;
             return Ok(Versioned::Done);
         }

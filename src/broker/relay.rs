@@ -1,0 +1,63 @@
+//! The change feed relay's publisher: events onto the `twins-events` stream, each under
+//! its `Nats-Msg-Id`, acknowledged by JetStream once stored (or found stored already).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use async_trait::async_trait;
+
+use super::feed::{FEED_STREAM, ensure_feed_stream};
+use crate::service::outbox::{FeedPublisher, PublishError};
+use crate::store::OutboxEvent;
+
+/// Publishes change events on the feed's stream.
+pub struct StreamPublisher {
+    js: jetstream::Context,
+    max_age: Duration,
+}
+
+impl StreamPublisher {
+    /// Over `js`; the stream keeps events for `max_age` (`MG_TWINS_EVENTS_MAX_AGE`).
+    pub fn new(js: jetstream::Context, max_age: Duration) -> Self {
+        Self { js, max_age }
+    }
+}
+
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> PublishError {
+    PublishError(Box::new(e))
+}
+
+#[async_trait]
+impl FeedPublisher for StreamPublisher {
+    async fn prepare(&self) -> Result<(), PublishError> {
+        ensure_feed_stream(&self.js, self.max_age)
+            .await
+            .map(|_| ())
+            .map_err(PublishError)
+    }
+
+    async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(&event.event).map_err(unavailable)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.msg_id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(event.subject(), headers, payload.into())
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        if ack.stream != FEED_STREAM {
+            return Err(PublishError(
+                format!(
+                    "{} was stored by stream {}, not {FEED_STREAM}",
+                    event.subject(),
+                    ack.stream
+                )
+                .into(),
+            ));
+        }
+        Ok(())
+    }
+}

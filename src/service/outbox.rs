@@ -1,0 +1,385 @@
+//! The change feed's write side (SPEC 12): the services record each committed change's
+//! event in the store's outbox in the change's own durable step ([`change`] builds it);
+//! the [`Relay`] puts the outbox on the feed's stream, in outbox order, and removes what
+//! the stream holds.
+//!
+//! Exactly once: an event is removed from the outbox only after the stream acknowledged
+//! it, and the stream drops a second copy of a message id it stored within its
+//! duplicate window, so a relay that dies between the two publishes it again harmlessly.
+//! One relay per store at a time (a lease in the store), and each event is published
+//! only once the one before it is acknowledged, so the stream holds each twin's events
+//! in outbox order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{ServiceError, ServiceResult};
+use crate::domain::feed::{ChangeEvent, EventKind};
+use crate::error::Cause;
+use crate::store::{IngestRepository, Lease, OutboxEvent, OutboxRepository};
+
+/// Events relayed to the stream.
+pub const RELAYED: &str = "twins_feed_events_relayed_total";
+/// Events recorded and not yet relayed.
+pub const BACKLOG: &str = "twins_feed_outbox_backlog";
+
+/// The event of a change of `owner`'s twin, with the values before and after it as the
+/// API serves them.
+pub fn change<T: Serialize>(
+    owner: &str,
+    kind: EventKind,
+    twin_id: &str,
+    time: DateTime<Utc>,
+    old: Option<&T>,
+    new: Option<&T>,
+) -> ServiceResult<OutboxEvent> {
+    let value = |v: Option<&T>| {
+        v.map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| ServiceError::Internal(e.into()))
+    };
+    Ok(OutboxEvent::new(
+        owner,
+        ChangeEvent {
+            kind,
+            twin_id: twin_id.to_owned(),
+            time,
+            old: value(old)?,
+            new: value(new)?,
+        },
+    ))
+}
+
+/// Why an event did not reach the stream; trying again later may help.
+#[derive(Debug, thiserror::Error)]
+#[error("feed stream unavailable: {0}")]
+pub struct PublishError(#[source] pub Cause);
+
+/// Where the relay puts events (the feed's stream).
+#[async_trait]
+pub trait FeedPublisher: Send + Sync {
+    /// Makes sure the stream exists with its settings; called before publishing and
+    /// again after a failure.
+    async fn prepare(&self) -> Result<(), PublishError>;
+    /// Publishes the event under its message id and returns once the stream holds it
+    /// (a copy of an id it holds already is acknowledged without being stored again).
+    async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError>;
+}
+
+/// A point where a relay stops for good, for tests that kill the process there. Not
+/// part of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldAt {
+    /// With events read from the outbox, before the first is published.
+    BeforePublish,
+    /// After the first event of a batch is acknowledged, before it leaves the outbox.
+    AfterPublish,
+}
+
+impl HoldAt {
+    /// `feed-before-publish` or `feed-after-publish`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "feed-before-publish" => Some(Self::BeforePublish),
+            "feed-after-publish" => Some(Self::AfterPublish),
+            _ => None,
+        }
+    }
+}
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// Name of the store-wide lease, so that one relay runs per store.
+    pub lease_group: String,
+    pub holder: String,
+    pub lease_ttl: Duration,
+    /// Entries read from the outbox at a time.
+    pub batch: usize,
+    /// Pause between two looks at an empty outbox.
+    pub idle: Duration,
+    pub hold_at: Option<HoldAt>,
+}
+
+/// Pause after a failure, doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Moves the outbox onto the stream; see the module docs.
+pub struct Relay {
+    outbox: Arc<dyn OutboxRepository>,
+    lease: Arc<dyn IngestRepository>,
+    publisher: Arc<dyn FeedPublisher>,
+    settings: RelaySettings,
+}
+
+/// What one pass did.
+enum Pass {
+    /// Events were relayed; look again at once.
+    Busy,
+    /// Nothing to relay, or another relay holds the lease.
+    Idle,
+}
+
+impl Relay {
+    pub fn new(
+        outbox: Arc<dyn OutboxRepository>,
+        lease: Arc<dyn IngestRepository>,
+        publisher: Arc<dyn FeedPublisher>,
+        settings: RelaySettings,
+    ) -> Self {
+        Self {
+            outbox,
+            lease,
+            publisher,
+            settings,
+        }
+    }
+
+    /// Relays until `stop`; failures are retried with a growing pause.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut state = RelayState::default();
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let pause = match self.pass(&mut state).await {
+                Ok(Pass::Busy) => {
+                    backoff = MIN_BACKOFF;
+                    None
+                }
+                Ok(Pass::Idle) => {
+                    backoff = MIN_BACKOFF;
+                    Some(self.settings.idle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "change feed relay failed");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    Some(pause)
+                }
+            };
+            if stop.is_cancelled() {
+                break;
+            }
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        if state.leased_at.is_some()
+            && let Err(e) = self
+                .lease
+                .release(&self.settings.lease_group, &self.settings.holder)
+                .await
+        {
+            tracing::debug!(error = %e, "change feed relay lease not released");
+        }
+    }
+
+    /// Takes or renews the lease when due; false while another relay holds it.
+    async fn leased(&self, state: &mut RelayState) -> Result<bool, Cause> {
+        let due = state
+            .leased_at
+            .is_none_or(|at| at.elapsed() >= self.settings.lease_ttl / 3);
+        if !due {
+            return Ok(true);
+        }
+        let lease = Lease {
+            group: self.settings.lease_group.clone(),
+            holder: self.settings.holder.clone(),
+            ttl: self.settings.lease_ttl,
+            start: 0,
+        };
+        match self.lease.lease(&lease).await? {
+            Some(_) => {
+                if state.leased_at.is_none() {
+                    tracing::info!("change feed relay started");
+                }
+                state.leased_at = Some(tokio::time::Instant::now());
+                Ok(true)
+            }
+            None => {
+                state.leased_at = None;
+                Ok(false)
+            }
+        }
+    }
+
+    /// One look at the outbox: relays at most a batch.
+    async fn pass(&self, state: &mut RelayState) -> Result<Pass, Cause> {
+        if !self.leased(state).await? {
+            return Ok(Pass::Idle);
+        }
+        // Entries the stream holds already but a failure kept in the outbox: removed
+        // without publishing them again.
+        if !state.acked.is_empty() {
+            self.outbox.relayed(&state.acked).await?;
+            state.acked.clear();
+        }
+        if !state.prepared {
+            self.publisher.prepare().await?;
+            state.prepared = true;
+        }
+        let pending = self.outbox.pending(self.settings.batch).await?;
+        self.measure_backlog(state, pending.len()).await;
+        if pending.is_empty() {
+            return Ok(Pass::Idle);
+        }
+        if self.settings.hold_at == Some(HoldAt::BeforePublish) {
+            hold("feed-before-publish", pending.len()).await;
+        }
+        for entry in &pending {
+            if let Err(e) = self.publisher.publish(&entry.event).await {
+                state.prepared = false;
+                // What was acknowledged leaves the outbox at the next pass.
+                return Err(e.into());
+            }
+            state.acked.push(entry.id);
+            metrics::counter!(RELAYED).increment(1);
+            if self.settings.hold_at == Some(HoldAt::AfterPublish) {
+                hold("feed-after-publish", state.acked.len()).await;
+            }
+        }
+        self.outbox.relayed(&state.acked).await?;
+        state.acked.clear();
+        Ok(if pending.len() < self.settings.batch {
+            Pass::Idle
+        } else {
+            Pass::Busy
+        })
+    }
+
+    /// Sets the backlog gauge: the batch read when it was not full, else a count at
+    /// most once a second.
+    async fn measure_backlog(&self, state: &mut RelayState, read: usize) {
+        if read < self.settings.batch {
+            metrics::gauge!(BACKLOG).set(read as f64);
+            return;
+        }
+        if state
+            .counted_at
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        state.counted_at = Some(tokio::time::Instant::now());
+        match self.outbox.backlog().await {
+            Ok(n) => metrics::gauge!(BACKLOG).set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "outbox backlog not counted"),
+        }
+    }
+}
+
+/// What a relay keeps between passes.
+#[derive(Default)]
+struct RelayState {
+    /// When the lease was last taken or renewed (None: not held).
+    leased_at: Option<tokio::time::Instant>,
+    /// Whether the stream was prepared since the last failure.
+    prepared: bool,
+    /// Ids of entries the stream acknowledged that are still in the outbox (at most a
+    /// batch).
+    acked: Vec<i64>,
+    counted_at: Option<tokio::time::Instant>,
+}
+
+/// Stops this relay for good, saying where, for a test to kill the process.
+async fn hold(point: &'static str, events: usize) {
+    tracing::warn!(point, events, "change feed relay held");
+    std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::service::fakes::Memory;
+
+    /// Publishes into a list; fails the next `fail` publishes.
+    #[derive(Default)]
+    struct Recording {
+        published: Mutex<Vec<OutboxEvent>>,
+        fail: Mutex<usize>,
+    }
+
+    #[async_trait]
+    impl FeedPublisher for Recording {
+        async fn prepare(&self) -> Result<(), PublishError> {
+            Ok(())
+        }
+
+        async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError> {
+            let mut fail = self.fail.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(PublishError("broker away".into()));
+            }
+            self.published.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+    }
+
+    fn event(twin: &str, n: i64) -> OutboxEvent {
+        change(
+            "o",
+            EventKind::TwinUpdated,
+            twin,
+            Utc::now(),
+            None,
+            Some(&serde_json::json!({ "n": n })),
+        )
+        .unwrap()
+    }
+
+    fn relay(db: &Arc<Memory>, publisher: Arc<Recording>, holder: &str) -> Relay {
+        let store = db.store();
+        Relay::new(
+            store.outbox,
+            store.ingest,
+            publisher,
+            RelaySettings {
+                lease_group: "feed".into(),
+                holder: holder.into(),
+                lease_ttl: Duration::from_secs(60),
+                batch: 2,
+                idle: Duration::from_millis(10),
+                hold_at: None,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn events_are_relayed_in_outbox_order_and_removed_once_acknowledged() {
+        use crate::store::TwinRepository;
+        let db = Memory::new();
+        let twin = crate::cache::flaky::twin("t", 1, &[]);
+        let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
+        db.save_recorded(&twin, &events).await.unwrap();
+        let publisher = Arc::new(Recording::default());
+        *publisher.fail.lock().unwrap() = 1;
+        let r = relay(&db, publisher.clone(), "a");
+        let mut state = RelayState::default();
+        assert!(r.pass(&mut state).await.is_err());
+        while matches!(r.pass(&mut state).await, Ok(Pass::Busy)) {}
+        assert_eq!(*publisher.published.lock().unwrap(), events);
+        assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
+
+        // Another holder waits while the lease runs.
+        db.save_recorded(&crate::cache::flaky::twin("u", 1, &[]), &[event("u", 9)])
+            .await
+            .unwrap();
+        let other = relay(&db, publisher.clone(), "b");
+        assert!(matches!(
+            other.pass(&mut RelayState::default()).await,
+            Ok(Pass::Idle)
+        ));
+        assert_eq!(db.store().outbox.backlog().await.unwrap(), 1);
+    }
+}

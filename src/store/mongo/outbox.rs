@@ -1,0 +1,388 @@
+//! The change feed's outbox in MongoDB, without multi-document transactions.
+//!
+//! An event is recorded in `feed_outbox` *before* its change, not yet ready, with an
+//! increasing `_id` from a counter record (`feed_outbox_ids`) and a way to tell whether
+//! the change was made: the changed record carries the event's message id in `feedlog`
+//! (its latest [`MARKS`] ids), written by the change's own single-document update, or,
+//! for a deletion, the deleted record's `_id` is gone. Once the change is made the entry
+//! is marked ready; a change known not to be made takes its entries back.
+//!
+//! The relay takes entries in `_id` order and stops at the first that is not ready
+//! while its change may still be in flight, so events reach the stream in the order
+//! their changes became visible. An entry left unready by a process that died is
+//! settled by its check once it is [`GRACE`] old: published if the change is there,
+//! dropped if not. The change's record is the durable step that decides.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::{Bson, Document, doc};
+use chrono::Utc;
+use futures::TryStreamExt;
+use mongodb::Collection;
+use mongodb::options::ReturnDocument;
+
+use super::{MongoStore, map_err, to_i64};
+use crate::store::{OutboxEntry, OutboxEvent, OutboxRepository, StoreError, StoreResult};
+
+/// Collection of the recorded events.
+pub const OUTBOX: &str = "feed_outbox";
+/// Collection of the counter the events' ids come from.
+pub const OUTBOX_IDS: &str = "feed_outbox_ids";
+/// Message ids of the latest events a record keeps in `feedlog`.
+pub const MARKS: i64 = 16;
+/// How long an entry may stay unready before its check settles it: longer than any
+/// write takes.
+pub const GRACE: Duration = Duration::from_secs(30);
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Internal(format!("corrupt outbox entry: {what}").into())
+}
+
+/// How to tell whether an event's change was made.
+#[derive(Debug, Clone)]
+pub(super) enum Check {
+    /// A record of `collection` matching `filter` carries the event's message id.
+    Marked {
+        collection: &'static str,
+        filter: Document,
+    },
+    /// The record of `collection` with this `_id` no longer exists.
+    Gone { collection: &'static str, id: Bson },
+}
+
+impl Check {
+    /// The deletion of `record` (its `_id` read) from `collection`, whose filter `at`
+    /// then names that very record.
+    pub(super) fn gone(collection: &'static str, record: &Document, at: &mut Document) -> Self {
+        let id = record.get("_id").cloned().unwrap_or(Bson::Null);
+        at.insert("_id", id.clone());
+        Self::Gone { collection, id }
+    }
+
+    fn to_bson(&self) -> Document {
+        match self {
+            Self::Marked { collection, filter } => {
+                doc! { "collection": *collection, "marked": filter.clone() }
+            }
+            Self::Gone { collection, id } => doc! { "collection": *collection, "gone": id.clone() },
+        }
+    }
+}
+
+/// Events recorded ahead of their change, to settle once it is made or not.
+pub(super) struct Intent<'a> {
+    first: i64,
+    events: Vec<&'a OutboxEvent>,
+    checks: Vec<Check>,
+}
+
+/// Adds the events' message ids to the `feedlog` of the record an update changes.
+pub(super) fn mark(update: &mut Document, events: &[&OutboxEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.msg_id.as_str()).collect();
+    let push = doc! { "$each": ids, "$slice": -MARKS };
+    match update.get_document_mut("$push") {
+        Ok(p) => {
+            p.insert("feedlog", push);
+        }
+        Err(_) => {
+            update.insert("$push", doc! { "feedlog": push });
+        }
+    }
+}
+
+/// Sets the events' message ids as the `feedlog` of a record being inserted.
+pub(super) fn mark_new(record: &mut Document, events: &[&OutboxEvent]) {
+    if !events.is_empty() {
+        let ids: Vec<&str> = events.iter().map(|e| e.msg_id.as_str()).collect();
+        record.insert("feedlog", ids);
+    }
+}
+
+impl MongoStore {
+    fn outbox(&self) -> Collection<Document> {
+        self.db.collection(OUTBOX)
+    }
+
+    /// Takes `n` ids above every id taken before; the first of them.
+    async fn take_ids(&self, n: i64) -> StoreResult<i64> {
+        let counter = self
+            .db
+            .collection::<Document>(OUTBOX_IDS)
+            .find_one_and_update(doc! { "_id": "feed" }, doc! { "$inc": { "next": n } })
+            .upsert(true)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(map_err)?
+            .ok_or_else(|| corrupt("no id counter"))?;
+        let next = counter.get_i64("next").map_err(|_| corrupt("id counter"))?;
+        Ok(next - n + 1)
+    }
+
+    fn entry(id: i64, event: &OutboxEvent, ready: bool, check: &Check) -> StoreResult<Document> {
+        Ok(doc! {
+            "_id": id,
+            "msg_id": &event.msg_id,
+            "owner": &event.owner,
+            "payload": event.payload()?,
+            "ready": ready,
+            "at": bson::DateTime::now(),
+            "check": check.to_bson(),
+        })
+    }
+
+    /// Records `events` not yet ready, each with its check (`checks[i]`, or the last
+    /// check for the events past the checks), before their change is made.
+    pub(super) async fn intend<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+        checks: Vec<Check>,
+    ) -> StoreResult<Intent<'a>> {
+        let events: Vec<&OutboxEvent> = events.into_iter().collect();
+        let mut intent = Intent {
+            first: 0,
+            checks: Vec::with_capacity(events.len()),
+            events,
+        };
+        if intent.events.is_empty() {
+            return Ok(intent);
+        }
+        let last = checks.last().cloned().ok_or_else(|| corrupt("no check"))?;
+        intent.checks = checks;
+        intent.checks.resize(intent.events.len(), last);
+        intent.first = self.take_ids(to_i64(intent.events.len() as u64)).await?;
+        let records = intent
+            .events
+            .iter()
+            .zip(&intent.checks)
+            .enumerate()
+            .map(|(i, (e, c))| Self::entry(intent.first + to_i64(i as u64), e, false, c))
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.outbox().insert_many(records).await.map_err(map_err)?;
+        Ok(intent)
+    }
+
+    /// The intent's entries whose index `keep` says, made ready; the others taken back.
+    pub(super) async fn settle(
+        &self,
+        intent: &Intent<'_>,
+        keep: impl Fn(usize) -> bool,
+    ) -> StoreResult<()> {
+        let (mut ready, mut dropped) = (Vec::new(), Vec::new());
+        for i in 0..intent.events.len() {
+            let id = intent.first + to_i64(i as u64);
+            if keep(i) { &mut ready } else { &mut dropped }.push(id);
+        }
+        if !dropped.is_empty() {
+            self.outbox()
+                .delete_many(doc! { "_id": { "$in": dropped } })
+                .await
+                .map_err(map_err)?;
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let n = ready.len() as u64;
+        let done = self
+            .outbox()
+            .update_many(
+                doc! { "_id": { "$in": &ready } },
+                doc! { "$set": { "ready": true } },
+            )
+            .await
+            .map_err(map_err)?;
+        if done.matched_count < n {
+            // A change slower than GRACE: its entries were settled as not made and
+            // dropped. Recorded again, ready, after the events recorded since.
+            tracing::warn!(
+                missing = n - done.matched_count,
+                "change feed entries recorded late"
+            );
+            let missing: Vec<usize> = (0..intent.events.len()).filter(|&i| keep(i)).collect();
+            let first = self.take_ids(to_i64(missing.len() as u64)).await?;
+            let records = missing
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| {
+                    Self::entry(
+                        first + to_i64(k as u64),
+                        intent.events[i],
+                        true,
+                        &intent.checks[i],
+                    )
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            // Ids already present are the entries that were still there.
+            let _ = self.outbox().insert_many(records).ordered(false).await;
+        }
+        Ok(())
+    }
+
+    /// Settles every entry of the intent by its check: after a write failed in a way
+    /// that leaves it unknown whether (or how far) it was made.
+    pub(super) async fn settle_by_checks(&self, intent: &Intent<'_>) -> StoreResult<()> {
+        let mut made = Vec::with_capacity(intent.events.len());
+        for (e, c) in intent.events.iter().zip(&intent.checks) {
+            made.push(self.made(&e.msg_id, c).await?);
+        }
+        self.settle(intent, |i| made[i]).await
+    }
+
+    /// Settles with `made` when it is known; by the checks when the write failed.
+    pub(super) async fn conclude<T>(
+        &self,
+        intent: &Intent<'_>,
+        outcome: StoreResult<T>,
+        made: impl Fn(&T) -> bool,
+    ) -> StoreResult<T> {
+        match outcome {
+            Ok(v) => {
+                let m = made(&v);
+                self.settle(intent, |_| m).await?;
+                Ok(v)
+            }
+            Err(e) => Err(self.abandon(intent, e).await),
+        }
+    }
+
+    /// After a write failed with `error`: settles the intent by its checks (or leaves
+    /// it to the relay when that fails too) and returns the error.
+    pub(super) async fn abandon(&self, intent: &Intent<'_>, error: StoreError) -> StoreError {
+        if let Err(settling) = self.settle_by_checks(intent).await {
+            tracing::debug!(error = %settling, "change feed entries left to the relay");
+        }
+        error
+    }
+
+    /// Whether the change of the event with this message id was made.
+    async fn made(&self, msg_id: &str, check: &Check) -> StoreResult<bool> {
+        match check {
+            Check::Marked { collection, filter } => {
+                let mut filter = filter.clone();
+                filter.insert("feedlog", msg_id);
+                Ok(self
+                    .db
+                    .collection::<Document>(collection)
+                    .find_one(filter)
+                    .projection(doc! { "_id": 1 })
+                    .await
+                    .map_err(map_err)?
+                    .is_some())
+            }
+            Check::Gone { collection, id } => Ok(self
+                .db
+                .collection::<Document>(collection)
+                .find_one(doc! { "_id": id.clone() })
+                .projection(doc! { "_id": 1 })
+                .await
+                .map_err(map_err)?
+                .is_none()),
+        }
+    }
+
+    /// The check stored in an entry.
+    fn check_of(entry: &Document) -> StoreResult<Check> {
+        let check = entry.get_document("check").map_err(|_| corrupt("check"))?;
+        let collection = match check.get_str("collection").map_err(|_| corrupt("check"))? {
+            super::filters::TWINS => super::filters::TWINS,
+            super::filters::STATES => super::filters::STATES,
+            super::filters::DOCUMENTS => super::filters::DOCUMENTS,
+            _ => return Err(corrupt("check collection")),
+        };
+        if let Ok(filter) = check.get_document("marked") {
+            return Ok(Check::Marked {
+                collection,
+                filter: filter.clone(),
+            });
+        }
+        let id = check.get("gone").ok_or_else(|| corrupt("check"))?;
+        Ok(Check::Gone {
+            collection,
+            id: id.clone(),
+        })
+    }
+
+    /// Decides an unready entry older than [`GRACE`]: ready (true) or dropped.
+    async fn settle_stale(&self, id: i64, entry: &Document) -> StoreResult<bool> {
+        let msg_id = entry.get_str("msg_id").map_err(|_| corrupt("msg_id"))?;
+        if self.made(msg_id, &Self::check_of(entry)?).await? {
+            self.outbox()
+                .update_one(doc! { "_id": id }, doc! { "$set": { "ready": true } })
+                .await
+                .map_err(map_err)?;
+            Ok(true)
+        } else {
+            self.outbox()
+                .delete_one(doc! { "_id": id, "ready": false })
+                .await
+                .map_err(map_err)?;
+            Ok(false)
+        }
+    }
+}
+
+fn entry_id(r: &Document) -> StoreResult<i64> {
+    match r.get("_id") {
+        Some(Bson::Int64(v)) => Ok(*v),
+        Some(Bson::Int32(v)) => Ok(i64::from(*v)),
+        _ => Err(corrupt("_id")),
+    }
+}
+
+#[async_trait]
+impl OutboxRepository for MongoStore {
+    async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        let records: Vec<Document> = self
+            .outbox()
+            .find(doc! {})
+            .sort(doc! { "_id": 1 })
+            .limit(to_i64(limit as u64))
+            .await
+            .map_err(map_err)?
+            .try_collect()
+            .await
+            .map_err(map_err)?;
+        let grace = i64::try_from(GRACE.as_millis()).unwrap_or(i64::MAX);
+        let mut entries = Vec::with_capacity(records.len());
+        for r in &records {
+            let id = entry_id(r)?;
+            if !r.get_bool("ready").unwrap_or(true) {
+                let at = r
+                    .get_datetime("at")
+                    .map_err(|_| corrupt("at"))?
+                    .timestamp_millis();
+                if Utc::now().timestamp_millis().saturating_sub(at) < grace {
+                    // A change in flight: later events wait for it.
+                    break;
+                }
+                if !self.settle_stale(id, r).await? {
+                    continue;
+                }
+            }
+            let text = |k: &str| r.get_str(k).map(str::to_owned).map_err(|_| corrupt(k));
+            entries.push(OutboxEntry {
+                id,
+                event: OutboxEvent::decode(text("msg_id")?, text("owner")?, &text("payload")?)?,
+            });
+        }
+        Ok(entries)
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        self.outbox()
+            .delete_many(doc! { "_id": { "$in": ids } })
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        self.outbox()
+            .count_documents(doc! {})
+            .await
+            .map_err(map_err)
+    }
+}
