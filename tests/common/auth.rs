@@ -27,6 +27,15 @@ pub const ALICE_ID: &str = "alice";
 /// Bearer token of the second user, whose identity id is [`BOB_ID`].
 pub const BOB: &str = "bob-token";
 pub const BOB_ID: &str = "bob";
+/// Tokens of this prefix identify the id that follows it: users of a test's own, for
+/// tests whose data is keyed by owner on shared servers (the change feed's subjects).
+pub const USER_TOKEN_PREFIX: &str = "user-token:";
+
+/// The token of the user whose identity id is `id` (see [`USER_TOKEN_PREFIX`]).
+pub fn user_token(id: &str) -> String {
+    format!("{USER_TOKEN_PREFIX}{id}")
+}
+
 /// A token the auth service does not know.
 pub const STRANGER: &str = "stranger-token";
 /// A token for which the auth service answers `UNAVAILABLE`.
@@ -64,6 +73,9 @@ impl AuthService for Users {
             BOB => identity(BOB_ID),
             ANONYMOUS => identity(""),
             OVERLOADED => Err(Status::unavailable("auth service overloaded")),
+            token if token.starts_with(USER_TOKEN_PREFIX) => {
+                identity(&token[USER_TOKEN_PREFIX.len()..])
+            }
             _ => Err(Status::unauthenticated("unknown token")),
         }
     }
