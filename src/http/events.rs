@@ -69,6 +69,19 @@ pub struct LastEventIdHeader {
     pub last_event_id: Option<String>,
 }
 
+/// One event of the stream, by its fields.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedSseEvent {
+    /// The event's cursor; on `overflow`, the cursor to resume after.
+    pub id: String,
+    /// The kind of change (`ChangeEventBody.kind`), or `overflow`.
+    #[schema(example = "state.created")]
+    pub event: String,
+    /// JSON: a `ChangeEventBody`, or an `OverflowBody` for `overflow`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
 /// The JSON of an event's `data:` line.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChangeEventBody {
@@ -112,7 +125,7 @@ pub struct CursorExpiredBody {
 #[utoipa::path(get, path = "/events", operation_id = "events", tag = "events",
     params(EventsQuery, LastEventIdHeader),
     responses((status = 200, description = "An endless `text/event-stream`: each event has `id: <cursor>`, `event: <kind>` and `data:` the event JSON; a comment line every 15 s; a client that falls behind gets a last `event: overflow` whose data is an `OverflowBody`",
-            content_type = "text/event-stream", body = ChangeEventBody),
+            content_type = "text/event-stream", body = FeedSseEvent),
         (status = 400, description = "Unknown kind, or malformed or disagreeing cursors", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 410, description = "The events after the cursor are no longer kept", body = CursorExpiredBody),
@@ -131,7 +144,7 @@ pub async fn all(
 #[utoipa::path(get, path = "/twins/{id}/events", operation_id = "twin_events", tag = "events",
     params(TwinPath, EventsQuery, LastEventIdHeader),
     responses((status = 200, description = "An endless `text/event-stream`, as for `GET /events`, of this twin's events",
-            content_type = "text/event-stream", body = ChangeEventBody),
+            content_type = "text/event-stream", body = FeedSseEvent),
         (status = 400, description = "Unknown kind, or malformed or disagreeing cursors", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 404, description = "No such twin of the caller", body = ErrorBody),

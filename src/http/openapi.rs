@@ -32,7 +32,7 @@ use crate::service::documents::{DeltaView, RevisionDiff};
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList,
         StateInForce, StateDiff, Change, WindowSummary, AttributeSummary,
         VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff,
-        events::ChangeEventBody, events::OverflowBody, events::CursorExpiredBody
+        events::FeedSseEvent, events::ChangeEventBody, events::OverflowBody, events::CursorExpiredBody
     )),
     modifiers(&BearerAuth)
 )]

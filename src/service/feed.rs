@@ -148,11 +148,16 @@ pub fn start(
 }
 
 fn cursor(what: &str, raw: &str) -> Result<u64, ValidationError> {
-    raw.trim().parse::<u64>().map_err(|_| {
-        ValidationError::new(format!(
-            "{what} must be an event id (a non-negative integer), got {raw:?}"
-        ))
-    })
+    // Digits only: `u64::from_str` would also take a sign.
+    let digits = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| raw.parse::<u64>().ok())
+        .flatten()
+        .ok_or_else(|| {
+            ValidationError::new(format!(
+                "{what} must be an event id (a non-negative integer), got {raw:?}"
+            ))
+        })
 }
 
 /// A cursor is resumable when no event after it has left the stream, and it names a
