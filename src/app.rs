@@ -280,7 +280,7 @@ impl Application {
         ensure_feed_stream(&js, config.events_max_age)
             .await
             .map_err(StartError::Feed)?;
-        let feed = JetStreamFeed::new(js, config.events_buffer);
+        let feed = JetStreamFeed::new(js, config.events_buffer, config.events_max_age);
         let stop = CancellationToken::new();
         let events = http::events::EventsState {
             feed: Feed::new(Arc::new(feed.clone()), twins.clone()),

@@ -31,7 +31,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::feed::{FEED_STREAM, FEED_SUBJECTS};
+use super::feed::{FEED_STREAM, FEED_SUBJECTS, ensure_feed_stream};
 use crate::domain::feed::{ChangeEvent, SUBJECT_PREFIX};
 use crate::service::feed::{
     Bounds, EventStream, FeedError, FeedEvent, FeedSource, subject_matches,
@@ -49,8 +49,10 @@ const CATCH_UP_BYTES: usize = 8 * 1024 * 1024;
 const CATCH_UP_IDLE: Duration = Duration::from_secs(60);
 /// How long a new follower waits for the tail to (re)start before it is refused.
 const TAIL_WAIT: Duration = Duration::from_secs(5);
-/// Pause before the tail starts again after it failed.
+/// Pauses before the tail starts again after it failed: the first, and the longest
+/// (doubling in between while it keeps failing).
 const TAIL_RETRY: Duration = Duration::from_secs(1);
+const TAIL_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The feed over JetStream; cheap to clone, all clones share one tail.
 #[derive(Clone)]
@@ -58,16 +60,20 @@ pub struct JetStreamFeed {
     js: jetstream::Context,
     hub: Arc<Hub>,
     buffer: usize,
+    /// The stream's max age, for creating it again if it is gone (a broker that lost
+    /// its storage).
+    max_age: Duration,
 }
 
 impl JetStreamFeed {
-    /// A feed whose followers hold at most `buffer` events each (at least 1). Nothing is
-    /// delivered until [`JetStreamFeed::tail`] runs.
-    pub fn new(js: jetstream::Context, buffer: usize) -> Self {
+    /// A feed whose followers hold at most `buffer` events each (at least 1), over the
+    /// stream of `max_age`. Nothing is delivered until [`JetStreamFeed::tail`] runs.
+    pub fn new(js: jetstream::Context, buffer: usize, max_age: Duration) -> Self {
         Self {
             js,
             hub: Arc::new(Hub::default()),
             buffer: buffer.max(1),
+            max_age,
         }
     }
 
@@ -75,29 +81,36 @@ impl JetStreamFeed {
     /// then, and whenever the tail fails, followers end (they resume with their last
     /// cursor). A failed tail starts again from the stream's end.
     pub async fn tail(self, stop: CancellationToken) {
+        let mut pause = TAIL_RETRY;
         loop {
+            let mut started = false;
             let outcome = tokio::select! {
                 () = stop.cancelled() => Ok(()),
-                outcome = self.follow_tail() => outcome,
+                outcome = self.follow_tail(&mut started) => outcome,
             };
             self.hub.stop();
+            if started {
+                pause = TAIL_RETRY;
+            }
             match outcome {
                 Ok(()) if stop.is_cancelled() => return,
-                Ok(()) => tracing::warn!("change feed tail ended; starting it again"),
+                Ok(()) => tracing::warn!(?pause, "change feed tail ended; starting it again"),
                 Err(e) => tracing::warn!(
                     error = %crate::error::chain(e.as_ref()),
+                    ?pause,
                     "change feed tail failed; starting it again"
                 ),
             }
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(TAIL_RETRY) => {}
+                () = tokio::time::sleep(pause) => {}
             }
+            pause = (pause * 2).min(TAIL_RETRY_MAX);
         }
     }
 
-    async fn follow_tail(&self) -> Result<(), async_nats::Error> {
-        let stream = self.js.get_stream(FEED_STREAM).await?;
+    async fn follow_tail(&self, started: &mut bool) -> Result<(), async_nats::Error> {
+        let stream = ensure_feed_stream(&self.js, self.max_age).await?;
         let last = stream.cached_info().state.last_sequence;
         let consumer = stream
             .create_consumer(push::OrderedConfig {
@@ -111,6 +124,7 @@ impl JetStreamFeed {
             .await?;
         let mut messages = consumer.messages().await?;
         self.hub.start(last);
+        *started = true;
         tracing::debug!(position = last, "change feed tail running");
         while let Some(message) = messages.next().await {
             match message {
