@@ -555,20 +555,9 @@ struct IngestRun {
 }
 
 /// Ingests `messages` SenML messages spread over `twins` (each on its own channel)
-/// through a running service and measures publish start to last state persisted.
+/// through a running service, published at `rate` per second at most when given, and
+/// measures publish start to last state persisted.
 async fn ingest_through(
-    svcs: &[Service],
-    db: &Database,
-    js: &jetstream::Context,
-    twins: &[Twin],
-    messages: usize,
-    states_before: u64,
-) -> Res<IngestRun> {
-    ingest_paced(svcs, db, js, twins, messages, states_before, None).await
-}
-
-/// [`ingest_through`] with messages published at `rate` per second at most.
-async fn ingest_paced(
     svcs: &[Service],
     db: &Database,
     js: &jetstream::Context,
@@ -790,7 +779,7 @@ async fn scenario_ingest(o: &Opts) -> Res<Value> {
     );
     let twins = seeded_twins(&db.store().await?, o.twins, "bench").await?;
     let svcs = start_services(o, &db, &standalone()).await?;
-    let run = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
+    let run = ingest_through(&svcs, &db, &js, &twins, messages, 0, None).await?;
     eprintln!(
         "  {:.0} msg/s end to end, p50 {:.1} ms, p99 {:.1} ms",
         run.rate, run.p50_ms, run.p99_ms
@@ -1063,7 +1052,7 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
         }
         drop(store);
         let svcs = start_services(o, &db, &standalone()).await?;
-        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64, None).await?;
         eprintln!("  {:.0} msg/s", run.rate);
         rates.push(run.rate);
     }
@@ -1603,7 +1592,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         None
     } else {
         eprintln!("events: ingest of {messages} messages without SSE clients");
-        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored, None).await?;
         stored += run.created;
         eprintln!("  {:.0} msg/s", run.rate);
         Some(run.rate)
@@ -1642,7 +1631,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             let n = (half * seconds as f64) as usize;
             eprintln!("events: ingest of {n} messages at {half:.0} msg/s with {clients} clients");
             let run =
-                ingest_paced(&svcs, &db, &js, &twins[..clients], n, stored, Some(half)).await?;
+                ingest_through(&svcs, &db, &js, &twins[..clients], n, stored, Some(half)).await?;
             stored += run.created;
             (half, n)
         }
@@ -1661,7 +1650,8 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         None
     } else {
         eprintln!("events: ingest of {messages} messages with {clients} SSE clients");
-        let run = ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored).await?;
+        let run =
+            ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored, None).await?;
         stored += run.created;
         eprintln!("  {:.0} msg/s", run.rate);
         Some(run.rate)
@@ -1677,7 +1667,8 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         None
     } else {
         eprintln!("events: ingest of {messages} messages after the SSE clients left");
-        let run = ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored).await?;
+        let run =
+            ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored, None).await?;
         eprintln!("  {:.0} msg/s", run.rate);
         Some(run.rate)
     };
