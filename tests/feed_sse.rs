@@ -503,10 +503,24 @@ async fn idle_streams_get_keep_alive_comments() {
     }
 }
 
-/// Reads an HTTP/1.1 response with a chunked body from `socket` until it closes:
-/// (head, body).
-async fn read_chunked(socket: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+/// Reads from `socket` until the end of a response head: the stream is open.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> Vec<u8> {
     let mut raw = Vec::new();
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(DEADLINE, socket.read(&mut buf))
+            .await
+            .expect("a response head")
+            .expect("read");
+        assert!(n > 0, "closed before a response head");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    raw
+}
+
+/// Reads an HTTP/1.1 response with a chunked body from `socket` until it closes, after
+/// the `raw` bytes already read: (head, body).
+async fn read_chunked(socket: &mut tokio::net::TcpStream, mut raw: Vec<u8>) -> (String, Vec<u8>) {
     tokio::time::timeout(DEADLINE, socket.read_to_end(&mut raw))
         .await
         .expect("the server closes the stream")
@@ -564,7 +578,8 @@ async fn a_client_that_falls_behind_gets_a_resume_cursor_and_loses_nothing() {
         "GET /twins/{twin}/events HTTP/1.1\r\nHost: twins\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
     stalled.write_all(head.as_bytes()).await.expect("request");
-    // The stream is open once a live reader sees the same events.
+    // Its head is sent once it follows the feed.
+    let opened = read_head(&mut stalled).await;
     let mut live = Sse::open(&app, &format!("/twins/{twin}/events"), &token, &[], None).await;
     let before = counter(&app, "twins_feed_followers_behind_total").await;
     let sent_before = counter(&app, "twins_sse_overflow_disconnects_total").await;
@@ -583,7 +598,7 @@ async fn a_client_that_falls_behind_gets_a_resume_cursor_and_loses_nothing() {
             break;
         }
     }
-    let (head, body) = read_chunked(&mut stalled).await;
+    let (head, body) = read_chunked(&mut stalled, opened).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let mut parser = Parser::default();
     parser.push(&body);
@@ -672,4 +687,46 @@ async fn the_document_describes_both_event_endpoints() {
         assert!(op["responses"]["410"].is_object(), "{path}");
     }
     assert!(doc["components"]["schemas"]["ChangeEventBody"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected() {
+    // Its own process, so that its gauge counts only this test's streams.
+    let app = TestApp::builder()
+        .process()
+        .var("MG_TWINS_HTTP_IDLE_TIMEOUT", "1s")
+        .var("MG_TWINS_EVENTS_BUFFER", "4")
+        .spawn()
+        .await;
+    let (owner, token) = user();
+    let twin = twin_of(&app, &token).await;
+    let path = format!("/twins/{twin}/events");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    let mut stalled = socket.connect(app.addr()).await.expect("connect");
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: twins\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stalled.write_all(head.as_bytes()).await.expect("request");
+    let mut live = Sse::open(&app, &path, &token, &[], None).await;
+    let open = || async { counter(&app, "twins_sse_connections").await };
+    eventually("both streams open", open, |n| *n == 2.0).await;
+    let big = "x".repeat(64 * 1024);
+    let mut made = Vec::new();
+    while open().await > 1.0 {
+        assert!(made.len() < 4000, "the stalled stream is still open");
+        let mut e = change(&twin, EventKind::DocumentPut, made.len());
+        e.new = Some(json!({ "n": made.len(), "pad": big }));
+        made.push((publish(app.js(), &owner, &e).await, e));
+        assert_served(&live.events(1).await, &made[made.len() - 1..]);
+    }
+    // The server closed it: what the socket holds is read, then the end (or a reset).
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "the stalled connection was closed by the server"
+    );
+    // The live stream goes on.
+    let next = make_changes(app.js(), &owner, &twin, EventKind::TwinUpdated, 1).await;
+    assert_served(&live.events(1).await, &next);
 }
