@@ -965,7 +965,7 @@ async fn scenario_ingest_latency(o: &Opts) -> Res<Value> {
         "ingest-latency: maximum rate on {}, {messages} messages",
         db.kind()
     );
-    let flood = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
+    let flood = ingest_through(&svcs, &db, &js, &twins, messages, 0, None).await?;
     eprintln!("  {:.0} msg/s", flood.rate);
     let mut runs = serde_json::Map::new();
     for pct in [25, 50, 75] {
@@ -1012,7 +1012,7 @@ async fn scenario_memory(o: &Opts) -> Res<Value> {
         let svc = svcs.first().ok_or("no service")?;
         svc.wait_consumer(&js).await?;
         let started = svc.rss_kib();
-        let run = ingest_through(&svcs, &db, &js, &twins, n, 0).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, n, 0, None).await?;
         let loaded = svc.rss_kib();
         let per_twin = (loaded.saturating_sub(started) * 1024) as f64 / n as f64;
         eprintln!(
