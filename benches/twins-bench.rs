@@ -8,6 +8,7 @@
 //! cargo bench --bench twins-bench -- api            [--connections 64] [--seconds 5] [--states 1000000]
 //! cargo bench --bench twins-bench -- history        [--states 1000000] [--samples 200]
 //! cargo bench --bench twins-bench -- memory         [--twins 100000]
+//! cargo bench --bench twins-bench -- events         [--clients 1000] [--messages 100000] [--seconds 10] [--synthetic]
 //! cargo bench --bench twins-bench -- all
 //! ```
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
@@ -68,6 +69,8 @@ struct Opts {
     samples: usize,
     /// Messages per second of a fixed-rate ingest run (`--rate`).
     rate: Option<f64>,
+    clients: usize,
+    synthetic: bool,
 }
 
 fn parse_opts() -> Res<Opts> {
@@ -86,6 +89,8 @@ fn parse_opts() -> Res<Opts> {
         redis: "redis://127.0.0.1:6379".into(),
         samples: 200,
         rate: None,
+        clients: 1000,
+        synthetic: false,
     };
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -102,6 +107,8 @@ fn parse_opts() -> Res<Opts> {
             "--redis" => o.redis = val()?,
             "--samples" => o.samples = val()?.parse::<usize>()?.max(1),
             "--rate" => o.rate = Some(val()?.parse::<f64>()?.max(1.0)),
+            "--clients" => o.clients = val()?.parse::<usize>()?.max(1),
+            "--synthetic" => o.synthetic = true,
             s if !s.starts_with('-') && o.scenario.is_empty() => o.scenario = s.to_owned(),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -114,7 +121,7 @@ fn parse_opts() -> Res<Opts> {
     }
     if o.scenario.is_empty() {
         return Err(
-            "usage: twins-bench <ingest|ingest-latency|ingest-growth|api|history|all> [options]"
+            "usage: twins-bench <ingest|ingest-latency|ingest-growth|api|history|events|all> [options]"
                 .into(),
         );
     }
@@ -502,9 +509,24 @@ async fn publish_all(
     js: &jetstream::Context,
     subjects_payloads: Vec<(String, Vec<u8>)>,
 ) -> Res<Vec<(u64, Instant)>> {
+    publish_paced(js, subjects_payloads, None).await
+}
+
+/// [`publish_all`] at `rate` messages per second at most when given.
+async fn publish_paced(
+    js: &jetstream::Context,
+    subjects_payloads: Vec<(String, Vec<u8>)>,
+    rate: Option<f64>,
+) -> Res<Vec<(u64, Instant)>> {
     let mut out = Vec::with_capacity(subjects_payloads.len());
     let mut inflight = futures::stream::FuturesOrdered::new();
+    let begin = tokio::time::Instant::now();
     for (i, (subject, payload)) in subjects_payloads.into_iter().enumerate() {
+        if let Some(rate) = rate
+            && i % 16 == 0
+        {
+            tokio::time::sleep_until(begin + Duration::from_secs_f64(i as f64 / rate)).await;
+        }
         let started = Instant::now();
         let ack = js.publish(subject, payload.into()).await?;
         inflight.push_back(async move { (ack.await, started) });
@@ -535,7 +557,8 @@ struct IngestRun {
 }
 
 /// Ingests `messages` SenML messages spread over `twins` (each on its own channel)
-/// through a running service and measures publish start to last state persisted.
+/// through a running service, published at `rate` per second at most when given, and
+/// measures publish start to last state persisted.
 async fn ingest_through(
     svcs: &[Service],
     db: &Database,
@@ -543,6 +566,7 @@ async fn ingest_through(
     twins: &[Twin],
     messages: usize,
     states_before: u64,
+    rate: Option<f64>,
 ) -> Res<IngestRun> {
     svcs.first().ok_or("no service")?.wait_consumer(js).await?;
     let db = db.reader().await?;
@@ -559,7 +583,7 @@ async fn ingest_through(
         })
         .collect();
     let start = Instant::now();
-    let published = publish_all(js, payloads).await?;
+    let published = publish_paced(js, payloads, rate).await?;
     let publish_secs = start.elapsed().as_secs_f64();
     // The last sequence each twin must reach, and a sample for latencies.
     let mut last = vec![0u64; twins.len()];
@@ -758,7 +782,7 @@ async fn scenario_ingest(o: &Opts) -> Res<Value> {
     );
     let twins = seeded_twins(&db.store().await?, o.twins, "bench").await?;
     let svcs = start_services(o, &db, &standalone()).await?;
-    let run = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
+    let run = ingest_through(&svcs, &db, &js, &twins, messages, 0, None).await?;
     eprintln!(
         "  {:.0} msg/s end to end, p50 {:.1} ms, p99 {:.1} ms",
         run.rate, run.p50_ms, run.p99_ms
@@ -944,7 +968,7 @@ async fn scenario_ingest_latency(o: &Opts) -> Res<Value> {
         "ingest-latency: maximum rate on {}, {messages} messages",
         db.kind()
     );
-    let flood = ingest_through(&svcs, &db, &js, &twins, messages, 0).await?;
+    let flood = ingest_through(&svcs, &db, &js, &twins, messages, 0, None).await?;
     eprintln!("  {:.0} msg/s", flood.rate);
     let mut runs = serde_json::Map::new();
     for pct in [25, 50, 75] {
@@ -991,7 +1015,7 @@ async fn scenario_memory(o: &Opts) -> Res<Value> {
         let svc = svcs.first().ok_or("no service")?;
         svc.wait_consumer(&js).await?;
         let started = svc.rss_kib();
-        let run = ingest_through(&svcs, &db, &js, &twins, n, 0).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, n, 0, None).await?;
         let loaded = svc.rss_kib();
         let per_twin = (loaded.saturating_sub(started) * 1024) as f64 / n as f64;
         eprintln!(
@@ -1031,7 +1055,7 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
         }
         drop(store);
         let svcs = start_services(o, &db, &standalone()).await?;
-        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64).await?;
+        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64, None).await?;
         eprintln!("  {:.0} msg/s", run.rate);
         rates.push(run.rate);
     }
@@ -1464,6 +1488,227 @@ async fn scenario_history(o: &Opts) -> Res<Value> {
     Ok(Value::Object(out))
 }
 
+// ---------------------------------------------------------------- change feed
+
+/// Latencies (ms) from each event's commit `time` to its arrival at an SSE client.
+type Latencies = Arc<std::sync::Mutex<Vec<f64>>>;
+
+/// One SSE client following `path` until `stop`: records the latency of every event.
+async fn sse_client(
+    http: reqwest::Client,
+    url: String,
+    opened: Arc<AtomicU64>,
+    latencies: Latencies,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Res<()> {
+    let mut resp = http.get(url).bearer_auth("bench").send().await?;
+    if !resp.status().is_success() {
+        return Err(format!("SSE answered {}", resp.status()).into());
+    }
+    opened.fetch_add(1, Ordering::Relaxed);
+    let mut text = String::new();
+    loop {
+        let chunk = tokio::select! {
+            chunk = resp.chunk() => chunk?,
+            _ = stop.changed() => return Ok(()),
+        };
+        let Some(chunk) = chunk else {
+            return Err("an SSE stream ended".into());
+        };
+        let now = chrono::Utc::now();
+        text.push_str(std::str::from_utf8(&chunk)?);
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(data)?;
+            if let Some(time) = event["time"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            {
+                let ms = (now - time.with_timezone(&chrono::Utc)).num_microseconds();
+                let ms = ms.unwrap_or_default() as f64 / 1000.0;
+                latencies.lock().map_err(|_| "poisoned")?.push(ms);
+            }
+        }
+    }
+}
+
+/// Publishes, at `rate` per second for `seconds`, change events of `twins` on the feed's
+/// stream as the relay of committed changes does, stamped with the publish time.
+async fn synthetic_events(
+    js: &jetstream::Context,
+    twins: &[Twin],
+    rate: f64,
+    seconds: u64,
+) -> Res<usize> {
+    use twins::domain::feed::{ChangeEvent, EventKind, subject};
+    let n = (rate * seconds as f64) as usize;
+    let begin = tokio::time::Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    for k in 0..n {
+        tokio::time::sleep_until(begin + Duration::from_secs_f64(k as f64 / rate)).await;
+        let t = &twins[k % twins.len()];
+        let event = ChangeEvent {
+            kind: EventKind::StateUpdated,
+            twin_id: t.id.clone(),
+            time: chrono::Utc::now(),
+            old: None,
+            new: Some(json!({"v": k})),
+        };
+        let ack = js
+            .publish(
+                subject(&t.owner, &t.id, event.kind),
+                serde_json::to_vec(&event)?.into(),
+            )
+            .await?;
+        inflight.push(std::future::IntoFuture::into_future(ack));
+        while inflight.len() >= WINDOW {
+            if let Some(ack) = inflight.next().await {
+                ack?;
+            }
+        }
+    }
+    while let Some(ack) = inflight.next().await {
+        ack?;
+    }
+    Ok(n)
+}
+
+/// `--clients` SSE clients each following one twin while ingestion runs at half the rate
+/// measured without them: event latency from commit to client, and the ingest rate with
+/// the clients and without them (after they left, so that the store is as full). `--synthetic` publishes the change events itself instead
+/// of ingesting (the feed alone, without the relay of committed changes).
+async fn scenario_events(o: &Opts) -> Res<Value> {
+    let messages = o.messages.unwrap_or(100_000);
+    let clients = o.clients;
+    let nats = async_nats::connect(o.nats.as_str()).await?;
+    let js = jetstream::new(nats);
+    let db = Database::create(o).await?;
+    let twins = seeded_twins(&db.store().await?, clients.max(o.twins), "bench").await?;
+    let mut vars = standalone();
+    vars.push(("MG_TWINS_HTTP_MAX_CONNECTIONS", (clients + 128).to_string()));
+    let svcs = start_services(o, &db, &vars).await?;
+    let svc = svcs.first().ok_or("no service")?;
+    let mut stored = 0;
+    let without = if o.synthetic {
+        None
+    } else {
+        eprintln!("events: ingest of {messages} messages without SSE clients");
+        let run = ingest_through(&svcs, &db, &js, &twins, messages, stored, None).await?;
+        stored += run.created;
+        eprintln!("  {:.0} msg/s", run.rate);
+        Some(run.rate)
+    };
+    eprintln!("events: opening {clients} SSE clients, one twin each");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let opened = Arc::new(AtomicU64::new(0));
+    let latencies: Latencies = Arc::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::with_capacity(clients);
+    for t in twins.iter().take(clients) {
+        tasks.push(tokio::spawn(sse_client(
+            http.clone(),
+            format!("{}/twins/{}/events", svc.base, t.id),
+            opened.clone(),
+            latencies.clone(),
+            stopped.clone(),
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (opened.load(Ordering::Relaxed) as usize) < clients {
+        if Instant::now() > deadline || tasks.iter().any(|t| t.is_finished()) {
+            return Err(
+                format!("only {} SSE clients opened", opened.load(Ordering::Relaxed)).into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = o.seconds.max(10);
+    let (half, sent) = match without {
+        Some(rate) => {
+            let half = rate / 2.0;
+            let n = (half * seconds as f64) as usize;
+            eprintln!("events: ingest of {n} messages at {half:.0} msg/s with {clients} clients");
+            let run =
+                ingest_through(&svcs, &db, &js, &twins[..clients], n, stored, Some(half)).await?;
+            stored += run.created;
+            (half, n)
+        }
+        None => {
+            let rate = 5_000.0;
+            eprintln!("events: {rate:.0} synthetic events/s for {seconds} s to {clients} clients");
+            (
+                rate,
+                synthetic_events(&js, &twins[..clients], rate, seconds).await?,
+            )
+        }
+    };
+    // Events still on their way arrive within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let with = if o.synthetic {
+        None
+    } else {
+        eprintln!("events: ingest of {messages} messages with {clients} SSE clients");
+        let run =
+            ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored, None).await?;
+        stored += run.created;
+        eprintln!("  {:.0} msg/s", run.rate);
+        Some(run.rate)
+    };
+    let _ = stop.send(true);
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            eprintln!("  an SSE client failed: {e}");
+        }
+    }
+    // The same run once more without clients, on a store as full as the run with them.
+    let after = if o.synthetic {
+        None
+    } else {
+        eprintln!("events: ingest of {messages} messages after the SSE clients left");
+        let run =
+            ingest_through(&svcs, &db, &js, &twins[..clients], messages, stored, None).await?;
+        eprintln!("  {:.0} msg/s", run.rate);
+        Some(run.rate)
+    };
+    let mut lat = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?);
+    lat.sort_by(f64::total_cmp);
+    if lat.is_empty() {
+        eprintln!("events: no event reached a client (is the relay of committed changes running?)");
+    } else {
+        eprintln!(
+            "  {} events delivered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat[lat.len() - 1]
+        );
+    }
+    let ms = |p: f64| (!lat.is_empty()).then(|| round(percentile(&lat, p)));
+    Ok(json!({
+        "scenario": "events",
+        "db": db.kind(),
+        "clients": clients,
+        "synthetic": o.synthetic,
+        "rate_during_latency_run": half.round(),
+        "changes_during_latency_run": sent,
+        "events_delivered": lat.len(),
+        "commit_to_client_p50_ms": ms(0.5),
+        "commit_to_client_p99_ms": ms(0.99),
+        "commit_to_client_max_ms": lat.last().map(|m| round(*m)),
+        "ingest_messages_per_second_without_clients": without.map(f64::round),
+        "ingest_messages_per_second_with_clients": with.map(f64::round),
+        "ingest_messages_per_second_after_clients": after.map(f64::round),
+        "ingest_ratio_with_to_after": with.zip(after).map(|(w, a)| round(w / a)),
+        "service_rss_peak_mib": round(svc.rss_peak_kib() as f64 / 1024.0),
+    }))
+}
+
 fn standalone() -> Vec<(&'static str, String)> {
     vec![
         ("MG_TWINS_STANDALONE_ID", "bench".into()),
@@ -1485,7 +1730,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let scenarios: Vec<&str> = match opts.scenario.as_str() {
-        "all" => vec!["ingest", "ingest-growth", "api", "history"],
+        "all" => vec!["ingest", "ingest-growth", "api", "history", "events"],
         s => vec![s],
     };
     for s in scenarios {
@@ -1496,6 +1741,7 @@ async fn main() -> std::process::ExitCode {
             "ingest-growth" => scenario_growth(&opts).await,
             "api" => scenario_api(&opts).await,
             "history" => scenario_history(&opts).await,
+            "events" => scenario_events(&opts).await,
             other => Err(format!("unknown scenario {other:?}").into()),
         };
         match result {

@@ -14,6 +14,8 @@ use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::consumer::Ingestor;
+use crate::broker::feed::ensure_feed_stream;
+use crate::broker::feed_source::JetStreamFeed;
 use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
 use crate::broker::presence::{Hello, Presence};
@@ -26,6 +28,7 @@ use crate::config::{AuthMode, Config, GrpcTls};
 use crate::http::{self, AppState};
 use crate::service::documents::{Documents, DocumentsService};
 use crate::service::events::{EventStore, Recorded};
+use crate::service::feed::Feed;
 use crate::service::health::{CacheHealth, Dependency, Health};
 use crate::service::history::HistoryService;
 use crate::service::inband::Inband;
@@ -131,6 +134,16 @@ const METRIC_HELP: &[(&str, &str)] = &[
         "Cache writes queued to be made again once Redis is back.",
     ),
     (
+        crate::broker::feed_source::BEHIND,
+        "Change feed followers dropped for holding MG_TWINS_EVENTS_BUFFER events unread (a catch-up in progress reads on from the stream; an SSE client gets a last overflow event when it reads again).",
+    ),
+    (http::events::OPEN, "Change feed streams (SSE) open."),
+    (http::events::SENT, "Change events sent to SSE clients."),
+    (
+        http::events::OVERFLOWS,
+        "SSE clients disconnected for reading slower than their events came (MG_TWINS_EVENTS_BUFFER).",
+    ),
+    (
         http::metrics::process::CPU,
         "Total user and system CPU time spent in seconds.",
     ),
@@ -189,6 +202,8 @@ pub enum StartError {
         #[source]
         source: crate::error::Cause,
     },
+    #[error("change feed stream: {0}")]
+    Feed(#[source] crate::error::Cause),
     #[error("HTTPS: {0}")]
     Tls(#[source] http::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -208,6 +223,9 @@ pub struct Application {
     broker: async_nats::Client,
     ingest: Arc<dyn Ingest>,
     inband: Responder,
+    feed: JetStreamFeed,
+    /// The one stop signal of every task, streams included.
+    stop: CancellationToken,
     config: Config,
 }
 
@@ -278,10 +296,22 @@ impl Application {
             Arc::new(CacheHealth(cache)),
         ];
         let history = Arc::new(Traced(HistoryService::new(store.clone())));
+        let js = async_nats::jetstream::new(broker.clone());
+        ensure_feed_stream(&js, config.events_max_age)
+            .await
+            .map_err(StartError::Feed)?;
+        let feed = JetStreamFeed::new(js, config.events_buffer, config.events_max_age);
+        let stop = CancellationToken::new();
+        let events = http::events::EventsState {
+            feed: Feed::new(Arc::new(feed.clone()), twins.clone()),
+            keep_alive: config.events_keepalive,
+            closing: stop.clone(),
+        };
         let state = AppState {
             twins,
             documents,
             history,
+            events,
             auth,
             health: Health::new(dependencies),
             metrics: {
@@ -302,6 +332,8 @@ impl Application {
             broker,
             ingest,
             inband,
+            feed,
+            stop,
             config,
         })
     }
@@ -335,6 +367,8 @@ impl Application {
             broker,
             ingest,
             inband,
+            feed,
+            stop,
             config,
         } = self;
         tracing::info!(
@@ -343,7 +377,6 @@ impl Application {
             "twins service listening"
         );
         // One stop signal for every task, and one deadline from the moment it fires.
-        let stop = CancellationToken::new();
         let ingestor = Ingestor {
             js: async_nats::jetstream::new(broker.clone()),
             group: config.instance_group.clone(),
@@ -386,6 +419,8 @@ impl Application {
         );
         let relay = tokio::spawn(relay.run(stop.clone()));
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
+        // Ends with the stop signal, and with it every change feed stream.
+        let tail = tokio::spawn(feed.tail(stop.clone()));
         let presence = tokio::spawn(presence.run(stop.clone()));
         let inband = tokio::spawn({
             let (group, stop) = (config.instance_group.clone(), stop.clone());
@@ -436,6 +471,7 @@ impl Application {
         drop(server);
         // The consumer hands back what it buffered and releases its lease; what it had
         // not applied stays unacked below the stored position, for the next holder.
+        tail.abort();
         let aborts = [
             consumer.abort_handle(),
             inband.abort_handle(),

@@ -90,6 +90,8 @@ struct RawEnv {
     mg_twins_states_retention: Option<String>,
     mg_twins_events_max_age: Option<String>,
     mg_twins_auth_cache_ttl: Option<String>,
+    mg_twins_events_buffer: Option<String>,
+    mg_twins_events_keepalive: Option<String>,
     mg_twins_states_prune_interval: Option<String>,
     /// Every other `MG_*` variable: those of other services are none of ours, but an
     /// `MG_TWINS_*` one is probably misspelled.
@@ -139,6 +141,8 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_STATES_PRUNE_INTERVAL",
     "MG_TWINS_EVENTS_MAX_AGE",
     "MG_TWINS_AUTH_CACHE_TTL",
+    "MG_TWINS_EVENTS_BUFFER",
+    "MG_TWINS_EVENTS_KEEPALIVE",
 ];
 
 /// How often retention looks for old states by default: removal within a minute of a
@@ -232,7 +236,19 @@ pub struct Config {
     /// How long an identified token is reused without asking the auth service again
     /// (`MG_TWINS_AUTH_CACHE_TTL`); None, the default, asks on every request.
     pub auth_cache_ttl: Option<Duration>,
+    /// Events held for one SSE client that reads slower than they come
+    /// (`MG_TWINS_EVENTS_BUFFER`); a client further behind is disconnected.
+    pub events_buffer: usize,
+    /// Time between the comment lines that keep an idle SSE connection open
+    /// (`MG_TWINS_EVENTS_KEEPALIVE`).
+    pub events_keepalive: Duration,
 }
+
+/// Events held per SSE client by default: a burst of a few seconds of one busy twin.
+pub const DEFAULT_EVENTS_BUFFER: usize = 1024;
+
+/// Time between keep-alive comments on an SSE connection by default (SPEC 12).
+pub const DEFAULT_EVENTS_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// How long the change feed keeps events by default: a week of disconnection.
 pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -455,6 +471,16 @@ impl Config {
             raw.mg_twins_events_max_age,
             DEFAULT_EVENTS_MAX_AGE,
         )?;
+        let events_buffer = count(
+            "MG_TWINS_EVENTS_BUFFER",
+            raw.mg_twins_events_buffer,
+            DEFAULT_EVENTS_BUFFER,
+        )?;
+        let events_keepalive = positive_duration(
+            "MG_TWINS_EVENTS_KEEPALIVE",
+            raw.mg_twins_events_keepalive,
+            DEFAULT_EVENTS_KEEPALIVE,
+        )?;
         let states_prune_interval = positive_duration(
             "MG_TWINS_STATES_PRUNE_INTERVAL",
             raw.mg_twins_states_prune_interval,
@@ -539,6 +565,8 @@ impl Config {
             states_retention,
             events_max_age,
             auth_cache_ttl,
+            events_buffer,
+            events_keepalive,
             states_prune_interval,
             document_revisions,
         })

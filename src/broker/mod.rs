@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod events;
 pub mod feed;
+pub mod feed_source;
 pub mod inband;
 pub mod notifier;
 pub mod presence;

@@ -56,6 +56,7 @@ impl ApiError {
                     }
                     ServiceError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
                     ServiceError::NotFound | ServiceError::Absent(_) => StatusCode::NOT_FOUND,
+                    ServiceError::CursorExpired { .. } => StatusCode::GONE,
                     ServiceError::Unavailable(cause) => {
                         tracing::warn!(%cause, "dependency unavailable");
                         StatusCode::SERVICE_UNAVAILABLE

@@ -2,6 +2,7 @@
 
 pub mod documents;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod metrics;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub twins: Arc<dyn Twins>,
     pub documents: Arc<dyn Documents>,
     pub history: Arc<dyn History>,
+    pub events: events::EventsState,
     pub auth: Arc<dyn Authenticator>,
     pub health: Health,
     pub metrics: PrometheusHandle,
@@ -56,6 +58,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             get(twins::view).put(twins::update).delete(twins::remove),
         )
         .route("/twins/{id}/documents", get(documents::list))
+        .route("/events", get(events::all))
+        .route("/twins/{id}/events", get(events::twin))
         .route(
             "/twins/{id}/documents/{name}",
             get(documents::get)

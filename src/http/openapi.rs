@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
 use super::pages::{StatesPage, TwinsPage, VersionsPage};
-use super::{documents, health, metrics, states, twins};
+use super::{documents, events, health, metrics, states, twins};
 use crate::domain::document::{
     Difference, Document, DocumentSummary, VersionSummary, WriteOp, Writer,
 };
@@ -23,7 +23,7 @@ use crate::service::documents::{DeltaView, RevisionDiff};
         twins::create, twins::list, twins::view, twins::update, twins::remove,
         states::list, states::at, states::diff, states::summary, documents::list, documents::get,
         documents::put, documents::patch, documents::delete, documents::delta,
-        documents::versions, documents::diff, health::health, health::live, health::ready,
+        documents::versions, documents::diff, events::all, events::twin, health::health, health::live, health::ready,
         metrics::render, document
     ),
     components(schemas(
@@ -31,7 +31,8 @@ use crate::service::documents::{DeltaView, RevisionDiff};
         twins::TwinRequest, twins::TwinUpdateRequest, ErrorBody, health::Health, health::ComponentCheck, health::Probe, Document, DocumentSummary, Difference,
         DeltaView, VersionMismatch, documents::DocumentRequest, documents::DocumentList,
         StateInForce, StateDiff, Change, WindowSummary, AttributeSummary,
-        VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff
+        VersionsPage, VersionSummary, WriteOp, Writer, RevisionDiff,
+        events::FeedSseEvent, events::ChangeEventBody, events::OverflowBody, events::CursorExpiredBody
     )),
     modifiers(&BearerAuth)
 )]

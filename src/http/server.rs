@@ -1,6 +1,7 @@
 //! The accept loop of the HTTP and HTTPS listener, and the limits that keep what a
 //! client can hold bounded: a cap on open connections, a deadline for a request head
-//! (and for a TLS handshake), a deadline for an idle keep-alive connection.
+//! (and for a TLS handshake), a deadline for an idle keep-alive connection, and the same
+//! deadline for a response whose client stopped reading it.
 //!
 //! The per-request deadline is a layer of the router (`http::request_deadline`), so the
 //! answer it gives is an ordinary JSON error that the metrics and spans see.
@@ -240,6 +241,7 @@ impl Connection {
         let mut http = hyper::server::conn::http1::Builder::new();
         // The deadlines below replace it (see the module documentation).
         http.header_read_timeout(None);
+        let writes = activity.clone();
         let conn = http.serve_connection(TokioIo::new(Watched { io, activity }), service);
         let mut conn = std::pin::pin!(conn);
         let mut stopping = false;
@@ -268,6 +270,12 @@ impl Connection {
                         return;
                     }
                 }
+                () = stalled(&writes, current, self.limits.idle_timeout) => {
+                    // A client that reads nothing of a response (an event stream it
+                    // stopped following) is gone as much as an idle one.
+                    tracing::debug!(addr = %self.addr, "response not read in time; connection closed");
+                    return;
+                }
                 () = sleep_until(deadline) => {
                     // Writes push an idle deadline back without waking this loop.
                     let now = Instant::now();
@@ -285,6 +293,22 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// Completes when the response of a busy connection has had its writes refused for
+/// `limit`; never for a connection between requests.
+async fn stalled(activity: &Activity, phase: Phase, limit: Duration) {
+    if !matches!(phase, Phase::Busy(_)) {
+        return std::future::pending().await;
+    }
+    loop {
+        let at = match activity.blocked_since() {
+            Some(since) if since + limit <= Instant::now() => return,
+            Some(since) => since + limit,
+            None => Instant::now() + limit,
+        };
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -321,12 +345,41 @@ impl Phase {
 /// The phase of one connection, moved by its socket and its requests, watched by its
 /// task. Only changes of the kind of phase wake the task: those can bring a deadline
 /// forward, while a write only pushes one back.
+///
+/// It also records since when the socket has refused the response's bytes (the client
+/// stopped reading): a response blocked that long is abandoned like an idle connection.
 #[derive(Clone)]
-struct Activity(Arc<watch::Sender<Phase>>);
+struct Activity(
+    Arc<watch::Sender<Phase>>,
+    Arc<std::sync::Mutex<Option<Instant>>>,
+);
 
 impl Activity {
     fn new() -> Self {
-        Self(Arc::new(watch::Sender::new(Phase::Head(Instant::now()))))
+        Self(
+            Arc::new(watch::Sender::new(Phase::Head(Instant::now()))),
+            Arc::default(),
+        )
+    }
+
+    /// Since when writes have been refused, if they are.
+    fn blocked_since(&self) -> Option<Instant> {
+        *self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_blocked(&self, blocked: bool) {
+        let mut since = self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (blocked, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
     }
 
     fn read(&self) {
@@ -381,12 +434,16 @@ struct Watched<I> {
 }
 
 impl<I> Watched<I> {
-    /// Reports a write that moved bytes, and hands its outcome on.
+    /// Reports a write that moved bytes, or one the socket refused, and hands its
+    /// outcome on.
     fn noted(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.wrote();
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.activity.write_blocked(false);
+                self.activity.wrote();
+            }
+            Poll::Pending => self.activity.write_blocked(true),
+            _ => {}
         }
         polled
     }
@@ -431,7 +488,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.activity.write_blocked(polled.is_pending());
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -11,6 +11,7 @@
 mod contention;
 pub mod documents;
 pub mod events;
+pub mod feed;
 pub mod health;
 pub mod history;
 pub mod inband;
@@ -61,6 +62,10 @@ pub enum ServiceError {
     /// before it existed): a 404 whose reason is shown to the client.
     #[error("{0}")]
     Absent(&'static str),
+    /// A change feed cursor whose next events have left the stream; `oldest` is the
+    /// oldest cursor still resumable.
+    #[error("cursor expired")]
+    CursorExpired { oldest: u64 },
     /// A version-checked write found another version stored.
     #[error("document version mismatch")]
     VersionMismatch(Box<VersionMismatch>),
@@ -115,6 +120,9 @@ impl ServiceError {
         match self {
             Self::VersionMismatch(m) => serde_json::to_value(m.as_ref())
                 .unwrap_or_else(|_| serde_json::json!({ "error": m.error })),
+            Self::CursorExpired { oldest } => {
+                serde_json::json!({ "error": self.public_message(), "oldest": oldest })
+            }
             other => serde_json::json!({ "error": other.public_message() }),
         }
     }

@@ -34,7 +34,9 @@ pub const OVERLOADED: &str = "overloaded-token";
 /// A token for which the auth service answers an identity with an empty id.
 pub const ANONYMOUS: &str = "anonymous-token";
 
-/// Prefix of tokens identifying the user named by the rest (see [`token_of`]).
+/// Prefix of tokens identifying the user named by the rest (see [`token_of`]): users of
+/// a test's own, for tests whose data is keyed by owner on shared servers (the change
+/// feed's subjects).
 pub const USER_TOKEN_PREFIX: &str = "user-token-";
 
 /// A token the in-test auth service answers with identity `id`: a user of the test's
