@@ -251,8 +251,32 @@ async fn spawn() -> TestApp {
 }
 
 /// A twin of the user with `token`.
+/// A new twin of the token's user, once the event of its creation is on the stream:
+/// followers opened afterwards start after it.
 async fn twin_of(app: &TestApp, token: &str) -> String {
-    app.create_id(token, &json!({})).await
+    let twin = app.create_id(token, &json!({})).await;
+    let owner = token
+        .strip_prefix(USER_TOKEN_PREFIX)
+        .expect("a token of a test's own user");
+    created_on_stream(app.js(), owner, &twin).await;
+    twin
+}
+
+/// Waits until the event of `twin`'s creation is on the stream.
+async fn created_on_stream(js: &jetstream::Context, owner: &str, twin: &str) {
+    let subject = subject(owner, twin, EventKind::TwinCreated);
+    let stream = js.get_stream(FEED_STREAM).await.expect("the feed stream");
+    eventually(
+        "the twin's creation on the feed",
+        || async {
+            stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_ok()
+        },
+        |found| *found,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -729,4 +753,70 @@ async fn a_client_that_stops_reading_is_disconnected() {
     // The live stream goes on.
     let next = make_changes(app.js(), &owner, &twin, EventKind::TwinUpdated, 1).await;
     assert_served(&live.events(1).await, &next);
+}
+
+/// Real changes through the API: a client reads 100 events, disconnects, 50 more
+/// changes are committed, and it reconnects with `Last-Event-ID`: it gets exactly those
+/// 50, in order, then the next change and nothing repeated.
+#[tokio::test(flavor = "multi_thread")]
+async fn committed_changes_resume_from_last_event_id_with_none_missing_or_repeated() {
+    let app = spawn().await;
+    let (_, token) = user();
+    let twin = twin_of(&app, &token).await;
+    let path = format!("/twins/{twin}/events");
+    let put = |n: usize| {
+        let app = &app;
+        let token = &token;
+        let twin = &twin;
+        async move {
+            let resp = send(
+                app.request(Method::PUT, &format!("/twins/{twin}/documents/desired"))
+                    .bearer_auth(token)
+                    .json(&json!({ "data": { "n": n } })),
+            )
+            .await;
+            assert!(resp.status().is_success(), "PUT {n}: {}", resp.status());
+        }
+    };
+    let versions = |frames: &[Frame]| -> Vec<(String, i64)> {
+        frames
+            .iter()
+            .map(|f| {
+                let d = f.data();
+                (
+                    d["kind"].as_str().expect("kind").to_owned(),
+                    d["new"]["data"]["n"].as_i64().expect("the document's n"),
+                )
+            })
+            .collect()
+    };
+    let want = |from: usize, to: usize| -> Vec<(String, i64)> {
+        (from..to)
+            .map(|n| ("document.put".to_owned(), n as i64))
+            .collect()
+    };
+
+    let mut sse = Sse::open(&app, &path, &token, &[], None).await;
+    for n in 0..100 {
+        put(n).await;
+    }
+    let first = sse.events(100).await;
+    assert_eq!(versions(&first), want(0, 100));
+    let last = first.last().expect("100 events").id();
+    drop(sse);
+
+    for n in 100..150 {
+        put(n).await;
+    }
+    let mut resumed = Sse::open(&app, &path, &token, &[], Some(last)).await;
+    let rest = resumed.events(50).await;
+    assert_eq!(versions(&rest), want(100, 150));
+    let ids: Vec<u64> = first.iter().chain(&rest).map(Frame::id).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "cursors increase: {ids:?}"
+    );
+    // The next change is the next event: nothing of the 150 comes again.
+    put(150).await;
+    assert_eq!(versions(&resumed.events(1).await), want(150, 151));
 }
