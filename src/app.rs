@@ -172,7 +172,7 @@ const METRIC_HELP: &[(&str, &str)] = &[
 /// The store-wide lease of the change feed relay: one relay per store.
 const FEED_RELAY_LEASE: &str = "twins.feed-relay";
 /// Outbox entries a relay reads at a time.
-const FEED_RELAY_BATCH: usize = 256;
+const FEED_RELAY_BATCH: usize = 1024;
 /// Pause between two looks at an empty outbox.
 const FEED_RELAY_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
 /// Test-only: where the relay stops for good, for a test to kill the process there

@@ -6,22 +6,26 @@
 //! Exactly once: an event is removed from the outbox only after the stream acknowledged
 //! it, and the stream drops a second copy of a message id it stored within its
 //! duplicate window, so a relay that dies between the two publishes it again harmlessly.
-//! One relay per store at a time (a lease in the store), and each event is published
-//! only once the one before it is acknowledged, so the stream holds each twin's events
-//! in outbox order.
+//! One relay per store at a time (a lease in the store), and each event of a twin is
+//! published only once the twin's event before it is acknowledged, so the stream holds
+//! each twin's events in outbox order; events of different twins are published side
+//! by side.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{ServiceError, ServiceResult};
 use crate::domain::feed::{ChangeEvent, EventKind};
 use crate::error::Cause;
-use crate::store::{IngestRepository, Lease, OutboxEvent, OutboxRepository};
+use crate::store::{IngestRepository, Lease, OutboxEntry, OutboxEvent, OutboxRepository};
 
 /// Events relayed to the stream.
 pub const RELAYED: &str = "twins_feed_events_relayed_total";
@@ -234,17 +238,52 @@ impl Relay {
         if self.settings.hold_at == Some(HoldAt::BeforePublish) {
             hold("feed-before-publish", pending.len()).await;
         }
+        // Each twin's events in outbox order, one at a time: the next is published
+        // once the stream acknowledged the one before. Different twins' events are
+        // published side by side.
+        let mut queues: HashMap<&str, VecDeque<&OutboxEntry>> = HashMap::new();
         for entry in &pending {
-            if let Err(e) = self.publisher.publish(&entry.event).await {
-                state.prepared = false;
-                // What was acknowledged leaves the outbox at the next pass.
-                return Err(e.into());
+            queues
+                .entry(entry.event.event.twin_id.as_str())
+                .or_default()
+                .push_back(entry);
+        }
+        let publisher = &*self.publisher;
+        let publish = |entry| publish_one(publisher, entry);
+        let mut inflight = FuturesUnordered::new();
+        for queue in queues.values_mut() {
+            if let Some(entry) = queue.pop_front() {
+                inflight.push(publish(entry));
             }
-            state.acked.push(entry.id);
-            metrics::counter!(RELAYED).increment(1);
-            if self.settings.hold_at == Some(HoldAt::AfterPublish) {
-                hold("feed-after-publish", state.acked.len()).await;
+        }
+        let mut failed = None;
+        while let Some((entry, published)) = inflight.next().await {
+            match published {
+                Ok(()) => {
+                    state.acked.push(entry.id);
+                    metrics::counter!(RELAYED).increment(1);
+                    if self.settings.hold_at == Some(HoldAt::AfterPublish) {
+                        hold("feed-after-publish", state.acked.len()).await;
+                    }
+                    // After a failure nothing more is started; what is on its way
+                    // is awaited, so that its acknowledgement is not lost.
+                    if failed.is_none()
+                        && let Some(next) = queues
+                            .get_mut(entry.event.event.twin_id.as_str())
+                            .and_then(VecDeque::pop_front)
+                    {
+                        inflight.push(publish(next));
+                    }
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failed {
+            state.prepared = false;
+            // What was acknowledged leaves the outbox at the next pass.
+            return Err(e.into());
         }
         self.outbox.relayed(&state.acked).await?;
         state.acked.clear();
@@ -289,6 +328,14 @@ struct RelayState {
     counted_at: Option<tokio::time::Instant>,
 }
 
+/// Publishes `entry`'s event, handing the entry back with the outcome.
+async fn publish_one<'e>(
+    publisher: &dyn FeedPublisher,
+    entry: &'e OutboxEntry,
+) -> (&'e OutboxEntry, Result<(), PublishError>) {
+    (entry, publisher.publish(&entry.event).await)
+}
+
 /// Stops this relay for good, saying where, for a test to kill the process.
 async fn hold(point: &'static str, events: usize) {
     tracing::warn!(point, events, "change feed relay held");
@@ -302,11 +349,13 @@ mod tests {
     use super::*;
     use crate::service::fakes::Memory;
 
-    /// Publishes into a list; fails the next `fail` publishes.
+    /// Publishes into a list; fails the next `fail` publishes, and the first publish of
+    /// each message id in `fail_once`.
     #[derive(Default)]
     struct Recording {
         published: Mutex<Vec<OutboxEvent>>,
         fail: Mutex<usize>,
+        fail_once: Mutex<std::collections::HashSet<String>>,
     }
 
     #[async_trait]
@@ -316,10 +365,18 @@ mod tests {
         }
 
         async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError> {
-            let mut fail = self.fail.lock().unwrap();
-            if *fail > 0 {
-                *fail -= 1;
+            let refused = {
+                let mut fail = self.fail.lock().unwrap();
+                let refused = *fail > 0;
+                *fail = fail.saturating_sub(1);
+                refused || self.fail_once.lock().unwrap().remove(&event.msg_id)
+            };
+            if refused {
                 return Err(PublishError("broker away".into()));
+            }
+            // Acknowledgements come back in any order.
+            for _ in 0..(event.msg_id.as_bytes()[0] % 4) {
+                tokio::task::yield_now().await;
             }
             self.published.lock().unwrap().push(event.clone());
             Ok(())
@@ -381,5 +438,47 @@ mod tests {
             Ok(Pass::Idle)
         ));
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn twins_are_relayed_side_by_side_each_in_its_order_through_failures() {
+        use crate::store::TwinRepository;
+        let db = Memory::new();
+        let mut recorded: Vec<OutboxEvent> = Vec::new();
+        // Writes of three twins interleaved, three events each.
+        for n in 0..3 {
+            for t in ["a", "b", "c"] {
+                let e = vec![event(t, n)];
+                let twin = crate::cache::flaky::twin(&format!("{t}{n}"), 1, &[]);
+                db.save_recorded(&twin, &e).await.unwrap();
+                recorded.extend(e);
+            }
+        }
+        let publisher = Arc::new(Recording::default());
+        // The first event of b and the second of c are not acknowledged the first time.
+        publisher
+            .fail_once
+            .lock()
+            .unwrap()
+            .extend([recorded[1].msg_id.clone(), recorded[5].msg_id.clone()]);
+        let mut r = relay(&db, publisher.clone(), "a");
+        r.settings.batch = 9;
+        let mut state = RelayState::default();
+        for _ in 0..10 {
+            let _ = r.pass(&mut state).await;
+        }
+        let published = publisher.published.lock().unwrap().clone();
+        assert_eq!(published.len(), recorded.len(), "each event once");
+        for t in ["a", "b", "c"] {
+            let of = |events: &[OutboxEvent]| -> Vec<String> {
+                events
+                    .iter()
+                    .filter(|e| e.event.twin_id == t)
+                    .map(|e| e.msg_id.clone())
+                    .collect()
+            };
+            assert_eq!(of(&published), of(&recorded), "twin {t} in outbox order");
+        }
+        assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
     }
 }
