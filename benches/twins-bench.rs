@@ -8,7 +8,7 @@
 //! cargo bench --bench twins-bench -- api            [--connections 64] [--seconds 5] [--states 1000000]
 //! cargo bench --bench twins-bench -- history        [--states 1000000] [--samples 200]
 //! cargo bench --bench twins-bench -- memory         [--twins 100000]
-//! cargo bench --bench twins-bench -- events         [--clients 1000] [--messages 100000] [--seconds 10] [--synthetic]
+//! cargo bench --bench twins-bench -- events         [--clients 1000] [--messages 100000] [--seconds 10] [--synthetic] [--rate R]
 //! cargo bench --bench twins-bench -- all
 //! ```
 //! Each scenario starts its own `twins` process on the embedded defaults (SQLite in a
@@ -1631,7 +1631,8 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
     let seconds = o.seconds.max(10);
     let (half, sent) = match without {
         Some(rate) => {
-            let half = rate / 2.0;
+            // Half the maximum measured just now, unless `--rate` names the rate.
+            let half = o.rate.unwrap_or(rate / 2.0);
             let n = (half * seconds as f64) as usize;
             eprintln!("events: ingest of {n} messages at {half:.0} msg/s with {clients} clients");
             let run =
@@ -1648,8 +1649,13 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             )
         }
     };
-    // Events still on their way arrive within a second.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every change of the paced run is one event for one client: wait for them all (at
+    // most 30 s more), and keep the latencies of that run only.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().map_err(|_| "poisoned")?.len() < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut lat = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?);
     let with = if o.synthetic {
         None
     } else {
@@ -1676,7 +1682,6 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         eprintln!("  {:.0} msg/s", run.rate);
         Some(run.rate)
     };
-    let mut lat = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?);
     lat.sort_by(f64::total_cmp);
     if lat.is_empty() {
         eprintln!("events: no event reached a client (is the relay of committed changes running?)");
