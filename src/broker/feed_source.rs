@@ -170,10 +170,16 @@ impl FeedSource for JetStreamFeed {
         let position = after.unwrap_or(registration.from);
         let mut catch_up = None;
         if position < registration.from {
-            let mut reading = CatchUp::new(self.js.clone(), &filters, position, registration.from);
-            // A broker that cannot create the consumer is a 503 before anything is sent.
-            reading.open().await?;
-            catch_up = Some(reading);
+            // Opened by the first read, after the response's head: creating a filtered
+            // consumer from an old position makes the broker count what matches from
+            // there, which on a long stream takes longer than a client should wait for
+            // the head. A broker that cannot create it ends the stream with an error.
+            catch_up = Some(CatchUp::new(
+                self.js.clone(),
+                &filters,
+                position,
+                registration.from,
+            ));
         }
         let reader = Reader {
             feed: self.clone(),
