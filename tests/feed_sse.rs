@@ -522,6 +522,8 @@ async fn idle_streams_get_keep_alive_comments() {
         .await;
     let (_, token) = user();
     let mut sse = Sse::open(&app, "/events", &token, &[], None).await;
+    // The stream opens with a comment at once, then keeps alive with empty ones.
+    assert_eq!(sse.frame().await, Some(Frame::Comment("following".into())));
     for _ in 0..2 {
         assert_eq!(sse.frame().await, Some(Frame::Comment(String::new())));
     }

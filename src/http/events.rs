@@ -190,7 +190,12 @@ async fn open(
             },
         )
         .await?;
-    let stream = served(stream).take_until(events.closing.clone().cancelled_owned());
+    // A comment first: the client (and any proxy) gets bytes at once, also while a
+    // resume reads a long stream for its first matching event.
+    let opened = futures::stream::once(async { Ok(Event::default().comment("following")) });
+    let stream = opened
+        .chain(served(stream))
+        .take_until(events.closing.clone().cancelled_owned());
     Ok(Sse::new(Counted::new(stream))
         .keep_alive(KeepAlive::new().interval(events.keep_alive))
         .into_response())
