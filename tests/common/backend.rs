@@ -99,9 +99,19 @@ pub async fn run(backend: Backend, test: impl Future<Output = ()>) {
     let outcome = AssertUnwindSafe(SCOPE.scope(scope.clone(), test))
         .catch_unwind()
         .await;
-    scope.clean_up().await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+    let cleaned = scope.clean_up().await;
+    match (outcome, cleaned) {
+        (Err(panic), cleaned) => {
+            // The test's own failure comes first; a clean-up that failed after it
+            // (a server that died, say) is only reported beside it.
+            if let Err(e) = cleaned {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "after the failure: {e}");
+            }
+            std::panic::resume_unwind(panic);
+        }
+        (Ok(()), Err(e)) => panic!("{e}"),
+        (Ok(()), Ok(())) => {}
     }
 }
 
@@ -191,7 +201,7 @@ fn skipped(backend: Backend, var: &str) {
 }
 
 impl Scope {
-    async fn clean_up(&self) {
+    async fn clean_up(&self) -> Result<(), String> {
         let stopping: Vec<_> = self
             .stopping
             .lock()
@@ -208,6 +218,7 @@ impl Scope {
             .expect("scope lock")
             .drain(..)
             .collect();
+        let mut failed = Vec::new();
         for name in names {
             let dropped = match &self.server {
                 None => Ok(()),
@@ -229,8 +240,13 @@ impl Scope {
                 }
             };
             if let Err(e) = dropped {
-                panic!("a test database was not dropped: {e}");
+                failed.push(format!("a test database was not dropped: {e}"));
             }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
         }
     }
 

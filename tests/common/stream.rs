@@ -166,13 +166,31 @@ pub async fn wait_progress(app: &TestApp, publishing: &Publishing, count: u64) {
 pub async fn wait_applied(app: &TestApp, seq: u64, within: Duration) {
     let deadline = Instant::now() + within;
     while app.acked().await < seq {
-        assert!(
-            Instant::now() < deadline,
-            "not applied up to {seq} within {within:?} (acked {})",
-            app.acked().await
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "not applied up to {seq} within {within:?} (acked {}); last log lines: {:#?}",
+                app.acked().await,
+                log_tail(app, 40)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The last `n` log lines of each instance the app runs as a process.
+fn log_tail(app: &TestApp, n: usize) -> Vec<String> {
+    app.instances()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, instance)| {
+            let lines = instance.log_lines();
+            let skip = lines.len().saturating_sub(n);
+            lines
+                .into_iter()
+                .skip(skip)
+                .map(move |line| format!("[{i}] {line}"))
+        })
+        .collect()
 }
 
 /// Asserts that every twin has exactly the oracle's states. The consumer's ack floor

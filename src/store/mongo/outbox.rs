@@ -35,6 +35,28 @@ pub const MARKS: i64 = 16;
 /// write takes.
 pub const GRACE: Duration = Duration::from_secs(30);
 
+/// A filter of exactly the records whose `_id` is one of `ids`, as ranges of
+/// consecutive ids: an event's entries take consecutive ids, so a batch is a few runs,
+/// and a range is matched through the `_id` index by every server (a long `$in` is
+/// not, by some).
+fn ids_in(ids: &[i64]) -> Document {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if id == *last + 1 => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    let range = |&(first, last): &(i64, i64)| doc! { "_id": { "$gte": first, "$lte": last } };
+    match runs.as_slice() {
+        [one] => range(one),
+        _ => doc! { "$or": runs.iter().map(range).collect::<Vec<_>>() },
+    }
+}
+
 fn corrupt(what: &str) -> StoreError {
     StoreError::Internal(format!("corrupt outbox entry: {what}").into())
 }
@@ -178,7 +200,7 @@ impl MongoStore {
         }
         if !dropped.is_empty() {
             self.outbox()
-                .delete_many(doc! { "_id": { "$in": dropped } })
+                .delete_many(ids_in(&dropped))
                 .await
                 .map_err(map_err)?;
         }
@@ -188,10 +210,7 @@ impl MongoStore {
         let n = ready.len() as u64;
         let done = self
             .outbox()
-            .update_many(
-                doc! { "_id": { "$in": &ready } },
-                doc! { "$set": { "ready": true } },
-            )
+            .update_many(ids_in(&ready), doc! { "$set": { "ready": true } })
             .await
             .map_err(map_err)?;
         if done.matched_count < n {
@@ -372,8 +391,11 @@ impl OutboxRepository for MongoStore {
     }
 
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.outbox()
-            .delete_many(doc! { "_id": { "$in": ids } })
+            .delete_many(ids_in(ids))
             .await
             .map_err(map_err)?;
         Ok(())
@@ -384,5 +406,26 @@ impl OutboxRepository for MongoStore {
             .count_documents(doc! {})
             .await
             .map_err(map_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_matched_as_runs_of_consecutive_ids() {
+        assert_eq!(
+            ids_in(&[7, 5, 6, 6]),
+            doc! { "_id": { "$gte": 5_i64, "$lte": 7_i64 } }
+        );
+        assert_eq!(
+            ids_in(&[1, 2, 4, 9, 10]),
+            doc! { "$or": [
+                { "_id": { "$gte": 1_i64, "$lte": 2_i64 } },
+                { "_id": { "$gte": 4_i64, "$lte": 4_i64 } },
+                { "_id": { "$gte": 9_i64, "$lte": 10_i64 } },
+            ] }
+        );
     }
 }
