@@ -31,18 +31,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Makes cargo rerun this script when the checked-out commit changes: HEAD itself (a
-/// switch of branch or a detached checkout), the branch it points at (a commit), and the
-/// packed refs (a branch whose ref was packed). Works in worktrees, where `.git` is a
-/// file, by asking git where its directories are.
+/// switch of branch or a detached checkout), the directory of the branch it points at (a
+/// commit), and the packed refs (a branch whose ref was packed), each only if it exists.
+/// Works in worktrees, where `.git` is a file, by asking git where its directories are.
 fn watch_git_head() {
     let Some(git_dir) = git(&["rev-parse", "--git-dir"]) else {
         return;
     };
     let common = git(&["rev-parse", "--git-common-dir"]).unwrap_or_else(|| git_dir.clone());
-    println!("cargo:rerun-if-changed={git_dir}/HEAD");
-    println!("cargo:rerun-if-changed={common}/packed-refs");
+    // A path that does not exist would make cargo run this script on every build, and
+    // the build time it records would then rebuild the crate each time.
+    let watch = |path: String| {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    };
+    watch(format!("{git_dir}/HEAD"));
+    watch(format!("{common}/packed-refs"));
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        println!("cargo:rerun-if-changed={common}/{branch}");
+        // The directory, not the file: a branch whose ref was packed gets its file back
+        // with its next commit.
+        if let Some((dir, _)) = branch.rsplit_once('/') {
+            watch(format!("{common}/{dir}"));
+        }
     }
 }
 

@@ -325,6 +325,30 @@ impl Service {
     }
 
     /// Peak resident set size of the process, in KiB.
+    /// Waits until the service's gauge `twins_feed_outbox_backlog` reads 0.
+    async fn wait_outbox_empty(&self, http: &reqwest::Client, within: Duration) -> Res<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = http
+                .get(format!("{}/metrics", self.base))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let backlog = text
+                .lines()
+                .find_map(|l| l.strip_prefix("twins_feed_outbox_backlog "))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            if backlog == Some(0.0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the outbox still holds {backlog:?} events").into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn rss_peak_kib(&self) -> u64 {
         self.status_kib("VmHWM:")
     }
@@ -1490,8 +1514,9 @@ async fn scenario_history(o: &Opts) -> Res<Value> {
 
 // ---------------------------------------------------------------- change feed
 
-/// Latencies (ms) from each event's commit `time` to its arrival at an SSE client.
-type Latencies = Arc<std::sync::Mutex<Vec<f64>>>;
+/// Each event's commit `time` and its latency (ms) from then to its arrival at an SSE
+/// client.
+type Latencies = Arc<std::sync::Mutex<Vec<(chrono::DateTime<chrono::Utc>, f64)>>>;
 
 /// One SSE client following `path` until `stop`: records the latency of every event.
 async fn sse_client(
@@ -1527,9 +1552,10 @@ async fn sse_client(
                 .as_str()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             {
-                let ms = (now - time.with_timezone(&chrono::Utc)).num_microseconds();
+                let time = time.with_timezone(&chrono::Utc);
+                let ms = (now - time).num_microseconds();
                 let ms = ms.unwrap_or_default() as f64 / 1000.0;
-                latencies.lock().map_err(|_| "poisoned")?.push(ms);
+                latencies.lock().map_err(|_| "poisoned")?.push((time, ms));
             }
         }
     }
@@ -1629,6 +1655,14 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = o.seconds.max(10);
+    // The run at full speed leaves events in the outbox: the paced run starts once the
+    // relay has put them all on the stream, so that its events do not queue behind them.
+    if !o.synthetic {
+        eprintln!("events: waiting for the outbox to be relayed");
+        svc.wait_outbox_empty(&http, Duration::from_secs(300))
+            .await?;
+    }
+    let paced_from = chrono::Utc::now();
     let (half, sent) = match without {
         Some(rate) => {
             // Half the maximum measured just now, unless `--rate` names the rate.
@@ -1652,10 +1686,19 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
     // Every change of the paced run is one event for one client: wait for them all (at
     // most 30 s more), and keep the latencies of that run only.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while latencies.lock().map_err(|_| "poisoned")?.len() < sent && Instant::now() < deadline {
+    let paced = |l: &Latencies| -> Res<usize> {
+        let l = l.lock().map_err(|_| "poisoned")?;
+        Ok(l.iter().filter(|(time, _)| *time >= paced_from).count())
+    };
+    while paced(&latencies)? < sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut lat = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?);
+    // Only the events of changes made during the paced run.
+    let mut lat: Vec<f64> = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?)
+        .into_iter()
+        .filter(|(time, _)| *time >= paced_from)
+        .map(|(_, ms)| ms)
+        .collect();
     let with = if o.synthetic {
         None
     } else {

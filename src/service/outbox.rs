@@ -11,7 +11,7 @@
 //! each twin's events in outbox order; events of different twins are published side
 //! by side.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use super::{ServiceError, ServiceResult};
 use crate::domain::feed::{ChangeEvent, EventKind};
 use crate::error::Cause;
-use crate::store::{IngestRepository, Lease, OutboxEntry, OutboxEvent, OutboxRepository};
+use crate::store::{
+    IngestRepository, Lease, OutboxEntry, OutboxEvent, OutboxRepository, StoreResult,
+};
 
 /// Events relayed to the stream.
 pub const RELAYED: &str = "twins_feed_events_relayed_total";
@@ -176,6 +178,9 @@ impl Relay {
                 }
             }
         }
+        if let Err(e) = self.removed(&mut state).await {
+            tracing::debug!(error = %e, "relayed events left in the outbox");
+        }
         if state.leased_at.is_some()
             && let Err(e) = self
                 .lease
@@ -222,7 +227,7 @@ impl Relay {
         }
         // Entries the stream holds already but a failure kept in the outbox: removed
         // without publishing them again.
-        if !state.acked.is_empty() {
+        if !state.acked.is_empty() && state.removing.is_none() {
             self.outbox.relayed(&state.acked).await?;
             state.acked.clear();
         }
@@ -230,9 +235,17 @@ impl Relay {
             self.publisher.prepare().await?;
             state.prepared = true;
         }
-        let pending = self.outbox.pending(self.settings.batch).await?;
-        self.measure_backlog(state, pending.len()).await;
+        // The entries of the batch before may still be on their way out of the outbox:
+        // read past them, and do not publish them again.
+        let removing = state.removing.as_ref().map_or(0, |r| r.ids.len());
+        let mut pending = self.outbox.pending(self.settings.batch + removing).await?;
+        if let Some(r) = &state.removing {
+            pending.retain(|e| !r.ids.contains(&e.id));
+        }
+        pending.truncate(self.settings.batch);
+        self.measure_backlog(state, pending.len() + removing).await;
         if pending.is_empty() {
+            self.removed(state).await?;
             return Ok(Pass::Idle);
         }
         if self.settings.hold_at == Some(HoldAt::BeforePublish) {
@@ -280,18 +293,49 @@ impl Relay {
                 }
             }
         }
+        // The batch before must be out of the outbox before this one starts leaving it
+        // (one removal at a time, so that at most two batches are read again).
+        let removed = self.removed(state).await;
         if let Some(e) = failed {
             state.prepared = false;
             // What was acknowledged leaves the outbox at the next pass.
             return Err(e.into());
         }
-        self.outbox.relayed(&state.acked).await?;
-        state.acked.clear();
+        removed?;
+        // Removed while the next batch is read and published.
+        let ids = std::mem::take(&mut state.acked);
+        let outbox = self.outbox.clone();
+        state.removing = Some(Removal {
+            ids: ids.iter().copied().collect(),
+            task: tokio::spawn(async move {
+                let removed = outbox.relayed(&ids).await;
+                (ids, removed)
+            }),
+        });
         Ok(if pending.len() < self.settings.batch {
             Pass::Idle
         } else {
             Pass::Busy
         })
+    }
+
+    /// Waits for the removal of the batch before from the outbox, if one is on its
+    /// way; when it failed, its entries are removed again by the next pass.
+    async fn removed(&self, state: &mut RelayState) -> Result<(), Cause> {
+        let Some(removal) = state.removing.take() else {
+            return Ok(());
+        };
+        match removal.task.await {
+            Ok((_, Ok(()))) => Ok(()),
+            Ok((ids, Err(e))) => {
+                state.acked.extend(ids);
+                Err(e.into())
+            }
+            Err(e) => {
+                state.acked.extend(removal.ids);
+                Err(e.into())
+            }
+        }
     }
 
     /// Sets the backlog gauge: the batch read when it was not full, else a count at
@@ -325,7 +369,16 @@ struct RelayState {
     /// Ids of entries the stream acknowledged that are still in the outbox (at most a
     /// batch).
     acked: Vec<i64>,
+    /// The relayed batch being removed from the outbox.
+    removing: Option<Removal>,
     counted_at: Option<tokio::time::Instant>,
+}
+
+/// A removal from the outbox on its way: the ids, and the task that hands them back
+/// with its outcome.
+struct Removal {
+    ids: HashSet<i64>,
+    task: tokio::task::JoinHandle<(Vec<i64>, StoreResult<()>)>,
 }
 
 /// Publishes `entry`'s event, handing the entry back with the outcome.
@@ -395,6 +448,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The message ids of twin `t`'s events, in their order.
+    fn of_twin(events: &[OutboxEvent], t: &str) -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.event.twin_id == t)
+            .map(|e| e.msg_id.clone())
+            .collect()
+    }
+
     fn relay(db: &Arc<Memory>, publisher: Arc<Recording>, holder: &str) -> Relay {
         let store = db.store();
         Relay::new(
@@ -425,6 +487,7 @@ mod tests {
         let mut state = RelayState::default();
         assert!(r.pass(&mut state).await.is_err());
         while matches!(r.pass(&mut state).await, Ok(Pass::Busy)) {}
+        r.removed(&mut state).await.unwrap();
         assert_eq!(*publisher.published.lock().unwrap(), events);
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
 
@@ -467,17 +530,92 @@ mod tests {
         for _ in 0..10 {
             let _ = r.pass(&mut state).await;
         }
+        r.removed(&mut state).await.unwrap();
         let published = publisher.published.lock().unwrap().clone();
         assert_eq!(published.len(), recorded.len(), "each event once");
         for t in ["a", "b", "c"] {
-            let of = |events: &[OutboxEvent]| -> Vec<String> {
-                events
-                    .iter()
-                    .filter(|e| e.event.twin_id == t)
-                    .map(|e| e.msg_id.clone())
-                    .collect()
+            assert_eq!(
+                of_twin(&published, t),
+                of_twin(&recorded, t),
+                "twin {t} in outbox order"
+            );
+        }
+        assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
+    }
+
+    /// An outbox whose removals wait for a go-ahead, and fail while told to.
+    struct SlowOutbox {
+        inner: Arc<dyn OutboxRepository>,
+        go: tokio::sync::Semaphore,
+        fail: Mutex<usize>,
+    }
+
+    #[async_trait]
+    impl OutboxRepository for SlowOutbox {
+        async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.inner.pending(limit).await
+        }
+
+        async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+            self.go.acquire().await.unwrap().forget();
+            let refused = {
+                let mut fail = self.fail.lock().unwrap();
+                let refused = *fail > 0;
+                *fail = fail.saturating_sub(1);
+                refused
             };
-            assert_eq!(of(&published), of(&recorded), "twin {t} in outbox order");
+            if refused {
+                return Err(crate::store::StoreError::Unavailable("store away".into()));
+            }
+            self.inner.relayed(ids).await
+        }
+
+        async fn backlog(&self) -> StoreResult<u64> {
+            self.inner.backlog().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_while_the_one_before_leaves_the_outbox_and_never_twice() {
+        use crate::store::TwinRepository;
+        let db = Memory::new();
+        let mut recorded = Vec::new();
+        for n in 0..6 {
+            let e = vec![event(&format!("t{}", n % 2), n)];
+            let twin = crate::cache::flaky::twin(&format!("w{n}"), 1, &[]);
+            db.save_recorded(&twin, &e).await.unwrap();
+            recorded.extend(e);
+        }
+        let publisher = Arc::new(Recording::default());
+        let mut r = relay(&db, publisher.clone(), "a");
+        let outbox = Arc::new(SlowOutbox {
+            inner: db.store().outbox,
+            go: tokio::sync::Semaphore::new(0),
+            fail: Mutex::new(1),
+        });
+        r.outbox = outbox.clone();
+        let mut state = RelayState::default();
+        // The first batch is published and its removal waits.
+        assert!(matches!(r.pass(&mut state).await, Ok(Pass::Busy)));
+        assert_eq!(publisher.published.lock().unwrap().len(), 2);
+        // The second batch is read past the first, published, and waits for the
+        // first's removal, which fails; its entries stay to be removed again.
+        outbox.go.add_permits(1);
+        assert!(r.pass(&mut state).await.is_err());
+        assert_eq!(publisher.published.lock().unwrap().len(), 4);
+        outbox.go.add_permits(100);
+        for _ in 0..5 {
+            let _ = r.pass(&mut state).await;
+        }
+        r.removed(&mut state).await.unwrap();
+        let published = publisher.published.lock().unwrap().clone();
+        assert_eq!(published.len(), recorded.len(), "each event once");
+        for t in ["t0", "t1"] {
+            assert_eq!(
+                of_twin(&published, t),
+                of_twin(&recorded, t),
+                "twin {t} in outbox order"
+            );
         }
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
     }
