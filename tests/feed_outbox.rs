@@ -588,7 +588,7 @@ mod settling {
             .await
             .expect("pending")
             .into_iter()
-            .map(|e| e.event.msg_id)
+            .map(|e| e.msg_id)
             .collect();
         assert_eq!(pending, [made.msg_id.clone(), made.msg_id.clone()]);
         // The lost one is gone, the young one and the one after it wait.

@@ -1992,7 +1992,7 @@ async fn pending(store: &Store) -> Vec<OutboxEvent> {
     let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in order: {ids:?}");
     assert_eq!(store.outbox.backlog().await.unwrap(), entries.len() as u64);
-    entries.into_iter().map(|e| e.event).collect()
+    entries.iter().map(|e| e.event().unwrap()).collect()
 }
 
 async fn outbox_records_events_with_committed_writes_only(store: &Store) {
@@ -2119,7 +2119,7 @@ async fn outbox_pages_in_id_order_and_forgets_what_was_relayed(store: &Store) {
     store.twins.save_recorded(&tw, &events).await.unwrap();
     let first = store.outbox.pending(3).await.unwrap();
     assert_eq!(
-        first.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        first.iter().map(|e| e.event().unwrap()).collect::<Vec<_>>(),
         events[..3]
     );
     let ids: Vec<i64> = first.iter().map(|e| e.id).collect();

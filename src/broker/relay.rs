@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::feed::{FEED_STREAM, ensure_feed_stream};
 use crate::service::outbox::{FeedPublisher, PublishError};
-use crate::store::OutboxEvent;
+use crate::store::OutboxEntry;
 
 /// Publishes change events on the feed's stream.
 pub struct StreamPublisher {
@@ -37,13 +37,13 @@ impl FeedPublisher for StreamPublisher {
             .map_err(PublishError)
     }
 
-    async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError> {
-        let payload = serde_json::to_vec(&event.event).map_err(unavailable)?;
+    async fn publish(&self, entry: &OutboxEntry) -> Result<(), PublishError> {
         let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.msg_id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, entry.msg_id.as_str());
+        let subject = entry.subject();
         let ack = self
             .js
-            .publish_with_headers(event.subject(), headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, entry.payload.clone().into())
             .await
             .map_err(unavailable)?
             .await
@@ -51,8 +51,7 @@ impl FeedPublisher for StreamPublisher {
         if ack.stream != FEED_STREAM {
             return Err(PublishError(
                 format!(
-                    "{} was stored by stream {}, not {FEED_STREAM}",
-                    event.subject(),
+                    "{subject} was stored by stream {}, not {FEED_STREAM}",
                     ack.stream
                 )
                 .into(),

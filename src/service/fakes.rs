@@ -292,10 +292,9 @@ impl Tables {
     fn record(&mut self, events: &[OutboxEvent]) {
         for e in events {
             self.outbox_id += 1;
-            self.outbox.push(OutboxEntry {
-                id: self.outbox_id,
-                event: e.clone(),
-            });
+            if let Ok(entry) = OutboxEntry::of(self.outbox_id, e) {
+                self.outbox.push(entry);
+            }
         }
     }
 

@@ -72,9 +72,10 @@ pub trait FeedPublisher: Send + Sync {
     /// Makes sure the stream exists with its settings; called before publishing and
     /// again after a failure.
     async fn prepare(&self) -> Result<(), PublishError>;
-    /// Publishes the event under its message id and returns once the stream holds it
-    /// (a copy of an id it holds already is acknowledged without being stored again).
-    async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError>;
+    /// Publishes the entry's event under its message id and returns once the stream
+    /// holds it (a copy of an id it holds already is acknowledged without being stored
+    /// again).
+    async fn publish(&self, entry: &OutboxEntry) -> Result<(), PublishError>;
 }
 
 /// A point where a relay stops for good, for tests that kill the process there. Not
@@ -257,7 +258,7 @@ impl Relay {
         let mut queues: HashMap<&str, VecDeque<&OutboxEntry>> = HashMap::new();
         for entry in &pending {
             queues
-                .entry(entry.event.event.twin_id.as_str())
+                .entry(entry.twin_id.as_str())
                 .or_default()
                 .push_back(entry);
         }
@@ -282,7 +283,7 @@ impl Relay {
                     // is awaited, so that its acknowledgement is not lost.
                     if failed.is_none()
                         && let Some(next) = queues
-                            .get_mut(entry.event.event.twin_id.as_str())
+                            .get_mut(entry.twin_id.as_str())
                             .and_then(VecDeque::pop_front)
                     {
                         inflight.push(publish(next));
@@ -386,7 +387,7 @@ async fn publish_one<'e>(
     publisher: &dyn FeedPublisher,
     entry: &'e OutboxEntry,
 ) -> (&'e OutboxEntry, Result<(), PublishError>) {
-    (entry, publisher.publish(&entry.event).await)
+    (entry, publisher.publish(entry).await)
 }
 
 /// Stops this relay for good, saying where, for a test to kill the process.
@@ -417,7 +418,8 @@ mod tests {
             Ok(())
         }
 
-        async fn publish(&self, event: &OutboxEvent) -> Result<(), PublishError> {
+        async fn publish(&self, entry: &OutboxEntry) -> Result<(), PublishError> {
+            let event = entry.event().unwrap();
             let refused = {
                 let mut fail = self.fail.lock().unwrap();
                 let refused = *fail > 0;

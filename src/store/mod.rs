@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::domain::document::{Document, DocumentSummary, VersionSummary, WriteOp, Writer};
-use crate::domain::feed::ChangeEvent;
+use crate::domain::feed::{ChangeEvent, EventKind};
 use crate::domain::history::{AttributeSummary, Summary, Window};
 
 use crate::domain::sampling::Write;
@@ -507,8 +507,7 @@ impl OutboxEvent {
 
     /// The event from a stored payload.
     pub fn decode(msg_id: String, owner: String, payload: &str) -> StoreResult<Self> {
-        let event = serde_json::from_str(payload)
-            .map_err(|e| StoreError::Internal(format!("corrupt outbox entry: {e}").into()))?;
+        let event = serde_json::from_str(payload).map_err(corrupt_entry)?;
         Ok(Self {
             msg_id,
             owner,
@@ -517,13 +516,67 @@ impl OutboxEvent {
     }
 }
 
-/// An outbox entry waiting to be relayed.
+/// An outbox entry waiting to be relayed: the event as stored, published as it is (the
+/// relay reads only what it needs of it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     /// Its place in the outbox: entries are relayed in increasing id order, which is
     /// the order their writes committed in for any one twin.
     pub id: i64,
-    pub event: OutboxEvent,
+    pub msg_id: String,
+    pub owner: String,
+    /// The event's twin and kind, read from the payload: its subject and its queue.
+    pub twin_id: String,
+    pub kind: EventKind,
+    /// The event's JSON as stored, the stream message's body.
+    pub payload: String,
+}
+
+impl OutboxEntry {
+    /// An entry from its stored columns; of the payload, only the twin and the kind are
+    /// decoded.
+    pub fn stored(id: i64, msg_id: String, owner: String, payload: String) -> StoreResult<Self> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            kind: EventKind,
+            twin_id: String,
+        }
+        let head: Head = serde_json::from_str(&payload).map_err(corrupt_entry)?;
+        Ok(Self {
+            id,
+            msg_id,
+            owner,
+            twin_id: head.twin_id,
+            kind: head.kind,
+            payload,
+        })
+    }
+
+    /// The entry of `event` at `id`.
+    pub fn of(id: i64, event: &OutboxEvent) -> StoreResult<Self> {
+        Ok(Self {
+            id,
+            msg_id: event.msg_id.clone(),
+            owner: event.owner.clone(),
+            twin_id: event.event.twin_id.clone(),
+            kind: event.event.kind,
+            payload: event.payload()?,
+        })
+    }
+
+    /// The whole event.
+    pub fn event(&self) -> StoreResult<OutboxEvent> {
+        OutboxEvent::decode(self.msg_id.clone(), self.owner.clone(), &self.payload)
+    }
+
+    /// The subject the event is published on.
+    pub fn subject(&self) -> String {
+        crate::domain::feed::subject(&self.owner, &self.twin_id, self.kind)
+    }
+}
+
+fn corrupt_entry(e: serde_json::Error) -> StoreError {
+    StoreError::Internal(format!("corrupt outbox entry: {e}").into())
 }
 
 /// The outbox as the relay sees it.
@@ -634,5 +687,41 @@ impl Store {
             )
             .into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outbox_entry_is_published_as_stored_and_decodes_to_its_event() {
+        let event = OutboxEvent::new(
+            "alice",
+            ChangeEvent {
+                kind: EventKind::DocumentPatched,
+                twin_id: "t".into(),
+                time: Utc::now(),
+                old: Some(serde_json::json!({ "twin_id": "other", "kind": "twin.created" })),
+                new: None,
+            },
+        );
+        let entry = OutboxEntry::of(7, &event).unwrap();
+        let stored = OutboxEntry::stored(
+            7,
+            event.msg_id.clone(),
+            "alice".into(),
+            entry.payload.clone(),
+        )
+        .unwrap();
+        assert_eq!(stored, entry);
+        // The head comes from the event's own fields, not from its values'.
+        assert_eq!(
+            (stored.twin_id.as_str(), stored.kind),
+            ("t", EventKind::DocumentPatched)
+        );
+        assert_eq!(stored.subject(), event.subject());
+        assert_eq!(stored.event().unwrap(), event);
+        assert!(OutboxEntry::stored(8, "m".into(), "o".into(), "{\"kind\":1}".into()).is_err());
     }
 }

@@ -579,14 +579,12 @@ pub const OUTBOX_BACKLOG: &str = "SELECT COUNT(*) FROM feed_outbox";
 
 /// An outbox row.
 pub fn outbox_from_row(row: &impl Columns) -> StoreResult<OutboxEntry> {
-    Ok(OutboxEntry {
-        id: row.int("id")?,
-        event: OutboxEvent::decode(
-            row.text("msg_id")?,
-            row.text("owner")?,
-            &row.text("payload")?,
-        )?,
-    })
+    OutboxEntry::stored(
+        row.int("id")?,
+        row.text("msg_id")?,
+        row.text("owner")?,
+        row.text("payload")?,
+    )
 }
 
 /// The outbox rows of `events`, as (message id, owner, payload) columns.

@@ -382,10 +382,12 @@ impl OutboxRepository for MongoStore {
                 }
             }
             let text = |k: &str| r.get_str(k).map(str::to_owned).map_err(|_| corrupt(k));
-            entries.push(OutboxEntry {
+            entries.push(OutboxEntry::stored(
                 id,
-                event: OutboxEvent::decode(text("msg_id")?, text("owner")?, &text("payload")?)?,
-            });
+                text("msg_id")?,
+                text("owner")?,
+                text("payload")?,
+            )?);
         }
         Ok(entries)
     }
