@@ -184,6 +184,24 @@ impl Database {
         Ok(Store::connect(&self.url).await?)
     }
 
+    /// Brings a freshly seeded store to the state a running one is in: statistics
+    /// gathered and, on PostgreSQL, the visibility map set (what autovacuum does soon
+    /// after a bulk insert), so that measurements do not depend on when it ran.
+    async fn settle(&self) -> Res<()> {
+        match &self.created {
+            None => {
+                let mut conn =
+                    <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url).await?;
+                sqlx::query("ANALYZE").execute(&mut conn).await?;
+            }
+            Some(_) => {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url).await?;
+                sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// A reader for the bench's own polling (ingest cursors, state counts).
     async fn reader(&self) -> Res<Reader> {
         Ok(match &self.created {
@@ -1425,6 +1443,7 @@ async fn scenario_history(o: &Opts) -> Res<Value> {
     let seeding = Instant::now();
     let (first, last) = fill_history(&store, &twin, o.states).await?;
     eprintln!("  seeded in {:.1} s", seeding.elapsed().as_secs_f64());
+    db.settle().await?;
     drop(store);
     let svc = start_services(o, &db, &standalone()).await?;
     let base = &svc[0].base;
