@@ -192,11 +192,11 @@ impl Database {
             None => {
                 let mut conn =
                     <sqlx::SqliteConnection as sqlx::Connection>::connect(&self.url).await?;
-                sqlx::query("ANALYZE").execute(&mut conn).await?;
+                sqlx::raw_sql("ANALYZE").execute(&mut conn).await?;
             }
             Some(_) => {
                 let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.url).await?;
-                sqlx::query("VACUUM ANALYZE").execute(&mut conn).await?;
+                sqlx::raw_sql("VACUUM ANALYZE").execute(&mut conn).await?;
             }
         }
         Ok(())
@@ -1702,15 +1702,26 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             )
         }
     };
-    // Every change of the paced run is one event for one client: wait for them all (at
-    // most 30 s more), and keep the latencies of that run only.
+    // Every change of the paced run is one event for one client (messages folded into
+    // one state write are one change, so there are at most `sent`): wait until all are
+    // relayed and then until no more arrive for a second (at most 30 s more), and keep
+    // the latencies of that run only.
     let deadline = Instant::now() + Duration::from_secs(30);
     let paced = |l: &Latencies| -> Res<usize> {
         let l = l.lock().map_err(|_| "poisoned")?;
         Ok(l.iter().filter(|(time, _)| *time >= paced_from).count())
     };
-    while paced(&latencies)? < sent && Instant::now() < deadline {
+    if !o.synthetic {
+        svc.wait_outbox_empty(&http, Duration::from_secs(30))
+            .await?;
+    }
+    let mut seen = (paced(&latencies)?, Instant::now());
+    while seen.0 < sent && seen.1.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = paced(&latencies)?;
+        if now != seen.0 {
+            seen = (now, Instant::now());
+        }
     }
     // Only the events of changes made during the paced run.
     let mut lat: Vec<f64> = std::mem::take(&mut *latencies.lock().map_err(|_| "poisoned")?)

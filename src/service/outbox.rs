@@ -108,7 +108,8 @@ pub struct RelaySettings {
     pub lease_ttl: Duration,
     /// Entries read from the outbox at a time.
     pub batch: usize,
-    /// Pause between two looks at an empty outbox.
+    /// Pause after relaying less than a batch, and the first pause at an empty outbox
+    /// (doubled, up to 100 ms, while it stays empty).
     pub idle: Duration,
     pub hold_at: Option<HoldAt>,
 }
@@ -127,11 +128,18 @@ pub struct Relay {
 
 /// What one pass did.
 enum Pass {
-    /// Events were relayed; look again at once.
+    /// A full batch was relayed; look again at once.
     Busy,
-    /// Nothing to relay, or another relay holds the lease.
+    /// Less than a batch was relayed; look again after the shortest pause.
+    Drained,
+    /// Nothing to relay, or another relay holds the lease: pause longer each time, up
+    /// to [`IDLE_MAX`].
     Idle,
 }
+
+/// The longest pause between two looks at an outbox that stays empty (the shortest is
+/// [`RelaySettings::idle`]): every look is a read of the store.
+const IDLE_MAX: Duration = Duration::from_millis(100);
 
 impl Relay {
     pub fn new(
@@ -152,15 +160,24 @@ impl Relay {
     pub async fn run(self, stop: CancellationToken) {
         let mut state = RelayState::default();
         let mut backoff = MIN_BACKOFF;
+        let mut quiet = self.settings.idle;
         loop {
             let pause = match self.pass(&mut state).await {
                 Ok(Pass::Busy) => {
                     backoff = MIN_BACKOFF;
+                    quiet = self.settings.idle;
                     None
+                }
+                Ok(Pass::Drained) => {
+                    backoff = MIN_BACKOFF;
+                    quiet = self.settings.idle;
+                    Some(quiet)
                 }
                 Ok(Pass::Idle) => {
                     backoff = MIN_BACKOFF;
-                    Some(self.settings.idle)
+                    let pause = quiet;
+                    quiet = (quiet * 2).min(IDLE_MAX.max(self.settings.idle));
+                    Some(pause)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "change feed relay failed");
@@ -314,7 +331,7 @@ impl Relay {
             }),
         });
         Ok(if pending.len() < self.settings.batch {
-            Pass::Idle
+            Pass::Drained
         } else {
             Pass::Busy
         })
