@@ -221,7 +221,7 @@ impl DocumentsService {
             check_size(data)?;
         }
         let twin = self.twin(access, twin_id).await?;
-        let mut contention = Contention::default();
+        let mut contention = Contention::of_twin(&twin.id);
         while contention.next().await {
             let current = self.store.documents.get(&twin.id, name.as_str()).await?;
             let stored = current.as_ref().map(|d| d.version);
@@ -338,7 +338,7 @@ impl DocumentsService {
     ) -> ServiceResult<Document> {
         let name = DocumentName::parse(name)?;
         let twin = self.twin(access, twin_id).await?;
-        let mut contention = Contention::default();
+        let mut contention = Contention::of_twin(&twin.id);
         while contention.next().await {
             let current = self
                 .store

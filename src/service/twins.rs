@@ -128,7 +128,7 @@ impl TwinsService {
             .effective()
             .ok_or_else(|| crate::domain::ValidationError::new("nothing to update"))?;
         // Another update landing between our read and our write makes us read again.
-        let mut contention = Contention::default();
+        let mut contention = Contention::of_twin(id);
         while contention.next().await {
             let mut twin = self.retrieve(owner, id).await?;
             let old = twin.clone();
@@ -231,7 +231,7 @@ impl Twins for TwinsService {
         };
         // The event carries the twin as it was deleted: the deletion is conditional on
         // the revision read, and read again when an update landed in between.
-        let mut contention = Contention::default();
+        let mut contention = Contention::of_twin(&id);
         while contention.next().await {
             let Some(twin) = self.store.twins.retrieve(owner, &id).await? else {
                 return Ok(None);
