@@ -119,9 +119,16 @@ async fn sigkill_three_times_during_ingest_loses_and_duplicates_nothing() {
     oracle.apply(&all);
 
     let publishing = d.publish_in_background(&all).await;
+    let started = Instant::now();
     for share in [0.15, 0.4, 0.7] {
         d.wait_progress(&publishing, (20_000.0 * share) as u64)
             .await;
+        eprintln!(
+            "{share} of the messages acked after {:?} (ack floor {}, published from {})",
+            started.elapsed(),
+            d.app.acked().await,
+            publishing.base()
+        );
         d.app.instance().kill().await;
         d.app.start().await;
     }

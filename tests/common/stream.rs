@@ -127,7 +127,7 @@ impl Oracle {
     }
 }
 
-/// Messages being published in the background, counted from the group's position
+/// Messages being published in the background, counted from the end of the stream
 /// when publishing started.
 pub struct Publishing {
     base: u64,
@@ -135,6 +135,11 @@ pub struct Publishing {
 }
 
 impl Publishing {
+    /// The stream's last sequence when publishing started.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     /// The stream sequence of the last message, once all are published.
     pub async fn finished(self) -> u64 {
         self.task.await.expect("publisher")
@@ -143,7 +148,18 @@ impl Publishing {
 
 /// Starts publishing `messages` in the background.
 pub async fn publish_in_background(app: &TestApp, messages: &[Published]) -> Publishing {
-    let base = app.acked().await;
+    // The stream's end, not the group's ack floor: a consumer that has acked nothing
+    // yet may report a floor of 0, and every target counted from it is met at once.
+    let base = app
+        .js()
+        .get_stream(twins::broker::STREAM)
+        .await
+        .expect("the messages' stream")
+        .get_info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
     let js = app.js().clone();
     let messages = messages.to_vec();
     Publishing {

@@ -29,6 +29,8 @@ use crate::store::{
 
 /// Collection of the groups' positions and leases.
 pub const GROUPS: &str = "ingest_groups";
+/// How many twins of a step are written at once.
+const TWINS_AT_ONCE: usize = 16;
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -48,13 +50,8 @@ pub(super) fn seq_in(doc: &Document) -> u64 {
 fn state_at(twin_id: &str, id: i64, expected: u64) -> Document {
     let mut filter = filters::state(twin_id, id);
     if expected == 0 {
-        filter.insert(
-            "$or",
-            vec![
-                Bson::Document(doc! { "seq": { "$exists": false } }),
-                Bson::Document(doc! { "seq": 0_i64 }),
-            ],
-        );
+        // Absent or 0, without an `$or` (which some servers answer by a scan).
+        filter.insert("seq", doc! { "$in": [Bson::Null, 0_i64] });
     } else {
         filter.insert("seq", to_i64(expected));
     }
@@ -241,14 +238,27 @@ impl IngestRepository for MongoStore {
             }
         }
         let intent = self.intend(&events, checks).await?;
+        // Twins are independent records: several are written at once, each twin's own
+        // writes in order. All have ended before anything is settled.
+        let mut outcomes = Vec::with_capacity(step.twins.len());
+        for chunk in step.twins.chunks(TWINS_AT_ONCE) {
+            let writes = chunk.iter().map(|tw| self.apply_twin(tw));
+            outcomes.extend(futures::future::join_all(writes).await);
+        }
         let mut conflicts = Vec::new();
         let mut written = vec![false; step.twins.len()];
-        for (t, tw) in step.twins.iter().enumerate() {
-            match self.apply_twin(tw).await {
+        let mut failure = None;
+        for ((t, tw), outcome) in step.twins.iter().enumerate().zip(outcomes) {
+            match outcome {
                 Ok(true) => written[t] = true,
                 Ok(false) => conflicts.push(tw.twin_id.clone()),
-                Err(e) => return Err(self.abandon(&intent, e).await),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failure {
+            return Err(self.abandon(&intent, e).await);
         }
         if conflicts.is_empty() {
             self.settle(&intent, |i| written[owners[i]]).await?;

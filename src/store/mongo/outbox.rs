@@ -35,11 +35,11 @@ pub const MARKS: i64 = 16;
 /// write takes.
 pub const GRACE: Duration = Duration::from_secs(30);
 
-/// A filter of exactly the records whose `_id` is one of `ids`, as ranges of
-/// consecutive ids: an event's entries take consecutive ids, so a batch is a few runs,
-/// and a range is matched through the `_id` index by every server (a long `$in` is
-/// not, by some).
-fn ids_in(ids: &[i64]) -> Document {
+/// Filters that together match exactly the records whose `_id` is one of `ids`, one
+/// range per run of consecutive ids: an event's entries take consecutive ids, so a
+/// batch is a few runs, and each range is matched through the `_id` index by every
+/// server (a long `$in`, or an `$or` of ranges, is not, by some: they scan).
+fn id_runs(ids: &[i64]) -> Vec<Document> {
     let mut sorted = ids.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -50,11 +50,9 @@ fn ids_in(ids: &[i64]) -> Document {
             _ => runs.push((id, id)),
         }
     }
-    let range = |&(first, last): &(i64, i64)| doc! { "_id": { "$gte": first, "$lte": last } };
-    match runs.as_slice() {
-        [one] => range(one),
-        _ => doc! { "$or": runs.iter().map(range).collect::<Vec<_>>() },
-    }
+    runs.into_iter()
+        .map(|(first, last)| doc! { "_id": { "$gte": first, "$lte": last } })
+        .collect()
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -187,6 +185,19 @@ impl MongoStore {
         Ok(intent)
     }
 
+    /// Deletes the entries with these ids.
+    async fn delete_ids(&self, ids: &[i64]) -> StoreResult<()> {
+        let outbox = self.outbox();
+        futures::future::try_join_all(
+            id_runs(ids)
+                .into_iter()
+                .map(|run| outbox.delete_many(run).into_future()),
+        )
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
     /// The intent's entries whose index `keep` says, made ready; the others taken back.
     pub(super) async fn settle(
         &self,
@@ -198,28 +209,26 @@ impl MongoStore {
             let id = intent.first + to_i64(i as u64);
             if keep(i) { &mut ready } else { &mut dropped }.push(id);
         }
-        if !dropped.is_empty() {
-            self.outbox()
-                .delete_many(ids_in(&dropped))
-                .await
-                .map_err(map_err)?;
-        }
+        self.delete_ids(&dropped).await?;
         if ready.is_empty() {
             return Ok(());
         }
         let n = ready.len() as u64;
-        let done = self
-            .outbox()
-            .update_many(ids_in(&ready), doc! { "$set": { "ready": true } })
-            .await
-            .map_err(map_err)?;
-        if done.matched_count < n {
+        let outbox = self.outbox();
+        let matched = futures::future::try_join_all(id_runs(&ready).into_iter().map(|run| {
+            outbox
+                .update_many(run, doc! { "$set": { "ready": true } })
+                .into_future()
+        }))
+        .await
+        .map_err(map_err)?
+        .iter()
+        .map(|done| done.matched_count)
+        .sum::<u64>();
+        if matched < n {
             // A change slower than GRACE: its entries were settled as not made and
             // dropped. Recorded again, ready, after the events recorded since.
-            tracing::warn!(
-                missing = n - done.matched_count,
-                "change feed entries recorded late"
-            );
+            tracing::warn!(missing = n - matched, "change feed entries recorded late");
             let missing: Vec<usize> = (0..intent.events.len()).filter(|&i| keep(i)).collect();
             let first = self.take_ids(to_i64(missing.len() as u64)).await?;
             let records = missing
@@ -279,18 +288,17 @@ impl MongoStore {
     /// Whether the change of the event with this message id was made.
     async fn made(&self, msg_id: &str, check: &Check) -> StoreResult<bool> {
         match check {
-            Check::Marked { collection, filter } => {
-                let mut filter = filter.clone();
-                filter.insert("feedlog", msg_id);
-                Ok(self
-                    .db
-                    .collection::<Document>(collection)
-                    .find_one(filter)
-                    .projection(doc! { "_id": 1 })
-                    .await
-                    .map_err(map_err)?
-                    .is_some())
-            }
+            // The record is found by its own filter (an index serves it on every
+            // server) and its marks are looked at here.
+            Check::Marked { collection, filter } => Ok(self
+                .db
+                .collection::<Document>(collection)
+                .find_one(filter.clone())
+                .projection(doc! { "feedlog": 1 })
+                .await
+                .map_err(map_err)?
+                .and_then(|record| record.get_array("feedlog").ok().cloned())
+                .is_some_and(|marks| marks.iter().any(|m| m.as_str() == Some(msg_id)))),
             Check::Gone { collection, id } => Ok(self
                 .db
                 .collection::<Document>(collection)
@@ -393,14 +401,7 @@ impl OutboxRepository for MongoStore {
     }
 
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.outbox()
-            .delete_many(ids_in(ids))
-            .await
-            .map_err(map_err)?;
-        Ok(())
+        self.delete_ids(ids).await
     }
 
     async fn backlog(&self) -> StoreResult<u64> {
@@ -418,16 +419,17 @@ mod tests {
     #[test]
     fn ids_are_matched_as_runs_of_consecutive_ids() {
         assert_eq!(
-            ids_in(&[7, 5, 6, 6]),
-            doc! { "_id": { "$gte": 5_i64, "$lte": 7_i64 } }
+            id_runs(&[7, 5, 6, 6]),
+            vec![doc! { "_id": { "$gte": 5_i64, "$lte": 7_i64 } }]
         );
         assert_eq!(
-            ids_in(&[1, 2, 4, 9, 10]),
-            doc! { "$or": [
-                { "_id": { "$gte": 1_i64, "$lte": 2_i64 } },
-                { "_id": { "$gte": 4_i64, "$lte": 4_i64 } },
-                { "_id": { "$gte": 9_i64, "$lte": 10_i64 } },
-            ] }
+            id_runs(&[1, 2, 4, 9, 10]),
+            vec![
+                doc! { "_id": { "$gte": 1_i64, "$lte": 2_i64 } },
+                doc! { "_id": { "$gte": 4_i64, "$lte": 4_i64 } },
+                doc! { "_id": { "$gte": 9_i64, "$lte": 10_i64 } },
+            ]
         );
+        assert!(id_runs(&[]).is_empty());
     }
 }
