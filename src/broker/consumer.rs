@@ -54,6 +54,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// a batch still being retried is kept by progress acks every [`PROGRESS`].
 const ACK_WAIT: Duration = Duration::from_secs(60);
 const PROGRESS: Duration = Duration::from_secs(15);
+/// A batch that takes this long is logged.
+const SLOW_BATCH: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -256,7 +258,16 @@ impl Ingestor {
                 .last()
                 .and_then(|(m, _)| m.info().ok())
                 .map(|i| i.pending);
-            match self.apply(position, &batch, stop).await? {
+            let started = tokio::time::Instant::now();
+            let applied = self.apply(position, &batch, stop).await?;
+            if started.elapsed() >= SLOW_BATCH {
+                tracing::warn!(
+                    messages = batch.len(),
+                    took = ?started.elapsed(),
+                    "slow batch: the store is slow or contended"
+                );
+            }
+            match applied {
                 Some(to) => {
                     position = to;
                     next_consumer_seq = expected;

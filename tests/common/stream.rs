@@ -173,7 +173,12 @@ pub async fn wait_progress(app: &TestApp, publishing: &Publishing, count: u64) {
     let target = publishing.base + count;
     let deadline = Instant::now() + PROGRESS;
     while app.acked().await < target {
-        assert!(Instant::now() < deadline, "no progress to {target}");
+        assert!(
+            Instant::now() < deadline,
+            "no progress to {target} within {PROGRESS:?} (acked {}); last log lines: {:#?}",
+            app.acked().await,
+            log_tail(app, 40)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

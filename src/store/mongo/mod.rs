@@ -69,6 +69,9 @@ pub struct MongoStore {
     states: Collection<Document>,
     documents: Collection<Document>,
     cursors: Collection<Document>,
+    /// The outbox's first entry when the relay last found it not ready (see
+    /// [`outbox`]'s `pending`).
+    blocked_head: std::sync::Mutex<Option<i64>>,
 }
 
 impl MongoStore {
@@ -92,6 +95,7 @@ impl MongoStore {
             states: db.collection(filters::STATES),
             documents: db.collection(filters::DOCUMENTS),
             cursors: db.collection(filters::CURSORS),
+            blocked_head: std::sync::Mutex::new(None),
             db,
         };
         store.create_indexes().await?;

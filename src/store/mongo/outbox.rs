@@ -359,9 +359,53 @@ fn entry_id(r: &Document) -> StoreResult<i64> {
     }
 }
 
+impl MongoStore {
+    fn blocked_head(&self) -> std::sync::MutexGuard<'_, Option<i64>> {
+        self.blocked_head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the entry the relay last found blocking the outbox still does: it is
+    /// there, not ready, and within its [`GRACE`]. One read by `_id`, where reading the
+    /// outbox's first entries costs a scan of the whole collection on some servers
+    /// (SecantusDB sorts in memory), and the outbox grows for as long as an entry of a
+    /// process that died blocks it.
+    async fn still_blocked(&self) -> StoreResult<bool> {
+        let Some(head) = *self.blocked_head() else {
+            return Ok(false);
+        };
+        let entry = self
+            .outbox()
+            .find_one(doc! { "_id": head })
+            .projection(doc! { "ready": 1, "at": 1 })
+            .await
+            .map_err(map_err)?;
+        let blocked = entry.is_some_and(|e| !e.get_bool("ready").unwrap_or(true) && young(&e));
+        if !blocked {
+            *self.blocked_head() = None;
+        }
+        Ok(blocked)
+    }
+}
+
+/// Whether an entry is within its [`GRACE`] (its change may still be in flight).
+fn young(entry: &Document) -> bool {
+    let grace = i64::try_from(GRACE.as_millis()).unwrap_or(i64::MAX);
+    entry.get_datetime("at").is_ok_and(|at| {
+        Utc::now()
+            .timestamp_millis()
+            .saturating_sub(at.timestamp_millis())
+            < grace
+    })
+}
+
 #[async_trait]
 impl OutboxRepository for MongoStore {
     async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        if self.still_blocked().await? {
+            return Ok(Vec::new());
+        }
         let records: Vec<Document> = self
             .outbox()
             .find(doc! {})
@@ -372,17 +416,16 @@ impl OutboxRepository for MongoStore {
             .try_collect()
             .await
             .map_err(map_err)?;
-        let grace = i64::try_from(GRACE.as_millis()).unwrap_or(i64::MAX);
         let mut entries = Vec::with_capacity(records.len());
         for r in &records {
             let id = entry_id(r)?;
             if !r.get_bool("ready").unwrap_or(true) {
-                let at = r
-                    .get_datetime("at")
-                    .map_err(|_| corrupt("at"))?
-                    .timestamp_millis();
-                if Utc::now().timestamp_millis().saturating_sub(at) < grace {
+                r.get_datetime("at").map_err(|_| corrupt("at"))?;
+                if young(r) {
                     // A change in flight: later events wait for it.
+                    if entries.is_empty() {
+                        *self.blocked_head() = Some(id);
+                    }
                     break;
                 }
                 if !self.settle_stale(id, r).await? {
