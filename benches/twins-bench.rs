@@ -916,7 +916,12 @@ async fn ingest_at_rate(
                 let Ok(state) = serde_json::from_slice::<Value>(&env.payload) else {
                     continue;
                 };
-                let Some(k) = state["payload"]["v"].as_u64() else {
+                // The value as the service wrote it back (a SenML value is a float),
+                // less this run's base: the message's index.
+                let Some(k) = state["payload"]["v"]
+                    .as_f64()
+                    .and_then(|v| (v as u64).checked_sub(base))
+                else {
                     continue;
                 };
                 let t = started
