@@ -1678,6 +1678,32 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The same events as the relay publishes them: a plain subscription to the feed's
+    // subjects, so that the way from commit to client splits into commit to broker and
+    // broker to client.
+    let at_broker: Latencies = Arc::default();
+    let probe = {
+        let mut sub = js.client().subscribe("twins.events.>").await?;
+        let at_broker = at_broker.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let now = chrono::Utc::now();
+                let Ok(event) = serde_json::from_slice::<Value>(&m.payload) else {
+                    continue;
+                };
+                if let Some(time) = event["time"]
+                    .as_str()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                {
+                    let time = time.with_timezone(&chrono::Utc);
+                    let ms = (now - time).num_microseconds().unwrap_or_default() as f64 / 1000.0;
+                    if let Ok(mut l) = at_broker.lock() {
+                        l.push((time, ms));
+                    }
+                }
+            }
+        })
+    };
     let seconds = o.seconds.max(10);
     // The run at full speed leaves events in the outbox: the paced run starts once the
     // relay has put them all on the stream, so that its events do not queue behind them.
@@ -1734,6 +1760,13 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         .filter(|(time, _)| *time >= paced_from)
         .map(|(_, ms)| ms)
         .collect();
+    probe.abort();
+    let mut broker_lat: Vec<f64> = std::mem::take(&mut *at_broker.lock().map_err(|_| "poisoned")?)
+        .into_iter()
+        .filter(|(time, _)| *time >= paced_from)
+        .map(|(_, ms)| ms)
+        .collect();
+    broker_lat.sort_by(f64::total_cmp);
     let with = if o.synthetic {
         None
     } else {
@@ -1772,7 +1805,16 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             lat[lat.len() - 1]
         );
     }
+    if !broker_lat.is_empty() {
+        eprintln!(
+            "  at the broker: {} events, p50 {:.1} ms, p99 {:.1} ms",
+            broker_lat.len(),
+            percentile(&broker_lat, 0.5),
+            percentile(&broker_lat, 0.99)
+        );
+    }
     let ms = |p: f64| (!lat.is_empty()).then(|| round(percentile(&lat, p)));
+    let at_broker_ms = |p: f64| (!broker_lat.is_empty()).then(|| round(percentile(&broker_lat, p)));
     Ok(json!({
         "scenario": "events",
         "db": db.kind(),
@@ -1784,6 +1826,8 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         "commit_to_client_p50_ms": ms(0.5),
         "commit_to_client_p99_ms": ms(0.99),
         "commit_to_client_max_ms": lat.last().map(|m| round(*m)),
+        "commit_to_broker_p50_ms": at_broker_ms(0.5),
+        "commit_to_broker_p99_ms": at_broker_ms(0.99),
         "ingest_messages_per_second_without_clients": without.map(f64::round),
         "ingest_messages_per_second_with_clients": with.map(f64::round),
         "ingest_messages_per_second_after_clients": after.map(f64::round),

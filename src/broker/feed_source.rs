@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::feed::{FEED_STREAM, FEED_SUBJECTS, ensure_feed_stream};
-use crate::domain::feed::{ChangeEvent, SUBJECT_PREFIX};
+use crate::domain::feed::{SUBJECT_PREFIX, StoredEvent};
 use crate::service::feed::{
     Bounds, EventStream, FeedError, FeedEvent, FeedSource, subject_matches,
 };
@@ -341,8 +341,8 @@ impl Hub {
         if !scopes.iter().any(|s| followers.by_scope.contains_key(s)) {
             return Ok(());
         }
-        let event: Arc<ChangeEvent> = match serde_json::from_slice(&message.payload) {
-            Ok(event) => Arc::new(event),
+        let event = match StoredEvent::of_message(subject, message.payload.clone()) {
+            Ok(event) => event,
             Err(e) => {
                 tracing::warn!(cursor, subject, error = %e, "change feed event not decodable; skipped");
                 return Ok(());
@@ -622,12 +622,9 @@ impl CatchUp {
             if !self.filters.iter().any(|f| subject_matches(f, subject)) {
                 continue;
             }
-            match serde_json::from_slice::<ChangeEvent>(&message.payload) {
+            match StoredEvent::of_message(subject, message.payload.clone()) {
                 Ok(event) => {
-                    return Some(Ok(FeedEvent {
-                        cursor,
-                        event: Arc::new(event),
-                    }));
+                    return Some(Ok(FeedEvent { cursor, event }));
                 }
                 Err(e) => {
                     tracing::warn!(cursor, subject, error = %e, "change feed event not decodable; skipped");

@@ -139,6 +139,56 @@ impl ChangeEvent {
     }
 }
 
+/// A change event as the stream holds it, served without decoding its values: its kind
+/// (from its subject) and its JSON as stored. Cheap to clone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub kind: EventKind,
+    json: bytes::Bytes,
+}
+
+impl StoredEvent {
+    /// The event of a stream message: the kind is the subject's tail
+    /// (`twins.events.<ownerKey>.<twin>.<kind>`), the payload must be one JSON object.
+    pub fn of_message(subject: &str, payload: bytes::Bytes) -> Result<Self, String> {
+        let tail = subject
+            .strip_prefix(SUBJECT_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.splitn(3, '.').nth(2))
+            .ok_or_else(|| format!("{subject} is not a change feed subject"))?;
+        let kind: EventKind = tail.parse().map_err(|e: ValidationError| e.to_string())?;
+        if payload.first() != Some(&b'{') {
+            return Err("the event is not a JSON object".into());
+        }
+        // Checked, not decoded: nothing of it is kept.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&payload)
+            .map_err(|e| format!("the event is not JSON: {e}"))?;
+        Ok(Self {
+            kind,
+            json: payload,
+        })
+    }
+
+    /// The event as served to a client, as [`ChangeEvent::served`] has it: `id` (the
+    /// cursor, as a string) first, then the stored fields.
+    pub fn served(&self, cursor: u64) -> String {
+        let id = cursor.to_string();
+        let rest = &self.json[1..];
+        let mut out = String::with_capacity(self.json.len() + id.len() + 8);
+        out.push_str("{\"id\":\"");
+        out.push_str(&id);
+        out.push('"');
+        // `rest` is the object's members after its `{`, then its `}`: valid UTF-8, as
+        // all JSON checked above.
+        let rest = std::str::from_utf8(rest).unwrap_or("}");
+        if !rest.trim_start().starts_with('}') {
+            out.push(',');
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
 /// The subject-safe key of an owner: the owner's UTF-8 bytes in unpadded base64url
 /// (RFC 4648 section 5), whose alphabet `A-Z a-z 0-9 - _` holds no subject separator or
 /// wildcard. An empty owner is `_` (no token may be empty).
@@ -239,5 +289,40 @@ mod tests {
         assert_eq!(v["new"], Value::Null);
         let back: ChangeEvent = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn stored_events_are_served_as_decoded_ones_are() {
+        let e = ChangeEvent {
+            kind: EventKind::StateUpdated,
+            twin_id: "t".into(),
+            time: DateTime::from_timestamp(1, 0).unwrap(),
+            old: Some(serde_json::json!({"id": 1, "s": "a\"}"})),
+            new: Some(serde_json::json!({"id": 1, "s": "é"})),
+        };
+        let stored = StoredEvent::of_message(
+            &subject("o", "t", e.kind),
+            serde_json::to_vec(&e).unwrap().into(),
+        )
+        .unwrap();
+        assert_eq!(stored.kind, e.kind);
+        let served: Value = serde_json::from_str(&stored.served(7)).unwrap();
+        assert_eq!(served, e.served(7));
+        assert!(stored.served(7).starts_with(r#"{"id":"7","#));
+
+        for (subject, payload) in [
+            ("twins.events.o.t.state.created", &b"[1]"[..]),
+            ("twins.events.o.t.state.created", b"{\"a\":"),
+            ("twins.events.o.t.twin.renamed", b"{}"),
+            ("other.o.t.state.created", b"{}"),
+        ] {
+            assert!(
+                StoredEvent::of_message(subject, payload.to_vec().into()).is_err(),
+                "{subject} {payload:?}"
+            );
+        }
+        let empty =
+            StoredEvent::of_message("twins.events.o.t.state.created", "{ }".into()).unwrap();
+        assert_eq!(empty.served(1), r#"{"id":"1" }"#);
     }
 }

@@ -213,7 +213,7 @@ fn served(
         }
         match events.next().await? {
             Ok(FeedEvent { cursor, event }) => {
-                let data = event.served(cursor).to_string();
+                let data = event.served(cursor);
                 let sse = Event::default()
                     .id(cursor.to_string())
                     .event(event.kind.as_str())

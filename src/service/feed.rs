@@ -14,14 +14,14 @@ use futures::stream::BoxStream;
 use super::twins::{Twins, parse_twin_id};
 use super::{ServiceError, ServiceResult};
 use crate::domain::ValidationError;
-use crate::domain::feed::{ChangeEvent, EventKind, filters};
+use crate::domain::feed::{EventKind, StoredEvent, filters};
 use crate::error::Cause;
 
 /// An event with its cursor (its stream sequence).
 #[derive(Debug, Clone)]
 pub struct FeedEvent {
     pub cursor: u64,
-    pub event: Arc<ChangeEvent>,
+    pub event: StoredEvent,
 }
 
 /// What the stream holds: events from `first` to `last` (none when `first > last`).

@@ -12,6 +12,8 @@
 //! by side.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,7 +120,16 @@ pub struct RelaySettings {
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The longest pause between two looks at an outbox that stays empty (the shortest is
+/// [`RelaySettings::idle`]): every look is a read of the store.
+const IDLE_MAX: Duration = Duration::from_millis(100);
+
 /// Moves the outbox onto the stream; see the module docs.
+///
+/// It runs as a pipeline, not in rounds: reads of the outbox, publishes and removals
+/// of what the stream holds overlap, so an event waits neither for the slowest
+/// acknowledgement of a batch nor for a removal. At most [`RelaySettings::batch`]
+/// events are waiting or being published at a time.
 pub struct Relay {
     outbox: Arc<dyn OutboxRepository>,
     lease: Arc<dyn IngestRepository>,
@@ -126,20 +137,9 @@ pub struct Relay {
     settings: RelaySettings,
 }
 
-/// What one pass did.
-enum Pass {
-    /// A full batch was relayed; look again at once.
-    Busy,
-    /// Less than a batch was relayed; look again after the shortest pause.
-    Drained,
-    /// Nothing to relay, or another relay holds the lease: pause longer each time, up
-    /// to [`IDLE_MAX`].
-    Idle,
-}
-
-/// The longest pause between two looks at an outbox that stays empty (the shortest is
-/// [`RelaySettings::idle`]): every look is a read of the store.
-const IDLE_MAX: Duration = Duration::from_millis(100);
+type Publishing =
+    Pin<Box<dyn Future<Output = (Arc<OutboxEntry>, Result<(), PublishError>)> + Send>>;
+type Reading = Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>>;
 
 impl Relay {
     pub fn new(
@@ -156,50 +156,177 @@ impl Relay {
         }
     }
 
-    /// Relays until `stop`; failures are retried with a growing pause.
+    /// Relays until `stop`; failures are retried with a growing pause. On `stop` no
+    /// new event is started; those on their way are awaited and what the stream
+    /// acknowledged leaves the outbox.
     pub async fn run(self, stop: CancellationToken) {
-        let mut state = RelayState::default();
-        let mut backoff = MIN_BACKOFF;
+        let mut flow = Flow::default();
+        let mut inflight: FuturesUnordered<Publishing> = FuturesUnordered::new();
+        let mut reading: Option<Reading> = None;
+        let mut read_at = tokio::time::Instant::now();
         let mut quiet = self.settings.idle;
+        let mut backoff = MIN_BACKOFF;
+        let mut failure: Option<Cause> = None;
         loop {
-            let pause = match self.pass(&mut state).await {
-                Ok(Pass::Busy) => {
-                    backoff = MIN_BACKOFF;
-                    quiet = self.settings.idle;
-                    None
-                }
-                Ok(Pass::Drained) => {
-                    backoff = MIN_BACKOFF;
-                    quiet = self.settings.idle;
-                    Some(quiet)
-                }
-                Ok(Pass::Idle) => {
-                    backoff = MIN_BACKOFF;
-                    let pause = quiet;
-                    quiet = (quiet * 2).min(IDLE_MAX.max(self.settings.idle));
-                    Some(pause)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "change feed relay failed");
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    Some(pause)
-                }
-            };
-            if stop.is_cancelled() {
-                break;
+            if flow.removing.is_none() && !flow.acked.is_empty() {
+                flow.remove(&self.outbox);
             }
-            if let Some(pause) = pause {
+            // After a failure: once nothing is on its way, everything not acknowledged
+            // is forgotten (read again later, each twin from its first unpublished
+            // event) and the relay pauses.
+            if failure.is_some() && inflight.is_empty() && reading.is_none() {
+                if let Some(e) = failure.take() {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "change feed relay failed");
+                }
+                flow.forget();
+                flow.prepared = false;
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                read_at = tokio::time::Instant::now();
+                continue;
+            }
+            let may_read = reading.is_none()
+                && failure.is_none()
+                && flow.waiting(inflight.len()) < self.settings.batch;
+            let removing = async {
+                match flow.removing.as_mut() {
+                    Some(r) => (&mut r.task).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let read_done = async {
+                match reading.as_mut() {
+                    Some(r) => r.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                Some((entry, published)) = inflight.next(), if !inflight.is_empty() => {
+                    match published {
+                        Ok(()) => {
+                            backoff = MIN_BACKOFF;
+                            flow.acked.push(entry.id);
+                            metrics::counter!(RELAYED).increment(1);
+                            if self.settings.hold_at == Some(HoldAt::AfterPublish) {
+                                hold("feed-after-publish", flow.acked.len()).await;
+                            }
+                            // The twin's next event, unless a failure stops the relay.
+                            if let Some(next) = flow.next_of(&entry.twin_id)
+                                && failure.is_none()
+                            {
+                                inflight.push(self.publish(next));
+                            }
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(e.into());
+                        }
+                    }
+                }
+                done = removing => {
+                    let ids = flow.removing.take().map(|r| r.ids).unwrap_or_default();
+                    match done {
+                        Ok((_, Ok(()))) => {
+                            for id in &ids {
+                                flow.seen.remove(id);
+                            }
+                            // A read on its way may have found them still there.
+                            if reading.is_some() {
+                                flow.gone.extend(ids);
+                            }
+                        }
+                        Ok((_, Err(e))) => {
+                            tracing::debug!(error = %e, "relayed events left in the outbox; removed again");
+                            flow.acked.extend(ids);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "relayed events left in the outbox; removed again");
+                            flow.acked.extend(ids);
+                        }
+                    }
+                }
+                read = read_done => {
+                    reading = None;
+                    let limit = flow.limit;
+                    let gone = std::mem::take(&mut flow.gone);
+                    match read {
+                        Ok(entries) => {
+                            let full = entries.len() >= limit;
+                            self.measure_backlog(&mut flow, &entries, &gone, full).await;
+                            let room = self.settings.batch.saturating_sub(flow.waiting(inflight.len()));
+                            let fresh: Vec<OutboxEntry> = entries
+                                .into_iter()
+                                .filter(|e| !flow.seen.contains(&e.id) && !gone.contains(&e.id))
+                                .take(room)
+                                .collect();
+                            let now = tokio::time::Instant::now();
+                            if fresh.is_empty() {
+                                read_at = now + quiet;
+                                quiet = (quiet * 2).min(IDLE_MAX.max(self.settings.idle));
+                                continue;
+                            }
+                            quiet = self.settings.idle;
+                            read_at = if full { now } else { now + self.settings.idle };
+                            if self.settings.hold_at == Some(HoldAt::BeforePublish) {
+                                hold("feed-before-publish", fresh.len()).await;
+                            }
+                            for entry in fresh {
+                                if let Some(first) = flow.add(entry) {
+                                    inflight.push(self.publish(first));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(e.into());
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(read_at), if may_read => {
+                    match self.ready(&mut flow).await {
+                        Ok(true) => {
+                            flow.limit = self.settings.batch + flow.seen.len();
+                            let outbox = self.outbox.clone();
+                            let limit = flow.limit;
+                            reading = Some(Box::pin(async move { outbox.pending(limit).await }));
+                        }
+                        Ok(false) => {
+                            // Another relay holds the lease and relays what this one
+                            // read: forgotten once nothing is on its way.
+                            if inflight.is_empty() {
+                                flow.forget();
+                            }
+                            read_at = tokio::time::Instant::now() + IDLE_MAX;
+                        }
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
+                    }
                 }
             }
         }
-        if let Err(e) = self.removed(&mut state).await {
+        // Stopping: what is on its way is awaited, so that its acknowledgement is not
+        // lost, and what the stream holds leaves the outbox.
+        while let Some((entry, published)) = inflight.next().await {
+            if published.is_ok() {
+                flow.acked.push(entry.id);
+                metrics::counter!(RELAYED).increment(1);
+            }
+        }
+        if let Some(removal) = flow.removing.take()
+            && !matches!(removal.task.await, Ok((_, Ok(()))))
+        {
+            flow.acked.extend(removal.ids);
+        }
+        if !flow.acked.is_empty()
+            && let Err(e) = self.outbox.relayed(&flow.acked).await
+        {
             tracing::debug!(error = %e, "relayed events left in the outbox");
         }
-        if state.leased_at.is_some()
+        if flow.leased_at.is_some()
             && let Err(e) = self
                 .lease
                 .release(&self.settings.lease_group, &self.settings.holder)
@@ -209,9 +336,31 @@ impl Relay {
         }
     }
 
+    /// Publishes `entry`'s event, handing the entry back with the outcome.
+    fn publish(&self, entry: Arc<OutboxEntry>) -> Publishing {
+        let publisher = self.publisher.clone();
+        Box::pin(async move {
+            let outcome = publisher.publish(&entry).await;
+            (entry, outcome)
+        })
+    }
+
+    /// Whether the relay may read: it holds the lease (taken or renewed when due) and
+    /// the stream is prepared.
+    async fn ready(&self, flow: &mut Flow) -> Result<bool, Cause> {
+        if !self.leased(flow).await? {
+            return Ok(false);
+        }
+        if !flow.prepared {
+            self.publisher.prepare().await?;
+            flow.prepared = true;
+        }
+        Ok(true)
+    }
+
     /// Takes or renews the lease when due; false while another relay holds it.
-    async fn leased(&self, state: &mut RelayState) -> Result<bool, Cause> {
-        let due = state
+    async fn leased(&self, flow: &mut Flow) -> Result<bool, Cause> {
+        let due = flow
             .leased_at
             .is_none_or(|at| at.elapsed() >= self.settings.lease_ttl / 3);
         if !due {
@@ -225,151 +374,45 @@ impl Relay {
         };
         match self.lease.lease(&lease).await? {
             Some(_) => {
-                if state.leased_at.is_none() {
+                if flow.leased_at.is_none() {
                     tracing::info!("change feed relay started");
                 }
-                state.leased_at = Some(tokio::time::Instant::now());
+                flow.leased_at = Some(tokio::time::Instant::now());
                 Ok(true)
             }
             None => {
-                state.leased_at = None;
+                flow.leased_at = None;
                 Ok(false)
             }
         }
     }
 
-    /// One look at the outbox: relays at most a batch.
-    async fn pass(&self, state: &mut RelayState) -> Result<Pass, Cause> {
-        if !self.leased(state).await? {
-            return Ok(Pass::Idle);
-        }
-        // Entries the stream holds already but a failure kept in the outbox: removed
-        // without publishing them again.
-        if !state.acked.is_empty() && state.removing.is_none() {
-            self.outbox.relayed(&state.acked).await?;
-            state.acked.clear();
-        }
-        if !state.prepared {
-            self.publisher.prepare().await?;
-            state.prepared = true;
-        }
-        // The entries of the batch before may still be on their way out of the outbox:
-        // read past them, and do not publish them again.
-        let removing = state.removing.as_ref().map_or(0, |r| r.ids.len());
-        let mut pending = self.outbox.pending(self.settings.batch + removing).await?;
-        if let Some(r) = &state.removing {
-            pending.retain(|e| !r.ids.contains(&e.id));
-        }
-        pending.truncate(self.settings.batch);
-        self.measure_backlog(state, pending.len() + removing).await;
-        if pending.is_empty() {
-            self.removed(state).await?;
-            return Ok(Pass::Idle);
-        }
-        if self.settings.hold_at == Some(HoldAt::BeforePublish) {
-            hold("feed-before-publish", pending.len()).await;
-        }
-        // Each twin's events in outbox order, one at a time: the next is published
-        // once the stream acknowledged the one before. Different twins' events are
-        // published side by side.
-        let mut queues: HashMap<&str, VecDeque<&OutboxEntry>> = HashMap::new();
-        for entry in &pending {
-            queues
-                .entry(entry.twin_id.as_str())
-                .or_default()
-                .push_back(entry);
-        }
-        let publisher = &*self.publisher;
-        let publish = |entry| publish_one(publisher, entry);
-        let mut inflight = FuturesUnordered::new();
-        for queue in queues.values_mut() {
-            if let Some(entry) = queue.pop_front() {
-                inflight.push(publish(entry));
-            }
-        }
-        let mut failed = None;
-        while let Some((entry, published)) = inflight.next().await {
-            match published {
-                Ok(()) => {
-                    state.acked.push(entry.id);
-                    metrics::counter!(RELAYED).increment(1);
-                    if self.settings.hold_at == Some(HoldAt::AfterPublish) {
-                        hold("feed-after-publish", state.acked.len()).await;
-                    }
-                    // After a failure nothing more is started; what is on its way
-                    // is awaited, so that its acknowledgement is not lost.
-                    if failed.is_none()
-                        && let Some(next) = queues
-                            .get_mut(entry.twin_id.as_str())
-                            .and_then(VecDeque::pop_front)
-                    {
-                        inflight.push(publish(next));
-                    }
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        // The batch before must be out of the outbox before this one starts leaving it
-        // (one removal at a time, so that at most two batches are read again).
-        let removed = self.removed(state).await;
-        if let Some(e) = failed {
-            state.prepared = false;
-            // What was acknowledged leaves the outbox at the next pass.
-            return Err(e.into());
-        }
-        removed?;
-        // Removed while the next batch is read and published.
-        let ids = std::mem::take(&mut state.acked);
-        let outbox = self.outbox.clone();
-        state.removing = Some(Removal {
-            ids: ids.iter().copied().collect(),
-            task: tokio::spawn(async move {
-                let removed = outbox.relayed(&ids).await;
-                (ids, removed)
-            }),
-        });
-        Ok(if pending.len() < self.settings.batch {
-            Pass::Drained
-        } else {
-            Pass::Busy
-        })
-    }
-
-    /// Waits for the removal of the batch before from the outbox, if one is on its
-    /// way; when it failed, its entries are removed again by the next pass.
-    async fn removed(&self, state: &mut RelayState) -> Result<(), Cause> {
-        let Some(removal) = state.removing.take() else {
-            return Ok(());
-        };
-        match removal.task.await {
-            Ok((_, Ok(()))) => Ok(()),
-            Ok((ids, Err(e))) => {
-                state.acked.extend(ids);
-                Err(e.into())
-            }
-            Err(e) => {
-                state.acked.extend(removal.ids);
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Sets the backlog gauge: the batch read when it was not full, else a count at
-    /// most once a second.
-    async fn measure_backlog(&self, state: &mut RelayState, read: usize) {
-        if read < self.settings.batch {
-            metrics::gauge!(BACKLOG).set(read as f64);
+    /// Sets the backlog gauge: from the read when it was not full (what it holds that
+    /// the stream has not acknowledged), else a count at most once a second.
+    async fn measure_backlog(
+        &self,
+        flow: &mut Flow,
+        read: &[OutboxEntry],
+        gone: &HashSet<i64>,
+        full: bool,
+    ) {
+        if !full {
+            let relayed = |id: &i64| {
+                gone.contains(id)
+                    || flow.acked.contains(id)
+                    || flow.removing.as_ref().is_some_and(|r| r.ids.contains(id))
+            };
+            let backlog = read.iter().filter(|e| !relayed(&e.id)).count();
+            metrics::gauge!(BACKLOG).set(backlog as f64);
             return;
         }
-        if state
+        if flow
             .counted_at
             .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
         {
             return;
         }
-        state.counted_at = Some(tokio::time::Instant::now());
+        flow.counted_at = Some(tokio::time::Instant::now());
         match self.outbox.backlog().await {
             Ok(n) => metrics::gauge!(BACKLOG).set(n as f64),
             Err(e) => tracing::debug!(error = %e, "outbox backlog not counted"),
@@ -377,19 +420,97 @@ impl Relay {
     }
 }
 
-/// What a relay keeps between passes.
+/// What the relay keeps while it runs.
 #[derive(Default)]
-struct RelayState {
+struct Flow {
     /// When the lease was last taken or renewed (None: not held).
     leased_at: Option<tokio::time::Instant>,
     /// Whether the stream was prepared since the last failure.
     prepared: bool,
-    /// Ids of entries the stream acknowledged that are still in the outbox (at most a
-    /// batch).
+    /// Ids of the entries read that are still in the outbox: waiting, being published,
+    /// acknowledged, or being removed. A read skips them.
+    seen: HashSet<i64>,
+    /// Per twin with an event being published: its events read after that one, in
+    /// outbox order.
+    queues: HashMap<String, VecDeque<Arc<OutboxEntry>>>,
+    /// Events in the queues.
+    queued: usize,
+    /// Ids of entries the stream acknowledged that are still in the outbox.
     acked: Vec<i64>,
-    /// The relayed batch being removed from the outbox.
+    /// The acknowledged entries being removed from the outbox.
     removing: Option<Removal>,
+    /// The limit of the read on its way.
+    limit: usize,
+    /// Ids removed from the outbox while the read on its way ran: it may hold them.
+    gone: HashSet<i64>,
     counted_at: Option<tokio::time::Instant>,
+}
+
+impl Flow {
+    /// Events waiting or being published.
+    fn waiting(&self, inflight: usize) -> usize {
+        self.queued + inflight
+    }
+
+    /// Takes a newly read entry: returned to be published when its twin has none on
+    /// its way, else queued behind the twin's events.
+    fn add(&mut self, entry: OutboxEntry) -> Option<Arc<OutboxEntry>> {
+        self.seen.insert(entry.id);
+        let entry = Arc::new(entry);
+        match self.queues.get_mut(entry.twin_id.as_str()) {
+            Some(queue) => {
+                queue.push_back(entry);
+                self.queued += 1;
+                None
+            }
+            None => {
+                self.queues.insert(entry.twin_id.clone(), VecDeque::new());
+                Some(entry)
+            }
+        }
+    }
+
+    /// The twin's next event, once the one before is acknowledged.
+    fn next_of(&mut self, twin_id: &str) -> Option<Arc<OutboxEntry>> {
+        let queue = self.queues.get_mut(twin_id)?;
+        match queue.pop_front() {
+            Some(next) => {
+                self.queued -= 1;
+                Some(next)
+            }
+            None => {
+                self.queues.remove(twin_id);
+                None
+            }
+        }
+    }
+
+    /// Forgets every event not acknowledged (with nothing on its way): they are read
+    /// again.
+    fn forget(&mut self) {
+        self.queues.clear();
+        self.queued = 0;
+        let kept: HashSet<i64> = self
+            .acked
+            .iter()
+            .copied()
+            .chain(self.removing.iter().flat_map(|r| r.ids.iter().copied()))
+            .collect();
+        self.seen = kept;
+    }
+
+    /// Starts removing the acknowledged entries from the outbox.
+    fn remove(&mut self, outbox: &Arc<dyn OutboxRepository>) {
+        let ids = std::mem::take(&mut self.acked);
+        let outbox = outbox.clone();
+        self.removing = Some(Removal {
+            ids: ids.iter().copied().collect(),
+            task: tokio::spawn(async move {
+                let removed = outbox.relayed(&ids).await;
+                (ids, removed)
+            }),
+        });
+    }
 }
 
 /// A removal from the outbox on its way: the ids, and the task that hands them back
@@ -397,14 +518,6 @@ struct RelayState {
 struct Removal {
     ids: HashSet<i64>,
     task: tokio::task::JoinHandle<(Vec<i64>, StoreResult<()>)>,
-}
-
-/// Publishes `entry`'s event, handing the entry back with the outcome.
-async fn publish_one<'e>(
-    publisher: &dyn FeedPublisher,
-    entry: &'e OutboxEntry,
-) -> (&'e OutboxEntry, Result<(), PublishError>) {
-    (entry, publisher.publish(entry).await)
 }
 
 /// Stops this relay for good, saying where, for a test to kill the process.
@@ -419,14 +532,35 @@ mod tests {
 
     use super::*;
     use crate::service::fakes::Memory;
+    use crate::store::TwinRepository;
 
     /// Publishes into a list; fails the next `fail` publishes, and the first publish of
-    /// each message id in `fail_once`.
-    #[derive(Default)]
+    /// each message id in `fail_once`; the publishes of the twins in `hang` wait until
+    /// `gate` lets them through.
     struct Recording {
         published: Mutex<Vec<OutboxEvent>>,
         fail: Mutex<usize>,
-        fail_once: Mutex<std::collections::HashSet<String>>,
+        fail_once: Mutex<HashSet<String>>,
+        hang: Mutex<HashSet<String>>,
+        gate: tokio::sync::Semaphore,
+    }
+
+    impl Default for Recording {
+        fn default() -> Self {
+            Self {
+                published: Mutex::default(),
+                fail: Mutex::default(),
+                fail_once: Mutex::default(),
+                hang: Mutex::default(),
+                gate: tokio::sync::Semaphore::new(0),
+            }
+        }
+    }
+
+    impl Recording {
+        fn published(&self) -> Vec<OutboxEvent> {
+            self.published.lock().unwrap().clone()
+        }
     }
 
     #[async_trait]
@@ -445,6 +579,10 @@ mod tests {
             };
             if refused {
                 return Err(PublishError("broker away".into()));
+            }
+            let hangs = self.hang.lock().unwrap().contains(&entry.twin_id);
+            if hangs {
+                self.gate.acquire().await.unwrap().forget();
             }
             // Acknowledgements come back in any order.
             for _ in 0..(event.msg_id.as_bytes()[0] % 4) {
@@ -487,55 +625,104 @@ mod tests {
                 holder: holder.into(),
                 lease_ttl: Duration::from_secs(60),
                 batch: 2,
-                idle: Duration::from_millis(10),
+                idle: Duration::from_millis(1),
                 hold_at: None,
             },
         )
     }
 
+    /// Records `events`, each with a twin of its own name so that the writes do not
+    /// meet.
+    async fn record(db: &Arc<Memory>, events: &[OutboxEvent]) {
+        for (k, e) in events.iter().enumerate() {
+            let twin = crate::cache::flaky::twin(&format!("w{k}-{}", e.msg_id), 1, &[]);
+            db.save_recorded(&twin, std::slice::from_ref(e))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A running relay, stopped (and awaited) by [`Running::stop`].
+    struct Running {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start(relay: Relay) -> Self {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(relay.run(stop.clone()));
+            Self { stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    /// Waits until `done` holds, failing after 10 s.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not within 10 s: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn until_empty(db: &Arc<Memory>) {
+        let outbox = db.store().outbox;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while outbox.backlog().await.unwrap() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the outbox is not empty within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     #[tokio::test]
     async fn events_are_relayed_in_outbox_order_and_removed_once_acknowledged() {
-        use crate::store::TwinRepository;
         let db = Memory::new();
         let twin = crate::cache::flaky::twin("t", 1, &[]);
         let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
         db.save_recorded(&twin, &events).await.unwrap();
         let publisher = Arc::new(Recording::default());
         *publisher.fail.lock().unwrap() = 1;
-        let r = relay(&db, publisher.clone(), "a");
-        let mut state = RelayState::default();
-        assert!(r.pass(&mut state).await.is_err());
-        while matches!(r.pass(&mut state).await, Ok(Pass::Busy)) {}
-        r.removed(&mut state).await.unwrap();
-        assert_eq!(*publisher.published.lock().unwrap(), events);
-        assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
+        let running = Running::start(relay(&db, publisher.clone(), "a"));
+        until("5 events published", || publisher.published().len() >= 5).await;
+        until_empty(&db).await;
+        running.stop().await;
+        assert_eq!(publisher.published(), events);
 
-        // Another holder waits while the lease runs.
+        // Another holder does not read while the lease runs: the outbox keeps the
+        // event.
+        let held = relay(&db, publisher.clone(), "a");
+        assert!(held.leased(&mut Flow::default()).await.unwrap());
         db.save_recorded(&crate::cache::flaky::twin("u", 1, &[]), &[event("u", 9)])
             .await
             .unwrap();
         let other = relay(&db, publisher.clone(), "b");
-        assert!(matches!(
-            other.pass(&mut RelayState::default()).await,
-            Ok(Pass::Idle)
-        ));
+        assert!(!other.ready(&mut Flow::default()).await.unwrap());
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 1);
+        assert_eq!(publisher.published().len(), 5);
     }
 
     #[tokio::test]
     async fn twins_are_relayed_side_by_side_each_in_its_order_through_failures() {
-        use crate::store::TwinRepository;
         let db = Memory::new();
         let mut recorded: Vec<OutboxEvent> = Vec::new();
         // Writes of three twins interleaved, three events each.
         for n in 0..3 {
             for t in ["a", "b", "c"] {
-                let e = vec![event(t, n)];
-                let twin = crate::cache::flaky::twin(&format!("{t}{n}"), 1, &[]);
-                db.save_recorded(&twin, &e).await.unwrap();
-                recorded.extend(e);
+                recorded.push(event(t, n));
             }
         }
+        record(&db, &recorded).await;
         let publisher = Arc::new(Recording::default());
         // The first event of b and the second of c are not acknowledged the first time.
         publisher
@@ -545,12 +732,11 @@ mod tests {
             .extend([recorded[1].msg_id.clone(), recorded[5].msg_id.clone()]);
         let mut r = relay(&db, publisher.clone(), "a");
         r.settings.batch = 9;
-        let mut state = RelayState::default();
-        for _ in 0..10 {
-            let _ = r.pass(&mut state).await;
-        }
-        r.removed(&mut state).await.unwrap();
-        let published = publisher.published.lock().unwrap().clone();
+        let running = Running::start(r);
+        until("9 events published", || publisher.published().len() >= 9).await;
+        until_empty(&db).await;
+        running.stop().await;
+        let published = publisher.published();
         assert_eq!(published.len(), recorded.len(), "each event once");
         for t in ["a", "b", "c"] {
             assert_eq!(
@@ -559,20 +745,67 @@ mod tests {
                 "twin {t} in outbox order"
             );
         }
-        assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
     }
 
-    /// An outbox whose removals wait for a go-ahead, and fail while told to.
+    #[tokio::test]
+    async fn a_twin_slow_to_be_acknowledged_holds_back_only_its_own_events() {
+        let db = Memory::new();
+        // slow's first event, then events of other twins, then slow's second.
+        let mut recorded = vec![event("slow", 0)];
+        recorded.extend((0..6).map(|n| event(&format!("t{n}"), n)));
+        recorded.push(event("slow", 1));
+        record(&db, &recorded).await;
+        let publisher = Arc::new(Recording::default());
+        publisher.hang.lock().unwrap().insert("slow".into());
+        let running = Running::start(relay(&db, publisher.clone(), "a"));
+        // With at most two events waiting or on their way, the six after slow's first
+        // get through while it hangs; slow's second waits for it.
+        until("the other twins' events published", || {
+            publisher.published().len() >= 6
+        })
+        .await;
+        assert!(of_twin(&publisher.published(), "slow").is_empty());
+        publisher.gate.add_permits(2);
+        until_empty(&db).await;
+        running.stop().await;
+        let published = publisher.published();
+        assert_eq!(published.len(), recorded.len(), "each event once");
+        assert_eq!(of_twin(&published, "slow"), of_twin(&recorded, "slow"));
+    }
+
+    /// An outbox whose removals wait for a go-ahead, and fail while told to; a read
+    /// takes what the outbox holds, then waits for its own go-ahead before it answers.
     struct SlowOutbox {
         inner: Arc<dyn OutboxRepository>,
         go: tokio::sync::Semaphore,
         fail: Mutex<usize>,
+        answer: tokio::sync::Semaphore,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SlowOutbox {
+        fn new(db: &Arc<Memory>, fail: usize) -> Arc<Self> {
+            Arc::new(Self {
+                inner: db.store().outbox,
+                go: tokio::sync::Semaphore::new(0),
+                fail: Mutex::new(fail),
+                answer: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+                reads: Default::default(),
+            })
+        }
+
+        fn reads(&self) -> usize {
+            self.reads.load(std::sync::atomic::Ordering::SeqCst)
+        }
     }
 
     #[async_trait]
     impl OutboxRepository for SlowOutbox {
         async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
-            self.inner.pending(limit).await
+            let read = self.inner.pending(limit).await;
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.answer.acquire().await.unwrap().forget();
+            read
         }
 
         async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
@@ -595,39 +828,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_is_published_while_the_one_before_leaves_the_outbox_and_never_twice() {
-        use crate::store::TwinRepository;
+    async fn events_are_published_while_earlier_ones_leave_the_outbox_and_never_twice() {
         let db = Memory::new();
-        let mut recorded = Vec::new();
-        for n in 0..6 {
-            let e = vec![event(&format!("t{}", n % 2), n)];
-            let twin = crate::cache::flaky::twin(&format!("w{n}"), 1, &[]);
-            db.save_recorded(&twin, &e).await.unwrap();
-            recorded.extend(e);
-        }
+        let recorded: Vec<OutboxEvent> = (0..6).map(|n| event(&format!("t{}", n % 2), n)).collect();
+        record(&db, &recorded).await;
         let publisher = Arc::new(Recording::default());
         let mut r = relay(&db, publisher.clone(), "a");
-        let outbox = Arc::new(SlowOutbox {
-            inner: db.store().outbox,
-            go: tokio::sync::Semaphore::new(0),
-            fail: Mutex::new(1),
-        });
+        let outbox = SlowOutbox::new(&db, 1);
         r.outbox = outbox.clone();
-        let mut state = RelayState::default();
-        // The first batch is published and its removal waits.
-        assert!(matches!(r.pass(&mut state).await, Ok(Pass::Busy)));
-        assert_eq!(publisher.published.lock().unwrap().len(), 2);
-        // The second batch is read past the first, published, and waits for the
-        // first's removal, which fails; its entries stay to be removed again.
-        outbox.go.add_permits(1);
-        assert!(r.pass(&mut state).await.is_err());
-        assert_eq!(publisher.published.lock().unwrap().len(), 4);
+        let running = Running::start(r);
+        // Every event is published while the first removal waits; reads skip what is
+        // still in the outbox.
+        until("6 events published", || publisher.published().len() >= 6).await;
+        // The first removal fails; its entries are removed again.
         outbox.go.add_permits(100);
-        for _ in 0..5 {
-            let _ = r.pass(&mut state).await;
-        }
-        r.removed(&mut state).await.unwrap();
-        let published = publisher.published.lock().unwrap().clone();
+        until_empty(&db).await;
+        running.stop().await;
+        let published = publisher.published();
         assert_eq!(published.len(), recorded.len(), "each event once");
         for t in ["t0", "t1"] {
             assert_eq!(
@@ -636,6 +853,52 @@ mod tests {
                 "twin {t} in outbox order"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_relay_removes_what_the_stream_acknowledged() {
+        let db = Memory::new();
+        let recorded: Vec<OutboxEvent> = (0..4).map(|n| event(&format!("t{n}"), n)).collect();
+        record(&db, &recorded).await;
+        let publisher = Arc::new(Recording::default());
+        let mut r = relay(&db, publisher.clone(), "a");
+        r.settings.batch = 8;
+        let outbox = SlowOutbox::new(&db, 0);
+        r.outbox = outbox.clone();
+        let running = Running::start(r);
+        until("4 events published", || publisher.published().len() >= 4).await;
+        outbox.go.add_permits(100);
+        running.stop().await;
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 0);
+        // The lease was released: another relay takes it at once.
+        let other = relay(&db, publisher.clone(), "b");
+        assert!(other.leased(&mut Flow::default()).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_began_before_a_removal_does_not_publish_what_was_removed() {
+        let db = Memory::new();
+        let recorded: Vec<OutboxEvent> = (0..2).map(|n| event(&format!("t{n}"), n)).collect();
+        record(&db, &recorded).await;
+        let publisher = Arc::new(Recording::default());
+        let mut r = relay(&db, publisher.clone(), "a");
+        let outbox = SlowOutbox::new(&db, 0);
+        outbox
+            .answer
+            .forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        outbox.answer.add_permits(1);
+        r.outbox = outbox.clone();
+        let running = Running::start(r);
+        // The first read answers; both events are published, and their removal waits
+        // while the next read takes the outbox as it is, both entries still in it.
+        until("2 events published", || publisher.published().len() >= 2).await;
+        until("a second read", || outbox.reads() >= 2).await;
+        // The removal ends before that read answers.
+        outbox.go.add_permits(100);
+        until_empty(&db).await;
+        outbox.answer.add_permits(100);
+        until("two more reads", || outbox.reads() >= 4).await;
+        running.stop().await;
+        assert_eq!(publisher.published(), recorded, "each event once");
     }
 }
