@@ -2122,6 +2122,22 @@ async fn outbox_pages_in_id_order_and_forgets_what_was_relayed(store: &Store) {
         first.iter().map(|e| e.event().unwrap()).collect::<Vec<_>>(),
         events[..3]
     );
+    // What was recorded after an entry, from where the first page ended.
+    let after = store.outbox.pending_after(first[2].id, 2).await.unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.event().unwrap()).collect::<Vec<_>>(),
+        events[3..5]
+    );
+    let tail = store.outbox.pending_after(first[2].id, 100).await.unwrap();
+    assert_eq!(tail.len(), 4);
+    assert!(
+        store
+            .outbox
+            .pending_after(tail[3].id, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let ids: Vec<i64> = first.iter().map(|e| e.id).collect();
     store.outbox.relayed(&ids).await.unwrap();
     // Relayed twice (a relay that died before it knew) is harmless.

@@ -809,6 +809,13 @@ impl OutboxRepository for Memory {
         Ok(self.data().outbox.iter().take(limit).cloned().collect())
     }
 
+    async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        self.enter("outbox.pending")?;
+        let data = self.data();
+        let later = data.outbox.iter().filter(|e| e.id > after);
+        Ok(later.take(limit).cloned().collect())
+    }
+
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
         self.enter("outbox.relayed")?;
         self.data().outbox.retain(|e| !ids.contains(&e.id));

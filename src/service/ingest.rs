@@ -525,8 +525,14 @@ impl IngestService {
         &self,
         batch: &Batch<'_>,
         (from, to): (u64, u64),
-        twins: Vec<TwinWrites>,
+        mut twins: Vec<TwinWrites>,
     ) -> Result<Result<Vec<String>, StoreError>, IngestError> {
+        // The events' time is their commit's, as close to it as it can be known: just
+        // before the step is written, not when the batch was planned.
+        let now = now_millis();
+        for event in twins.iter_mut().flat_map(|tw| tw.events.iter_mut()) {
+            event.event.time = now;
+        }
         let step = IngestStep {
             group: batch.group.to_owned(),
             from,

@@ -124,6 +124,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// [`RelaySettings::idle`]): every look is a read of the store.
 const IDLE_MAX: Duration = Duration::from_millis(100);
 
+/// How often the relay reads from the start of the outbox rather than after the last
+/// entry it read (see [`OutboxRepository::pending_after`]).
+const HEAD_EVERY: Duration = Duration::from_millis(250);
+
 /// Moves the outbox onto the stream; see the module docs.
 ///
 /// It runs as a pipeline, not in rounds: reads of the outbox, publishes and removals
@@ -256,7 +260,6 @@ impl Relay {
                     match read {
                         Ok(entries) => {
                             let full = entries.len() >= limit;
-                            self.measure_backlog(&mut flow, &entries, &gone, full).await;
                             let room = self.settings.batch.saturating_sub(flow.waiting(inflight.len()));
                             let fresh: Vec<OutboxEntry> = entries
                                 .into_iter()
@@ -265,6 +268,7 @@ impl Relay {
                                 .collect();
                             let now = tokio::time::Instant::now();
                             if fresh.is_empty() {
+                                self.measure_backlog(&mut flow, inflight.len(), full).await;
                                 read_at = now + quiet;
                                 quiet = (quiet * 2).min(IDLE_MAX.max(self.settings.idle));
                                 continue;
@@ -279,6 +283,7 @@ impl Relay {
                                     inflight.push(self.publish(first));
                                 }
                             }
+                            self.measure_backlog(&mut flow, inflight.len(), full).await;
                         }
                         Err(e) => {
                             failure.get_or_insert(e.into());
@@ -288,10 +293,24 @@ impl Relay {
                 () = tokio::time::sleep_until(read_at), if may_read => {
                     match self.ready(&mut flow).await {
                         Ok(true) => {
-                            flow.limit = self.settings.batch + flow.seen.len();
+                            let room = self.settings.batch.saturating_sub(flow.waiting(inflight.len()));
                             let outbox = self.outbox.clone();
-                            let limit = flow.limit;
-                            reading = Some(Box::pin(async move { outbox.pending(limit).await }));
+                            // Mostly what was recorded since the last entry read; now
+                            // and then from the start, for entries that committed
+                            // after one with a larger id was read.
+                            let head = flow
+                                .head_at
+                                .is_none_or(|at| at.elapsed() >= HEAD_EVERY);
+                            reading = Some(if head {
+                                flow.head_at = Some(tokio::time::Instant::now());
+                                flow.limit = room + flow.seen.len();
+                                let limit = flow.limit;
+                                Box::pin(async move { outbox.pending(limit).await })
+                            } else {
+                                flow.limit = room;
+                                let after = flow.last;
+                                Box::pin(async move { outbox.pending_after(after, room).await })
+                            });
                         }
                         Ok(false) => {
                             // Another relay holds the lease and relays what this one
@@ -387,23 +406,12 @@ impl Relay {
         }
     }
 
-    /// Sets the backlog gauge: from the read when it was not full (what it holds that
-    /// the stream has not acknowledged), else a count at most once a second.
-    async fn measure_backlog(
-        &self,
-        flow: &mut Flow,
-        read: &[OutboxEntry],
-        gone: &HashSet<i64>,
-        full: bool,
-    ) {
+    /// Sets the backlog gauge after a read: when the read was not full, every entry
+    /// the stream has not acknowledged is waiting or on its way; else a count at most
+    /// once a second.
+    async fn measure_backlog(&self, flow: &mut Flow, inflight: usize, full: bool) {
         if !full {
-            let relayed = |id: &i64| {
-                gone.contains(id)
-                    || flow.acked.contains(id)
-                    || flow.removing.as_ref().is_some_and(|r| r.ids.contains(id))
-            };
-            let backlog = read.iter().filter(|e| !relayed(&e.id)).count();
-            metrics::gauge!(BACKLOG).set(backlog as f64);
+            metrics::gauge!(BACKLOG).set(flow.waiting(inflight) as f64);
             return;
         }
         if flow
@@ -441,6 +449,10 @@ struct Flow {
     removing: Option<Removal>,
     /// The limit of the read on its way.
     limit: usize,
+    /// The largest id read.
+    last: i64,
+    /// When the last read from the start of the outbox began (None: one is due).
+    head_at: Option<tokio::time::Instant>,
     /// Ids removed from the outbox while the read on its way ran: it may hold them.
     gone: HashSet<i64>,
     counted_at: Option<tokio::time::Instant>,
@@ -456,6 +468,7 @@ impl Flow {
     /// its way, else queued behind the twin's events.
     fn add(&mut self, entry: OutboxEntry) -> Option<Arc<OutboxEntry>> {
         self.seen.insert(entry.id);
+        self.last = self.last.max(entry.id);
         let entry = Arc::new(entry);
         match self.queues.get_mut(entry.twin_id.as_str()) {
             Some(queue) => {
@@ -488,6 +501,7 @@ impl Flow {
     /// Forgets every event not acknowledged (with nothing on its way): they are read
     /// again.
     fn forget(&mut self) {
+        self.head_at = None;
         self.queues.clear();
         self.queued = 0;
         let kept: HashSet<i64> = self
@@ -773,8 +787,9 @@ mod tests {
         assert_eq!(of_twin(&published, "slow"), of_twin(&recorded, "slow"));
     }
 
-    /// An outbox whose removals wait for a go-ahead, and fail while told to; a read
-    /// takes what the outbox holds, then waits for its own go-ahead before it answers.
+    /// An outbox whose removals wait for a go-ahead, and fail while told to; a read from
+    /// the start takes what the outbox holds, then waits for its own go-ahead before it
+    /// answers.
     struct SlowOutbox {
         inner: Arc<dyn OutboxRepository>,
         go: tokio::sync::Semaphore,
@@ -806,6 +821,10 @@ mod tests {
             self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.answer.acquire().await.unwrap().forget();
             read
+        }
+
+        async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.inner.pending_after(after, limit).await
         }
 
         async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
@@ -890,15 +909,18 @@ mod tests {
         r.outbox = outbox.clone();
         let running = Running::start(r);
         // The first read answers; both events are published, and their removal waits
-        // while the next read takes the outbox as it is, both entries still in it.
+        // while the next read from the start takes the outbox as it is, both entries
+        // still in it.
         until("2 events published", || publisher.published().len() >= 2).await;
-        until("a second read", || outbox.reads() >= 2).await;
+        until("a second read from the start", || outbox.reads() >= 2).await;
         // The removal ends before that read answers.
         outbox.go.add_permits(100);
         until_empty(&db).await;
         outbox.answer.add_permits(100);
-        until("two more reads", || outbox.reads() >= 4).await;
+        until("another read from the start", || outbox.reads() >= 3).await;
         running.stop().await;
-        assert_eq!(publisher.published(), recorded, "each event once");
+        let mut published = publisher.published();
+        published.sort_by(|a, b| a.event.twin_id.cmp(&b.event.twin_id));
+        assert_eq!(published, recorded, "each event once");
     }
 }

@@ -584,6 +584,12 @@ fn corrupt_entry(e: serde_json::Error) -> StoreError {
 pub trait OutboxRepository: Send + Sync {
     /// The oldest pending entries, in id order, at most `limit`.
     async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>>;
+    /// The oldest pending entries with an id above `after`, in id order, at most
+    /// `limit`: what was recorded since the entry `after` was read. Where ids are drawn
+    /// before the commit (PostgreSQL, MongoDB), an entry may commit after one with a
+    /// larger id was read, so a reader also reads from the start ([`Self::pending`])
+    /// now and then.
+    async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>>;
     /// Removes entries once the stream holds them.
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()>;
     /// How many entries are pending.

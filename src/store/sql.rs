@@ -575,6 +575,10 @@ pub fn seq_of(v: i64) -> u64 {
 pub const PENDING_EVENTS: &str =
     "SELECT id, msg_id, owner, payload FROM feed_outbox ORDER BY id LIMIT $1";
 
+/// The oldest `$2` entries of the outbox with an id above `$1`, in id order.
+pub const PENDING_EVENTS_AFTER: &str =
+    "SELECT id, msg_id, owner, payload FROM feed_outbox WHERE id > $1 ORDER BY id LIMIT $2";
+
 pub const OUTBOX_BACKLOG: &str = "SELECT COUNT(*) FROM feed_outbox";
 
 /// An outbox row.

@@ -259,6 +259,14 @@ impl OutboxRepository for Traced<dyn OutboxRepository> {
         traced("store.outbox.pending", self.0.pending(limit)).await
     }
 
+    async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        traced(
+            "store.outbox.pending_after",
+            self.0.pending_after(after, limit),
+        )
+        .await
+    }
+
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
         traced("store.outbox.relayed", self.0.relayed(ids)).await
     }

@@ -403,12 +403,36 @@ fn young(entry: &Document) -> bool {
 #[async_trait]
 impl OutboxRepository for MongoStore {
     async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        self.pending_from(doc! {}, limit).await
+    }
+
+    async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        self.pending_from(doc! { "_id": { "$gt": after } }, limit)
+            .await
+    }
+
+    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+        self.delete_ids(ids).await
+    }
+
+    async fn backlog(&self) -> StoreResult<u64> {
+        self.outbox()
+            .count_documents(doc! {})
+            .await
+            .map_err(map_err)
+    }
+}
+
+impl MongoStore {
+    /// The first `limit` entries matching `filter`, in id order, up to the first whose
+    /// change may still be in flight.
+    async fn pending_from(&self, filter: Document, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
         if self.still_blocked().await? {
             return Ok(Vec::new());
         }
         let records: Vec<Document> = self
             .outbox()
-            .find(doc! {})
+            .find(filter)
             .sort(doc! { "_id": 1 })
             .limit(to_i64(limit as u64))
             .await
@@ -441,17 +465,6 @@ impl OutboxRepository for MongoStore {
             )?);
         }
         Ok(entries)
-    }
-
-    async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
-        self.delete_ids(ids).await
-    }
-
-    async fn backlog(&self) -> StoreResult<u64> {
-        self.outbox()
-            .count_documents(doc! {})
-            .await
-            .map_err(map_err)
     }
 }
 

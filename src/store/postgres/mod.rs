@@ -204,6 +204,16 @@ impl OutboxRepository for PostgresStore {
         rows.iter().map(sql::outbox_from_row).collect()
     }
 
+    async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+        let rows = sqlx::query(sql::PENDING_EVENTS_AFTER)
+            .bind(after)
+            .bind(sql::to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(sql::outbox_from_row).collect()
+    }
+
     async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
         sqlx::query("DELETE FROM feed_outbox WHERE id = ANY($1)")
             .bind(ids)
