@@ -21,7 +21,7 @@ use twins::error::chain;
 
 /// The allocator: the service allocates and frees many small buffers per message and
 /// per event (JSON values, strings), which glibc's allocator serves at about twice the
-/// cost.
+/// cost. With the `override` feature it also serves SQLite's own allocations.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
