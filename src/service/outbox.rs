@@ -233,8 +233,12 @@ impl Relay {
                 }
                 done = removing => {
                     let ids = flow.removing.take().map(|r| r.ids).unwrap_or_default();
-                    match done {
-                        Ok((_, Ok(()))) => {
+                    let removed: Result<(), Cause> = match done {
+                        Ok((_, removed)) => removed.map_err(Into::into),
+                        Err(e) => Err(e.into()),
+                    };
+                    match removed {
+                        Ok(()) => {
                             for id in &ids {
                                 flow.seen.remove(id);
                             }
@@ -242,10 +246,6 @@ impl Relay {
                             if reading.is_some() {
                                 flow.gone.extend(ids);
                             }
-                        }
-                        Ok((_, Err(e))) => {
-                            tracing::debug!(error = %e, "relayed events left in the outbox; removed again");
-                            flow.acked.extend(ids);
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "relayed events left in the outbox; removed again");
