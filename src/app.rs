@@ -418,7 +418,8 @@ impl Application {
                 idle: FEED_RELAY_IDLE,
                 hold_at: std::env::var(HOLD_VAR).ok().and_then(|v| HoldAt::parse(&v)),
             },
-        );
+        )
+        .woken_by(store.recorded.clone());
         let relay = tokio::spawn(relay.run(stop.clone()));
         let consumer = tokio::spawn(ingestor.run(stop.clone()));
         // Ends with the stop signal, and with it every change feed stream.

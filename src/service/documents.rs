@@ -272,7 +272,10 @@ impl DocumentsService {
                 events: &events,
             };
             match self.store.documents.write(&write).await? {
-                Versioned::Done => return Ok((doc, stored.is_none())),
+                Versioned::Done => {
+                    self.store.recorded.ring();
+                    return Ok((doc, stored.is_none()));
+                }
                 Versioned::Stale { actual } => check_version(&twin.id, &name, version, actual)?,
             }
         }
@@ -361,7 +364,10 @@ impl DocumentsService {
                 .delete_recorded(&twin.id, name.as_str(), Some(current.version), &events)
                 .await?
             {
-                Versioned::Done => return Ok(current),
+                Versioned::Done => {
+                    self.store.recorded.ring();
+                    return Ok(current);
+                }
                 Versioned::Stale { actual: None } => return Err(ServiceError::NotFound),
                 Versioned::Stale { actual } => check_version(&twin.id, &name, version, actual)?,
             }

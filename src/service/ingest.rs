@@ -540,7 +540,10 @@ impl IngestService {
             twins,
         };
         match self.store.ingest.apply(&step).await {
-            Ok(Applied::Done { conflicts }) => Ok(Ok(conflicts)),
+            Ok(Applied::Done { conflicts }) => {
+                self.store.recorded.ring();
+                Ok(Ok(conflicts))
+            }
             Ok(Applied::Fenced) => Err(IngestError::Fenced),
             Err(e) if e.is_transient() => Err(IngestError::store(e)),
             Err(e) => Ok(Err(e)),
@@ -905,6 +908,10 @@ mod tests {
         let aside = RecordingSetAside::default();
         ingest.apply(&batch, &aside).await.unwrap();
         assert!(ingest.lock_cursors().contains_key("t"));
+        // The step told the relay of this process that it recorded events.
+        tokio::time::timeout(std::time::Duration::from_secs(5), store.recorded.rung())
+            .await
+            .expect("the step rang");
 
         assert!(twins.remove("o", "t").await.unwrap());
         (batch.from, batch.messages) = (1, &[]);

@@ -28,7 +28,7 @@ use super::{ServiceError, ServiceResult};
 use crate::domain::feed::{ChangeEvent, EventKind};
 use crate::error::Cause;
 use crate::store::{
-    IngestRepository, Lease, OutboxEntry, OutboxEvent, OutboxRepository, StoreResult,
+    IngestRepository, Lease, OutboxEntry, OutboxEvent, OutboxRepository, Recorded, StoreResult,
 };
 
 /// Events relayed to the stream.
@@ -139,6 +139,7 @@ pub struct Relay {
     lease: Arc<dyn IngestRepository>,
     publisher: Arc<dyn FeedPublisher>,
     settings: RelaySettings,
+    recorded: Recorded,
 }
 
 type Publishing =
@@ -157,7 +158,15 @@ impl Relay {
             lease,
             publisher,
             settings,
+            recorded: Recorded::default(),
         }
+    }
+
+    /// Reads the outbox as soon as `recorded` rings (a write of this process recorded
+    /// events), not only at its looks.
+    pub fn woken_by(mut self, recorded: Recorded) -> Self {
+        self.recorded = recorded;
+        self
     }
 
     /// Relays until `stop`; failures are retried with a growing pause. On `stop` no
@@ -324,6 +333,12 @@ impl Relay {
                             failure.get_or_insert(e);
                         }
                     }
+                }
+                // After the look above in this order, so that a stream of rings never
+                // holds a due read back.
+                () = self.recorded.rung(), if may_read => {
+                    read_at = tokio::time::Instant::now();
+                    quiet = self.settings.idle;
                 }
             }
         }
@@ -724,6 +739,30 @@ mod tests {
         assert!(!other.ready(&mut Flow::default()).await.unwrap());
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 1);
         assert_eq!(publisher.published().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_ring_makes_the_relay_read_before_its_next_look() {
+        let db = Memory::new();
+        let publisher = Arc::new(Recording::default());
+        let recorded = Recorded::default();
+        let mut relay = relay(&db, publisher.clone(), "a").woken_by(recorded.clone());
+        // After a read that found something, the next look is an hour away.
+        relay.settings.idle = Duration::from_secs(3600);
+        record(&db, &[event("t", 0)]).await;
+        let running = Running::start(relay);
+        until("the first event published", || {
+            publisher.published().len() == 1
+        })
+        .await;
+        record(&db, &[event("u", 1)]).await;
+        recorded.ring();
+        until("the rung event published", || {
+            publisher.published().len() == 2
+        })
+        .await;
+        until_empty(&db).await;
+        running.stop().await;
     }
 
     #[tokio::test]

@@ -167,6 +167,7 @@ impl TwinsService {
                 .update_recorded(&twin, read_revision, &events)
                 .await?
             {
+                self.store.recorded.ring();
                 return Ok(twin);
             }
         }
@@ -200,6 +201,7 @@ impl Twins for TwinsService {
             Some(&twin),
         )?];
         self.store.twins.save_recorded(&twin, &events).await?;
+        self.store.recorded.ring();
         Ok(twin)
     }
 
@@ -250,6 +252,7 @@ impl Twins for TwinsService {
                 .remove_recorded(owner, &id, Some(twin.revision), &events)
                 .await?
             {
+                self.store.recorded.ring();
                 return Ok(Some(id));
             }
         }

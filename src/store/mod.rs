@@ -607,7 +607,28 @@ pub struct Store {
     pub outbox: Arc<dyn OutboxRepository>,
     /// Bulk copy for `twins migrate`; the SQL stores have it.
     pub transfer: Option<Arc<dyn transfer::Transfer>>,
+    /// Rung by the services of this process after each write that recorded events.
+    pub recorded: Recorded,
     health: Arc<dyn HealthCheck>,
+}
+
+/// Tells the change feed relay of this process that a write recorded events, so that
+/// it reads the outbox at once rather than at its next look. Writes of other
+/// processes are found by the looks alone.
+#[derive(Clone, Default)]
+pub struct Recorded(Arc<tokio::sync::Notify>);
+
+impl Recorded {
+    /// After a write that recorded events has committed. Rings left unheard while the
+    /// relay is busy fold into one.
+    pub fn ring(&self) {
+        self.0.notify_one();
+    }
+
+    /// Completes at the next ring, or at once when one came since the last.
+    pub async fn rung(&self) {
+        self.0.notified().await;
+    }
 }
 
 /// A cheap round trip that tells whether the backend answers.
@@ -634,6 +655,7 @@ impl Store {
             ingest: Arc::new(traced::Traced(ingest)),
             outbox: Arc::new(traced::Traced(outbox)),
             transfer: None,
+            recorded: Recorded::default(),
             health: Arc::new(traced::Traced(health)),
         }
     }
