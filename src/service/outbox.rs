@@ -276,6 +276,12 @@ impl Relay {
                                 .take(room)
                                 .collect();
                             let now = tokio::time::Instant::now();
+                            // Rings bring reads forward again once one finds something.
+                            if !fresh.is_empty() {
+                                flow.deaf = false;
+                            } else if flow.reading_woken {
+                                flow.deaf = true;
+                            }
                             if fresh.is_empty() {
                                 self.measure_backlog(&mut flow, inflight.len(), full).await;
                                 read_at = now + quiet;
@@ -310,6 +316,7 @@ impl Relay {
                             let head = flow
                                 .head_at
                                 .is_none_or(|at| at.elapsed() >= HEAD_EVERY);
+                            flow.reading_woken = std::mem::take(&mut flow.woken);
                             reading = Some(if head {
                                 flow.head_at = Some(tokio::time::Instant::now());
                                 flow.limit = room + flow.seen.len();
@@ -337,8 +344,13 @@ impl Relay {
                 // After the look above in this order, so that a stream of rings never
                 // holds a due read back.
                 () = self.recorded.rung(), if may_read => {
-                    read_at = tokio::time::Instant::now();
-                    quiet = self.settings.idle;
+                    // Not while rung reads find nothing (an entry not yet readable
+                    // holds the outbox back): the pauses then apply.
+                    if !flow.deaf {
+                        read_at = tokio::time::Instant::now();
+                        quiet = self.settings.idle;
+                        flow.woken = true;
+                    }
                 }
             }
         }
@@ -470,6 +482,13 @@ struct Flow {
     head_at: Option<tokio::time::Instant>,
     /// Ids removed from the outbox while the read on its way ran: it may hold them.
     gone: HashSet<i64>,
+    /// A read brought forward by a ring found nothing new: rings do not bring reads
+    /// forward until a read finds something.
+    deaf: bool,
+    /// The next read was brought forward by a ring.
+    woken: bool,
+    /// The read on its way was brought forward by a ring.
+    reading_woken: bool,
     counted_at: Option<tokio::time::Instant>,
 }
 
@@ -739,6 +758,59 @@ mod tests {
         assert!(!other.ready(&mut Flow::default()).await.unwrap());
         assert_eq!(db.store().outbox.backlog().await.unwrap(), 1);
         assert_eq!(publisher.published().len(), 5);
+    }
+
+    /// Counts the reads of the outbox it wraps.
+    struct CountingReads {
+        inner: Arc<dyn OutboxRepository>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl OutboxRepository for CountingReads {
+        async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.pending(limit).await
+        }
+        async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.pending_after(after, limit).await
+        }
+        async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+            self.inner.relayed(ids).await
+        }
+        async fn backlog(&self) -> StoreResult<u64> {
+            self.inner.backlog().await
+        }
+    }
+
+    #[tokio::test]
+    async fn rings_whose_reads_find_nothing_do_not_make_the_relay_read_at_each_ring() {
+        let db = Memory::new();
+        let store = db.store();
+        let counting = Arc::new(CountingReads {
+            inner: store.outbox,
+            reads: Default::default(),
+        });
+        let recorded = Recorded::default();
+        let mut relay = relay(&db, Arc::new(Recording::default()), "a").woken_by(recorded.clone());
+        relay.outbox = counting.clone();
+        // Pauses of 1 ms doubling up to 100 ms while the outbox stays empty.
+        relay.settings.idle = Duration::from_millis(1);
+        let running = Running::start(relay);
+        // Rings with nothing to read, as when the entry written is not readable yet,
+        // every 2 ms for 400 ms: reading at each would be about 200 reads, the pauses
+        // alone about 10.
+        let until = tokio::time::Instant::now() + Duration::from_millis(400);
+        while tokio::time::Instant::now() < until {
+            recorded.ring();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        running.stop().await;
+        let reads = counting.reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(reads < 40, "{reads} reads in 400 ms");
     }
 
     #[tokio::test]
