@@ -232,6 +232,7 @@ impl SqliteStore {
             .pragma("journal_size_limit", "67108864");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_connect(|conn, _| Box::pin(stable_plans(conn)))
             .connect_with(options.clone())
             .await
             .map_err(map_err)?;
@@ -252,6 +253,7 @@ impl SqliteStore {
         .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
+            .after_connect(|conn, _| Box::pin(stable_plans(conn)))
             .connect_with(options.read_only(true))
             .await
             .map_err(map_err)?;
@@ -400,6 +402,38 @@ impl OutboxRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         Ok(sql::seq_of(n))
+    }
+}
+
+/// Turns on SQLite's query planner stability guarantee for the connection
+/// (`SQLITE_DBCONFIG_ENABLE_QPSG`): a statement keeps the plan it was prepared with.
+/// Without it, the SQLite that sqlx builds (with `SQLITE_ENABLE_STAT4`) prepares a
+/// cached statement again at its first step after new values are bound whenever a
+/// value might change the plan: a `LIMIT ?`, a parameter compared with another in
+/// `?2 IS NULL OR name = ?2`, an indexed column once `ANALYZE` has run. That is every
+/// execution of the list and states-page statements: 10% and 6% of their time in
+/// `sqlite3Reprepare` (BENCHMARKS.md, "A flame graph per endpoint"). Their plans do not
+/// depend on those values.
+async fn stable_plans(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    let db = handle.as_raw_handle().as_ptr();
+    // SAFETY: `db` is the connection's open handle, and the lock keeps sqlx's worker
+    // from using it during the call. The call takes an int to set and a pointer for
+    // the value read back, which may be null.
+    let rc = unsafe {
+        libsqlite3_sys::sqlite3_db_config(
+            db,
+            libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
+            1 as std::os::raw::c_int,
+            std::ptr::null_mut::<std::os::raw::c_int>(),
+        )
+    };
+    if rc == libsqlite3_sys::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Configuration(
+            format!("SQLite refused the query planner stability setting (code {rc})").into(),
+        ))
     }
 }
 
@@ -1201,6 +1235,31 @@ mod tests {
                         .all(|d| d.starts_with("SEARCH") && d.contains(index)),
                 "{query}: {plan:?}"
             );
+        }
+    }
+
+    /// Every connection of both pools keeps the plans its statements were prepared
+    /// with (see [`stable_plans`]).
+    #[tokio::test]
+    async fn connections_keep_their_statements_plans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db").display().to_string())
+            .await
+            .unwrap();
+        for pool in [&store.reader, &store.writer] {
+            let mut conn = pool.acquire().await.unwrap();
+            let mut handle = conn.lock_handle().await.unwrap();
+            let mut on: std::os::raw::c_int = -1;
+            // SAFETY: as in `stable_plans`; -1 reads the setting into `on`.
+            let rc = unsafe {
+                libsqlite3_sys::sqlite3_db_config(
+                    handle.as_raw_handle().as_ptr(),
+                    libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
+                    -1 as std::os::raw::c_int,
+                    &mut on as *mut std::os::raw::c_int,
+                )
+            };
+            assert_eq!((rc, on), (libsqlite3_sys::SQLITE_OK, 1));
         }
     }
 
