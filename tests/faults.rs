@@ -296,8 +296,8 @@ crate::backend_matrix!(
 
 /// The store is cut off (through a proxy to `address`, the server's host:port) mid-ingest
 /// and comes back; `url` gives the service's database URL through the proxy's address.
-async fn a_store_outage_mid_ingest_loses_nothing(address: &str, url: impl FnOnce(&str) -> String) {
-    let proxy = Proxy::to(address).await;
+async fn a_store_outage_mid_ingest_loses_nothing(address: String, url: UrlThrough) {
+    let proxy = Proxy::to(&address).await;
     let url = url(&proxy.addr.to_string());
     let d = Deployment::with(|b| b.database(url)).await;
     let twins = d.twins(20).await;
@@ -317,26 +317,132 @@ async fn a_store_outage_mid_ingest_loses_nothing(address: &str, url: impl FnOnce
 
 #[tokio::test]
 async fn mongodb_store_outage_mid_ingest_loses_nothing() {
-    backend::run(backend::Backend::MongoDb, async {
-        let (_, db) = backend::mongodb_database();
-        a_store_outage_mid_ingest_loses_nothing(&backend::mongodb_address(), |proxy| {
-            format!(
-                "mongodb://{proxy}/{}?directConnection=true&serverSelectionTimeoutMS=1000",
-                db.name()
-            )
-        })
-        .await;
-    })
+    through_a_proxy(
+        backend::Backend::MongoDb,
+        a_store_outage_mid_ingest_loses_nothing,
+    )
     .await;
 }
 
 #[tokio::test]
 async fn postgres_store_outage_mid_ingest_loses_nothing() {
-    backend::run(backend::Backend::Postgres, async {
-        let url = backend::database_url(&std::env::temp_dir());
-        let address = backend::server_address(&url);
-        a_store_outage_mid_ingest_loses_nothing(&address, |proxy| url.replace(&address, proxy))
-            .await;
+    through_a_proxy(
+        backend::Backend::Postgres,
+        a_store_outage_mid_ingest_loses_nothing,
+    )
+    .await;
+}
+
+/// Every store call ingestion makes fails as "may pass later" while the store is cut off
+/// (through a proxy to `address`), never as a refusal: a refusal sets the messages aside
+/// for good, and the states they carry would be missing once the store is back.
+async fn a_cut_off_store_fails_every_ingest_call_as_transient(address: String, url: UrlThrough) {
+    use twins::store::{IngestStep, Lease, Store};
+    let proxy = Proxy::to(&address).await;
+    let url = url(&proxy.addr.to_string());
+    let store = Store::connect(&url)
+        .await
+        .expect("the store through the proxy");
+    let group = unique("g");
+    let twin = uuid::Uuid::new_v4().to_string();
+    let lease = Lease {
+        group: group.clone(),
+        holder: unique("h"),
+        ttl: Duration::from_secs(2),
+        start: 0,
+    };
+    assert_eq!(store.ingest.lease(&lease).await.expect("lease"), Some(0));
+    proxy.cut();
+    let step = IngestStep {
+        group: group.clone(),
+        from: 0,
+        to: 1,
+        twins: Vec::new(),
+    };
+    // Several rounds: the first calls may meet pooled connections the cut closed, the
+    // later ones open new connections that the proxy closes at once.
+    for round in 0..4 {
+        let outcomes = [
+            (
+                "retrieve_many",
+                store
+                    .twins
+                    .retrieve_many(std::slice::from_ref(&twin))
+                    .await
+                    .err(),
+            ),
+            ("retrieve_any", store.twins.retrieve_any(&twin).await.err()),
+            ("cursor", store.ingest.cursor(&twin).await.err()),
+            ("lease", store.ingest.lease(&lease).await.err()),
+            ("apply", store.ingest.apply(&step).await.err()),
+        ];
+        for (call, error) in outcomes {
+            let error = error.unwrap_or_else(|| panic!("{call} succeeded on a cut-off store"));
+            assert!(
+                error.is_transient(),
+                "round {round}: {call} failed as a refusal: {error}"
+            );
+        }
+    }
+    proxy.restore();
+    let deadline = Instant::now() + DEADLINE;
+    while store.ingest.apply(&step).await.is_err() {
+        assert!(Instant::now() < deadline, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn mongodb_cut_off_store_fails_every_ingest_call_as_transient() {
+    through_a_proxy(
+        backend::Backend::MongoDb,
+        a_cut_off_store_fails_every_ingest_call_as_transient,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_cut_off_store_fails_every_ingest_call_as_transient() {
+    through_a_proxy(
+        backend::Backend::Postgres,
+        a_cut_off_store_fails_every_ingest_call_as_transient,
+    )
+    .await;
+}
+
+/// The URL of the test's database through another address (a proxy's).
+type UrlThrough = Box<dyn FnOnce(&str) -> String + Send>;
+
+/// Runs `scenario` on a database of the test's own on `server` (MongoDB or PostgreSQL),
+/// with the server's `host:port` and a function that gives the database's URL through
+/// another address (a proxy's).
+async fn through_a_proxy<F, Fut>(server: backend::Backend, scenario: F)
+where
+    F: FnOnce(String, UrlThrough) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    backend::run(server, async {
+        let (address, url): (String, UrlThrough) = match server {
+            backend::Backend::Postgres => {
+                let url = backend::database_url(&std::env::temp_dir());
+                let address = backend::server_address(&url);
+                let replaced = address.clone();
+                (address, Box::new(move |proxy| url.replace(&replaced, proxy)))
+            }
+            _ => {
+                let (_, db) = backend::mongodb_database();
+                let name = db.name().to_owned();
+                (
+                    backend::mongodb_address(),
+                    Box::new(move |proxy| {
+                        format!(
+                            "mongodb://{proxy}/{name}?directConnection=true&serverSelectionTimeoutMS=1000"
+                        )
+                    }),
+                )
+            }
+        };
+        scenario(address, url).await;
     })
     .await;
 }

@@ -27,7 +27,20 @@ impl Proxy {
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
-                    // Closed at once: the server is away for whoever connects.
+                    // The server is away for whoever connects: the connection ends
+                    // (end of file, not a reset) before any answer, as a server that
+                    // closes it does. What the client sends is read and dropped, so
+                    // the kernel never turns the close into a reset.
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let _ = inbound.shutdown().await;
+                        let mut sink = [0u8; 1024];
+                        let drain = async {
+                            while matches!(inbound.read(&mut sink).await, Ok(n) if n > 0) {}
+                        };
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+                    });
                     continue;
                 }
                 let target = target.clone();

@@ -198,6 +198,16 @@ pub async fn wait_applied(app: &TestApp, seq: u64, within: Duration) {
     }
 }
 
+/// The last `n` warnings and errors logged by the instances the app runs as processes.
+fn log_warnings(app: &TestApp, n: usize) -> Vec<String> {
+    let lines: Vec<String> = log_tail(app, usize::MAX)
+        .into_iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    let skip = lines.len().saturating_sub(n);
+    lines.into_iter().skip(skip).collect()
+}
+
 /// The last `n` log lines of each instance the app runs as a process.
 fn log_tail(app: &TestApp, n: usize) -> Vec<String> {
     app.instances()
@@ -234,9 +244,10 @@ pub async fn assert_matches(app: &TestApp, oracle: &Oracle) {
                 assert_eq!(
                     served.len(),
                     expected.len(),
-                    "twin {twin}: {} states served, {} expected",
+                    "twin {twin}: {} states served, {} expected; warnings logged: {:#?}",
                     served.len(),
-                    expected.len()
+                    expected.len(),
+                    log_warnings(app, 60)
                 );
                 assert_eq!(served, expected, "twin {twin}");
             }

@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use bson::{Document, doc};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, WriteFailure};
+use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 
@@ -254,6 +254,8 @@ fn map_err(e: mongodb::error::Error) -> StoreError {
         ErrorKind::Command(c) => TRANSIENT_CODES.contains(&c.code),
         ErrorKind::Write(WriteFailure::WriteConcernError(_))
         | ErrorKind::Io(_)
+        // A reply cut off halfway reads as a malformed one.
+        | ErrorKind::InvalidResponse { .. }
         | ErrorKind::ConnectionPoolCleared { .. }
         | ErrorKind::ServerSelection { .. }
         | ErrorKind::DnsResolve { .. }
@@ -261,7 +263,10 @@ fn map_err(e: mongodb::error::Error) -> StoreError {
         | ErrorKind::Shutdown => true,
         _ => false,
     };
-    if unavailable || e.contains_label(RETRYABLE_WRITE_ERROR) {
+    if unavailable
+        || e.contains_label(RETRYABLE_WRITE_ERROR)
+        || e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+    {
         StoreError::Unavailable(e.into())
     } else {
         StoreError::Internal(e.into())

@@ -235,8 +235,15 @@ impl OutboxRepository for PostgresStore {
 /// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
 fn map_err(e: sqlx::Error) -> StoreError {
     let transient = match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Tls(_) => true,
+        // The connection failed, or the server's answer stopped halfway (a cut
+        // connection reads as a malformed message): the server may answer later.
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             return StoreError::Conflict(e.into());
         }
@@ -887,5 +894,38 @@ impl HealthCheck for PostgresStore {
             .await
             .map_err(map_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_or_cut_connections_are_unavailable() {
+        let cut = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "eof");
+        for e in [
+            sqlx::Error::Io(cut),
+            // What a connection closed during the handshake reads as.
+            sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into()),
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::BeginFailed,
+            sqlx::Error::PoolTimedOut,
+        ] {
+            let shown = e.to_string();
+            assert!(map_err(e).is_transient(), "{shown}");
+        }
+    }
+
+    #[test]
+    fn undecodable_rows_are_internal() {
+        for e in [
+            sqlx::Error::ColumnNotFound("x".into()),
+            sqlx::Error::Decode("bad".into()),
+            sqlx::Error::RowNotFound,
+        ] {
+            let shown = e.to_string();
+            assert!(matches!(map_err(e), StoreError::Internal(_)), "{shown}");
+        }
     }
 }

@@ -440,7 +440,11 @@ async fn stable_plans(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
 /// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
 fn map_err(e: sqlx::Error) -> StoreError {
     let (unavailable, conflict) = match &e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => (true, false),
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => (true, false),
         sqlx::Error::Database(db) if db.is_unique_violation() => (false, true),
         sqlx::Error::Database(db) => (is_transient_code(db.code().as_deref()), false),
         _ => (false, false),
