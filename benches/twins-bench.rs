@@ -342,7 +342,6 @@ impl Service {
         Err("the twins service did not become healthy".into())
     }
 
-    /// Peak resident set size of the process, in KiB.
     /// Waits until the service's gauge `twins_feed_outbox_backlog` reads 0.
     async fn wait_outbox_empty(&self, http: &reqwest::Client, within: Duration) -> Res<()> {
         let deadline = Instant::now() + within;
@@ -367,8 +366,39 @@ impl Service {
         }
     }
 
+    /// Peak resident set size of the process, in KiB.
     fn rss_peak_kib(&self) -> u64 {
         self.status_kib("VmHWM:")
+    }
+
+    /// Bytes the process has had written to storage so far (`write_bytes` of
+    /// `/proc/<pid>/io`: what reached the block layer, not what is still cached; 0 when
+    /// unreadable).
+    fn written_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU time the process has used so far, all threads, user and system, in seconds
+    /// (`utime` and `stime` of `/proc/<pid>/stat`, in ticks of 1/100 s; 0 when
+    /// unreadable).
+    fn cpu_seconds(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command's closing parenthesis start at field 3.
+                let rest = s.rsplit_once(')')?.1;
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+                Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+            })
+            .unwrap_or(0.0)
     }
 
     fn rss_kib(&self) -> u64 {
@@ -596,6 +626,10 @@ struct IngestRun {
     p99_ms: f64,
     created: u64,
     rss_peak_kib: u64,
+    /// The services' CPU time during the run, per message, in microseconds.
+    cpu_us_per_message: f64,
+    /// Bytes the services had written to storage during the run, per message.
+    written_bytes_per_message: f64,
 }
 
 /// Ingests `messages` SenML messages spread over `twins` (each on its own channel)
@@ -624,6 +658,8 @@ async fn ingest_through(
             (broker::subject(ch, ""), senml_envelope(ch, k))
         })
         .collect();
+    let cpu_before: f64 = svcs.iter().map(Service::cpu_seconds).sum();
+    let written_before: u64 = svcs.iter().map(Service::written_bytes).sum();
     let start = Instant::now();
     let published = publish_paced(js, payloads, rate).await?;
     let publish_secs = start.elapsed().as_secs_f64();
@@ -664,6 +700,12 @@ async fn ingest_through(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let seconds = (done_at - start).as_secs_f64();
+    let cpu = svcs.iter().map(Service::cpu_seconds).sum::<f64>() - cpu_before;
+    let written = svcs
+        .iter()
+        .map(Service::written_bytes)
+        .sum::<u64>()
+        .saturating_sub(written_before);
     let mut lat: Vec<f64> = samples
         .iter()
         .filter_map(|s| s.3.map(|d| (d - s.2).as_secs_f64() * 1000.0))
@@ -677,6 +719,8 @@ async fn ingest_through(
         p99_ms: percentile(&lat, 0.99),
         created: (created.max(0) as u64).saturating_sub(states_before),
         rss_peak_kib: svcs.iter().map(Service::rss_peak_kib).max().unwrap_or(0),
+        cpu_us_per_message: cpu * 1e6 / messages as f64,
+        written_bytes_per_message: written as f64 / messages as f64,
     })
 }
 
@@ -842,6 +886,8 @@ async fn scenario_ingest(o: &Opts) -> Res<Value> {
         "states_created": run.created,
         "messages_applied_as_updates": (messages as u64).saturating_sub(run.created),
         "service_rss_peak_mib": round(run.rss_peak_kib as f64 / 1024.0),
+        "service_cpu_us_per_message": round(run.cpu_us_per_message),
+        "service_written_bytes_per_message": run.written_bytes_per_message.round(),
         "baseline_jetstream_messages_per_second": js_rate.round(),
         "baseline_store_states_per_second": store_rate.round(),
         "ratio_to_jetstream": round(run.rate / js_rate),
@@ -1090,7 +1136,7 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
     let messages = o.messages.unwrap_or(50_000);
     let nats = async_nats::connect(o.nats.as_str()).await?;
     let js = jetstream::new(nats);
-    let mut rates = Vec::new();
+    let mut runs = Vec::new();
     for stored in [0, o.states] {
         eprintln!("ingest-growth: {messages} messages with {stored} states stored");
         let db = Database::create(o).await?;
@@ -1103,9 +1149,19 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
         drop(store);
         let svcs = start_services(o, &db, &standalone()).await?;
         let run = ingest_through(&svcs, &db, &js, &twins, messages, stored as u64, None).await?;
-        eprintln!("  {:.0} msg/s", run.rate);
-        rates.push(run.rate);
+        eprintln!(
+            "  {:.0} msg/s, service CPU {:.1} µs and {:.0} bytes written per message",
+            run.rate, run.cpu_us_per_message, run.written_bytes_per_message
+        );
+        runs.push(run);
     }
+    let phase = |r: &IngestRun| {
+        json!({
+            "messages_per_second": r.rate.round(),
+            "service_cpu_us_per_message": round(r.cpu_us_per_message),
+            "service_written_bytes_per_message": r.written_bytes_per_message.round(),
+        })
+    };
     Ok(json!({
         "scenario": "ingest-growth",
         "db": if o.db.is_some() { "postgres" } else { "sqlite" },
@@ -1113,9 +1169,11 @@ async fn scenario_growth(o: &Opts) -> Res<Value> {
         "twins": o.twins,
         "messages": messages,
         "states_stored": o.states,
-        "messages_per_second_empty": rates[0].round(),
-        "messages_per_second_full": rates[1].round(),
-        "ratio": round(rates[1] / rates[0]),
+        "messages_per_second_empty": runs[0].rate.round(),
+        "messages_per_second_full": runs[1].rate.round(),
+        "ratio": round(runs[1].rate / runs[0].rate),
+        "empty": phase(&runs[0]),
+        "full": phase(&runs[1]),
     }))
 }
 
