@@ -76,6 +76,7 @@ fn main() -> ExitCode {
 }
 
 fn run_service() -> ExitCode {
+    without_huge_pages();
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -102,6 +103,26 @@ fn run_service() -> ExitCode {
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     telemetry.shutdown(TRACE_FLUSH_TIMEOUT);
     code
+}
+
+/// Turns transparent huge pages off for this process. The allocator gives memory back
+/// to the system in small pieces and takes it again under load; where a region is
+/// backed by huge pages, each reuse faults in and zeroes a whole 2 MiB page. Under
+/// ingestion that zeroing took 11-13% of the service's CPU (BENCHMARKS.md, "Without
+/// transparent huge pages"). A kernel that refuses leaves the setting as it was.
+fn without_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes integers only and sets a flag of this
+        // process; no memory is passed.
+        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if rc != 0 {
+            eprintln!(
+                "twins: transparent huge pages left as they are: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -314,3 +314,22 @@ async fn a_burst_of_refused_connections_is_logged_once() {
 
     app.instance().kill().await;
 }
+
+/// The process runs without transparent huge pages (see `without_huge_pages` in
+/// `main.rs`): the kernel reports the flag of the process in its status.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_process_runs_without_transparent_huge_pages() {
+    let mut app = TestApp::builder()
+        .process()
+        .auth(Auth::Standalone)
+        .spawn()
+        .await;
+    let pid = app.instance().pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let flag = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(flag, Some("0"), "{status}");
+}

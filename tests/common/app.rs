@@ -952,13 +952,17 @@ impl Instance {
         }
     }
 
-    /// Sends SIGTERM, as a container runtime does to stop the service.
-    pub fn terminate(&mut self) {
-        let pid = self
-            .process_mut()
+    /// The process id of the running binary.
+    pub fn pid(&mut self) -> u32 {
+        self.process_mut()
             .child
             .id()
-            .expect("the binary is running");
+            .expect("the binary is running")
+    }
+
+    /// Sends SIGTERM, as a container runtime does to stop the service.
+    pub fn terminate(&mut self) {
+        let pid = self.pid();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
