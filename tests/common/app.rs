@@ -687,12 +687,23 @@ impl TestApp {
     }
 
     /// The stream sequence up to which the group's consumer has acked (0 when none).
+    ///
+    /// A consumer that has delivered nothing yet reports an ack floor of 0 (NATS 2.9),
+    /// even when an instance created it at the group's stored position + 1 after a
+    /// takeover with nothing left to apply; everything before its first sequence is
+    /// applied then.
     pub async fn acked(&self) -> u64 {
         match self.js.get_stream(twins::broker::STREAM).await {
             Ok(stream) => stream
                 .consumer_info(&self.group)
                 .await
-                .map(|i| i.ack_floor.stream_sequence)
+                .map(|i| {
+                    if i.delivered.consumer_sequence == 0 {
+                        i.delivered.stream_sequence
+                    } else {
+                        i.ack_floor.stream_sequence
+                    }
+                })
                 .unwrap_or(0),
             Err(_) => 0,
         }
