@@ -118,42 +118,27 @@ pub fn apply(
 /// `Update` (of `last`, first) followed by `Insert`s.
 pub fn fold(
     twin_id: &str,
-    last: Option<State>,
+    last: Option<&State>,
     definition: &Definition,
     channel: &str,
     subtopic: &str,
     records: &[Record],
 ) -> Vec<Write> {
     let mut writes: Vec<Write> = Vec::new();
-    let mut latest = last.clone();
     for record in records {
-        let outcome = apply(
-            twin_id,
-            latest.as_ref(),
-            definition,
-            channel,
-            subtopic,
-            record,
-        );
-        match outcome {
+        // The latest state is the one written last, or the stored one before any.
+        let latest = writes.last().map(Write::state).or(last);
+        match apply(twin_id, latest, definition, channel, subtopic, record) {
             Outcome::Nothing => {}
-            Outcome::Save(state) => {
-                writes.push(Write::Insert(state.clone()));
-                latest = Some(state);
-            }
-            Outcome::Update(state) => {
-                match writes.last_mut() {
-                    Some(Write::Insert(w) | Write::Update(w)) if w.id == state.id => {
-                        w.clone_from(&state);
-                    }
-                    _ => writes.push(Write::Update(state.clone())),
-                }
-                latest = Some(state);
-            }
+            Outcome::Save(state) => writes.push(Write::Insert(state)),
+            Outcome::Update(state) => match writes.last_mut() {
+                Some(Write::Insert(w) | Write::Update(w)) if w.id == state.id => *w = state,
+                _ => writes.push(Write::Update(state)),
+            },
         }
     }
     // A repeated reading within delta changes nothing; skip the round trip.
-    if let (Some(Write::Update(first)), Some(stored)) = (writes.first(), &last)
+    if let (Some(Write::Update(first)), Some(stored)) = (writes.first(), last)
         && first == stored
     {
         writes.remove(0);
@@ -743,7 +728,7 @@ mod tests {
             ),
         ];
         for (label, last, definition, recs, want) in cases {
-            let got = fold(TWIN, last, &definition, CHANNEL, SUBTOPIC, &recs);
+            let got = fold(TWIN, last.as_ref(), &definition, CHANNEL, SUBTOPIC, &recs);
             assert_eq!(got, want, "{label}");
             let ids: Vec<i64> = got.iter().map(|w| w.state().id).collect();
             assert!(ids.windows(2).all(|p| p[0] < p[1]), "{label}: ids {ids:?}");

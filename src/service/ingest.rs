@@ -192,7 +192,6 @@ pub fn plan<'r>(
     definition: &Definition,
     messages: impl IntoIterator<Item = (u64, &'r str, &'r str, &'r [Record])>,
 ) -> TwinPlan {
-    let mut last = cursor.last.clone();
     let mut writes: Vec<SeqWrite> = Vec::new();
     let mut duplicates = 0;
     for (seq, channel, subtopic, records) in messages {
@@ -200,18 +199,21 @@ pub fn plan<'r>(
             duplicates += 1;
             continue;
         }
-        for w in sampling::fold(
-            twin_id,
-            last.clone(),
-            definition,
-            channel,
-            subtopic,
-            records,
-        ) {
-            last = Some(w.state().clone());
+        // The latest state: the one written last (merging keeps it last), or the
+        // cursor's before any.
+        let latest = writes
+            .last()
+            .map(|w| w.write.state())
+            .or(cursor.last.as_ref());
+        let folded = sampling::fold(twin_id, latest, definition, channel, subtopic, records);
+        for w in folded {
             merge(&mut writes, SeqWrite { write: w, seq });
         }
     }
+    let last = writes
+        .last()
+        .map(|w| w.write.state().clone())
+        .or_else(|| cursor.last.clone());
     let last_break = history::last_break(
         cursor
             .last
@@ -520,13 +522,14 @@ impl IngestService {
     /// One durable step: the twins' writes and the group's position from `from` to
     /// `to`. Ok(Ok(conflicts)) when applied (the twins listed moved under it and were
     /// not written), Ok(Err(e)) when the store refused it for good, Err when the batch
-    /// must stop (fenced, or a failure that may pass).
+    /// must stop (fenced, or a failure that may pass). The writes are handed back, their
+    /// events stamped with the step's time.
     async fn step(
         &self,
         batch: &Batch<'_>,
         (from, to): (u64, u64),
         mut twins: Vec<TwinWrites>,
-    ) -> Result<Result<Vec<String>, StoreError>, IngestError> {
+    ) -> Result<(Result<Vec<String>, StoreError>, Vec<TwinWrites>), IngestError> {
         // The events' time is their commit's, as close to it as it can be known: just
         // before the step is written, not when the batch was planned.
         let now = now_millis();
@@ -539,15 +542,35 @@ impl IngestService {
             to,
             twins,
         };
-        match self.store.ingest.apply(&step).await {
+        let outcome = match self.store.ingest.apply(&step).await {
             Ok(Applied::Done { conflicts }) => {
                 self.store.recorded.ring();
-                Ok(Ok(conflicts))
+                Ok(conflicts)
             }
-            Ok(Applied::Fenced) => Err(IngestError::Fenced),
-            Err(e) if e.is_transient() => Err(IngestError::store(e)),
-            Err(e) => Ok(Err(e)),
+            Ok(Applied::Fenced) => return Err(IngestError::Fenced),
+            Err(e) if e.is_transient() => return Err(IngestError::store(e)),
+            Err(e) => Err(e),
+        };
+        Ok((outcome, step.twins))
+    }
+
+    /// [`step`](Self::step) with the plans' writes, which go back into the plans
+    /// afterwards (no copy of the states is made for the store).
+    async fn step_plans(
+        &self,
+        batch: &Batch<'_>,
+        range: (u64, u64),
+        plans: &mut [TwinPlan],
+    ) -> Result<Result<Vec<String>, StoreError>, IngestError> {
+        let twins = plans
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.writes))
+            .collect();
+        let (outcome, twins) = self.step(batch, range, twins).await?;
+        for (p, w) in plans.iter_mut().zip(twins) {
+            p.writes = w;
         }
+        Ok(outcome)
     }
 
     /// Stage 4: writes the plans and moves the position in one durable step; twins that
@@ -561,12 +584,12 @@ impl IngestService {
         report: &mut BatchReport,
     ) -> Result<Vec<TwinPlan>, IngestError> {
         report.duplicates += plans.iter().map(|(p, _)| p.duplicates).sum::<usize>();
-        let (written, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
+        let (mut written, seqs): (Vec<TwinPlan>, Vec<Vec<u64>>) = plans
             .into_iter()
             .filter(|(p, _)| !p.writes.writes.is_empty())
             .unzip();
-        let twins = written.iter().map(|p| p.writes.clone()).collect();
-        let conflicts = match self.step(batch, (batch.from, batch.to), twins).await? {
+        let range = (batch.from, batch.to);
+        let conflicts = match self.step_plans(batch, range, &mut written).await? {
             Ok(conflicts) => conflicts,
             Err(e) => {
                 tracing::warn!(error = %e, "batch refused by the store; isolating its twins");
@@ -637,14 +660,13 @@ impl IngestService {
                 aside.set_aside(&rejected).await?;
             }
             let duplicates: usize = plans.iter().map(|(p, _)| p.duplicates).sum();
-            let plans: Vec<TwinPlan> = plans
+            let mut plans: Vec<TwinPlan> = plans
                 .into_iter()
                 .map(|(p, _)| p)
                 .filter(|p| !p.writes.writes.is_empty())
                 .collect();
-            let twins = plans.iter().map(|p| p.writes.clone()).collect();
             let conflicts = self
-                .step(batch, (batch.from, batch.to), twins)
+                .step_plans(batch, (batch.from, batch.to), &mut plans)
                 .await?
                 .map_err(IngestError::store)?;
             done.extend(self.remember(plans, &conflicts));
@@ -672,9 +694,12 @@ impl IngestService {
     ) -> Result<Vec<TwinPlan>, IngestError> {
         let mut written = Vec::new();
         let mut rejected = Vec::new();
-        for (p, seqs) in plans.into_iter().zip(seqs) {
-            let twin = vec![p.writes.clone()];
-            match self.step(batch, (batch.from, batch.from), twin).await? {
+        for (mut p, seqs) in plans.into_iter().zip(seqs) {
+            let twin = std::slice::from_mut(&mut p);
+            match self
+                .step_plans(batch, (batch.from, batch.from), twin)
+                .await?
+            {
                 Ok(conflicts) if conflicts.is_empty() => written.push(p),
                 Ok(_) => {
                     return Err(IngestError::Transient("twin moved during isolation".into()));
@@ -692,6 +717,7 @@ impl IngestService {
         Self::set_aside(aside, rejected, report).await?;
         self.step(batch, (batch.from, batch.to), Vec::new())
             .await?
+            .0
             .map_err(IngestError::store)?;
         Ok(self.remember(written, &[]))
     }

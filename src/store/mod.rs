@@ -442,7 +442,7 @@ pub struct IngestCursor {
 }
 
 /// State writes of one twin from a run of messages, with the sequence guard.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TwinWrites {
     pub twin_id: String,
     /// The twin's stored sequence the writes were computed from.

@@ -107,9 +107,10 @@ impl Oracle {
             };
             let records = senml::resolve(&m.payload, Utc::now()).expect("SenML");
             let states = self.states.entry(m.twin.clone()).or_default();
+            let last = states.last().cloned();
             for w in sampling::fold(
                 &m.twin,
-                states.last().cloned(),
+                last.as_ref(),
                 &definition,
                 &m.channel,
                 "",

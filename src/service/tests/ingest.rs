@@ -94,7 +94,7 @@ fn oracle(twin: &Twin, messages: &[Message]) -> Vec<State> {
         let last = states.last_key_value().map(|(_, s)| s.clone());
         for w in sampling::fold(
             &twin.id,
-            last,
+            last.as_ref(),
             definition,
             &env.channel,
             &env.subtopic,
