@@ -108,7 +108,7 @@ fn run_service() -> ExitCode {
 /// Turns transparent huge pages off for this process. The allocator gives memory back
 /// to the system in small pieces and takes it again under load; where a region is
 /// backed by huge pages, each reuse faults in and zeroes a whole 2 MiB page. Under
-/// ingestion that zeroing took 11-13% of the service's CPU (BENCHMARKS.md, "Without
+/// ingestion that zeroing took 11-20% of the service's CPU (BENCHMARKS.md, "Without
 /// transparent huge pages"). A kernel that refuses leaves the setting as it was.
 fn without_huge_pages() {
     #[cfg(target_os = "linux")]

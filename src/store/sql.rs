@@ -68,6 +68,32 @@ pub const INSERT_STATE: &str =
 pub const UPDATE_STATE: &str =
     "UPDATE states SET definition = $1, created = $2, payload = $3 WHERE twin_id = $4 AND id = $5";
 
+/// Maps sqlx errors onto the store's error kinds, keeping the error as the source: a
+/// failed or cut connection (a connection cut halfway through an answer reads as a
+/// malformed message) and the database codes `transient_code` names are unavailable, a
+/// unique violation is a conflict, anything else internal.
+pub fn map_err(e: sqlx::Error, transient_code: fn(Option<&str>) -> bool) -> StoreError {
+    let unavailable = match &e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            return StoreError::Conflict(e.into());
+        }
+        sqlx::Error::Database(db) => transient_code(db.code().as_deref()),
+        _ => false,
+    };
+    if unavailable {
+        StoreError::Unavailable(e.into())
+    } else {
+        StoreError::Internal(e.into())
+    }
+}
+
 /// The statement of a state write and the state it binds.
 pub fn state_write(write: &Write) -> (&'static str, &State) {
     match write {

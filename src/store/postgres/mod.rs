@@ -232,29 +232,9 @@ impl OutboxRepository for PostgresStore {
     }
 }
 
-/// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
+/// Maps sqlx errors onto the store's error kinds ([`sql::map_err`]).
 fn map_err(e: sqlx::Error) -> StoreError {
-    let transient = match &e {
-        // The connection failed, or the server's answer stopped halfway (a cut
-        // connection reads as a malformed message): the server may answer later.
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::BeginFailed => true,
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            return StoreError::Conflict(e.into());
-        }
-        sqlx::Error::Database(db) => is_transient_code(db.code().as_deref()),
-        _ => false,
-    };
-    if transient {
-        StoreError::Unavailable(e.into())
-    } else {
-        StoreError::Internal(e.into())
-    }
+    sql::map_err(e, is_transient_code)
 }
 
 /// SQLSTATEs after which the same call can succeed later: connection exceptions (class

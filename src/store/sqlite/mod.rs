@@ -437,23 +437,9 @@ async fn stable_plans(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Maps sqlx errors onto the store's error kinds, keeping the error as the source.
+/// Maps sqlx errors onto the store's error kinds ([`sql::map_err`]).
 fn map_err(e: sqlx::Error) -> StoreError {
-    let (unavailable, conflict) = match &e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::BeginFailed => (true, false),
-        sqlx::Error::Database(db) if db.is_unique_violation() => (false, true),
-        sqlx::Error::Database(db) => (is_transient_code(db.code().as_deref()), false),
-        _ => (false, false),
-    };
-    match (unavailable, conflict) {
-        (true, _) => StoreError::Unavailable(e.into()),
-        (_, true) => StoreError::Conflict(e.into()),
-        _ => StoreError::Internal(e.into()),
-    }
+    sql::map_err(e, is_transient_code)
 }
 
 /// SQLite result codes after which the same write can succeed later: another writer
