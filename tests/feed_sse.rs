@@ -11,6 +11,7 @@
 mod common;
 
 use async_nats::jetstream;
+use common::proxy::Proxy;
 use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -250,9 +251,9 @@ async fn spawn() -> TestApp {
     TestApp::builder().spawn().await
 }
 
-/// A twin of the user with `token`.
 /// A new twin of the token's user, once the event of its creation is on the stream:
-/// followers opened afterwards start after it.
+/// followers opened afterwards start after it (the stream's last event when they
+/// open, whether or not the service's tail has handed it out).
 async fn twin_of(app: &TestApp, token: &str) -> String {
     let twin = app.create_id(token, &json!({})).await;
     let owner = token
@@ -329,6 +330,50 @@ async fn resume_gets_exactly_the_missed_events(by_header: bool) {
     // Nothing repeated or extra: the next event is the one made next.
     let next = make_changes(app.js(), &owner, &twin, EventKind::TwinUpdated, 1).await;
     assert_served(&sse.events(1).await, &next);
+}
+
+/// A follower without a cursor gets the events written after its request, also those
+/// the feed's tail has not handed out yet when the request comes: the service's broker
+/// connection runs through a proxy that holds what the broker sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_without_a_cursor_starts_after_the_last_event_written() {
+    let proxy = Proxy::to(NATS_URL.trim_start_matches("nats://")).await;
+    let app = TestApp::builder()
+        .var("MG_MESSAGE_BROKER_URL", &format!("nats://{}", proxy.addr))
+        .spawn()
+        .await;
+    let (owner, token) = user();
+    let twin = twin_of(&app, &token).await;
+    proxy.hold();
+    // On the stream, not yet seen by the service's tail.
+    let earlier = make_changes(app.js(), &owner, &twin, EventKind::DocumentPut, 20).await;
+    let sent = proxy.sent();
+    let path = format!("/twins/{twin}/events");
+    let open = Sse::open(&app, &path, &token, &[], None);
+    tokio::pin!(open);
+    // Let the broker's messages through once the service has the request: it answered
+    // (its follower is registered) or asked the broker something.
+    let asked = eventually(
+        "a request of the service",
+        || async { proxy.sent() },
+        |n| *n > sent,
+    );
+    let mut sse = tokio::select! {
+        sse = &mut open => sse,
+        _ = asked => {
+            proxy.release();
+            open.await
+        }
+    };
+    proxy.release();
+    let next = make_changes(app.js(), &owner, &twin, EventKind::TwinUpdated, 1).await;
+    let first = sse.event().await;
+    assert_eq!(
+        first.id(),
+        next[0].0,
+        "served an event written before the request (the earlier ones end at {})",
+        earlier[earlier.len() - 1].0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

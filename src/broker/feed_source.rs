@@ -167,7 +167,13 @@ impl FeedSource for JetStreamFeed {
     ) -> Result<EventStream, FeedError> {
         let filters: Arc<[String]> = filters.into();
         let registration = self.register(&filters).await?;
-        let position = after.unwrap_or(registration.from);
+        let position = match after {
+            Some(after) => after,
+            // From now on: after the last event on the stream, which the tail may not
+            // have handed out yet (read after registering, so it is not below the
+            // tail's position; the registration's events up to it are skipped).
+            None => bounds(&self.js).await?.last.max(registration.from),
+        };
         let mut catch_up = None;
         if position < registration.from {
             // Opened by the first read, after the response's head: creating a filtered

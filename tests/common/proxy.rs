@@ -1,19 +1,55 @@
 //! A TCP forwarder a test can cut and restore: the service reaches a real server through
 //! it, [`Proxy::cut`] makes that server unreachable for the service without stopping it,
-//! and [`Proxy::restore`] lets new connections through again.
+//! and [`Proxy::restore`] lets new connections through again. [`Proxy::hold`] keeps what
+//! the server sends from reaching the service (the connections stay up) until
+//! [`Proxy::release`], and [`Proxy::sent`] counts the bytes the service sent.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 
 pub struct Proxy {
     pub addr: SocketAddr,
     tasks: Arc<Mutex<JoinSet<()>>>,
     down: Arc<AtomicBool>,
+    held: watch::Sender<bool>,
+    sent: Arc<AtomicU64>,
     accept: AbortHandle,
+}
+
+/// Copies `from` to `to`, adding what it copied to `count`; while `held` is true it
+/// reads nothing more (what was read is written when released).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: watch::Receiver<bool>,
+    count: Option<Arc<AtomicU64>>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if held.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        if let Some(count) = &count {
+            count.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Proxy {
@@ -23,7 +59,10 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let down = Arc::new(AtomicBool::new(false));
+        let (held, _) = watch::channel(false);
+        let sent = Arc::new(AtomicU64::new(0));
         let (target, conns, refuse) = (target.to_owned(), tasks.clone(), down.clone());
+        let (hold, counted) = (held.clone(), sent.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
@@ -32,7 +71,6 @@ impl Proxy {
                     // closes it does. What the client sends is read and dropped, so
                     // the kernel never turns the close into a reset.
                     tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let _ = inbound.shutdown().await;
                         let mut sink = [0u8; 1024];
                         let drain = async {
@@ -44,9 +82,16 @@ impl Proxy {
                     continue;
                 }
                 let target = target.clone();
+                let (hold, counted) = (hold.subscribe(), counted.clone());
                 conns.lock().expect("proxy lock").spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(&target).await {
+                        let (client_read, client_write) = inbound.into_split();
+                        let (server_read, server_write) = outbound.into_split();
+                        let (never, _) = watch::channel(false);
+                        tokio::join!(
+                            pump(client_read, server_write, never.subscribe(), Some(counted)),
+                            pump(server_read, client_write, hold, None),
+                        );
                     }
                 });
             }
@@ -56,6 +101,8 @@ impl Proxy {
             addr,
             tasks,
             down,
+            held,
+            sent,
             accept,
         }
     }
@@ -69,6 +116,21 @@ impl Proxy {
     /// Forwards new connections again.
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Keeps what the server sends from reaching the service until [`Proxy::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets what the server sent through.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// The bytes the service has sent the server so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 }
 
