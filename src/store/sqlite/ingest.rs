@@ -178,7 +178,7 @@ impl IngestRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         }
-        Self::record(&mut tx, events).await?;
+        Self::record(tx.conn(), events).await?;
         for (twin_id, b) in breaks {
             sqlx::query(super::STATE_BREAKS[0])
                 .bind(twin_id)

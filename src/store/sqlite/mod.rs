@@ -11,6 +11,7 @@
 //! that does not end in a commit or a clean rollback closes the writer connection; the
 //! pool opens a fresh one, known to be outside any transaction.
 
+mod group;
 mod ingest;
 mod transfer;
 
@@ -65,6 +66,23 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS twin_attributes_channel ON twin_attributes (channel, subtopic)",
     "CREATE INDEX IF NOT EXISTS twin_attributes_twin ON twin_attributes (twin_id)",
+    // The attributes follow the definitions inside the statement that writes them: no
+    // statement of its own per write (each is a hop to the connection's thread), and
+    // none at all when an update leaves the definitions as they were.
+    "CREATE TRIGGER IF NOT EXISTS twin_attributes_of_new_twin AFTER INSERT ON twins BEGIN
+        INSERT INTO twin_attributes (twin_id, channel, subtopic)
+        SELECT new.id, json_extract(a.value, '$.channel'),
+            coalesce(json_extract(a.value, '$.subtopic'), '')
+        FROM json_each(new.definitions, '$[#-1].attributes') AS a;
+    END",
+    "CREATE TRIGGER IF NOT EXISTS twin_attributes_of_new_definition
+    AFTER UPDATE OF definitions ON twins WHEN old.definitions IS NOT new.definitions BEGIN
+        DELETE FROM twin_attributes WHERE twin_id = new.id;
+        INSERT INTO twin_attributes (twin_id, channel, subtopic)
+        SELECT new.id, json_extract(a.value, '$.channel'),
+            coalesce(json_extract(a.value, '$.subtopic'), '')
+        FROM json_each(new.definitions, '$[#-1].attributes') AS a;
+    END",
     "CREATE TABLE IF NOT EXISTS states (
         twin_id TEXT NOT NULL,
         id INTEGER NOT NULL,
@@ -154,6 +172,8 @@ pub struct SqliteStore {
     /// Set when a write transaction failed, cleared by the next commit: the health
     /// check then tries a write instead of trusting a read.
     write_failed: Arc<AtomicBool>,
+    /// The writes of the API, made in groups on the writer connection.
+    group: group::Group,
 }
 
 /// An explicit transaction on the writer connection (see the module docs).
@@ -164,6 +184,24 @@ struct WriteTx {
 }
 
 impl WriteTx {
+    /// Starts a write transaction on `conn`, the writer connection, taking SQLite's
+    /// write lock.
+    async fn begin(
+        conn: PoolConnection<Sqlite>,
+        write_failed: Arc<AtomicBool>,
+    ) -> StoreResult<Self> {
+        let mut tx = WriteTx {
+            conn,
+            done: false,
+            write_failed,
+        };
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(tx.conn())
+            .await
+            .map_err(map_err)?;
+        Ok(tx)
+    }
+
     fn conn(&mut self) -> &mut SqliteConnection {
         &mut self.conn
     }
@@ -257,10 +295,13 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(map_err)?;
+        let write_failed = Arc::<AtomicBool>::default();
+        let group = group::Group::start(writer.clone(), write_failed.clone());
         Ok(Self {
             reader,
             writer,
-            write_failed: Arc::default(),
+            write_failed,
+            group,
         })
     }
 
@@ -298,44 +339,14 @@ impl SqliteStore {
     /// Starts a write transaction on the writer connection, taking SQLite's write lock.
     async fn begin(&self) -> StoreResult<WriteTx> {
         let conn = self.writer.acquire().await.map_err(map_err)?;
-        let mut tx = WriteTx {
-            conn,
-            done: false,
-            write_failed: self.write_failed.clone(),
-        };
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(tx.conn())
-            .await
-            .map_err(map_err)?;
-        Ok(tx)
-    }
-
-    async fn replace_attributes(tx: &mut WriteTx, twin: &Twin) -> StoreResult<()> {
-        sqlx::query(sql::DELETE_ATTRIBUTES)
-            .bind(&twin.id)
-            .execute(tx.conn())
-            .await
-            .map_err(map_err)?;
-        let Some(def) = twin.current_definition() else {
-            return Ok(());
-        };
-        for attr in &def.attributes {
-            sqlx::query(sql::INSERT_ATTRIBUTE)
-                .bind(&twin.id)
-                .bind(&attr.channel)
-                .bind(&attr.subtopic)
-                .execute(tx.conn())
-                .await
-                .map_err(map_err)?;
-        }
-        Ok(())
+        WriteTx::begin(conn, self.write_failed.clone()).await
     }
 }
 
 impl SqliteStore {
     /// Records `events` in the outbox inside `tx`, in their order.
     async fn record<'a>(
-        tx: &mut WriteTx,
+        conn: &mut SqliteConnection,
         events: impl IntoIterator<Item = &'a OutboxEvent>,
     ) -> StoreResult<()> {
         let (ids, owners, payloads) = sql::outbox_columns(events)?;
@@ -355,7 +366,7 @@ impl SqliteStore {
              FROM json_each(?) ORDER BY key",
         )
         .bind(to_json(&rows)?)
-        .execute(tx.conn())
+        .execute(conn)
         .await
         .map_err(map_err)?;
         Ok(())
@@ -387,13 +398,22 @@ impl OutboxRepository for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM feed_outbox WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(to_json(&ids)?)
-            .execute(tx.conn())
+        let ids = to_json(&ids)?;
+        self.group
+            .write(move |conn| {
+                let ids = ids.clone();
+                Box::pin(async move {
+                    sqlx::query(
+                        "DELETE FROM feed_outbox WHERE id IN (SELECT value FROM json_each(?))",
+                    )
+                    .bind(ids)
+                    .execute(conn)
+                    .await
+                    .map_err(map_err)?;
+                    Ok(())
+                })
+            })
             .await
-            .map_err(map_err)?;
-        tx.commit().await
     }
 
     async fn backlog(&self) -> StoreResult<u64> {
@@ -493,25 +513,65 @@ const LIST_FILTER: &str = "owner = ?1
         )
     ))";
 
+/// A twin write's inputs, owned by its queued write (which may run more than once).
+struct TwinWrite {
+    twin: Twin,
+    definitions: String,
+    metadata: String,
+    events: Vec<OutboxEvent>,
+}
+
+impl TwinWrite {
+    fn of(twin: &Twin, events: &[OutboxEvent]) -> StoreResult<Self> {
+        Ok(Self {
+            twin: twin.clone(),
+            definitions: to_json(&twin.definitions)?,
+            metadata: to_json(&twin.metadata)?,
+            events: events.to_vec(),
+        })
+    }
+}
+
+/// A document write's inputs, as [`TwinWrite`].
+struct DocWrite {
+    twin_id: String,
+    name: String,
+    version: i64,
+    updated: i64,
+    data: String,
+    expected: Option<i64>,
+    op: &'static str,
+    by_kind: String,
+    by_id: String,
+    oldest_kept: i64,
+    events: Vec<OutboxEvent>,
+}
+
 #[async_trait]
 impl TwinRepository for SqliteStore {
     async fn save_recorded(&self, twin: &Twin, events: &[OutboxEvent]) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(sql::INSERT_TWIN)
-            .bind(&twin.id)
-            .bind(&twin.owner)
-            .bind(&twin.name)
-            .bind(twin.revision)
-            .bind(to_nanos(&twin.created))
-            .bind(to_nanos(&twin.updated))
-            .bind(to_json(&twin.definitions)?)
-            .bind(to_json(&twin.metadata)?)
-            .execute(tx.conn())
+        let write = Arc::new(TwinWrite::of(twin, events)?);
+        self.group
+            .write(move |conn| {
+                let w = write.clone();
+                Box::pin(async move {
+                    let twin = &w.twin;
+                    sqlx::query(sql::INSERT_TWIN)
+                        .bind(&twin.id)
+                        .bind(&twin.owner)
+                        .bind(&twin.name)
+                        .bind(twin.revision)
+                        .bind(to_nanos(&twin.created))
+                        .bind(to_nanos(&twin.updated))
+                        .bind(&w.definitions)
+                        .bind(&w.metadata)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    Self::record(conn, &w.events).await
+                })
+            })
             .await
-            .map_err(map_err)?;
-        Self::replace_attributes(&mut tx, twin).await?;
-        Self::record(&mut tx, events).await?;
-        tx.commit().await
     }
 
     async fn update_recorded(
@@ -520,27 +580,32 @@ impl TwinRepository for SqliteStore {
         expected_revision: i64,
         events: &[OutboxEvent],
     ) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(sql::UPDATE_TWIN)
-            .bind(&twin.name)
-            .bind(twin.revision)
-            .bind(to_nanos(&twin.updated))
-            .bind(to_json(&twin.definitions)?)
-            .bind(to_json(&twin.metadata)?)
-            .bind(&twin.id)
-            .bind(&twin.owner)
-            .bind(expected_revision)
-            .execute(tx.conn())
+        let write = Arc::new(TwinWrite::of(twin, events)?);
+        self.group
+            .write(move |conn| {
+                let w = write.clone();
+                Box::pin(async move {
+                    let twin = &w.twin;
+                    let done = sqlx::query(sql::UPDATE_TWIN)
+                        .bind(&twin.name)
+                        .bind(twin.revision)
+                        .bind(to_nanos(&twin.updated))
+                        .bind(&w.definitions)
+                        .bind(&w.metadata)
+                        .bind(&twin.id)
+                        .bind(&twin.owner)
+                        .bind(expected_revision)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    if done.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                    Self::record(conn, &w.events).await?;
+                    Ok(true)
+                })
+            })
             .await
-            .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        Self::replace_attributes(&mut tx, twin).await?;
-        Self::record(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(true)
     }
 
     async fn retrieve(&self, owner: &str, id: &str) -> StoreResult<Option<Twin>> {
@@ -591,28 +656,34 @@ impl TwinRepository for SqliteStore {
         expected_revision: Option<i64>,
         events: &[OutboxEvent],
     ) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(sql::DELETE_TWIN)
-            .bind(id)
-            .bind(owner)
-            .bind(expected_revision)
-            .execute(tx.conn())
+        let write = Arc::new((owner.to_owned(), id.to_owned(), events.to_vec()));
+        self.group
+            .write(move |conn| {
+                let w = write.clone();
+                Box::pin(async move {
+                    let (owner, id, events) = &*w;
+                    let done = sqlx::query(sql::DELETE_TWIN)
+                        .bind(id)
+                        .bind(owner)
+                        .bind(expected_revision)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    if done.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                    for stmt in sql::DELETE_TWIN_ROWS {
+                        sqlx::query(stmt)
+                            .bind(id)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(map_err)?;
+                    }
+                    Self::record(conn, events).await?;
+                    Ok(true)
+                })
+            })
             .await
-            .map_err(map_err)?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        for stmt in sql::DELETE_TWIN_ROWS {
-            sqlx::query(stmt)
-                .bind(id)
-                .execute(tx.conn())
-                .await
-                .map_err(map_err)?;
-        }
-        Self::record(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(true)
     }
 
     async fn ids_by_attribute(&self, channel: &str, subtopic: &str) -> StoreResult<Vec<String>> {
@@ -980,14 +1051,14 @@ async fn write_state(tx: &mut WriteTx, write: &Write) -> StoreResult<()> {
 impl SqliteStore {
     /// The stored version, read inside the transaction that failed to write.
     async fn document_version(
-        tx: &mut WriteTx,
+        conn: &mut SqliteConnection,
         twin_id: &str,
         name: &str,
     ) -> StoreResult<Option<i64>> {
         sqlx::query_scalar(sql::DOCUMENT_VERSION)
             .bind(twin_id)
             .bind(name)
-            .fetch_optional(tx.conn())
+            .fetch_optional(conn)
             .await
             .map_err(map_err)
     }
@@ -1015,47 +1086,62 @@ impl DocumentRepository for SqliteStore {
     }
 
     async fn write(&self, write: &DocumentWrite<'_>) -> StoreResult<Versioned> {
-        let doc = write.doc;
-        let data = to_json(&doc.data)?;
-        let mut tx = self.begin().await?;
-        let mut query = sqlx::query(sql::document_write(write.expected))
-            .bind(&doc.twin_id)
-            .bind(&doc.document_name)
-            .bind(doc.version)
-            .bind(to_nanos(&doc.updated))
-            .bind(&data);
-        if let Some(v) = write.expected {
-            query = query.bind(v);
-        }
-        let done = query.execute(tx.conn()).await.map_err(map_err)?;
-        if done.rows_affected() != 1 {
-            let actual = Self::document_version(&mut tx, &doc.twin_id, &doc.document_name).await?;
-            tx.rollback().await?;
-            return Ok(Versioned::Stale { actual });
-        }
-        // The revision commits with the document or not at all.
-        sqlx::query(sql::PUT_REVISION)
-            .bind(&doc.twin_id)
-            .bind(&doc.document_name)
-            .bind(doc.version)
-            .bind(to_nanos(&doc.updated))
-            .bind(&data)
-            .bind(write.op.as_str())
-            .bind(write.by.kind())
-            .bind(write.by.id())
-            .execute(tx.conn())
+        let w = Arc::new(DocWrite {
+            twin_id: write.doc.twin_id.clone(),
+            name: write.doc.document_name.clone(),
+            version: write.doc.version,
+            updated: to_nanos(&write.doc.updated),
+            data: to_json(&write.doc.data)?,
+            expected: write.expected,
+            op: write.op.as_str(),
+            by_kind: write.by.kind().to_owned(),
+            by_id: write.by.id().to_owned(),
+            oldest_kept: write.oldest_kept(),
+            events: write.events.to_vec(),
+        });
+        self.group
+            .write(move |conn| {
+                let w = w.clone();
+                Box::pin(async move {
+                    let mut query = sqlx::query(sql::document_write(w.expected))
+                        .bind(&w.twin_id)
+                        .bind(&w.name)
+                        .bind(w.version)
+                        .bind(w.updated)
+                        .bind(&w.data);
+                    if let Some(v) = w.expected {
+                        query = query.bind(v);
+                    }
+                    let done = query.execute(&mut *conn).await.map_err(map_err)?;
+                    if done.rows_affected() != 1 {
+                        let actual = Self::document_version(conn, &w.twin_id, &w.name).await?;
+                        return Ok(Versioned::Stale { actual });
+                    }
+                    // The revision commits with the document or not at all.
+                    sqlx::query(sql::PUT_REVISION)
+                        .bind(&w.twin_id)
+                        .bind(&w.name)
+                        .bind(w.version)
+                        .bind(w.updated)
+                        .bind(&w.data)
+                        .bind(w.op)
+                        .bind(&w.by_kind)
+                        .bind(&w.by_id)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    sqlx::query(sql::PRUNE_REVISIONS)
+                        .bind(&w.twin_id)
+                        .bind(&w.name)
+                        .bind(w.oldest_kept)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    Self::record(conn, &w.events).await?;
+                    Ok(Versioned::Done)
+                })
+            })
             .await
-            .map_err(map_err)?;
-        sqlx::query(sql::PRUNE_REVISIONS)
-            .bind(&doc.twin_id)
-            .bind(&doc.document_name)
-            .bind(write.oldest_kept())
-            .execute(tx.conn())
-            .await
-            .map_err(map_err)?;
-        Self::record(&mut tx, write.events).await?;
-        tx.commit().await?;
-        Ok(Versioned::Done)
     }
 
     async fn delete_recorded(
@@ -1065,28 +1151,34 @@ impl DocumentRepository for SqliteStore {
         expected: Option<i64>,
         events: &[OutboxEvent],
     ) -> StoreResult<Versioned> {
-        let mut tx = self.begin().await?;
-        let done = sqlx::query(sql::DELETE_DOCUMENT)
-            .bind(twin_id)
-            .bind(name)
-            .bind(expected)
-            .execute(tx.conn())
+        let write = Arc::new((twin_id.to_owned(), name.to_owned(), events.to_vec()));
+        self.group
+            .write(move |conn| {
+                let w = write.clone();
+                Box::pin(async move {
+                    let (twin_id, name, events) = &*w;
+                    let done = sqlx::query(sql::DELETE_DOCUMENT)
+                        .bind(twin_id)
+                        .bind(name)
+                        .bind(expected)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(map_err)?;
+                    if done.rows_affected() == 1 {
+                        sqlx::query(sql::DELETE_REVISIONS)
+                            .bind(twin_id)
+                            .bind(name)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(map_err)?;
+                        Self::record(conn, events).await?;
+                        return Ok(Versioned::Done);
+                    }
+                    let actual = Self::document_version(conn, twin_id, name).await?;
+                    Ok(Versioned::Stale { actual })
+                })
+            })
             .await
-            .map_err(map_err)?;
-        if done.rows_affected() == 1 {
-            sqlx::query(sql::DELETE_REVISIONS)
-                .bind(twin_id)
-                .bind(name)
-                .execute(tx.conn())
-                .await
-                .map_err(map_err)?;
-            Self::record(&mut tx, events).await?;
-            tx.commit().await?;
-            return Ok(Versioned::Done);
-        }
-        let actual = Self::document_version(&mut tx, twin_id, name).await?;
-        tx.rollback().await?;
-        Ok(Versioned::Stale { actual })
     }
 
     async fn versions(
@@ -1172,6 +1264,72 @@ impl HealthCheck for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::twin::{Attribute, Definition};
+
+    /// The attributes the lookup by channel and subtopic reads follow the twin's
+    /// current definition through creation, an update that keeps the definitions and
+    /// one that adds a definition.
+    #[tokio::test]
+    async fn attributes_follow_the_current_definition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db").display().to_string())
+            .await
+            .unwrap();
+        let attribute = |name: &str, channel: &str, subtopic: &str| Attribute {
+            name: name.into(),
+            channel: channel.into(),
+            subtopic: subtopic.into(),
+            persist_state: true,
+            record: None,
+        };
+        let definition = |id: i64, attributes: Vec<Attribute>| Definition {
+            id,
+            created: Utc::now(),
+            attributes,
+            delta: 1,
+        };
+        let now = Utc::now();
+        let mut twin = Twin {
+            owner: "o".into(),
+            id: "t1".into(),
+            name: "n".into(),
+            revision: 0,
+            created: now,
+            updated: now,
+            definitions: vec![definition(
+                0,
+                vec![attribute("a", "c1", ""), attribute("b", "c2", "s")],
+            )],
+            metadata: Default::default(),
+        };
+        let ids = |channel: &'static str, subtopic: &'static str| {
+            let store = &store;
+            async move { store.ids_by_attribute(channel, subtopic).await.unwrap() }
+        };
+        store.save_recorded(&twin, &[]).await.unwrap();
+        assert_eq!(ids("c1", "").await, ["t1"]);
+        assert_eq!(ids("c2", "s").await, ["t1"]);
+        assert!(ids("c2", "").await.is_empty());
+
+        twin.name = "renamed".into();
+        twin.revision = 1;
+        assert!(store.update_recorded(&twin, 0, &[]).await.unwrap());
+        assert_eq!(ids("c1", "").await, ["t1"]);
+        assert_eq!(ids("c2", "s").await, ["t1"]);
+
+        twin.definitions
+            .push(definition(1, vec![attribute("a", "c3", "x")]));
+        twin.revision = 2;
+        assert!(store.update_recorded(&twin, 1, &[]).await.unwrap());
+        assert!(ids("c1", "").await.is_empty());
+        assert!(ids("c2", "s").await.is_empty());
+        assert_eq!(ids("c3", "x").await, ["t1"]);
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM twin_attributes")
+            .fetch_one(&store.reader)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
 
     /// The history and retention statements read a twin's states through an index and
     /// never walk them all: SQLite's own plan of each says which index it searches.
