@@ -407,14 +407,21 @@ impl Ingestor {
 }
 
 /// Runs `work`, telling the server every [`PROGRESS`] that the batch is still being
-/// worked on, so it is not redelivered meanwhile.
+/// worked on, so it is not redelivered meanwhile, and logging that it still is (a store
+/// that stopped answering shows in the log, not only as silence).
 async fn keep_while<T>(work: impl Future<Output = T>, batch: &[Fetched]) -> T {
     let mut work = std::pin::pin!(work);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS, PROGRESS);
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval_at(started + PROGRESS, PROGRESS);
     loop {
         tokio::select! {
             out = &mut work => return out,
             _ = tick.tick() => {
+                tracing::warn!(
+                    messages = batch.len(),
+                    running = ?started.elapsed(),
+                    "batch still being applied: the store is slow or does not answer"
+                );
                 futures::future::join_all(batch.iter().map(|(m, _)| m.ack_with(AckKind::Progress))).await;
             }
         }
