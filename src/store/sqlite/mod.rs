@@ -68,15 +68,21 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS twin_attributes_twin ON twin_attributes (twin_id)",
     // The attributes follow the definitions inside the statement that writes them: no
     // statement of its own per write (each is a hop to the connection's thread), and
-    // none at all when an update leaves the definitions as they were.
-    "CREATE TRIGGER IF NOT EXISTS twin_attributes_of_new_twin AFTER INSERT ON twins BEGIN
+    // none at all when an update leaves the definitions as they were. Definitions that
+    // are not JSON (written behind the service's back) leave the attributes as they
+    // were rather than fail the write; reading such a twin is an internal error.
+    // (Triggers of the same job without the JSON check, from a development version.)
+    "DROP TRIGGER IF EXISTS twin_attributes_of_new_twin",
+    "DROP TRIGGER IF EXISTS twin_attributes_of_new_definition",
+    "CREATE TRIGGER IF NOT EXISTS twin_attributes_on_insert AFTER INSERT ON twins
+    WHEN json_valid(new.definitions) BEGIN
         INSERT INTO twin_attributes (twin_id, channel, subtopic)
         SELECT new.id, json_extract(a.value, '$.channel'),
             coalesce(json_extract(a.value, '$.subtopic'), '')
         FROM json_each(new.definitions, '$[#-1].attributes') AS a;
     END",
-    "CREATE TRIGGER IF NOT EXISTS twin_attributes_of_new_definition
-    AFTER UPDATE OF definitions ON twins WHEN old.definitions IS NOT new.definitions BEGIN
+    "CREATE TRIGGER IF NOT EXISTS twin_attributes_on_update AFTER UPDATE OF definitions ON twins
+    WHEN old.definitions IS NOT new.definitions AND json_valid(new.definitions) BEGIN
         DELETE FROM twin_attributes WHERE twin_id = new.id;
         INSERT INTO twin_attributes (twin_id, channel, subtopic)
         SELECT new.id, json_extract(a.value, '$.channel'),
