@@ -13,7 +13,7 @@
 //! transaction without it: a write never fails because of another one.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
@@ -161,7 +161,10 @@ async fn make(
             }
             Some(i) => {
                 // Nothing of the group is kept: a rollback that fails closes the
-                // connection (the next transaction gets a fresh one).
+                // connection (the next transaction gets a fresh one). As after any
+                // failed write, the health check tries a write until one succeeds (a
+                // full disk fails writes, not reads).
+                write_failed.store(true, Ordering::Relaxed);
                 let _ = tx.rollback().await;
                 group.remove(i).answer(Ok(()));
             }
@@ -262,5 +265,21 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 1 + 5 * 199);
+    }
+
+    /// A failed write makes the health check try a write, as a failed transaction did
+    /// before writes were grouped; the next commit clears that.
+    #[tokio::test]
+    async fn a_failed_write_is_reported_until_a_commit_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _reader) = pools(dir.path()).await;
+        let failed = Arc::<AtomicBool>::default();
+        let group = Group::start(writer, failed.clone());
+        insert(&group, "k".into()).await.unwrap();
+        assert!(!failed.load(Ordering::Relaxed));
+        assert!(insert(&group, "k".into()).await.is_err());
+        assert!(failed.load(Ordering::Relaxed));
+        insert(&group, "other".into()).await.unwrap();
+        assert!(!failed.load(Ordering::Relaxed));
     }
 }
