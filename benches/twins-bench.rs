@@ -1416,7 +1416,8 @@ const HISTORY_STEP_MS: i64 = 10;
 async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc, DateTimeUtc)> {
     let last = now_millis();
     let first = last - chrono::Duration::milliseconds(HISTORY_STEP_MS * (n as i64 - 1));
-    let mut writes = Vec::with_capacity(STORE_BATCH * 8);
+    let per_step = STORE_BATCH * 8;
+    let mut writes = Vec::with_capacity(per_step);
     for id in 0..n as i64 {
         writes.push(SeqWrite {
             seq: 0,
@@ -1437,7 +1438,8 @@ async fn fill_history(store: &Store, twin: &Twin, n: usize) -> Res<(DateTimeUtc,
                 .collect(),
             }),
         });
-        if writes.len() == writes.capacity() || id + 1 == n as i64 {
+        // Not `capacity()`: taking the writes below leaves an empty vector behind.
+        if writes.len() == per_step || id + 1 == n as i64 {
             let twins = vec![TwinWrites {
                 twin_id: twin.id.clone(),
                 expected_seq: 0,
