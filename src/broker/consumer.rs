@@ -185,7 +185,7 @@ impl Ingestor {
             ttl: self.lease,
             start,
         };
-        let Some(mut position) = self.log.lease(&lease).await? else {
+        let Some(mut position) = self.take_lease(&lease).await? else {
             return Ok(End::Standby);
         };
         self.ingest.reset();
@@ -230,7 +230,7 @@ impl Ingestor {
                     return Ok(End::Shutdown);
                 }
                 _ = renew.tick() => {
-                    if self.log.lease(&lease).await?.is_none() {
+                    if self.take_lease(&lease).await?.is_none() {
                         return Ok(End::Resync("lease lost"));
                     }
                     continue;
@@ -286,6 +286,21 @@ impl Ingestor {
                     return Ok(End::Shutdown);
                 }
             }
+        }
+    }
+
+    /// Takes or renews the group's lease. A store that does not answer within the
+    /// lease's own duration fails the session (logged, then retried): by then the
+    /// lease may have passed to another instance, and a session must not wait on it
+    /// silently.
+    async fn take_lease(&self, lease: &Lease) -> Result<Option<u64>, BoxError> {
+        match tokio::time::timeout(self.lease, self.log.lease(lease)).await {
+            Ok(taken) => Ok(taken?),
+            Err(_) => Err(format!(
+                "the store did not answer the ingestion lease within {:?}",
+                self.lease
+            )
+            .into()),
         }
     }
 
@@ -499,5 +514,104 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::service::fakes::Memory;
+    use crate::service::ingest::{BatchReport, SetAside};
+    use crate::store::{IngestCursor, IngestStep, StoreResult};
+
+    /// The ingestion log of the in-memory store, whose lease calls after the first one
+    /// never answer (a store connection that went silent).
+    struct SilentAfterFirstLease {
+        inner: Arc<Memory>,
+        leases: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl IngestRepository for SilentAfterFirstLease {
+        async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>> {
+            if self.leases.fetch_add(1, Ordering::SeqCst) > 0 {
+                std::future::pending::<()>().await;
+            }
+            self.inner.lease(lease).await
+        }
+
+        async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
+            self.inner.release(group, holder).await
+        }
+
+        async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+            self.inner.cursor(twin_id).await
+        }
+
+        async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
+            self.inner.apply(step).await
+        }
+
+        async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
+            self.inner.rewind(group, from, to).await
+        }
+    }
+
+    /// Applies nothing: the messages other tests publish on the shared stream are not
+    /// this test's concern.
+    struct Nothing;
+
+    #[async_trait]
+    impl Ingest for Nothing {
+        async fn apply(&self, _: &Batch<'_>, _: &dyn SetAside) -> Result<BatchReport, IngestError> {
+            Ok(BatchReport::default())
+        }
+
+        fn reset(&self) {}
+    }
+
+    /// A lease renewal the store never answers ends the session with an error, within
+    /// about the lease's duration, instead of holding ingestion without a word.
+    #[tokio::test]
+    async fn a_lease_renewal_that_never_answers_ends_the_session() {
+        let nats = async_nats::connect("nats://127.0.0.1:4222")
+            .await
+            .expect("the test broker at 127.0.0.1:4222");
+        let js = jetstream::new(nats);
+        let group = format!("test-lease-{}", uuid::Uuid::new_v4().simple());
+        let log = Arc::new(SilentAfterFirstLease {
+            inner: Memory::new(),
+            leases: AtomicUsize::new(0),
+        });
+        let ingestor = Ingestor {
+            js: js.clone(),
+            group: group.clone(),
+            holder: "holder".into(),
+            lease: Duration::from_millis(900),
+            ingest: Arc::new(Nothing),
+            log: log.clone(),
+            inband: None,
+            own_channel: None,
+        };
+        let stop = CancellationToken::new();
+        let ended = tokio::time::timeout(Duration::from_secs(20), ingestor.session(&stop)).await;
+        if let Ok(stream) = js.get_stream(STREAM).await {
+            let _ = stream.delete_consumer(&group).await;
+        }
+        let ended = ended.expect("the session still waits on the silent lease renewal");
+        let error = match ended {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("the session ended without an error"),
+        };
+        assert!(error.contains("did not answer"), "{error}");
+        assert_eq!(
+            log.leases.load(Ordering::SeqCst),
+            2,
+            "taken once, renewed once"
+        );
     }
 }

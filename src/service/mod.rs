@@ -25,7 +25,7 @@ pub mod traced;
 pub mod twins;
 
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 #[cfg(test)]
 #[path = "tests/mod.rs"]
 mod use_case_tests;
