@@ -91,6 +91,12 @@ pub async fn serve(
                     continue;
                 };
                 cap_log.accepted(slots.available_permits());
+                // Each response, and each event of a change feed stream, is written
+                // at once rather than held back until the client acknowledges the
+                // previous write (Nagle's algorithm against delayed ACKs: up to 40 ms).
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, %addr, "TCP_NODELAY not set");
+                }
                 let connection = Connection {
                     addr,
                     router: router.clone(),
