@@ -36,7 +36,7 @@ use crate::service::ingest::{Ingest, IngestService};
 use crate::service::lookup::{CacheMaintaining, TwinLookup};
 use crate::service::metered::Metered;
 use crate::service::notify::{Notifying, Publish};
-use crate::service::outbox::{HoldAt, Relay, RelaySettings};
+use crate::service::outbox::{HEAD_EVERY, HoldAt, Relay, RelaySettings};
 use crate::service::retention::Retention;
 use crate::service::traced::Traced;
 use crate::service::twins::{Twins, TwinsService};
@@ -416,6 +416,7 @@ impl Application {
                 lease_ttl: config.ingest_lease,
                 batch: FEED_RELAY_BATCH,
                 idle: FEED_RELAY_IDLE,
+                head_every: HEAD_EVERY,
                 hold_at: std::env::var(HOLD_VAR).ok().and_then(|v| HoldAt::parse(&v)),
             },
         )

@@ -122,6 +122,23 @@ macro_rules! every_backend {
 
 conformance_cases!(every_backend);
 
+/// SQLite's ingestion steps hand their outbox entries over to the relay of the process
+/// once they commit: exactly the entries the outbox holds, same ids, message ids,
+/// owners and payloads, and none of a twin the step refused.
+#[tokio::test]
+async fn sqlite_hands_over_the_entries_its_steps_record() {
+    let dir = tempfile::tempdir().unwrap();
+    backend::run(Backend::Sqlite, async {
+        let store = backend::store(dir.path()).await;
+        outbox_records_state_events_of_the_twins_applied_only(&store).await;
+        let entries = store.outbox.pending(1_000).await.unwrap();
+        assert_eq!(entries.len(), 3);
+        let handed = store.recorded.take_after(entries[0].id - 1, 1_000);
+        assert_eq!(handed, entries);
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Fixtures
 

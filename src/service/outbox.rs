@@ -113,6 +113,10 @@ pub struct RelaySettings {
     /// Pause after relaying less than a batch, and the first pause at an empty outbox
     /// (doubled, up to 100 ms, while it stays empty).
     pub idle: Duration,
+    /// How often a read starts from the beginning of the outbox rather than after the
+    /// last entry read, for entries that committed after one with a larger id was
+    /// read ([`HEAD_EVERY`] in the service).
+    pub head_every: Duration,
     pub hold_at: Option<HoldAt>,
 }
 
@@ -124,9 +128,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// [`RelaySettings::idle`]): every look is a read of the store.
 const IDLE_MAX: Duration = Duration::from_millis(100);
 
-/// How often the relay reads from the start of the outbox rather than after the last
-/// entry it read (see [`OutboxRepository::pending_after`]).
-const HEAD_EVERY: Duration = Duration::from_millis(250);
+/// How often the service's relay reads from the start of the outbox rather than after
+/// the last entry it read (see [`OutboxRepository::pending_after`]).
+pub const HEAD_EVERY: Duration = Duration::from_millis(250);
 
 /// Moves the outbox onto the stream; see the module docs.
 ///
@@ -315,13 +319,23 @@ impl Relay {
                             // after one with a larger id was read.
                             let head = flow
                                 .head_at
-                                .is_none_or(|at| at.elapsed() >= HEAD_EVERY);
+                                .is_none_or(|at| at.elapsed() >= self.settings.head_every);
                             flow.reading_woken = std::mem::take(&mut flow.woken);
+                            // What this process's steps handed over right after the
+                            // last entry read is what a read would find first.
+                            let handed = if head {
+                                Vec::new()
+                            } else {
+                                self.recorded.take_after(flow.last, room)
+                            };
                             reading = Some(if head {
                                 flow.head_at = Some(tokio::time::Instant::now());
                                 flow.limit = room + flow.seen.len();
                                 let limit = flow.limit;
                                 Box::pin(async move { outbox.pending(limit).await })
+                            } else if !handed.is_empty() {
+                                flow.limit = room;
+                                Box::pin(std::future::ready(Ok(handed)))
                             } else {
                                 flow.limit = room;
                                 let after = flow.last;
@@ -674,6 +688,7 @@ mod tests {
                 lease_ttl: Duration::from_secs(60),
                 batch: 2,
                 idle: Duration::from_millis(1),
+                head_every: HEAD_EVERY,
                 hold_at: None,
             },
         )
@@ -835,6 +850,139 @@ mod tests {
         .await;
         until_empty(&db).await;
         running.stop().await;
+    }
+
+    /// Counts the reads of the outbox it wraps; once `frozen`, a read never answers.
+    struct Freezable {
+        inner: Arc<dyn OutboxRepository>,
+        frozen: std::sync::atomic::AtomicBool,
+    }
+
+    impl Freezable {
+        async fn wait_if_frozen(&self) {
+            if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl OutboxRepository for Freezable {
+        async fn pending(&self, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.wait_if_frozen().await;
+            self.inner.pending(limit).await
+        }
+        async fn pending_after(&self, after: i64, limit: usize) -> StoreResult<Vec<OutboxEntry>> {
+            self.wait_if_frozen().await;
+            self.inner.pending_after(after, limit).await
+        }
+        async fn relayed(&self, ids: &[i64]) -> StoreResult<()> {
+            self.inner.relayed(ids).await
+        }
+        async fn backlog(&self) -> StoreResult<u64> {
+            self.inner.backlog().await
+        }
+    }
+
+    /// A relay over `db` whose reads can be frozen, woken by `recorded`, reading only
+    /// when rung (its looks and its reads from the start an hour apart); with the
+    /// events of `first` recorded and published.
+    async fn rung_relay(
+        db: &Arc<Memory>,
+        publisher: &Arc<Recording>,
+        recorded: &Recorded,
+        first: &[OutboxEvent],
+    ) -> (Running, Arc<Freezable>) {
+        let reads = Arc::new(Freezable {
+            inner: db.store().outbox,
+            frozen: Default::default(),
+        });
+        let mut relay = relay(db, publisher.clone(), "a").woken_by(recorded.clone());
+        relay.outbox = reads.clone();
+        relay.settings.idle = Duration::from_secs(3600);
+        relay.settings.head_every = Duration::from_secs(3600);
+        record(db, first).await;
+        let running = Running::start(relay);
+        until("the first events published", || {
+            publisher.published().len() == first.len()
+        })
+        .await;
+        until_empty(db).await;
+        (running, reads)
+    }
+
+    /// The entries of `events`, recorded after the entry `last`, as the outbox holds
+    /// them.
+    async fn recorded_after(
+        db: &Arc<Memory>,
+        last: i64,
+        events: &[OutboxEvent],
+    ) -> Vec<OutboxEntry> {
+        record(db, events).await;
+        let entries = db.store().outbox.pending_after(last, 100).await.unwrap();
+        assert_eq!(entries.len(), events.len());
+        entries
+    }
+
+    /// Waits until `want` is published (in any order: acknowledgements of different
+    /// twins come back in any order) and the outbox is empty, then stops the relay.
+    async fn all_published(
+        db: &Arc<Memory>,
+        publisher: &Recording,
+        running: Running,
+        mut want: Vec<OutboxEvent>,
+    ) {
+        until("every event published", || {
+            publisher.published().len() >= want.len()
+        })
+        .await;
+        let mut got = publisher.published();
+        got.sort_by(|a, b| a.msg_id.cmp(&b.msg_id));
+        want.sort_by(|a, b| a.msg_id.cmp(&b.msg_id));
+        assert_eq!(got, want);
+        until_empty(db).await;
+        running.stop().await;
+    }
+
+    /// A relay that published a first event is rung with two more events recorded,
+    /// of which `handed` picks those handed over; once the first is published, its
+    /// reads never answer when `frozen`. Every event is published once.
+    async fn hand_over_after_a_first_event(
+        frozen: bool,
+        handed: fn(Vec<OutboxEntry>) -> Vec<OutboxEntry>,
+    ) {
+        let db = Memory::new();
+        let publisher = Arc::new(Recording::default());
+        let recorded = Recorded::default();
+        let first = [event("t", 0)];
+        let (running, reads) = rung_relay(&db, &publisher, &recorded, &first).await;
+        reads
+            .frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+        let next = [event("u", 1), event("v", 2)];
+        let entries = recorded_after(&db, 0, &next).await;
+        recorded.hand_over(handed(entries));
+        recorded.ring();
+        all_published(
+            &db,
+            &publisher,
+            running,
+            [first.to_vec(), next.to_vec()].concat(),
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn entries_handed_over_right_after_the_last_read_are_published_without_a_read() {
+        // Reads never answer: what gets published was handed over.
+        hand_over_after_a_first_event(true, |entries| entries).await;
+    }
+
+    #[tokio::test]
+    async fn entries_handed_over_after_a_gap_are_read_in_order_instead() {
+        // Only the second handed over (as when a write that hands nothing over
+        // committed in between): publishing it first would pass over the other one.
+        hand_over_after_a_first_event(false, |entries| entries[1..].to_vec()).await;
     }
 
     #[tokio::test]

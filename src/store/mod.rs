@@ -13,8 +13,8 @@ pub mod sqlite;
 pub mod traced;
 pub mod transfer;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -615,19 +615,61 @@ pub struct Store {
 /// Tells the change feed relay of this process that a write recorded events, so that
 /// it reads the outbox at once rather than at its next look. Writes of other
 /// processes are found by the looks alone.
+///
+/// A store that knows the ids its step gave the events it recorded also hands the
+/// entries over ([`Recorded::hand_over`]) once the step committed: the relay takes them
+/// instead of reading them back when they follow the last entry it read with no id
+/// between ([`Recorded::take_after`]); otherwise it reads the outbox as before. At
+/// most [`HANDED_MAX`] entries wait; older ones are dropped (the outbox holds them).
 #[derive(Clone, Default)]
-pub struct Recorded(Arc<tokio::sync::Notify>);
+pub struct Recorded {
+    ring: Arc<tokio::sync::Notify>,
+    handed: Arc<std::sync::Mutex<VecDeque<OutboxEntry>>>,
+}
+
+/// Most entries handed over and not yet taken.
+pub const HANDED_MAX: usize = 4096;
 
 impl Recorded {
     /// After a write that recorded events has committed. Rings left unheard while the
     /// relay is busy fold into one.
     pub fn ring(&self) {
-        self.0.notify_one();
+        self.ring.notify_one();
     }
 
     /// Completes at the next ring, or at once when one came since the last.
     pub async fn rung(&self) {
-        self.0.notified().await;
+        self.ring.notified().await;
+    }
+
+    /// Hands over the entries a committed step recorded, in id order; does not ring.
+    pub fn hand_over(&self, entries: Vec<OutboxEntry>) {
+        let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+        // A step whose ids do not follow what waits leaves a gap the relay must read
+        // anyway: what waits before it is of no use.
+        if let (Some(last), Some(first)) = (handed.back(), entries.first())
+            && first.id != last.id + 1
+        {
+            handed.clear();
+        }
+        handed.extend(entries);
+        let over = handed.len().saturating_sub(HANDED_MAX);
+        handed.drain(..over);
+    }
+
+    /// Up to `max` handed-over entries that follow `last` without a gap, in id order;
+    /// empty when the first waiting entry after `last` does not have id `last + 1`
+    /// (the relay then reads the outbox). Entries at or below `last` are dropped.
+    pub fn take_after(&self, last: i64, max: usize) -> Vec<OutboxEntry> {
+        let mut handed = self.handed.lock().unwrap_or_else(PoisonError::into_inner);
+        while handed.front().is_some_and(|e| e.id <= last) {
+            handed.pop_front();
+        }
+        if handed.front().is_none_or(|e| e.id != last + 1) {
+            return Vec::new();
+        }
+        let n = max.min(handed.len());
+        handed.drain(..n).collect()
     }
 }
 
@@ -698,7 +740,10 @@ impl Store {
     pub async fn connect_with(url: &str, pool_size: u32) -> Result<Self, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             let s = Arc::new(sqlite::SqliteStore::open(path).await?);
-            return Ok(Self::of_backend(s));
+            let recorded = s.recorded();
+            let mut store = Self::of_backend(s);
+            store.recorded = recorded;
+            return Ok(store);
         }
         if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
             let s = Arc::new(mongo::MongoStore::connect(url).await?);
@@ -721,6 +766,47 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(id: i64) -> OutboxEntry {
+        OutboxEntry {
+            id,
+            msg_id: format!("m{id}"),
+            owner: "o".into(),
+            twin_id: "t".into(),
+            kind: EventKind::StateCreated,
+            payload: "{}".into(),
+        }
+    }
+
+    fn ids(entries: Vec<OutboxEntry>) -> Vec<i64> {
+        entries.into_iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn handed_over_entries_are_taken_only_right_after_the_last_read_and_bounded() {
+        let r = Recorded::default();
+        r.hand_over((1..=3).map(entry).collect());
+        assert!(
+            r.take_after(5, 10).is_empty(),
+            "entries read already are dropped"
+        );
+        r.hand_over((6..=9).map(entry).collect());
+        assert!(r.take_after(4, 10).is_empty(), "6 does not follow 4");
+        assert_eq!(ids(r.take_after(5, 2)), [6, 7]);
+        assert_eq!(ids(r.take_after(7, 10)), [8, 9]);
+        // A step that does not follow what waits makes it useless: dropped.
+        r.hand_over(vec![entry(10)]);
+        r.hand_over(vec![entry(12)]);
+        assert!(r.take_after(9, 10).is_empty());
+        assert_eq!(ids(r.take_after(11, 10)), [12]);
+        // At most HANDED_MAX wait: the oldest go.
+        let n = HANDED_MAX as i64 + 5;
+        r.hand_over((13..13 + n).map(entry).collect());
+        assert!(r.take_after(12, usize::MAX).is_empty());
+        let kept = ids(r.take_after(17, usize::MAX));
+        assert_eq!(kept.len(), HANDED_MAX);
+        assert_eq!(kept.first(), Some(&18));
+    }
 
     #[test]
     fn an_outbox_entry_is_published_as_stored_and_decodes_to_its_event() {

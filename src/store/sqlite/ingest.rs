@@ -178,7 +178,7 @@ impl IngestRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         }
-        Self::record(tx.conn(), events).await?;
+        let recorded = Self::record_entries(tx.conn(), events).await?;
         for (twin_id, b) in breaks {
             sqlx::query(super::STATE_BREAKS[0])
                 .bind(twin_id)
@@ -188,6 +188,7 @@ impl IngestRepository for SqliteStore {
                 .map_err(map_err)?;
         }
         tx.commit().await?;
+        self.recorded.hand_over(recorded);
         Ok(Applied::Done { conflicts })
     }
 

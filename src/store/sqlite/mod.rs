@@ -34,7 +34,7 @@ use sqlx::{Row, Sqlite};
 use super::sql::{self, Columns};
 use super::{
     DocumentRepository, DocumentWrite, HealthCheck, OutboxEntry, OutboxEvent, OutboxRepository,
-    StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
+    Recorded, StateRepository, StoreError, StoreResult, TwinFilter, TwinRepository, Versioned,
 };
 use crate::domain::document::{Document, DocumentSummary, VersionSummary};
 use crate::domain::history::{Summary, Window};
@@ -180,6 +180,8 @@ pub struct SqliteStore {
     write_failed: Arc<AtomicBool>,
     /// The writes of the API, made in groups on the writer connection.
     group: group::Group,
+    /// Where ingestion steps hand over the outbox entries they committed.
+    recorded: Recorded,
 }
 
 /// An explicit transaction on the writer connection (see the module docs).
@@ -308,7 +310,14 @@ impl SqliteStore {
             writer,
             write_failed,
             group,
+            recorded: Recorded::default(),
         })
+    }
+
+    /// Where the store hands over the outbox entries of its ingestion steps once they
+    /// committed (see [`Recorded`]): the [`super::Store`] over it rings the same.
+    pub fn recorded(&self) -> Recorded {
+        self.recorded.clone()
     }
 
     /// Creates the table `name` where it is missing with `statements` (its creation and
@@ -355,9 +364,20 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         events: impl IntoIterator<Item = &'a OutboxEvent>,
     ) -> StoreResult<()> {
-        let (ids, owners, payloads) = sql::outbox_columns(events)?;
+        Self::record_entries(conn, events).await.map(|_| ())
+    }
+
+    /// Records `events` in the outbox and returns their entries as stored, in id order.
+    /// One statement inserts them in the order given, each with the table's next
+    /// AUTOINCREMENT id, so their ids are the last one's and those just below it.
+    async fn record_entries<'a>(
+        conn: &mut SqliteConnection,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+    ) -> StoreResult<Vec<OutboxEntry>> {
+        let events: Vec<&OutboxEvent> = events.into_iter().collect();
+        let (ids, owners, payloads) = sql::outbox_columns(events.iter().copied())?;
         if ids.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let rows: Vec<(&str, &str, &str)> = ids
             .into_iter()
@@ -365,7 +385,7 @@ impl SqliteStore {
             .zip(payloads.iter().map(String::as_str))
             .map(|((i, o), p)| (i, o, p))
             .collect();
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT INTO feed_outbox (msg_id, owner, payload)
              SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'),
                 json_extract(value, '$[2]')
@@ -375,7 +395,30 @@ impl SqliteStore {
         .execute(conn)
         .await
         .map_err(map_err)?;
-        Ok(())
+        let n = events.len() as i64;
+        if done.rows_affected() != events.len() as u64 {
+            return Err(StoreError::Internal(
+                format!(
+                    "{} outbox rows written for {n} events",
+                    done.rows_affected()
+                )
+                .into(),
+            ));
+        }
+        let first = done.last_insert_rowid() - n + 1;
+        Ok(events
+            .into_iter()
+            .zip(payloads)
+            .zip(first..)
+            .map(|((e, payload), id)| OutboxEntry {
+                id,
+                msg_id: e.msg_id.clone(),
+                owner: e.owner.clone(),
+                twin_id: e.event.twin_id.clone(),
+                kind: e.event.kind,
+                payload,
+            })
+            .collect())
     }
 }
 
