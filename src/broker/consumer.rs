@@ -290,18 +290,9 @@ impl Ingestor {
     }
 
     /// Takes or renews the group's lease. A store that does not answer within the
-    /// lease's own duration fails the session (logged, then retried): by then the
-    /// lease may have passed to another instance, and a session must not wait on it
-    /// silently.
+    /// lease's own duration fails the session (logged, then retried).
     async fn take_lease(&self, lease: &Lease) -> Result<Option<u64>, BoxError> {
-        match tokio::time::timeout(self.lease, self.log.lease(lease)).await {
-            Ok(taken) => Ok(taken?),
-            Err(_) => Err(format!(
-                "the store did not answer the ingestion lease within {:?}",
-                self.lease
-            )
-            .into()),
-        }
+        crate::store::lease_within(&*self.log, lease).await
     }
 
     /// Applies a batch (retrying what may pass) and acks it; the new position, or None
@@ -519,47 +510,11 @@ impl Drop for AbortOnDrop {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use async_trait::async_trait;
 
     use super::*;
-    use crate::service::fakes::Memory;
+    use crate::service::fakes::{Memory, SilentLease};
     use crate::service::ingest::{BatchReport, SetAside};
-    use crate::store::{IngestCursor, IngestStep, StoreResult};
-
-    /// The ingestion log of the in-memory store, whose lease calls after the first one
-    /// never answer (a store connection that went silent).
-    struct SilentAfterFirstLease {
-        inner: Arc<Memory>,
-        leases: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl IngestRepository for SilentAfterFirstLease {
-        async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>> {
-            if self.leases.fetch_add(1, Ordering::SeqCst) > 0 {
-                std::future::pending::<()>().await;
-            }
-            self.inner.lease(lease).await
-        }
-
-        async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
-            self.inner.release(group, holder).await
-        }
-
-        async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
-            self.inner.cursor(twin_id).await
-        }
-
-        async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
-            self.inner.apply(step).await
-        }
-
-        async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
-            self.inner.rewind(group, from, to).await
-        }
-    }
 
     /// Applies nothing: the messages other tests publish on the shared stream are not
     /// this test's concern.
@@ -583,10 +538,7 @@ mod tests {
             .expect("the test broker at 127.0.0.1:4222");
         let js = jetstream::new(nats);
         let group = format!("test-lease-{}", uuid::Uuid::new_v4().simple());
-        let log = Arc::new(SilentAfterFirstLease {
-            inner: Memory::new(),
-            leases: AtomicUsize::new(0),
-        });
+        let log = Arc::new(SilentLease::new(Memory::new(), 1));
         let ingestor = Ingestor {
             js: js.clone(),
             group: group.clone(),
@@ -608,10 +560,6 @@ mod tests {
             Ok(_) => panic!("the session ended without an error"),
         };
         assert!(error.contains("did not answer"), "{error}");
-        assert_eq!(
-            log.leases.load(Ordering::SeqCst),
-            2,
-            "taken once, renewed once"
-        );
+        assert_eq!(log.calls(), 2, "taken once, renewed once");
     }
 }

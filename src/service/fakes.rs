@@ -1041,3 +1041,52 @@ mod tests {
         );
     }
 }
+
+/// The ingestion log of `inner`, whose lease call number `silent` (counted from 0) never
+/// answers, as from a store connection that went silent; every other call goes through.
+pub struct SilentLease {
+    inner: Arc<Memory>,
+    calls: std::sync::atomic::AtomicUsize,
+    silent: usize,
+}
+
+impl SilentLease {
+    pub fn new(inner: Arc<Memory>, silent: usize) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            silent,
+        }
+    }
+
+    /// Lease calls made so far, the silent one included.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl IngestRepository for SilentLease {
+    async fn lease(&self, lease: &Lease) -> StoreResult<Option<u64>> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == self.silent {
+            std::future::pending::<()>().await;
+        }
+        self.inner.lease(lease).await
+    }
+
+    async fn release(&self, group: &str, holder: &str) -> StoreResult<()> {
+        self.inner.release(group, holder).await
+    }
+
+    async fn cursor(&self, twin_id: &str) -> StoreResult<IngestCursor> {
+        self.inner.cursor(twin_id).await
+    }
+
+    async fn apply(&self, step: &IngestStep) -> StoreResult<Applied> {
+        self.inner.apply(step).await
+    }
+
+    async fn rewind(&self, group: &str, from: u64, to: u64) -> StoreResult<Applied> {
+        self.inner.rewind(group, from, to).await
+    }
+}

@@ -432,7 +432,7 @@ impl Relay {
             ttl: self.settings.lease_ttl,
             start: 0,
         };
-        match self.lease.lease(&lease).await? {
+        match crate::store::lease_within(&*self.lease, &lease).await? {
             Some(_) => {
                 if flow.leased_at.is_none() {
                     tracing::info!("change feed relay started");
@@ -983,6 +983,34 @@ mod tests {
         // Only the second handed over (as when a write that hands nothing over
         // committed in between): publishing it first would pass over the other one.
         hand_over_after_a_first_event(false, |entries| entries[1..].to_vec()).await;
+    }
+
+    #[tokio::test]
+    async fn a_lease_renewal_that_never_answers_fails_and_the_relay_goes_on() {
+        let db = Memory::new();
+        let publisher = Arc::new(Recording::default());
+        // The first renewal (the second lease call) never answers.
+        let lease = Arc::new(crate::service::fakes::SilentLease::new(db.clone(), 1));
+        let mut relay = relay(&db, publisher.clone(), "a");
+        relay.lease = lease.clone();
+        relay.settings.lease_ttl = Duration::from_millis(300);
+        record(&db, &[event("t", 0)]).await;
+        let running = Running::start(relay);
+        until("the first event published", || {
+            publisher.published().len() == 1
+        })
+        .await;
+        until("the lease renewed", || lease.calls() >= 2).await;
+        // Recorded while the renewal hangs: published once it has failed and the
+        // lease is taken again.
+        record(&db, &[event("u", 1)]).await;
+        until("the second event published", || {
+            publisher.published().len() == 2
+        })
+        .await;
+        assert!(lease.calls() >= 3, "the lease taken again");
+        until_empty(&db).await;
+        running.stop().await;
     }
 
     #[tokio::test]

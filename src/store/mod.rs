@@ -612,6 +612,24 @@ pub struct Store {
     health: Arc<dyn HealthCheck>,
 }
 
+/// Takes or renews `lease` through `repo`, failing when the store does not answer
+/// within the lease's own duration: by then the lease may have passed to another
+/// holder, and its holder (ingestion, the change feed relay) must not wait on it
+/// silently.
+pub async fn lease_within(
+    repo: &dyn IngestRepository,
+    lease: &Lease,
+) -> Result<Option<u64>, crate::error::Cause> {
+    match tokio::time::timeout(lease.ttl, repo.lease(lease)).await {
+        Ok(taken) => Ok(taken?),
+        Err(_) => Err(format!(
+            "the store did not answer the lease {} within {:?}",
+            lease.group, lease.ttl
+        )
+        .into()),
+    }
+}
+
 /// Tells the change feed relay of this process that a write recorded events, so that
 /// it reads the outbox at once rather than at its next look. Writes of other
 /// processes are found by the looks alone.
