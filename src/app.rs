@@ -114,6 +114,10 @@ const METRIC_HELP: &[(&str, &str)] = &[
         "Change events recorded and not yet on the twins-events stream (set by the instance relaying).",
     ),
     (
+        crate::service::outbox::LAG,
+        "Seconds from a change event's time stamp (taken just before its change commits) to the twins-events stream's acknowledgement of it, on the instance relaying.",
+    ),
+    (
         crate::broker::inband::UNANSWERED,
         "Inband document requests left unanswered, by reason.",
     ),

@@ -123,6 +123,39 @@ async fn every_family_is_described_and_the_go_names_are_kept() {
     }
 }
 
+/// The change feed relay's lag is a histogram in seconds, with a sample once a change's
+/// event is on the stream.
+#[tokio::test]
+async fn the_feed_relay_lag_is_a_histogram_in_seconds() {
+    let app = TestApp::builder().auth(Auth::Standalone).spawn().await;
+    app.create_id(ALICE, &json!({"name": "lagging"})).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let text = loop {
+        let text = app.metrics().await;
+        let counted = text
+            .lines()
+            .find_map(|l| l.strip_prefix("twins_feed_relay_lag_seconds_count "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if counted > 0 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no relayed event counted within 15 s:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.contains("# TYPE twins_feed_relay_lag_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"twins_feed_relay_lag_seconds_bucket{le="0.005"}"#),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn promtool_finds_nothing_but_the_go_names() {
     let Some(promtool) = std::env::var("TWINS_TEST_PROMTOOL")

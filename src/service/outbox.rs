@@ -35,6 +35,15 @@ use crate::store::{
 pub const RELAYED: &str = "twins_feed_events_relayed_total";
 /// Events recorded and not yet relayed.
 pub const BACKLOG: &str = "twins_feed_outbox_backlog";
+/// Seconds from an event's time stamp to the stream's acknowledgement of it.
+pub const LAG: &str = "twins_feed_relay_lag_seconds";
+
+/// Counts an event the stream acknowledged, with its lag.
+fn count_relayed(entry: &OutboxEntry) {
+    metrics::counter!(RELAYED).increment(1);
+    let lag = (Utc::now() - entry.time).to_std().unwrap_or_default();
+    metrics::histogram!(LAG).record(lag.as_secs_f64());
+}
 
 /// The event of a change of `owner`'s twin, with the values before and after it as the
 /// API serves them.
@@ -228,7 +237,7 @@ impl Relay {
                         Ok(()) => {
                             backoff = MIN_BACKOFF;
                             flow.acked.push(entry.id);
-                            metrics::counter!(RELAYED).increment(1);
+                            count_relayed(&entry);
                             if self.settings.hold_at == Some(HoldAt::AfterPublish) {
                                 hold("feed-after-publish", flow.acked.len()).await;
                             }
@@ -373,7 +382,7 @@ impl Relay {
         while let Some((entry, published)) = inflight.next().await {
             if published.is_ok() {
                 flow.acked.push(entry.id);
-                metrics::counter!(RELAYED).increment(1);
+                count_relayed(&entry);
             }
         }
         if let Some(removal) = flow.removing.take()
@@ -852,7 +861,7 @@ mod tests {
         running.stop().await;
     }
 
-    /// Counts the reads of the outbox it wraps; once `frozen`, a read never answers.
+    /// The outbox it wraps, whose reads never answer once `frozen`.
     struct Freezable {
         inner: Arc<dyn OutboxRepository>,
         frozen: std::sync::atomic::AtomicBool,

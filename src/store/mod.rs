@@ -528,6 +528,9 @@ pub struct OutboxEntry {
     /// The event's twin and kind, read from the payload: its subject and its queue.
     pub twin_id: String,
     pub kind: EventKind,
+    /// The event's time stamp, read from the payload: the relay's lag is measured
+    /// from it.
+    pub time: DateTime<Utc>,
     /// The event's JSON as stored, the stream message's body.
     pub payload: String,
 }
@@ -540,6 +543,7 @@ impl OutboxEntry {
         struct Head {
             kind: EventKind,
             twin_id: String,
+            time: DateTime<Utc>,
         }
         let head: Head = serde_json::from_str(&payload).map_err(corrupt_entry)?;
         Ok(Self {
@@ -548,6 +552,7 @@ impl OutboxEntry {
             owner,
             twin_id: head.twin_id,
             kind: head.kind,
+            time: head.time,
             payload,
         })
     }
@@ -560,6 +565,7 @@ impl OutboxEntry {
             owner: event.owner.clone(),
             twin_id: event.event.twin_id.clone(),
             kind: event.event.kind,
+            time: event.event.time,
             payload: event.payload()?,
         })
     }
@@ -792,6 +798,7 @@ mod tests {
             owner: "o".into(),
             twin_id: "t".into(),
             kind: EventKind::StateCreated,
+            time: Utc::now(),
             payload: "{}".into(),
         }
     }
@@ -849,8 +856,8 @@ mod tests {
         assert_eq!(stored, entry);
         // The head comes from the event's own fields, not from its values'.
         assert_eq!(
-            (stored.twin_id.as_str(), stored.kind),
-            ("t", EventKind::DocumentPatched)
+            (stored.twin_id.as_str(), stored.kind, stored.time),
+            ("t", EventKind::DocumentPatched, event.event.time)
         );
         assert_eq!(stored.subject(), event.subject());
         assert_eq!(stored.event().unwrap(), event);

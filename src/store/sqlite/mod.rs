@@ -416,6 +416,7 @@ impl SqliteStore {
                 owner: e.owner.clone(),
                 twin_id: e.event.twin_id.clone(),
                 kind: e.event.kind,
+                time: e.event.time,
                 payload,
             })
             .collect())
