@@ -11,6 +11,7 @@
 //! that does not end in a commit or a clean rollback closes the writer connection; the
 //! pool opens a fresh one, known to be outside any transaction.
 
+mod checkpoint;
 mod group;
 mod ingest;
 mod transfer;
@@ -182,6 +183,8 @@ pub struct SqliteStore {
     group: group::Group,
     /// Where ingestion steps hand over the outbox entries they committed.
     recorded: Recorded,
+    /// Checkpoints the WAL in the background while the store lives.
+    _checkpointer: checkpoint::Checkpointer,
 }
 
 /// An explicit transaction on the writer connection (see the module docs).
@@ -272,8 +275,10 @@ impl SqliteStore {
             // transaction) in memory, not in temporary files: the batch statements
             // write one page copy per page they touch. Commits are unaffected.
             .pragma("temp_store", "MEMORY")
-            // Checkpoint every ~32 MiB of WAL rather than 4 MiB: ingestion batches
-            // rewrite many pages, and each checkpoint costs an fsync.
+            // The writer checkpoints once the WAL holds ~32 MiB rather than 4 MiB,
+            // after which the WAL starts again from its beginning; by then the
+            // background checkpoints (see `checkpoint`) have copied all but its last
+            // commits.
             .pragma("wal_autocheckpoint", "8192")
             .pragma("journal_size_limit", "67108864");
         let writer = SqlitePoolOptions::new()
@@ -300,17 +305,19 @@ impl SqliteStore {
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .after_connect(|conn, _| Box::pin(stable_plans(conn)))
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(map_err)?;
         let write_failed = Arc::<AtomicBool>::default();
         let group = group::Group::start(writer.clone(), write_failed.clone());
+        let checkpointer = checkpoint::Checkpointer::start(options, checkpoint::EVERY).await?;
         Ok(Self {
             reader,
             writer,
             write_failed,
             group,
             recorded: Recorded::default(),
+            _checkpointer: checkpointer,
         })
     }
 
