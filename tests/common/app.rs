@@ -781,9 +781,29 @@ impl TestApp {
     }
 }
 
+/// Log lines of each spawned process a failing test prints, the last ones.
+const LOG_TAIL: usize = 200;
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         let shared = self.own_nats.is_none();
+        if std::thread::panicking() {
+            // What the processes said last goes with the failure, so that a failure
+            // seen once in a run can be read afterwards.
+            for (i, instance) in self.instances.iter().enumerate() {
+                let lines = instance.log_lines();
+                if lines.is_empty() {
+                    continue;
+                }
+                let from = lines.len().saturating_sub(LOG_TAIL);
+                eprintln!(
+                    "instance {i}: its last {} of {} log lines:\n{}",
+                    lines.len() - from,
+                    lines.len(),
+                    lines[from..].join("\n")
+                );
+            }
+        }
         for instance in self.instances.drain(..) {
             let Run::InProcess { shutdown, task, .. } = instance.run else {
                 continue;
