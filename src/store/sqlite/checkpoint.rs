@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
-use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::map_err;
 use crate::store::StoreResult;
@@ -32,8 +32,8 @@ pub(super) const EVERY: Duration = Duration::from_millis(100);
 
 /// Runs the background checkpoints while it lives.
 pub(super) struct Checkpointer {
-    /// Dropped with the store: the task sees its channel closed and ends.
-    _alive: mpsc::Sender<()>,
+    /// Dropped with the store, which ends the task.
+    _stop: DropGuard,
 }
 
 impl Checkpointer {
@@ -46,12 +46,13 @@ impl Checkpointer {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        let (alive, mut gone) = mpsc::channel::<()>(1);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         tokio::spawn(async move {
             let mut failing = false;
             loop {
                 tokio::select! {
-                    _ = gone.recv() => break,
+                    () = stopped.cancelled() => break,
                     () = tokio::time::sleep(every) => {}
                 }
                 match checkpoint(&pool).await {
@@ -71,7 +72,9 @@ impl Checkpointer {
             }
             pool.close().await;
         });
-        Ok(Self { _alive: alive })
+        Ok(Self {
+            _stop: stop.drop_guard(),
+        })
     }
 }
 
