@@ -630,6 +630,8 @@ struct IngestRun {
     cpu_us_per_message: f64,
     /// Bytes the services had written to storage during the run, per message.
     written_bytes_per_message: f64,
+    /// When the publish of message k (value k) started.
+    published_at: Vec<Instant>,
 }
 
 /// Ingests `messages` SenML messages spread over `twins` (each on its own channel)
@@ -721,6 +723,7 @@ async fn ingest_through(
         rss_peak_kib: svcs.iter().map(Service::rss_peak_kib).max().unwrap_or(0),
         cpu_us_per_message: cpu * 1e6 / messages as f64,
         written_bytes_per_message: written as f64 / messages as f64,
+        published_at: published.iter().map(|(_, t)| *t).collect(),
     })
 }
 
@@ -1602,10 +1605,31 @@ async fn scenario_history(o: &Opts) -> Res<Value> {
 /// client.
 type Latencies = Arc<std::sync::Mutex<Vec<(chrono::DateTime<chrono::Utc>, f64)>>>;
 
-/// The part of a served event the clients read.
+/// Each event's commit `time`, the value its state holds (the number of the last
+/// message folded into it) and when it reached an SSE client.
+type Arrivals = Arc<std::sync::Mutex<Vec<(chrono::DateTime<chrono::Utc>, Option<u64>, Instant)>>>;
+
+/// The part of a served event the broker probe reads.
 #[derive(serde::Deserialize)]
 struct Stamped {
     time: chrono::DateTime<chrono::Utc>,
+}
+
+/// The parts of a served state event the clients read.
+#[derive(serde::Deserialize)]
+struct Served {
+    time: chrono::DateTime<chrono::Utc>,
+    new: Option<ServedState>,
+}
+
+#[derive(serde::Deserialize)]
+struct ServedState {
+    payload: ServedPayload,
+}
+
+#[derive(serde::Deserialize)]
+struct ServedPayload {
+    v: Option<u64>,
 }
 
 /// One SSE client following `path` until `stop`: records the latency of every event.
@@ -1613,7 +1637,7 @@ async fn sse_client(
     http: reqwest::Client,
     url: String,
     opened: Arc<AtomicU64>,
-    latencies: Latencies,
+    (latencies, arrivals): (Latencies, Arrivals),
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Res<()> {
     let mut resp = http.get(url).bearer_auth("bench").send().await?;
@@ -1630,21 +1654,25 @@ async fn sse_client(
         let Some(chunk) = chunk else {
             return Err("an SSE stream ended".into());
         };
-        let now = chrono::Utc::now();
+        let (now, arrived) = (chrono::Utc::now(), Instant::now());
         text.push_str(std::str::from_utf8(&chunk)?);
         while let Some(end) = text.find("\n\n") {
             let frame: String = text.drain(..end + 2).collect();
             let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
                 continue;
             };
-            // Only the time is read: the clients share the machine with the service.
-            let event: Stamped = serde_json::from_str(data)?;
-            {
-                let time = event.time;
-                let ms = (now - time).num_microseconds();
-                let ms = ms.unwrap_or_default() as f64 / 1000.0;
-                latencies.lock().map_err(|_| "poisoned")?.push((time, ms));
-            }
+            // Only the time and the value are read: the clients share the machine
+            // with the service.
+            let event: Served = serde_json::from_str(data)?;
+            let time = event.time;
+            let ms = (now - time).num_microseconds();
+            let ms = ms.unwrap_or_default() as f64 / 1000.0;
+            latencies.lock().map_err(|_| "poisoned")?.push((time, ms));
+            let value = event.new.and_then(|n| n.payload.v);
+            arrivals
+                .lock()
+                .map_err(|_| "poisoned")?
+                .push((time, value, arrived));
         }
     }
 }
@@ -1691,7 +1719,8 @@ async fn synthetic_events(
 }
 
 /// `--clients` SSE clients each following one twin while ingestion runs at half the rate
-/// measured without them: event latency from commit to client, and the ingest rate with
+/// measured without them: event latency from commit to client (and from the publish of
+/// the message a state event carries, ingestion included), and the ingest rate with
 /// the clients and without them (after they left, so that the store is as full). `--synthetic` publishes the change events itself instead
 /// of ingesting (the feed alone, without the relay of committed changes).
 async fn scenario_events(o: &Opts) -> Res<Value> {
@@ -1722,6 +1751,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         .build()?;
     let opened = Arc::new(AtomicU64::new(0));
     let latencies: Latencies = Arc::default();
+    let arrivals: Arrivals = Arc::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::with_capacity(clients);
     for t in twins.iter().take(clients) {
@@ -1729,7 +1759,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             http.clone(),
             format!("{}/twins/{}/events", svc.base, t.id),
             opened.clone(),
-            latencies.clone(),
+            (latencies.clone(), arrivals.clone()),
             stopped.clone(),
         )));
     }
@@ -1780,6 +1810,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             .await?;
     }
     let paced_from = chrono::Utc::now();
+    let mut published_at = Vec::new();
     let (half, sent) = match without {
         Some(rate) => {
             // Half the maximum measured just now, unless `--rate` names the rate.
@@ -1789,6 +1820,7 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             let run =
                 ingest_through(&svcs, &db, &js, &twins[..clients], n, stored, Some(half)).await?;
             stored += run.created;
+            published_at = run.published_at;
             (half, n)
         }
         None => {
@@ -1828,6 +1860,17 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         .map(|(_, ms)| ms)
         .collect();
     probe.abort();
+    // From the publish of the message whose value an event's state holds to the
+    // event's arrival: the way through ingestion too, which commit to client leaves out.
+    let mut end_to_end: Vec<f64> = std::mem::take(&mut *arrivals.lock().map_err(|_| "poisoned")?)
+        .into_iter()
+        .filter(|(time, _, _)| *time >= paced_from)
+        .filter_map(|(_, value, arrived)| {
+            let published = published_at.get(usize::try_from(value?).ok()?)?;
+            Some(arrived.saturating_duration_since(*published).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    end_to_end.sort_by(f64::total_cmp);
     let mut broker_lat: Vec<f64> = std::mem::take(&mut *at_broker.lock().map_err(|_| "poisoned")?)
         .into_iter()
         .filter(|(time, _)| *time >= paced_from)
@@ -1872,16 +1915,23 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
             lat[lat.len() - 1]
         );
     }
-    if !broker_lat.is_empty() {
-        eprintln!(
-            "  at the broker: {} events, p50 {:.1} ms, p99 {:.1} ms",
-            broker_lat.len(),
-            percentile(&broker_lat, 0.5),
-            percentile(&broker_lat, 0.99)
-        );
+    for (what, sorted) in [
+        ("at the broker", &broker_lat),
+        ("from the message's publish", &end_to_end),
+    ] {
+        if !sorted.is_empty() {
+            eprintln!(
+                "  {what}: {} events, p50 {:.1} ms, p99 {:.1} ms",
+                sorted.len(),
+                percentile(sorted, 0.5),
+                percentile(sorted, 0.99)
+            );
+        }
     }
     let ms = |p: f64| (!lat.is_empty()).then(|| round(percentile(&lat, p)));
     let at_broker_ms = |p: f64| (!broker_lat.is_empty()).then(|| round(percentile(&broker_lat, p)));
+    let end_to_end_ms =
+        |p: f64| (!end_to_end.is_empty()).then(|| round(percentile(&end_to_end, p)));
     Ok(json!({
         "scenario": "events",
         "db": db.kind(),
@@ -1895,6 +1945,8 @@ async fn scenario_events(o: &Opts) -> Res<Value> {
         "commit_to_client_max_ms": lat.last().map(|m| round(*m)),
         "commit_to_broker_p50_ms": at_broker_ms(0.5),
         "commit_to_broker_p99_ms": at_broker_ms(0.99),
+        "publish_to_client_p50_ms": end_to_end_ms(0.5),
+        "publish_to_client_p99_ms": end_to_end_ms(0.99),
         "ingest_messages_per_second_without_clients": without.map(f64::round),
         "ingest_messages_per_second_with_clients": with.map(f64::round),
         "ingest_messages_per_second_after_clients": after.map(f64::round),

@@ -122,6 +122,14 @@ macro_rules! every_backend {
 
 conformance_cases!(every_backend);
 
+// The stores that record a step's events last in its transaction.
+on_backend!(sqlite_stamps, Sqlite, step_events_are_stamped_when_recorded);
+on_backend!(
+    postgres_stamps,
+    Postgres,
+    step_events_are_stamped_when_recorded
+);
+
 /// SQLite's ingestion steps hand their outbox entries over to the relay of the process
 /// once they commit: exactly the entries the outbox holds, same ids, message ids,
 /// owners and payloads, and none of a twin the step refused.
@@ -2125,7 +2133,66 @@ async fn outbox_records_state_events_of_the_twins_applied_only(store: &Store) {
         event(BOB, "b", EventKind::StateUpdated, 4),
     ];
     assert_eq!(ingest(store, vec![stale, b.clone()]).await, vec!["a"]);
-    assert_eq!(pending(store).await, [a.events, b.events].concat());
+    let ended = Utc::now();
+    let stored = pending(store).await;
+    let given = [a.events, b.events].concat();
+    // The events as given, but for their time: the caller's stamp, or a later one the
+    // store took while the step ran (see `step_events_are_stamped_when_recorded`).
+    let unstamped = |events: &[OutboxEvent]| -> Vec<OutboxEvent> {
+        let mut events = events.to_vec();
+        for e in &mut events {
+            e.event.time = at(0);
+        }
+        events
+    };
+    assert_eq!(unstamped(&stored), unstamped(&given));
+    for (s, g) in stored.iter().zip(&given) {
+        assert!(
+            s.event.time == g.event.time || (s.event.time > g.event.time && s.event.time <= ended),
+            "{} stamped {} (given {})",
+            s.msg_id,
+            s.event.time,
+            g.event.time
+        );
+    }
+}
+
+/// A store that records a step's events last in its transaction stamps them then, not
+/// with the caller's time: every event of a step carries one time, taken while the step
+/// ran, in the outbox and in the entries handed to the relay alike.
+async fn step_events_are_stamped_when_recorded(store: &Store) {
+    let mut tw = writes(
+        "stamped",
+        0,
+        vec![
+            (Write::Insert(state("stamped", 0, json!({"v": 1}))), 1),
+            (Write::Insert(state("stamped", 1, json!({"v": 2}))), 1),
+        ],
+    );
+    // Stamped by the caller long before the step.
+    tw.events = vec![
+        event(ALICE, "stamped", EventKind::StateCreated, 1),
+        event(ALICE, "stamped", EventKind::StateCreated, 2),
+    ];
+    // The store's stamps are whole milliseconds.
+    let began = at(Utc::now().timestamp_millis());
+    assert!(ingest(store, vec![tw.clone()]).await.is_empty());
+    let ended = Utc::now();
+    let entries = store.outbox.pending(1_000).await.unwrap();
+    let stored: Vec<OutboxEvent> = entries.iter().map(|e| e.event().unwrap()).collect();
+    assert_eq!(stored.len(), 2);
+    let time = stored[0].event.time;
+    assert!(
+        began <= time && time <= ended,
+        "{began} <= {time} <= {ended}"
+    );
+    for (entry, (s, given)) in entries.iter().zip(stored.iter().zip(&tw.events)) {
+        assert_eq!(s.event.time, time);
+        assert_eq!(entry.time, time);
+        let mut restamped = given.clone();
+        restamped.event.time = time;
+        assert_eq!(*s, restamped);
+    }
 }
 
 async fn outbox_pages_in_id_order_and_forgets_what_was_relayed(store: &Store) {

@@ -137,6 +137,27 @@ impl ChangeEvent {
             "new": self.new,
         })
     }
+
+    /// The event's JSON as stored, with `time` in place of its own: a store stamps an
+    /// event when its change commits without copying its values.
+    pub fn to_json_at(&self, time: DateTime<Utc>) -> serde_json::Result<String> {
+        /// The fields of [`ChangeEvent`] in its order, borrowed.
+        #[derive(Serialize)]
+        struct At<'a> {
+            kind: EventKind,
+            twin_id: &'a str,
+            time: DateTime<Utc>,
+            old: &'a Option<Value>,
+            new: &'a Option<Value>,
+        }
+        serde_json::to_string(&At {
+            kind: self.kind,
+            twin_id: &self.twin_id,
+            time,
+            old: &self.old,
+            new: &self.new,
+        })
+    }
 }
 
 /// A change event as the stream holds it, served without decoding its values: its kind
@@ -244,6 +265,24 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), keys.len());
         assert_eq!(owner_key("a@b.c"), "YUBiLmM");
+    }
+
+    #[test]
+    fn an_event_stamped_again_is_stored_as_if_made_then() {
+        let made = |time| ChangeEvent {
+            kind: EventKind::StateUpdated,
+            twin_id: "t1".into(),
+            time,
+            old: Some(serde_json::json!({"v": 1})),
+            new: Some(serde_json::json!({"v": [2, "x"]})),
+        };
+        let (before, commit) = (
+            crate::domain::time::from_nanos(1_000_000_000),
+            crate::domain::time::from_nanos(1_250_000_000),
+        );
+        let stamped = made(before).to_json_at(commit).expect("json");
+        assert_eq!(stamped, serde_json::to_string(&made(commit)).expect("json"));
+        assert_ne!(stamped, serde_json::to_string(&made(before)).expect("json"));
     }
 
     #[test]

@@ -531,7 +531,8 @@ impl IngestService {
         mut twins: Vec<TwinWrites>,
     ) -> Result<(Result<Vec<String>, StoreError>, Vec<TwinWrites>), IngestError> {
         // The events' time is their commit's, as close to it as it can be known: just
-        // before the step is written, not when the batch was planned.
+        // before the step is written, not when the batch was planned (a store may stamp
+        // them later still, see `IngestRepository::apply`).
         let now = now_millis();
         for event in twins.iter_mut().flat_map(|tw| tw.events.iter_mut()) {
             event.event.time = now;

@@ -304,7 +304,9 @@ pub trait IngestRepository: Send + Sync {
     /// `step.from` to `step.to`. [`Applied::Fenced`] when the position was no longer
     /// `from` (another holder moved it): nothing that was not already true is claimed.
     /// A twin whose stored sequence is no longer its `expected_seq` is left untouched
-    /// and returned, for the caller to redo from a fresh cursor.
+    /// and returned, for the caller to redo from a fresh cursor. A store that records
+    /// the step's events last in its transaction stamps them with that moment, the
+    /// closest it knows to their commit; others keep the caller's stamp.
     async fn apply(&self, step: &IngestStep) -> StoreResult<Applied>;
     /// Moves the group's position back from `from` to `to` and forgets every twin's
     /// sequence: the stream was recreated and numbers its messages again from 1.
@@ -503,6 +505,13 @@ impl OutboxEvent {
     /// The event as stored on the stream.
     pub fn payload(&self) -> StoreResult<String> {
         serde_json::to_string(&self.event).map_err(|e| StoreError::Internal(e.into()))
+    }
+
+    /// [`payload`](Self::payload) stamped with `time` instead of the event's own.
+    pub fn payload_at(&self, time: DateTime<Utc>) -> StoreResult<String> {
+        self.event
+            .to_json_at(time)
+            .map_err(|e| StoreError::Internal(e.into()))
     }
 
     /// The event from a stored payload.

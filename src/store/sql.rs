@@ -7,6 +7,7 @@
 //! Both keep times as Unix nanoseconds in a 64-bit integer and JSON as text (SQLite) or
 //! `jsonb` (PostgreSQL); a row's JSON column is read through [`Columns::json`].
 
+use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
 use super::{OutboxEntry, OutboxEvent, StoreError, StoreResult};
@@ -617,15 +618,20 @@ pub fn outbox_from_row(row: &impl Columns) -> StoreResult<OutboxEntry> {
     )
 }
 
-/// The outbox rows of `events`, as (message id, owner, payload) columns.
+/// The outbox rows of `events`, as (message id, owner, payload) columns; each event
+/// stamped with `at` when given, else with its own time.
 pub fn outbox_columns<'a>(
     events: impl IntoIterator<Item = &'a OutboxEvent>,
+    at: Option<DateTime<Utc>>,
 ) -> StoreResult<(Vec<&'a str>, Vec<&'a str>, Vec<String>)> {
     let mut columns = (Vec::new(), Vec::new(), Vec::new());
     for e in events {
         columns.0.push(e.msg_id.as_str());
         columns.1.push(e.owner.as_str());
-        columns.2.push(e.payload()?);
+        columns.2.push(match at {
+            Some(time) => e.payload_at(time)?,
+            None => e.payload()?,
+        });
     }
     Ok(columns)
 }

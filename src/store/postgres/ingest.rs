@@ -15,7 +15,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::{PostgresStore, map_err};
 use crate::domain::sampling::Write;
-use crate::domain::time::to_nanos;
+use crate::domain::time::{now_millis, to_nanos};
 use crate::store::sql::{self, seq_of, to_i64};
 use crate::store::{
     Applied, IngestCursor, IngestRepository, IngestStep, Lease, StateRepository, StoreError,
@@ -228,7 +228,9 @@ impl IngestRepository for PostgresStore {
             .await
             .map_err(map_err)?;
         }
-        Self::record(&mut tx, events).await?;
+        // The last statement before the commit: the events' time is as close to the
+        // commit as it can be known.
+        Self::record_at(&mut tx, events, Some(now_millis())).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Applied::Done { conflicts })
     }

@@ -173,7 +173,16 @@ impl PostgresStore {
         tx: &mut Transaction<'static, Postgres>,
         events: impl IntoIterator<Item = &'a OutboxEvent>,
     ) -> StoreResult<()> {
-        let (ids, owners, payloads) = sql::outbox_columns(events)?;
+        Self::record_at(tx, events, None).await
+    }
+
+    /// [`record`](Self::record), each event stamped with `at` when given.
+    async fn record_at<'a>(
+        tx: &mut Transaction<'static, Postgres>,
+        events: impl IntoIterator<Item = &'a OutboxEvent>,
+        at: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        let (ids, owners, payloads) = sql::outbox_columns(events, at)?;
         if ids.is_empty() {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use sqlx::Row;
 
 use super::{SqliteStore, WriteTx, map_err, to_json};
 use crate::domain::sampling::Write;
-use crate::domain::time::to_nanos;
+use crate::domain::time::{now_millis, to_nanos};
 use crate::store::sql::{self, seq_of, to_i64};
 use crate::store::{
     Applied, IngestCursor, IngestRepository, IngestStep, Lease, StateRepository, StoreError,
@@ -178,7 +178,6 @@ impl IngestRepository for SqliteStore {
             .await
             .map_err(map_err)?;
         }
-        let recorded = Self::record_entries(tx.conn(), events).await?;
         for (twin_id, b) in breaks {
             sqlx::query(super::STATE_BREAKS[0])
                 .bind(twin_id)
@@ -187,6 +186,9 @@ impl IngestRepository for SqliteStore {
                 .await
                 .map_err(map_err)?;
         }
+        // The last statement before the commit: the events' time is as close to the
+        // commit as it can be known.
+        let recorded = Self::record_entries(tx.conn(), events, Some(now_millis())).await?;
         tx.commit().await?;
         self.recorded.hand_over(recorded);
         Ok(Applied::Done { conflicts })

@@ -371,18 +371,20 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         events: impl IntoIterator<Item = &'a OutboxEvent>,
     ) -> StoreResult<()> {
-        Self::record_entries(conn, events).await.map(|_| ())
+        Self::record_entries(conn, events, None).await.map(|_| ())
     }
 
-    /// Records `events` in the outbox and returns their entries as stored, in id order.
-    /// One statement inserts them in the order given, each with the table's next
-    /// AUTOINCREMENT id, so their ids are the last one's and those just below it.
+    /// Records `events` in the outbox, each stamped with `at` when given, and returns
+    /// their entries as stored, in id order. One statement inserts them in the order
+    /// given, each with the table's next AUTOINCREMENT id, so their ids are the last
+    /// one's and those just below it.
     async fn record_entries<'a>(
         conn: &mut SqliteConnection,
         events: impl IntoIterator<Item = &'a OutboxEvent>,
+        at: Option<DateTime<Utc>>,
     ) -> StoreResult<Vec<OutboxEntry>> {
         let events: Vec<&OutboxEvent> = events.into_iter().collect();
-        let (ids, owners, payloads) = sql::outbox_columns(events.iter().copied())?;
+        let (ids, owners, payloads) = sql::outbox_columns(events.iter().copied(), at)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -423,7 +425,7 @@ impl SqliteStore {
                 owner: e.owner.clone(),
                 twin_id: e.event.twin_id.clone(),
                 kind: e.event.kind,
-                time: e.event.time,
+                time: at.unwrap_or(e.event.time),
                 payload,
             })
             .collect())
