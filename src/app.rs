@@ -14,7 +14,7 @@ use crate::auth::grpc::{self, GrpcAuth};
 use crate::auth::standalone::Standalone;
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::consumer::Ingestor;
-use crate::broker::feed::ensure_feed_stream;
+use crate::broker::feed::{FeedRetention, ensure_feed_stream};
 use crate::broker::feed_source::JetStreamFeed;
 use crate::broker::inband::Responder;
 use crate::broker::notifier::Notifier;
@@ -303,10 +303,11 @@ impl Application {
         ];
         let history = Arc::new(Traced(HistoryService::new(store.clone())));
         let js = async_nats::jetstream::new(broker.clone());
-        ensure_feed_stream(&js, config.events_max_age)
+        let feed_retention = feed_retention(&config);
+        ensure_feed_stream(&js, feed_retention)
             .await
             .map_err(StartError::Feed)?;
-        let feed = JetStreamFeed::new(js, config.events_buffer, config.events_max_age);
+        let feed = JetStreamFeed::new(js, config.events_buffer, feed_retention);
         let stop = CancellationToken::new();
         let events = http::events::EventsState {
             feed: Feed::new(Arc::new(feed.clone()), twins.clone()),
@@ -412,7 +413,7 @@ impl Application {
             store.ingest.clone(),
             Arc::new(StreamPublisher::new(
                 async_nats::jetstream::new(broker.clone()),
-                config.events_max_age,
+                feed_retention(&config),
             )),
             RelaySettings {
                 lease_group: FEED_RELAY_LEASE.into(),
@@ -649,5 +650,13 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// How the feed's stream keeps events, from the configuration.
+fn feed_retention(config: &Config) -> FeedRetention {
+    FeedRetention {
+        max_age: config.events_max_age,
+        duplicate_window: config.events_duplicate_window,
     }
 }

@@ -89,6 +89,7 @@ struct RawEnv {
     mg_twins_es_url: Option<String>,
     mg_twins_states_retention: Option<String>,
     mg_twins_events_max_age: Option<String>,
+    mg_twins_events_duplicate_window: Option<String>,
     mg_twins_auth_cache_ttl: Option<String>,
     mg_twins_events_buffer: Option<String>,
     mg_twins_events_keepalive: Option<String>,
@@ -140,6 +141,7 @@ const KNOWN_TWINS_VARS: &[&str] = &[
     "MG_TWINS_STATES_RETENTION",
     "MG_TWINS_STATES_PRUNE_INTERVAL",
     "MG_TWINS_EVENTS_MAX_AGE",
+    "MG_TWINS_EVENTS_DUPLICATE_WINDOW",
     "MG_TWINS_AUTH_CACHE_TTL",
     "MG_TWINS_EVENTS_BUFFER",
     "MG_TWINS_EVENTS_KEEPALIVE",
@@ -233,6 +235,10 @@ pub struct Config {
     pub document_revisions: u32,
     /// How long the change feed's stream keeps events (`MG_TWINS_EVENTS_MAX_AGE`).
     pub events_max_age: Duration,
+    /// How long the feed's stream remembers an event's message id, so that a relay
+    /// publishing it again within that time is de-duplicated
+    /// (`MG_TWINS_EVENTS_DUPLICATE_WINDOW`; the stream gets at most `events_max_age`).
+    pub events_duplicate_window: Duration,
     /// How long an identified token is reused without asking the auth service again
     /// (`MG_TWINS_AUTH_CACHE_TTL`); None, the default, asks on every request.
     pub auth_cache_ttl: Option<Duration>,
@@ -252,6 +258,11 @@ pub const DEFAULT_EVENTS_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// How long the change feed keeps events by default: a week of disconnection.
 pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long the feed's stream remembers message ids by default: a relay that died after
+/// a publish and runs again within it publishes nothing twice. NATS keeps every id of
+/// the window in memory (about 190 bytes each).
+pub const DEFAULT_EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 3600);
 
 /// Most earlier revisions a document may keep: each can hold 64 KiB of data.
 pub const MAX_DOCUMENT_REVISIONS: u32 = 10_000;
@@ -471,6 +482,11 @@ impl Config {
             raw.mg_twins_events_max_age,
             DEFAULT_EVENTS_MAX_AGE,
         )?;
+        let events_duplicate_window = positive_duration(
+            "MG_TWINS_EVENTS_DUPLICATE_WINDOW",
+            raw.mg_twins_events_duplicate_window,
+            DEFAULT_EVENTS_DUPLICATE_WINDOW,
+        )?;
         let events_buffer = count(
             "MG_TWINS_EVENTS_BUFFER",
             raw.mg_twins_events_buffer,
@@ -564,6 +580,7 @@ impl Config {
             warnings,
             states_retention,
             events_max_age,
+            events_duplicate_window,
             auth_cache_ttl,
             events_buffer,
             events_keepalive,
@@ -1087,6 +1104,14 @@ mod tests {
     }
 
     #[test]
+    fn the_feed_remembers_message_ids_for_two_hours_unless_told() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.events_duplicate_window, Duration::from_secs(2 * 3600));
+        let c = cfg(&[("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "10m")]).unwrap();
+        assert_eq!(c.events_duplicate_window, Duration::from_secs(600));
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         let cases = [
             ("MG_TWINS_HTTP_PORT", "abc"),
@@ -1112,6 +1137,8 @@ mod tests {
             ("MG_TWINS_DOCUMENT_REVISIONS", "-1"),
             ("MG_TWINS_DOCUMENT_REVISIONS", "some"),
             ("MG_TWINS_DOCUMENT_REVISIONS", "10001"),
+            ("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "0s"),
+            ("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "a while"),
         ];
         for (var, value) in cases {
             let mut vars = vec![(var, value)];

@@ -10,6 +10,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use async_nats::jetstream;
 use common::proxy::Proxy;
 use common::*;
@@ -518,6 +520,36 @@ async fn another_owners_twin_or_a_missing_one_is_404_and_no_token_is_401() {
         .await
         .expect("answer");
     assert_error(resp, StatusCode::UNAUTHORIZED).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stream_remembers_message_ids_for_the_configured_window() {
+    // A broker of the test's own: the shared stream's settings are never changed.
+    let mut app = TestApp::builder()
+        .own_broker()
+        .var("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "90s")
+        .spawn()
+        .await;
+    let js = app.js().clone();
+    let settings = || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(FEED_STREAM).await.expect("feed stream");
+            let config = stream.info().await.expect("stream info").config.clone();
+            (config.duplicate_window, config.max_age)
+        }
+    };
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(settings().await, (Duration::from_secs(90), week));
+    // An instance started with another window brings the stream to it.
+    app.set_var("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "5m");
+    app.start().await;
+    assert_eq!(settings().await, (Duration::from_secs(300), week));
+    // Never beyond the max age, which JetStream would refuse.
+    app.set_var("MG_TWINS_EVENTS_MAX_AGE", "1m");
+    app.start().await;
+    let minute = Duration::from_secs(60);
+    assert_eq!(settings().await, (minute, minute));
 }
 
 #[tokio::test(flavor = "multi_thread")]

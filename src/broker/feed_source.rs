@@ -31,7 +31,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::feed::{FEED_STREAM, FEED_SUBJECTS, ensure_feed_stream};
+use super::feed::{FEED_STREAM, FEED_SUBJECTS, FeedRetention, ensure_feed_stream};
 use crate::domain::feed::{SUBJECT_PREFIX, StoredEvent};
 use crate::service::feed::{
     Bounds, EventStream, FeedError, FeedEvent, FeedSource, subject_matches,
@@ -60,20 +60,21 @@ pub struct JetStreamFeed {
     js: jetstream::Context,
     hub: Arc<Hub>,
     buffer: usize,
-    /// The stream's max age, for creating it again if it is gone (a broker that lost
+    /// The stream's settings, for creating it again if it is gone (a broker that lost
     /// its storage).
-    max_age: Duration,
+    retention: FeedRetention,
 }
 
 impl JetStreamFeed {
     /// A feed whose followers hold at most `buffer` events each (at least 1), over the
-    /// stream of `max_age`. Nothing is delivered until [`JetStreamFeed::tail`] runs.
-    pub fn new(js: jetstream::Context, buffer: usize, max_age: Duration) -> Self {
+    /// stream kept as `retention` says. Nothing is delivered until
+    /// [`JetStreamFeed::tail`] runs.
+    pub fn new(js: jetstream::Context, buffer: usize, retention: FeedRetention) -> Self {
         Self {
             js,
             hub: Arc::new(Hub::default()),
             buffer: buffer.max(1),
-            max_age,
+            retention,
         }
     }
 
@@ -110,7 +111,7 @@ impl JetStreamFeed {
     }
 
     async fn follow_tail(&self, started: &mut bool) -> Result<(), async_nats::Error> {
-        let stream = ensure_feed_stream(&self.js, self.max_age).await?;
+        let stream = ensure_feed_stream(&self.js, self.retention).await?;
         let last = stream.cached_info().state.last_sequence;
         let consumer = stream
             .create_consumer(push::OrderedConfig {

@@ -1,26 +1,24 @@
 //! The change feed relay's publisher: events onto the `twins-events` stream, each under
 //! its `Nats-Msg-Id`, acknowledged by JetStream once stored (or found stored already).
 
-use std::time::Duration;
-
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use async_trait::async_trait;
 
-use super::feed::{FEED_STREAM, ensure_feed_stream};
+use super::feed::{FEED_STREAM, FeedRetention, ensure_feed_stream};
 use crate::service::outbox::{FeedPublisher, PublishError};
 use crate::store::OutboxEntry;
 
 /// Publishes change events on the feed's stream.
 pub struct StreamPublisher {
     js: jetstream::Context,
-    max_age: Duration,
+    retention: FeedRetention,
 }
 
 impl StreamPublisher {
-    /// Over `js`; the stream keeps events for `max_age` (`MG_TWINS_EVENTS_MAX_AGE`).
-    pub fn new(js: jetstream::Context, max_age: Duration) -> Self {
-        Self { js, max_age }
+    /// Over `js`; the stream keeps events as `retention` says.
+    pub fn new(js: jetstream::Context, retention: FeedRetention) -> Self {
+        Self { js, retention }
     }
 }
 
@@ -31,7 +29,7 @@ fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> PublishErro
 #[async_trait]
 impl FeedPublisher for StreamPublisher {
     async fn prepare(&self) -> Result<(), PublishError> {
-        ensure_feed_stream(&self.js, self.max_age)
+        ensure_feed_stream(&self.js, self.retention)
             .await
             .map(|_| ())
             .map_err(PublishError)
