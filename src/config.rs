@@ -259,10 +259,11 @@ pub const DEFAULT_EVENTS_KEEPALIVE: Duration = Duration::from_secs(15);
 /// How long the change feed keeps events by default: a week of disconnection.
 pub const DEFAULT_EVENTS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// How long the feed's stream remembers message ids by default: a relay that died after
-/// a publish and runs again within it publishes nothing twice. NATS keeps every id of
-/// the window in memory (about 190 bytes each).
-pub const DEFAULT_EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 3600);
+/// How long the feed's stream remembers message ids by default: long enough for the
+/// publishes still on their way when one relay hands over to another (a relay that
+/// starts looks on the stream for what an earlier one published). NATS keeps every id
+/// of the window in memory (about 190 bytes each).
+pub const DEFAULT_EVENTS_DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 /// Most earlier revisions a document may keep: each can hold 64 KiB of data.
 pub const MAX_DOCUMENT_REVISIONS: u32 = 10_000;
@@ -1104,11 +1105,11 @@ mod tests {
     }
 
     #[test]
-    fn the_feed_remembers_message_ids_for_two_hours_unless_told() {
+    fn the_feed_remembers_message_ids_for_ten_minutes_unless_told() {
         let c = cfg(&[]).unwrap();
-        assert_eq!(c.events_duplicate_window, Duration::from_secs(2 * 3600));
-        let c = cfg(&[("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "10m")]).unwrap();
         assert_eq!(c.events_duplicate_window, Duration::from_secs(600));
+        let c = cfg(&[("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "2h")]).unwrap();
+        assert_eq!(c.events_duplicate_window, Duration::from_secs(2 * 3600));
     }
 
     #[test]

@@ -463,12 +463,18 @@ async fn changes(app: &TestApp, user: &User) -> Vec<Expected> {
 /// Kills the service (SIGKILL) where its relay is held, restarts it, and finds every
 /// committed change's event on the stream exactly once.
 async fn killed_at(point: &str) {
-    let mut app = TestApp::builder()
+    let app = TestApp::builder()
         .process()
         .var("TWINS_TEST_HOLD_AT", point)
         .var("MG_TWINS_INGEST_LEASE", "2s")
         .spawn()
         .await;
+    killed_and_restarted(app, point, false).await;
+}
+
+/// [`killed_at`] on `app`; with `forgotten`, the instance starts again only once the
+/// broker no longer remembers the message ids published before the kill.
+async fn killed_and_restarted(mut app: TestApp, point: &str, forgotten: bool) {
     let store = Store::connect(&app.db_url).await.expect("the store");
     let user = User::new();
     let expected = changes(&app, &user).await;
@@ -485,12 +491,54 @@ async fn killed_at(point: &str) {
     .await;
     app.instance().kill().await;
     app.take_instance(0);
+    if forgotten {
+        window_passed(app.js()).await;
+    }
     app.set_var("TWINS_TEST_HOLD_AT", "");
     app.start().await;
     drained(&store).await;
     let seen = feed(app.js(), &user.id).await;
     assert_eq!(per_twin(contents(&user.id, &seen)), per_twin(expected));
     app.stop().await;
+}
+
+/// Returns once the feed stream's duplicate window has passed for everything published
+/// before the call: a marker published now is stored again under its message id.
+async fn window_passed(js: &jetstream::Context) {
+    let marker = unique("marker-");
+    let publish = || {
+        let js = js.clone();
+        let marker = marker.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", marker.as_str());
+            let subject = format!("twins.events.{}.marker.twin.updated", owner_key(&marker));
+            js.publish_with_headers(subject, headers, "{}".into())
+                .await
+                .expect("a publish")
+                .await
+                .expect("an acknowledgement")
+                .duplicate
+        }
+    };
+    assert!(!publish().await, "the marker is new");
+    eventually("the broker forgetting the marker's id", publish, |dup| !dup).await;
+}
+
+/// A relay killed after the stream acknowledged an event and started again after the
+/// stream's duplicate window: the event is still stored once (the relay finds it on the
+/// stream instead of counting on the window).
+async fn a_kill_after_publishing_duplicates_nothing_after_the_window() {
+    // A broker of the test's own: the shared stream's window is never changed.
+    let app = TestApp::builder()
+        .process()
+        .own_broker()
+        .var("TWINS_TEST_HOLD_AT", "feed-after-publish")
+        .var("MG_TWINS_INGEST_LEASE", "2s")
+        .var("MG_TWINS_EVENTS_DUPLICATE_WINDOW", "1s")
+        .spawn()
+        .await;
+    killed_and_restarted(app, "feed-after-publish", true).await;
 }
 
 async fn a_kill_before_publishing_loses_nothing() {
@@ -598,10 +646,60 @@ mod settling {
     crate::backend_matrix!(only_mongodb: unready_entries_are_settled_by_their_change);
 }
 
+/// The relay's look at the stream when it (re)starts: the message ids of the events
+/// received from a time on, or of the latest ones when there are more than it reads.
+#[tokio::test]
+async fn the_stream_scan_finds_the_ids_received_since_a_time_or_the_latest() {
+    use twins::broker::feed::{FeedRetention, ensure_feed_stream};
+    use twins::broker::relay::StreamPublisher;
+    use twins::domain::feed::{ChangeEvent, EventKind};
+    use twins::service::outbox::FeedPublisher;
+    use twins::store::{OutboxEntry, OutboxEvent};
+
+    let nats = common::servers::Nats::start().await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("NATS"));
+    let retention = FeedRetention {
+        max_age: std::time::Duration::from_secs(3600),
+        duplicate_window: std::time::Duration::from_secs(60),
+    };
+    ensure_feed_stream(&js, retention)
+        .await
+        .expect("the feed stream");
+    let publisher = StreamPublisher::new(js, retention);
+    let before = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let event = OutboxEvent::new(
+            "scan",
+            ChangeEvent {
+                kind: EventKind::StateCreated,
+                twin_id: "t".into(),
+                time: chrono::Utc::now(),
+                old: None,
+                new: Some(json!({ "n": n })),
+            },
+        );
+        let entry = OutboxEntry::of(n, &event).expect("an entry");
+        publisher.publish(&entry).await.expect("published");
+        ids.push(event.msg_id);
+    }
+    let found = |since, limit| {
+        let publisher = &publisher;
+        async move { publisher.stored_since(since, limit).await.expect("a scan") }
+    };
+    let all: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(found(before, 100).await, all);
+    let latest: HashSet<String> = ids[2..].iter().cloned().collect();
+    assert_eq!(found(before, 3).await, latest);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    assert!(found(later, 100).await.is_empty());
+}
+
 crate::backend_matrix!(
     every_kind_of_change_produces_exactly_one_event,
     events_follow_the_changes_in_order_per_twin,
     a_kill_before_publishing_loses_nothing,
     a_kill_after_publishing_duplicates_nothing,
+    a_kill_after_publishing_duplicates_nothing_after_the_window,
     a_broker_outage_loses_no_event,
 );

@@ -87,6 +87,14 @@ pub trait FeedPublisher: Send + Sync {
     /// holds it (a copy of an id it holds already is acknowledged without being stored
     /// again).
     async fn publish(&self, entry: &OutboxEntry) -> Result<(), PublishError>;
+    /// The message ids of the events the stream received at or after `since` (by its
+    /// own clock) up to its last event when asked, or of its last `limit` events when
+    /// there are more.
+    async fn stored_since(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<HashSet<String>, PublishError>;
 }
 
 /// A point where a relay stops for good, for tests that kill the process there. Not
@@ -137,6 +145,17 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// [`RelaySettings::idle`]): every look is a read of the store.
 const IDLE_MAX: Duration = Duration::from_millis(100);
 
+/// How far before the oldest event it reads a relay that (re)starts looks on the
+/// stream for copies published before it started: covers a broker clock behind the
+/// service's, and events whose time stamps are not in outbox order.
+pub const RECONCILE_MARGIN: Duration = Duration::from_secs(300);
+
+/// The most message ids a relay that (re)starts reads from the stream: the latest ones
+/// when there are more (those of a relay that died are the stream's last, unless
+/// others publish on it too). Copies older than those are kept out by the stream's
+/// duplicate window alone.
+pub const RECONCILE_LIMIT: usize = 100_000;
+
 /// How often the service's relay reads from the start of the outbox rather than after
 /// the last entry it read (see [`OutboxRepository::pending_after`]).
 pub const HEAD_EVERY: Duration = Duration::from_millis(250);
@@ -157,7 +176,14 @@ pub struct Relay {
 
 type Publishing =
     Pin<Box<dyn Future<Output = (Arc<OutboxEntry>, Result<(), PublishError>)> + Send>>;
-type Reading = Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>>;
+type Reading = Pin<Box<dyn Future<Output = Result<Read, Cause>> + Send>>;
+
+/// What a read brings: entries, and after a (re)start the message ids the stream held
+/// from shortly before the oldest of them.
+struct Read {
+    entries: Vec<OutboxEntry>,
+    stored: Option<HashSet<String>>,
+}
 
 impl Relay {
     pub fn new(
@@ -280,7 +306,10 @@ impl Relay {
                     let limit = flow.limit;
                     let gone = std::mem::take(&mut flow.gone);
                     match read {
-                        Ok(entries) => {
+                        Ok(Read { entries, stored }) => {
+                            if stored.is_some() {
+                                flow.stored = stored;
+                            }
                             let full = entries.len() >= limit;
                             let room = self.settings.batch.saturating_sub(flow.waiting(inflight.len()));
                             let fresh: Vec<OutboxEntry> = entries
@@ -306,15 +335,21 @@ impl Relay {
                             if self.settings.hold_at == Some(HoldAt::BeforePublish) {
                                 hold("feed-before-publish", fresh.len()).await;
                             }
+                            let mut held = 0;
                             for entry in fresh {
-                                if let Some(first) = flow.add(entry) {
+                                if flow.held_already(&entry) {
+                                    held += 1;
+                                } else if let Some(first) = flow.add(entry) {
                                     inflight.push(self.publish(first));
                                 }
+                            }
+                            if held > 0 {
+                                tracing::info!(events = held, "events the stream held already leave the outbox unpublished");
                             }
                             self.measure_backlog(&mut flow, inflight.len(), full).await;
                         }
                         Err(e) => {
-                            failure.get_or_insert(e.into());
+                            failure.get_or_insert(e);
                         }
                     }
                 }
@@ -337,7 +372,7 @@ impl Relay {
                             } else {
                                 self.recorded.take_after(flow.last, room)
                             };
-                            reading = Some(if head {
+                            let read: Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>> = if head {
                                 flow.head_at = Some(tokio::time::Instant::now());
                                 flow.limit = room + flow.seen.len();
                                 let limit = flow.limit;
@@ -349,7 +384,8 @@ impl Relay {
                                 flow.limit = room;
                                 let after = flow.last;
                                 Box::pin(async move { outbox.pending_after(after, room).await })
-                            });
+                            };
+                            reading = Some(self.reconciled(read, flow.stored.is_none()));
                         }
                         Ok(false) => {
                             // Another relay holds the lease and relays what this one
@@ -403,6 +439,32 @@ impl Relay {
         {
             tracing::debug!(error = %e, "change feed relay lease not released");
         }
+    }
+
+    /// `read`, and when `reconcile`, the message ids the stream holds from shortly
+    /// before the oldest entry read: a relay that (re)starts may find entries that an
+    /// earlier one published and did not remove, and publishing them again would store
+    /// them twice once the stream's duplicate window has passed.
+    fn reconciled(
+        &self,
+        read: Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>>,
+        reconcile: bool,
+    ) -> Reading {
+        let publisher = self.publisher.clone();
+        Box::pin(async move {
+            let entries = read.await?;
+            let oldest = entries.iter().map(|e| e.time).min();
+            let stored = match oldest {
+                Some(oldest) if reconcile => {
+                    let margin = chrono::Duration::from_std(RECONCILE_MARGIN)
+                        .unwrap_or(chrono::Duration::MAX);
+                    let since = oldest.checked_sub_signed(margin).unwrap_or(oldest);
+                    Some(publisher.stored_since(since, RECONCILE_LIMIT).await?)
+                }
+                _ => None,
+            };
+            Ok(Read { entries, stored })
+        })
     }
 
     /// Publishes `entry`'s event, handing the entry back with the outcome.
@@ -505,6 +567,9 @@ struct Flow {
     head_at: Option<tokio::time::Instant>,
     /// Ids removed from the outbox while the read on its way ran: it may hold them.
     gone: HashSet<i64>,
+    /// Message ids the stream held when this relay (re)started, not yet met in the
+    /// outbox; None until then (a read checks the stream first).
+    stored: Option<HashSet<String>>,
     /// A read brought forward by a ring found nothing new: rings do not bring reads
     /// forward until a read finds something.
     deaf: bool,
@@ -519,6 +584,22 @@ impl Flow {
     /// Events waiting or being published.
     fn waiting(&self, inflight: usize) -> usize {
         self.queued + inflight
+    }
+
+    /// Whether the stream held `entry` when this relay (re)started: then it leaves the
+    /// outbox without being published again. A twin's events reach the stream in order,
+    /// so those it held come before any it did not.
+    fn held_already(&mut self, entry: &OutboxEntry) -> bool {
+        let held = self
+            .stored
+            .as_mut()
+            .is_some_and(|ids| ids.remove(&entry.msg_id));
+        if held {
+            self.seen.insert(entry.id);
+            self.last = self.last.max(entry.id);
+            self.acked.push(entry.id);
+        }
+        held
     }
 
     /// Takes a newly read entry: returned to be published when its twin has none on
@@ -559,6 +640,7 @@ impl Flow {
     /// again.
     fn forget(&mut self) {
         self.head_at = None;
+        self.stored = None;
         self.queues.clear();
         self.queued = 0;
         let kept: HashSet<i64> = self
@@ -662,6 +744,15 @@ mod tests {
             self.published.lock().unwrap().push(event.clone());
             Ok(())
         }
+
+        async fn stored_since(
+            &self,
+            _since: DateTime<Utc>,
+            _limit: usize,
+        ) -> Result<HashSet<String>, PublishError> {
+            let published = self.published.lock().unwrap();
+            Ok(published.iter().map(|e| e.msg_id.clone()).collect())
+        }
     }
 
     fn event(twin: &str, n: i64) -> OutboxEvent {
@@ -755,6 +846,29 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// A relay that died after the stream acknowledged events, before they left the
+    /// outbox: the next one finds them on the stream and removes them unpublished, so
+    /// nothing is stored twice however long after it runs (the stream's duplicate
+    /// window is not what keeps the copies out).
+    #[tokio::test]
+    async fn a_relay_that_starts_leaves_out_what_an_earlier_one_published() {
+        let db = Memory::new();
+        let twin = crate::cache::flaky::twin("t", 1, &[]);
+        let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
+        db.save_recorded(&twin, &events).await.unwrap();
+        let publisher = Arc::new(Recording::default());
+        // What the relay before this one published, then died.
+        publisher
+            .published
+            .lock()
+            .unwrap()
+            .extend_from_slice(&events[..3]);
+        let running = Running::start(relay(&db, publisher.clone(), "a"));
+        until_empty(&db).await;
+        running.stop().await;
+        assert_eq!(publisher.published(), events, "each event once, in order");
     }
 
     #[tokio::test]
