@@ -176,6 +176,8 @@ pub struct Relay {
 
 type Publishing =
     Pin<Box<dyn Future<Output = (Arc<OutboxEntry>, Result<(), PublishError>)> + Send>>;
+/// A read of the outbox (or of what the store handed over) on its way.
+type Fetching = Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>>;
 type Reading = Pin<Box<dyn Future<Output = Result<Read, Cause>> + Send>>;
 
 /// What a read brings: entries, and after a (re)start the message ids the stream held
@@ -372,7 +374,7 @@ impl Relay {
                             } else {
                                 self.recorded.take_after(flow.last, room)
                             };
-                            let read: Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>> = if head {
+                            let read: Fetching = if head {
                                 flow.head_at = Some(tokio::time::Instant::now());
                                 flow.limit = room + flow.seen.len();
                                 let limit = flow.limit;
@@ -445,11 +447,7 @@ impl Relay {
     /// before the oldest entry read: a relay that (re)starts may find entries that an
     /// earlier one published and did not remove, and publishing them again would store
     /// them twice once the stream's duplicate window has passed.
-    fn reconciled(
-        &self,
-        read: Pin<Box<dyn Future<Output = StoreResult<Vec<OutboxEntry>>> + Send>>,
-        reconcile: bool,
-    ) -> Reading {
+    fn reconciled(&self, read: Fetching, reconcile: bool) -> Reading {
         let publisher = self.publisher.clone();
         Box::pin(async move {
             let entries = read.await?;
@@ -593,7 +591,7 @@ impl Flow {
         let held = self
             .stored
             .as_mut()
-            .is_some_and(|ids| ids.remove(&entry.msg_id));
+            .is_some_and(|ids| !ids.is_empty() && ids.remove(&entry.msg_id));
         if held {
             self.seen.insert(entry.id);
             self.last = self.last.max(entry.id);
@@ -848,17 +846,22 @@ mod tests {
         }
     }
 
+    /// A store whose outbox holds five events of twin "t", and a publisher.
+    async fn five_events_of_twin_t() -> (Arc<Memory>, Vec<OutboxEvent>, Arc<Recording>) {
+        let db = Memory::new();
+        let twin = crate::cache::flaky::twin("t", 1, &[]);
+        let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
+        db.save_recorded(&twin, &events).await.unwrap();
+        (db, events, Arc::new(Recording::default()))
+    }
+
     /// A relay that died after the stream acknowledged events, before they left the
     /// outbox: the next one finds them on the stream and removes them unpublished, so
     /// nothing is stored twice however long after it runs (the stream's duplicate
     /// window is not what keeps the copies out).
     #[tokio::test]
     async fn a_relay_that_starts_leaves_out_what_an_earlier_one_published() {
-        let db = Memory::new();
-        let twin = crate::cache::flaky::twin("t", 1, &[]);
-        let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
-        db.save_recorded(&twin, &events).await.unwrap();
-        let publisher = Arc::new(Recording::default());
+        let (db, events, publisher) = five_events_of_twin_t().await;
         // What the relay before this one published, then died.
         publisher
             .published
@@ -873,11 +876,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_are_relayed_in_outbox_order_and_removed_once_acknowledged() {
-        let db = Memory::new();
-        let twin = crate::cache::flaky::twin("t", 1, &[]);
-        let events: Vec<OutboxEvent> = (0..5).map(|n| event("t", n)).collect();
-        db.save_recorded(&twin, &events).await.unwrap();
-        let publisher = Arc::new(Recording::default());
+        let (db, events, publisher) = five_events_of_twin_t().await;
         *publisher.fail.lock().unwrap() = 1;
         let running = Running::start(relay(&db, publisher.clone(), "a"));
         until("5 events published", || publisher.published().len() >= 5).await;
