@@ -17,7 +17,7 @@ mod ingest;
 mod transfer;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,6 +185,8 @@ pub struct SqliteStore {
     recorded: Recorded,
     /// Checkpoints the WAL in the background while the store lives.
     _checkpointer: checkpoint::Checkpointer,
+    /// The database file, whose filesystem the health check measures.
+    path: PathBuf,
 }
 
 /// An explicit transaction on the writer connection (see the module docs).
@@ -318,6 +320,7 @@ impl SqliteStore {
             group,
             recorded: Recorded::default(),
             _checkpointer: checkpointer,
+            path: PathBuf::from(path),
         })
     }
 
@@ -1306,6 +1309,7 @@ impl HealthCheck for SqliteStore {
             .execute(&self.reader)
             .await
             .map_err(map_err)?;
+        enough_space(available_bytes(&self.path))?;
         if self.write_failed.load(Ordering::Relaxed) {
             // A read succeeds on a full disk: after a failed write, only a write tells.
             let mut tx = self.begin().await?;
@@ -1320,10 +1324,57 @@ impl HealthCheck for SqliteStore {
     }
 }
 
+/// Free space under which the health check reports the store failing. A write probe
+/// cannot tell a full disk: a small commit succeeds while the WAL has frames to reuse
+/// and larger ones are refused for lack of space.
+const MIN_FREE_BYTES: u64 = 1 << 20;
+
+/// Fails when `available` (bytes) is under [`MIN_FREE_BYTES`]; passes when it is unknown.
+fn enough_space(available: Option<u64>) -> StoreResult<()> {
+    match available {
+        Some(free) if free < MIN_FREE_BYTES => Err(StoreError::Unavailable(
+            format!("disk full: {free} bytes free on the database's filesystem").into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes a process without privileges may still write on the filesystem holding
+/// `path`; None when it cannot be told (the file is missing, the path is not one).
+fn available_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call, and `stat`
+    // points to memory for one `statvfs`, which the call fills when it returns 0.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the call returned 0, so it wrote the whole struct.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::twin::{Attribute, Definition};
+
+    /// The health check's space test: under the floor fails as a transient failure that
+    /// says why, at or over it passes, and a filesystem that cannot be measured passes.
+    #[test]
+    fn the_store_fails_its_check_with_less_than_the_floor_free() {
+        let low = enough_space(Some(MIN_FREE_BYTES - 1)).unwrap_err();
+        assert!(low.is_transient());
+        assert!(low.to_string().contains("disk full"), "{low}");
+        assert!(enough_space(Some(MIN_FREE_BYTES)).is_ok());
+        assert!(enough_space(None).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(available_bytes(dir.path()).is_some_and(|b| b > 0));
+        assert_eq!(available_bytes(&dir.path().join("missing/t.db")), None);
+    }
 
     /// The attributes the lookup by channel and subtopic reads follow the twin's
     /// current definition through creation, an update that keeps the definitions and
