@@ -709,6 +709,30 @@ impl TestApp {
         }
     }
 
+    /// The group's consumer as the broker sees it, for a failing test's message: where
+    /// delivery and the ack floor are, and what waits for an ack or a pull.
+    pub async fn consumer_summary(&self) -> String {
+        let stream = match self.js.get_stream(twins::broker::STREAM).await {
+            Ok(stream) => stream,
+            Err(e) => return format!("no stream: {e}"),
+        };
+        match stream.consumer_info(&self.group).await {
+            Ok(i) => format!(
+                "delivered {} (consumer {}), ack floor {} (consumer {}), ack pending {}, \
+                 redelivered {}, pending {}, waiting pulls {}",
+                i.delivered.stream_sequence,
+                i.delivered.consumer_sequence,
+                i.ack_floor.stream_sequence,
+                i.ack_floor.consumer_sequence,
+                i.num_ack_pending,
+                i.num_redelivered,
+                i.num_pending,
+                i.num_waiting
+            ),
+            Err(e) => format!("no consumer: {e}"),
+        }
+    }
+
     /// Publishes `senml` as a device on `channel`/`subtopic`; the stream sequence.
     pub async fn publish(&self, channel: &str, subtopic: &str, senml: Value) -> u64 {
         let data = envelope(channel, subtopic, senml.to_string().into_bytes());

@@ -26,6 +26,9 @@ pub const T0: f64 = 1_700_000_000.0;
 /// How long a scenario may take to make the progress it waits for before it fails.
 pub const PROGRESS: Duration = Duration::from_secs(180);
 
+/// How long a publisher waits for the broker to acknowledge one publish.
+const PUBLISH_ACK: Duration = Duration::from_secs(60);
+
 /// A message as the device sends it: on a twin's channel, one record.
 #[derive(Clone)]
 pub struct Published {
@@ -53,6 +56,11 @@ pub fn messages(twins: &[(String, String)], range: std::ops::Range<usize>) -> Ve
 
 /// Publishes with acks, 512 in flight; the stream sequence of the last one.
 pub async fn publish_on(js: &jetstream::Context, messages: &[Published]) -> u64 {
+    // A loaded machine (the whole suite on two cores) can take longer than the
+    // default 5 s to acknowledge a publish; a publisher that gave up would look like
+    // ingestion that stopped.
+    let mut js = js.clone();
+    js.set_timeout(PUBLISH_ACK);
     let mut last = 0;
     for chunk in messages.chunks(512) {
         let mut acks = Vec::with_capacity(chunk.len());
@@ -176,8 +184,15 @@ pub async fn wait_progress(app: &TestApp, publishing: &Publishing, count: u64) {
     while app.acked().await < target {
         assert!(
             Instant::now() < deadline,
-            "no progress to {target} within {PROGRESS:?} (acked {}); last log lines: {:#?}",
+            "no progress to {target} within {PROGRESS:?} (acked {}; {}; publisher {}); \
+             last log lines: {:#?}",
             app.acked().await,
+            app.consumer_summary().await,
+            if publishing.task.is_finished() {
+                "ended"
+            } else {
+                "still publishing"
+            },
             log_tail(app, 40)
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -190,8 +205,9 @@ pub async fn wait_applied(app: &TestApp, seq: u64, within: Duration) {
     while app.acked().await < seq {
         if Instant::now() >= deadline {
             panic!(
-                "not applied up to {seq} within {within:?} (acked {}); last log lines: {:#?}",
+                "not applied up to {seq} within {within:?} (acked {}; {}); last log lines: {:#?}",
                 app.acked().await,
+                app.consumer_summary().await,
                 log_tail(app, 40)
             );
         }
